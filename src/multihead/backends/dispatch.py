@@ -1,0 +1,69 @@
+"""Backend registry, the ``auto`` table, and ``explain``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..errors import BackendError
+from ..request import Request
+from .base import Backend
+from .reference import ReferenceBackend
+from .sdpa import SDPABackend
+
+BACKENDS: dict[str, Backend] = {b.name: b for b in (ReferenceBackend(), SDPABackend())}
+
+# The auto table: the first rule whose condition holds gives the order in which backends are
+# tried; the first one able to serve the request runs it.
+AUTO_RULES: list[tuple[str, object, tuple[str, ...]]] = [
+    ("attention weights requested", lambda r: r.return_weights, ("reference",)),
+    ("default: fused kernel first, dense reference as fallback", lambda r: True, ("sdpa", "reference")),
+]
+
+
+@dataclass(frozen=True)
+class Explanation:
+    """Which backend runs a request and why each other one would not."""
+
+    backend: str
+    rule: str
+    reasons: dict[str, str]
+
+    def __str__(self) -> str:
+        lines = [f"backend: {self.backend}  (auto rule: {self.rule})"]
+        for name, why in self.reasons.items():
+            lines.append(f"  {name:<10} {why}")
+        return "\n".join(lines)
+
+
+def choose(req: Request, backend: str) -> tuple[Backend, Explanation]:
+    """Pick the backend for ``req``: the named one (checked), or by the auto table."""
+    reasons = {name: b.unsupported(req) for name, b in BACKENDS.items()}
+    if backend != "auto":
+        if backend not in BACKENDS:
+            raise BackendError(f"unknown backend {backend!r}; choose one of {['auto', *BACKENDS]}")
+        if reasons[backend] is not None:
+            able = [n for n, why in reasons.items() if why is None]
+            raise BackendError(f"backend {backend!r} cannot serve this request: it {reasons[backend]}. "
+                               f"Backends that can: {able} (or backend='auto')")
+        explanation = Explanation(backend, "requested by name", _describe(reasons, backend, ()))
+        return BACKENDS[backend], explanation
+    for rule, applies, order in AUTO_RULES:
+        if applies(req):
+            for name in order:
+                if reasons[name] is None:
+                    return BACKENDS[name], Explanation(name, rule, _describe(reasons, name, order))
+    raise BackendError(f"no backend can serve this request: {reasons}")
+
+
+def _describe(reasons: dict[str, str | None], chosen: str, order: tuple[str, ...]) -> dict[str, str]:
+    described = {}
+    for name, why in reasons.items():
+        if name == chosen:
+            described[name] = "chosen"
+        elif why is not None:
+            described[name] = f"cannot: it {why}"
+        elif name in order and order.index(name) > order.index(chosen):
+            described[name] = "could serve, but comes later in the auto order"
+        else:
+            described[name] = "could serve, but the auto rule does not list it"
+    return described

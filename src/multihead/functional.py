@@ -1,0 +1,50 @@
+"""The one entry point: ``attention(q, k, v, *, pattern, score, ...)`` and ``explain``."""
+
+from __future__ import annotations
+
+from torch import Tensor
+
+from .backends import Explanation, choose
+from .request import make_request
+
+
+def attention(q: Tensor, k: Tensor, v: Tensor, *, pattern=None, score=None, scale: float | None = None,
+              dropout: float = 0.0, backend: str = "auto", return_weights: bool = False):
+    """Multi-head attention on tensors ``(batch, heads, tokens, head_dim)``.
+
+    Args:
+        q: queries ``(B, H, Lq, D)``.
+        k, v: keys and values ``(B, Hkv, Lk, D)`` and ``(B, Hkv, Lk, Dv)``. ``H`` must be a multiple
+            of ``Hkv`` (grouped-query attention; ``Hkv == 1`` is multi-query); query head ``h``
+            reads key/value head ``h // (H // Hkv)``. ``Lq`` may differ from ``Lk``; queries are then
+            aligned with the last keys.
+        pattern: which pairs may meet (``multihead.patterns``); default ``Full()``.
+        score: a score modifier or list of them (``multihead.scores``), applied to the scaled logits.
+        scale: logit scale; default ``1 / sqrt(D)``.
+        dropout: dropout probability on the attention weights (pass 0 at evaluation).
+        backend: ``"auto"`` or a name from ``multihead.backends.BACKENDS``.
+        return_weights: also return the attention weights ``(B, H, Lq, Lk)``.
+
+    Returns:
+        the output ``(B, H, Lq, Dv)``, or ``(output, weights)`` when ``return_weights``.
+    """
+    req = make_request(q, k, v, pattern=pattern, score=score, scale=scale, dropout=dropout,
+                       return_weights=return_weights)
+    runner, _ = choose(req, backend)
+    out, weights = runner.forward(req)
+    return (out, weights) if return_weights else out
+
+
+def explain(q: Tensor, k: Tensor, v: Tensor, *, pattern=None, score=None, scale: float | None = None,
+            dropout: float = 0.0, backend: str = "auto", return_weights: bool = False,
+            show: bool = True) -> Explanation:
+    """Say which backend ``attention`` would run with these arguments, and why not the others.
+
+    Prints the explanation (unless ``show=False``) and returns it.
+    """
+    req = make_request(q, k, v, pattern=pattern, score=score, scale=scale, dropout=dropout,
+                       return_weights=return_weights)
+    _, explanation = choose(req, backend)
+    if show:
+        print(explanation)
+    return explanation

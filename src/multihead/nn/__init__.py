@@ -1,0 +1,5 @@
+"""User-facing attention modules."""
+
+from .attention import MultiHeadAttention
+
+__all__ = ["MultiHeadAttention"]

@@ -1,0 +1,140 @@
+"""``MultiHeadAttention``: projections around the functional core, with GQA/MQA built in."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from ..errors import ShapeError
+from ..functional import attention
+from ..patterns import KeyPadding, Pattern
+from ..scores import as_score
+
+
+def _positive_int(name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ShapeError(f"{name} must be a positive integer, got {value!r}")
+    return value
+
+
+class MultiHeadAttention(nn.Module):
+    """Multi-head attention (Vaswani et al., 2017) over ``(batch, tokens, dim)`` inputs.
+
+    ``kv_heads < heads`` gives grouped-query attention (Ainslie et al., 2023), ``kv_heads=1``
+    multi-query attention (Shazeer, 2019): fewer key/value projections, each shared by a group of
+    query heads. ``pattern``, ``score`` and ``position`` (e.g. ``RoPE``) choose the variant; the
+    attention itself runs through ``multihead.attention`` on ``backend``.
+
+    Args:
+        dim: model width of the input and output.
+        heads: query heads.
+        kv_heads: key/value heads (default ``heads``); must divide ``heads``.
+        head_dim: width of each head (default ``dim // heads``).
+        pattern, score: passed to ``multihead.attention`` on every call.
+        position: a module ``(q, k) -> (q, k)`` applied after projection (e.g. ``RoPE(head_dim)``).
+        bias: whether the projections have a bias.
+        dropout: dropout on the attention weights while training.
+        backend: ``"auto"`` or a backend name.
+        kv_dim: width of the ``context`` for cross-attention (default ``dim``).
+    """
+
+    def __init__(self, dim: int, heads: int, kv_heads: int | None = None, head_dim: int | None = None,
+                 pattern: Pattern | None = None, score=None, position: nn.Module | None = None,
+                 bias: bool = True, dropout: float = 0.0, backend: str = "auto",
+                 kv_dim: int | None = None):
+        super().__init__()
+        dim = _positive_int("dim", dim)
+        heads = _positive_int("heads", heads)
+        kv_heads = _positive_int("kv_heads", heads if kv_heads is None else kv_heads)
+        if heads % kv_heads:
+            raise ShapeError(f"kv_heads ({kv_heads}) must divide heads ({heads})")
+        if head_dim is None:
+            if dim % heads:
+                raise ShapeError(f"dim ({dim}) is not divisible by heads ({heads}); pass head_dim explicitly")
+            head_dim = dim // heads
+        head_dim = _positive_int("head_dim", head_dim)
+        kv_dim = _positive_int("kv_dim", dim if kv_dim is None else kv_dim)
+        if not 0.0 <= dropout < 1.0:
+            raise ShapeError(f"dropout must be in [0, 1), got {dropout!r}")
+        self.dim, self.heads, self.kv_heads, self.head_dim, self.kv_dim = dim, heads, kv_heads, head_dim, kv_dim
+        self.pattern, self.dropout, self.backend = pattern, float(dropout), backend
+        self.score = as_score(score)
+        if self.score is not None:
+            self.score.check(heads)
+        self.position = position
+        self.q_proj = nn.Linear(dim, heads * head_dim, bias=bias)
+        self.k_proj = nn.Linear(kv_dim, kv_heads * head_dim, bias=bias)
+        self.v_proj = nn.Linear(kv_dim, kv_heads * head_dim, bias=bias)
+        self.out_proj = nn.Linear(heads * head_dim, dim, bias=bias)
+
+    def _split(self, x: Tensor, heads: int) -> Tensor:
+        batch, tokens, _ = x.shape
+        return x.view(batch, tokens, heads, self.head_dim).transpose(1, 2)
+
+    def forward(self, x: Tensor, context: Tensor | None = None, *, key_padding_mask: Tensor | None = None,
+                need_weights: bool = False):
+        """Attend from ``x`` ``(batch, tokens, dim)`` to itself, or to ``context``
+        ``(batch, kv_tokens, kv_dim)``.
+
+        ``key_padding_mask`` ``(batch, kv_tokens)``, True at padding, hides those keys (torch's
+        convention). Returns the output ``(batch, tokens, dim)``, or ``(output, weights)`` with
+        per-head weights ``(batch, heads, tokens, kv_tokens)`` when ``need_weights``.
+        """
+        context = x if context is None else context
+        for name, t, width in (("x", x, self.dim), ("context", context, self.kv_dim)):
+            if t.dim() != 3 or t.shape[-1] != width:
+                raise ShapeError(f"{name} must have shape (batch, tokens, {width}), got {tuple(t.shape)}")
+        if context.shape[0] != x.shape[0]:
+            raise ShapeError(f"x and context batch sizes differ: {x.shape[0]} vs {context.shape[0]}")
+        q = self._split(self.q_proj(x), self.heads)
+        k = self._split(self.k_proj(context), self.kv_heads)
+        v = self._split(self.v_proj(context), self.kv_heads)
+        if self.position is not None:
+            q, k = self.position(q, k)
+        pattern = self.pattern
+        if key_padding_mask is not None:
+            padding = KeyPadding(key_padding_mask)
+            pattern = padding if pattern is None else pattern & padding
+        result = attention(q, k, v, pattern=pattern, score=self.score,
+                           dropout=self.dropout if self.training else 0.0, backend=self.backend,
+                           return_weights=need_weights)
+        out, weights = result if need_weights else (result, None)
+        out = self.out_proj(out.transpose(1, 2).reshape(x.shape[0], x.shape[1], -1))
+        return (out, weights) if need_weights else out
+
+    @classmethod
+    def from_torch(cls, module: nn.MultiheadAttention, **kwargs) -> "MultiHeadAttention":
+        """A ``MultiHeadAttention`` with the weights of ``torch.nn.MultiheadAttention``.
+
+        The result takes batch-first inputs whatever ``module.batch_first`` is. ``kwargs`` (pattern,
+        score, backend, ...) are passed to the constructor. Modules with ``add_bias_kv``,
+        ``add_zero_attn`` or different key and value widths are not supported.
+        """
+        if not isinstance(module, nn.MultiheadAttention):
+            raise ShapeError(f"from_torch takes a torch.nn.MultiheadAttention, got {type(module).__name__}")
+        if module.bias_k is not None or module.add_zero_attn:
+            raise ShapeError("from_torch does not support add_bias_kv or add_zero_attn; build the module without them")
+        if module.kdim != module.vdim:
+            raise ShapeError(f"from_torch needs kdim == vdim, got {module.kdim} and {module.vdim}")
+        dim, heads = module.embed_dim, module.num_heads
+        has_bias = module.in_proj_bias is not None
+        new = cls(dim, heads, bias=has_bias, dropout=module.dropout, kv_dim=module.kdim, **kwargs)
+        if module._qkv_same_embed_dim:
+            weights = module.in_proj_weight.chunk(3)
+        else:
+            weights = (module.q_proj_weight, module.k_proj_weight, module.v_proj_weight)
+        biases = module.in_proj_bias.chunk(3) if has_bias else (None,) * 3
+        with torch.no_grad():
+            for proj, weight, b in zip((new.q_proj, new.k_proj, new.v_proj), weights, biases):
+                proj.weight.copy_(weight)
+                if b is not None:
+                    proj.bias.copy_(b)
+            new.out_proj.weight.copy_(module.out_proj.weight)
+            if has_bias:
+                new.out_proj.bias.copy_(module.out_proj.bias)
+        return new.to(module.out_proj.weight.device, module.out_proj.weight.dtype)
+
+    def extra_repr(self) -> str:
+        return (f"dim={self.dim}, heads={self.heads}, kv_heads={self.kv_heads}, head_dim={self.head_dim}, "
+                f"pattern={self.pattern!r}, backend={self.backend!r}")
+

@@ -1,0 +1,11 @@
+"""Which (query, key) pairs may meet. Patterns are immutable values composable with ``&`` and ``|``."""
+
+from .base import Intersection, Pattern, Union
+from .documents import Documents, KeyPadding
+from .sequence import Causal, Full, PrefixLM, SlidingWindow
+from .spans import EMPTY, FULL, PARTIAL, BlockLayout, Spans
+
+__all__ = [
+    "Pattern", "Intersection", "Union", "Spans", "BlockLayout", "EMPTY", "PARTIAL", "FULL",
+    "Full", "Causal", "SlidingWindow", "PrefixLM", "Documents", "KeyPadding",
+]

@@ -1,0 +1,175 @@
+"""The pattern base class and its combinators.
+
+A pattern decides which (query, key) pairs may meet. It is an immutable value that gives
+
+1. ``mask_mod(b, h, q_idx, kv_idx) -> bool`` - the predicate FlexAttention and Hugging Face use,
+   elementwise and broadcasting over its index tensors;
+2. ``dense_mask(q_len, kv_len)`` - that predicate evaluated on the whole grid (for the reference);
+3. ``spans(q_len, kv_len)`` - the allowed keys of each query as a few intervals, computed
+   analytically, from which ``block_layout`` derives which key blocks each query block needs.
+
+Alignment when query and key lengths differ: query ``i`` sits at key position
+``i + kv_len - q_len`` (bottom-right, as in FlashAttention and KV-cache decoding), so the last query
+is always aligned with the last key. ``mask_mod`` itself takes indices in that shared frame.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from ..errors import PatternError
+from .spans import BlockLayout, Spans
+
+
+def check_int(name: str, value, *, minimum: int) -> None:
+    """Raise a ``PatternError`` unless ``value`` is an int >= ``minimum``."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise PatternError(f"{name} must be an integer >= {minimum}, got {value!r}")
+
+
+class Pattern:
+    """Which (query, key) pairs may meet. Subclasses are frozen dataclasses.
+
+    Subclasses implement ``mask_mod`` and ``_spans``; they may override ``check`` to reject lengths
+    they cannot serve, and set ``batch_size`` / ``num_heads`` when they differ per batch element or
+    per head.
+    """
+
+    #: Batch elements the pattern distinguishes (None: the same for all).
+    batch_size: int | None = None
+    #: Heads the pattern distinguishes (None: the same for all).
+    num_heads: int | None = None
+
+    def mask_mod(self, b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def _spans(self, q_pos: Tensor, kv_len: int) -> Spans:
+        """Spans for query positions ``q_pos`` (key frame, shape ``(q_len,)``)."""
+        raise NotImplementedError
+
+    def check(self, q_len: int, kv_len: int) -> None:
+        """Raise a ``PatternError`` if the pattern cannot apply to these lengths."""
+
+    # -- derived forms -------------------------------------------------------------------------
+    def _checked(self, q_len: int, kv_len: int) -> None:
+        check_int("q_len", q_len, minimum=1)
+        check_int("kv_len", kv_len, minimum=1)
+        self.check(q_len, kv_len)
+
+    def aligned_mask_mod(self, q_len: int, kv_len: int):
+        """``mask_mod`` taking query indices ``0..q_len-1`` (shifted into the key frame)."""
+        offset = kv_len - q_len
+        if offset == 0:
+            return self.mask_mod
+        return lambda b, h, q_idx, kv_idx: self.mask_mod(b, h, q_idx + offset, kv_idx)
+
+    def spans(self, q_len: int, kv_len: int, device=None) -> Spans:
+        self._checked(q_len, kv_len)
+        q_pos = torch.arange(q_len, device=device) + (kv_len - q_len)
+        return self._spans(q_pos, kv_len)
+
+    def dense_mask(self, q_len: int, kv_len: int, device=None) -> Tensor:
+        """The predicate on every pair: bool tensor ``(B', H', q_len, kv_len)``, True = may attend."""
+        self._checked(q_len, kv_len)
+        b = torch.arange(self.batch_size or 1, device=device).view(-1, 1, 1, 1)
+        h = torch.arange(self.num_heads or 1, device=device).view(1, -1, 1, 1)
+        q = torch.arange(q_len, device=device).view(1, 1, -1, 1)
+        kv = torch.arange(kv_len, device=device).view(1, 1, 1, -1)
+        mask = self.aligned_mask_mod(q_len, kv_len)(b, h, q, kv)
+        return mask.expand(b.shape[0], h.shape[1], q_len, kv_len)
+
+    def block_layout(self, q_len: int, kv_len: int, q_block: int = 64, kv_block: int = 64,
+                     device=None) -> BlockLayout:
+        """Which key blocks each query block needs (full or partial), without an N x N scan."""
+        check_int("q_block", q_block, minimum=1)
+        check_int("kv_block", kv_block, minimum=1)
+        return self.spans(q_len, kv_len, device).block_layout(q_block, kv_block)
+
+    def density(self, q_len: int, kv_len: int, device=None) -> float:
+        """Fraction of all (query, key) pairs that are allowed."""
+        counts = self.spans(q_len, kv_len, device).counts()
+        return counts.double().mean().item() / kv_len
+
+    # -- combinators ---------------------------------------------------------------------------
+    def __and__(self, other: "Pattern") -> "Pattern":
+        return Intersection.of(self, other)
+
+    def __or__(self, other: "Pattern") -> "Pattern":
+        return Union.of(self, other)
+
+
+def _combined_extent(name: str, values) -> int | None:
+    sizes = {v for v in values if v is not None}
+    if len(sizes) > 1:
+        raise PatternError(f"combined patterns disagree on {name}: {sorted(sizes)}")
+    return sizes.pop() if sizes else None
+
+
+@dataclass(frozen=True)
+class _Combination(Pattern):
+    parts: tuple[Pattern, ...]
+
+    @classmethod
+    def of(cls, *patterns: Pattern) -> "Pattern":
+        parts: list[Pattern] = []
+        for p in patterns:
+            if not isinstance(p, Pattern):
+                raise PatternError(f"can only combine patterns, got {type(p).__name__}")
+            parts.extend(p.parts if isinstance(p, cls) else (p,))
+        return cls(tuple(parts))
+
+    @property
+    def batch_size(self) -> int | None:
+        return _combined_extent("batch size", (p.batch_size for p in self.parts))
+
+    @property
+    def num_heads(self) -> int | None:
+        return _combined_extent("head count", (p.num_heads for p in self.parts))
+
+    def check(self, q_len: int, kv_len: int) -> None:
+        for p in self.parts:
+            p.check(q_len, kv_len)
+
+    def __repr__(self) -> str:
+        return "(" + f" {self.symbol} ".join(map(repr, self.parts)) + ")"
+
+
+@dataclass(frozen=True, repr=False)
+class Intersection(_Combination):
+    """Pairs allowed by every part (``a & b``)."""
+
+    symbol = "&"
+
+    def mask_mod(self, b, h, q_idx, kv_idx):
+        result = self.parts[0].mask_mod(b, h, q_idx, kv_idx)
+        for p in self.parts[1:]:
+            result = result & p.mask_mod(b, h, q_idx, kv_idx)
+        return result
+
+    def _spans(self, q_pos, kv_len):
+        result = self.parts[0]._spans(q_pos, kv_len)
+        for p in self.parts[1:]:
+            result = result & p._spans(q_pos, kv_len)
+        return result
+
+
+@dataclass(frozen=True, repr=False)
+class Union(_Combination):
+    """Pairs allowed by any part (``a | b``)."""
+
+    symbol = "|"
+
+    def mask_mod(self, b, h, q_idx, kv_idx):
+        result = self.parts[0].mask_mod(b, h, q_idx, kv_idx)
+        for p in self.parts[1:]:
+            result = result | p.mask_mod(b, h, q_idx, kv_idx)
+        return result
+
+    def _spans(self, q_pos, kv_len):
+        result = self.parts[0]._spans(q_pos, kv_len)
+        for p in self.parts[1:]:
+            result = result | p._spans(q_pos, kv_len)
+        return result

@@ -1,0 +1,124 @@
+"""One attention call, validated: the tensors, the pattern, the score and the options."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from .errors import PatternError, ShapeError
+from .patterns import Full, Pattern
+from .scores import Score, as_score
+
+
+@dataclass(frozen=True, eq=False)
+class Request:
+    """Validated arguments of ``multihead.attention``; backends read from it."""
+
+    q: Tensor
+    k: Tensor
+    v: Tensor
+    pattern: Pattern
+    score: Score | None
+    scale: float
+    dropout: float
+    return_weights: bool
+
+    @property
+    def batch(self) -> int:
+        return self.q.shape[0]
+
+    @property
+    def heads(self) -> int:
+        return self.q.shape[1]
+
+    @property
+    def kv_heads(self) -> int:
+        return self.k.shape[1]
+
+    @property
+    def q_len(self) -> int:
+        return self.q.shape[2]
+
+    @property
+    def kv_len(self) -> int:
+        return self.k.shape[2]
+
+    @property
+    def device(self) -> torch.device:
+        return self.q.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.q.dtype
+
+    @property
+    def needs_grad(self) -> bool:
+        params = self.score.parameters() if self.score is not None else ()
+        return torch.is_grad_enabled() and (
+            any(t.requires_grad for t in (self.q, self.k, self.v)) or any(p.requires_grad for p in params))
+
+
+def _check_tensors(q, k, v) -> None:
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, Tensor):
+            raise ShapeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 4:
+            raise ShapeError(
+                f"{name} must have shape (batch, heads, tokens, head_dim), got {tuple(t.shape)}")
+        if not t.dtype.is_floating_point:
+            raise ShapeError(f"{name} must be a floating-point tensor, got {t.dtype}")
+        if t.shape[2] == 0 or t.shape[3] == 0:
+            raise ShapeError(f"{name} has an empty tokens or head_dim axis: {tuple(t.shape)}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise ShapeError(f"q, k, v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}; cast them")
+    if not (q.device == k.device == v.device):
+        raise ShapeError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
+    if not (q.shape[0] == k.shape[0] == v.shape[0]):
+        raise ShapeError(f"q, k, v must share the batch size, got {q.shape[0]}, {k.shape[0]}, {v.shape[0]}")
+    if k.shape[1] != v.shape[1] or k.shape[2] != v.shape[2]:
+        raise ShapeError(
+            f"k and v must have the same heads and tokens, got k {tuple(k.shape)} and v {tuple(v.shape)}")
+    if q.shape[3] != k.shape[3]:
+        raise ShapeError(f"q and k must share head_dim, got {q.shape[3]} and {k.shape[3]}")
+    if q.shape[1] % k.shape[1]:
+        raise ShapeError(
+            f"query heads ({q.shape[1]}) must be a multiple of key/value heads ({k.shape[1]}) for "
+            f"grouped-query attention; choose kv_heads dividing heads")
+
+
+def _check_pattern(pattern: Pattern, batch: int, heads: int, q_len: int, kv_len: int, device) -> None:
+    if pattern.batch_size not in (None, 1, batch):
+        raise PatternError(f"{pattern!r} is defined for batch size {pattern.batch_size}, not {batch}")
+    if pattern.num_heads not in (None, 1, heads):
+        raise PatternError(f"{pattern!r} is defined for {pattern.num_heads} heads, not {heads}")
+    counts = pattern.spans(q_len, kv_len, device).counts()
+    empty = (counts == 0).nonzero()
+    if len(empty):
+        b, h, i = empty[0].tolist()
+        raise PatternError(
+            f"query {i} (batch element {b}, head {h}) can see no key under {pattern!r} with "
+            f"q_len={q_len}, kv_len={kv_len}; its softmax would be NaN. Widen the pattern or drop "
+            f"that query (e.g. a fully padded sequence, or more queries than keys under Causal)")
+
+
+def make_request(q, k, v, *, pattern=None, score=None, scale=None, dropout=0.0,
+                 return_weights=False) -> Request:
+    """Check every argument and return a ``Request``; raises a ``ValueError`` subclass naming the fix."""
+    _check_tensors(q, k, v)
+    pattern = Full() if pattern is None else pattern
+    if not isinstance(pattern, Pattern):
+        raise PatternError(f"pattern must be a multihead Pattern, got {type(pattern).__name__}")
+    score = as_score(score)
+    if score is not None:
+        score.check(q.shape[1])
+    if scale is None:
+        scale = 1.0 / math.sqrt(q.shape[-1])
+    elif isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale <= 0:
+        raise ShapeError(f"scale must be a positive finite number, got {scale!r}")
+    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
+        raise ShapeError(f"dropout must be a probability in [0, 1), got {dropout!r}")
+    _check_pattern(pattern, q.shape[0], q.shape[1], q.shape[2], k.shape[2], q.device)
+    return Request(q, k, v, pattern, score, float(scale), float(dropout), bool(return_weights))

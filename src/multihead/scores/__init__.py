@@ -1,0 +1,10 @@
+"""Score modifiers (how q.k becomes a logit) and positional transforms of q and k."""
+
+from .alibi import ALiBi, alibi_slopes
+from .base import Score, ScoreChain, as_score
+from .positions import RoPE
+from .relative import RelativePositionBias, relative_position_bucket
+from .softcap import Softcap
+
+__all__ = ["Score", "ScoreChain", "as_score", "ALiBi", "alibi_slopes", "Softcap",
+           "RelativePositionBias", "relative_position_bucket", "RoPE"]
