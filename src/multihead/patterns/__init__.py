@@ -2,10 +2,16 @@
 
 from .base import Intersection, Pattern, Union
 from .documents import Documents, KeyPadding
+from .global_tokens import GlobalTokens
+from .grid import Axial, Neighborhood, ShiftedWindow
+from .local import BlockLocal, Dilated, Halo
+from .per_head import CrossShapedWindow, PerHead
 from .sequence import Causal, Full, PrefixLM, SlidingWindow
 from .spans import EMPTY, FULL, PARTIAL, BlockLayout, Spans
 
 __all__ = [
     "Pattern", "Intersection", "Union", "Spans", "BlockLayout", "EMPTY", "PARTIAL", "FULL",
     "Full", "Causal", "SlidingWindow", "PrefixLM", "Documents", "KeyPadding",
+    "Dilated", "Neighborhood", "ShiftedWindow", "Axial", "GlobalTokens", "BlockLocal", "Halo",
+    "PerHead", "CrossShapedWindow",
 ]

@@ -1,0 +1,33 @@
+# Set-up and entry points. `make demo` and `make test` create .venv when it is missing.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-dev
+
+.PHONY: setup demo test test-slow readme bench-sparse clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip setuptools
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+# The main job on embedded defaults: time and memory of every pattern on every backend.
+demo: $(STAMP)
+	$(PY) -m multihead.cli bench --threads 2 --out results/bench
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+test-slow: $(STAMP)
+	$(PY) -m pytest -q -m slow
+
+# Regenerate the README's variant table from the catalog.
+readme: $(STAMP)
+	$(PY) -m multihead.readme
+
+clean:
+	rm -rf $(VENV) results .pytest_cache .hypothesis

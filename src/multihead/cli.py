@@ -1,0 +1,84 @@
+"""Command line: ``multihead list`` and ``multihead bench``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+from rich.console import Console
+from rich.table import Table
+
+from . import catalog
+from .bench.runner import PATTERNS, BenchSettings, run_bench
+from .backends import BACKENDS
+from .errors import MultiheadError
+
+
+def _csv(kind):
+    return lambda text: [kind(part) for part in text.split(",") if part]
+
+
+def _list(args) -> int:
+    if args.markdown:
+        print(catalog.markdown_table())
+        return 0
+    table = Table(title="multihead variants")
+    for column in ("variant", "family", "what it changes", "paper"):
+        table.add_column(column)
+    for v in catalog.CATALOG.values():
+        if args.family in (None, v.family):
+            table.add_row(v.name, v.family, v.summary, v.paper.cite())
+    Console().print(table)
+    return 0
+
+
+def _bench(args) -> int:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    settings = BenchSettings(lengths=args.lengths, patterns=args.patterns, backends=args.backends,
+                             batch=args.batch, heads=args.heads, head_dim=args.head_dim,
+                             dtype=args.dtype, device=args.device, repeats=args.repeats)
+    run_bench(settings, out_dir=args.out)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="multihead", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("list", help="print the catalog of variants")
+    p.add_argument("--markdown", action="store_true", help="as a Markdown table (for the README)")
+    p.add_argument("--family", choices=sorted({v.family for v in catalog.CATALOG.values()}))
+    p.set_defaults(run=_list)
+
+    defaults = BenchSettings()
+    p = sub.add_parser("bench", help="time and memory of every pattern on every backend")
+    p.add_argument("--lengths", type=_csv(int), default=defaults.lengths, help="comma-separated")
+    p.add_argument("--patterns", type=_csv(str), default=defaults.patterns,
+                   help=f"comma-separated, from {','.join(PATTERNS)}")
+    p.add_argument("--backends", type=_csv(str), default=defaults.backends,
+                   help=f"comma-separated, from {','.join(BACKENDS)}")
+    p.add_argument("--batch", type=int, default=defaults.batch)
+    p.add_argument("--heads", type=int, default=defaults.heads)
+    p.add_argument("--head-dim", type=int, default=defaults.head_dim)
+    p.add_argument("--dtype", default=defaults.dtype)
+    p.add_argument("--device", default=defaults.device)
+    p.add_argument("--repeats", type=int, default=defaults.repeats)
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--out", default="results/bench", help="folder for bench.json")
+    p.set_defaults(run=_bench)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except MultiheadError as error:
+        print(f"multihead {args.command}: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,44 @@
+"""Shared fixtures and the one place where tolerances live.
+
+Tolerance rule (FlashAttention's): a backend's error against a float64 reference may be at most
+``FACTOR`` times the error of a naive computation of the same attention in the same dtype, plus a
+small absolute floor per dtype.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from multihead.backends.base import repeat_kv
+from multihead.patterns import Full
+from multihead.scores import as_score
+
+FACTOR = 3.0
+FLOOR = {torch.float64: 1e-10, torch.float32: 1e-5, torch.bfloat16: 2e-3, torch.float16: 1e-3}
+
+
+def naive_attention(q, k, v, pattern=None, score=None, scale=None):
+    """Attention computed in the inputs' own dtype (softmax in float32, as usual): the baseline."""
+    pattern = pattern or Full()
+    score = as_score(score)
+    groups = q.shape[1] // k.shape[1]
+    k, v = repeat_kv(k, groups), repeat_kv(v, groups)
+    scale = scale if scale is not None else q.shape[-1] ** -0.5
+    logits = torch.matmul(q, k.transpose(-2, -1)) * scale
+    if score is not None:
+        logits = score.apply_dense(logits, k.shape[2])
+    mask = pattern.dense_mask(q.shape[2], k.shape[2], device=q.device)
+    logits = logits.masked_fill(~mask, float("-inf"))
+    probs = torch.softmax(logits.float(), dim=-1).to(v.dtype)
+    return torch.matmul(probs, v)
+
+
+def max_error(a, b) -> float:
+    return (a.double() - b.double()).abs().max().item()
+
+
+def assert_within_tolerance(result, truth, baseline, dtype, what="output"):
+    """``|result - truth| <= FACTOR * |baseline - truth| + FLOOR[dtype]`` (max norm)."""
+    err, base = max_error(result, truth), max_error(baseline, truth)
+    bound = FACTOR * base + FLOOR[dtype]
+    assert err <= bound, f"{what}: error {err:.3g} exceeds {FACTOR} x naive error {base:.3g} + floor"

@@ -1,0 +1,84 @@
+"""The catalog, the CLI and the README stay in step; the benchmark writes its schema."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+from multihead import catalog
+from multihead.backends import BACKENDS
+from multihead.bench.measure import peak_memory, time_call
+from multihead.bench.runner import PATTERNS
+from multihead.cli import main
+from multihead.readme import render
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("name", list(catalog.CATALOG))
+def test_every_variant_builds_runs_and_trains(name):
+    variant = catalog.get(name)
+    assert variant.paper.title and 2000 < variant.paper.year < 2100
+    assert variant.paper.arxiv is None or re.fullmatch(r"\d{4}\.\d{4,5}", variant.paper.arxiv)
+    module = variant.build(32, 4, 24)
+    x = torch.randn(2, 24, 32, requires_grad=True)
+    out = module(x)
+    assert out.shape == x.shape and out.isfinite().all()
+    out.square().mean().backward()
+    assert all(p.grad is not None for p in module.parameters() if p.requires_grad)
+
+
+def test_unknown_variant_lists_known_ones():
+    with pytest.raises(KeyError, match="known: mha"):
+        catalog.get("nope")
+
+
+def test_list_markdown_is_the_catalog_table(capsys):
+    assert main(["list", "--markdown"]) == 0
+    out = capsys.readouterr().out.strip()
+    assert out == catalog.markdown_table()
+    assert all(f"`{name}`" in out for name in catalog.CATALOG)
+
+
+def test_list_table_shows_every_variant(capsys):
+    assert main(["list"]) == 0
+    out = capsys.readouterr().out
+    assert all(name in out for name in ("mha", "alibi", "sliding_window"))
+
+
+def test_readme_variant_table_is_generated_from_the_catalog():
+    text = (ROOT / "README.md").read_text()
+    assert render(text) == text, "README's variant table is stale: run `make readme`"
+
+
+def test_bench_writes_every_pattern_and_backend(tmp_path, capsys):
+    code = main(["bench", "--lengths", "16,32", "--repeats", "1", "--heads", "2", "--head-dim", "8",
+                 "--out", str(tmp_path)])
+    assert code == 0
+    result = json.loads((tmp_path / "bench.json").read_text())
+    assert {"machine", "settings", "rows"} <= result.keys()
+    assert result["machine"]["torch"] == torch.__version__
+    seen = {(r["pattern"], r["backend"], r["length"]) for r in result["rows"]}
+    assert seen == {(p, b, n) for p in PATTERNS for b in BACKENDS for n in (16, 32)}
+    for row in result["rows"]:
+        assert 0 < row["density"] <= 1
+        for key in ("forward_s", "forward_backward_s"):
+            assert 0 < row[key]["low"] <= row[key]["median"] <= row[key]["high"]
+    assert "fwd+bwd" in capsys.readouterr().out
+
+
+def test_bench_rejects_unknown_names(capsys):
+    assert main(["bench", "--patterns", "nope", "--out", "/tmp/unused"]) == 2
+    assert "unknown patterns ['nope']" in capsys.readouterr().err
+
+
+def test_time_call_and_peak_memory():
+    timing = time_call(lambda: sum(range(1000)), repeats=3)
+    assert timing.runs == 3 and timing.low <= timing.median <= timing.high
+    peak = peak_memory(lambda: torch.ones(64, 1024, 1024).sum())  # 256 MiB
+    if peak is not None:  # Linux with /proc/self/clear_refs
+        assert 200 * 2**20 < peak < 400 * 2**20
