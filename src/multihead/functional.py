@@ -31,7 +31,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, pattern=None, score=None, scal
     req = make_request(q, k, v, pattern=pattern, score=score, scale=scale, dropout=dropout,
                        return_weights=return_weights)
     runner, _ = choose(req, backend)
-    out, weights = runner.forward(req)
+    out, weights = req.restore(*runner.forward(req))
     return (out, weights) if return_weights else out
 
 

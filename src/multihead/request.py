@@ -10,6 +10,7 @@ from torch import Tensor
 
 from .errors import PatternError, ShapeError
 from .patterns import Full, Pattern
+from .patterns.dynamic import split_dynamic
 from .scores import Score, as_score
 
 
@@ -25,6 +26,21 @@ class Request:
     scale: float
     dropout: float
     return_weights: bool
+    #: For a pattern resolved in a permuted frame (``Routing``): the original query / key at each
+    #: position of q / k (``(B, H, L)``); ``restore`` maps results back.
+    q_order: Tensor | None = None
+    kv_order: Tensor | None = None
+
+    def restore(self, out: Tensor, weights: Tensor | None) -> tuple[Tensor, Tensor | None]:
+        """Put the rows (and weight columns) of a permuted frame back in original order."""
+        if self.q_order is None:
+            return out, weights
+        q_back = _inverse(self.q_order)
+        out = out.gather(2, q_back.unsqueeze(-1).expand_as(out))
+        if weights is not None:
+            weights = weights.gather(2, q_back.unsqueeze(-1).expand_as(weights))
+            weights = weights.gather(3, _inverse(self.kv_order).unsqueeze(2).expand_as(weights))
+        return out, weights
 
     @property
     def batch(self) -> int:
@@ -59,6 +75,28 @@ class Request:
         params = self.score.parameters() if self.score is not None else ()
         return torch.is_grad_enabled() and (
             any(t.requires_grad for t in (self.q, self.k, self.v)) or any(p.requires_grad for p in params))
+
+
+def _inverse(order: Tensor) -> Tensor:
+    positions = torch.arange(order.shape[-1], device=order.device).expand_as(order)
+    return torch.empty_like(order).scatter_(-1, order, positions)
+
+
+def _permute_tokens(x: Tensor, order: Tensor) -> Tensor:
+    return x.gather(2, order.unsqueeze(-1).expand(*order.shape, x.shape[-1]))
+
+
+class _OriginalPositions(Score):
+    """A score evaluated at the original positions of a permuted frame."""
+
+    def __init__(self, score: Score, q_order: Tensor, kv_order: Tensor):
+        super().__init__()
+        self.inner, self.q_order, self.kv_order = score, q_order, kv_order
+        self.additive = score.additive
+        self.batch_dependent = True
+
+    def forward(self, score, b, h, q_idx, kv_idx):
+        return self.inner(score, b, h, self.q_order[b, h, q_idx], self.kv_order[b, h, kv_idx])
 
 
 def _check_tensors(q, k, v) -> None:
@@ -120,5 +158,17 @@ def make_request(q, k, v, *, pattern=None, score=None, scale=None, dropout=0.0,
         raise ShapeError(f"scale must be a positive finite number, got {scale!r}")
     if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
         raise ShapeError(f"dropout must be a probability in [0, 1), got {dropout!r}")
+    dynamic, within = split_dynamic(pattern)
+    q_order = kv_order = None
+    if dynamic is not None:
+        resolution = dynamic.resolve(q, k, float(scale), within)
+        pattern, q_order, kv_order = resolution.pattern, resolution.q_order, resolution.kv_order
+        if q_order is not None:
+            heads = q.shape[1]
+            k, v = (t.repeat_interleave(heads // t.shape[1], dim=1) for t in (k, v))
+            q, k, v = _permute_tokens(q, q_order), _permute_tokens(k, kv_order), _permute_tokens(v, kv_order)
+            if score is not None:
+                score = _OriginalPositions(score, q_order, kv_order)
     _check_pattern(pattern, q.shape[0], q.shape[1], q.shape[2], k.shape[2], q.device)
-    return Request(q, k, v, pattern, score, float(scale), float(dropout), bool(return_weights))
+    return Request(q, k, v, pattern, score, float(scale), float(dropout), bool(return_weights),
+                   q_order, kv_order)

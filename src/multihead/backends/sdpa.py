@@ -34,7 +34,7 @@ class SDPABackend(Backend):
         if not is_full and not is_causal:
             mask = req.pattern.dense_mask(req.q_len, req.kv_len, device=req.device)
         if req.score is not None:
-            bias = req.score.dense_bias(req.heads, req.q_len, req.kv_len, req.device, req.dtype)
+            bias = req.score.dense_bias(req.batch, req.heads, req.q_len, req.kv_len, req.device, req.dtype)
             mask = bias if mask is None else bias.masked_fill(~mask, float("-inf"))
         out = F.scaled_dot_product_attention(
             req.q, req.k, req.v, attn_mask=mask, dropout_p=req.dropout, is_causal=is_causal,

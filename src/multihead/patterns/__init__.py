@@ -3,6 +3,7 @@
 from .base import Intersection, Pattern, Union
 from .documents import Documents, KeyPadding
 from .global_tokens import GlobalTokens
+from .dynamic import ClusterPattern, DynamicPattern, KeySelection, Routing, TopK
 from .grid import Axial, Neighborhood, ShiftedWindow
 from .local import BlockLocal, Dilated, Halo
 from .per_head import CrossShapedWindow, PerHead
@@ -13,5 +14,5 @@ __all__ = [
     "Pattern", "Intersection", "Union", "Spans", "BlockLayout", "EMPTY", "PARTIAL", "FULL",
     "Full", "Causal", "SlidingWindow", "PrefixLM", "Documents", "KeyPadding",
     "Dilated", "Neighborhood", "ShiftedWindow", "Axial", "GlobalTokens", "BlockLocal", "Halo",
-    "PerHead", "CrossShapedWindow",
+    "PerHead", "CrossShapedWindow", "DynamicPattern", "TopK", "KeySelection", "Routing", "ClusterPattern",
 ]

@@ -42,6 +42,8 @@ class Pattern:
     batch_size: int | None = None
     #: Heads the pattern distinguishes (None: the same for all).
     num_heads: int | None = None
+    #: Whether the pattern depends on q and k (``multihead.patterns.dynamic``).
+    dynamic: bool = False
 
     def mask_mod(self, b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
         raise NotImplementedError
@@ -118,6 +120,9 @@ class _Combination(Pattern):
         for p in patterns:
             if not isinstance(p, Pattern):
                 raise PatternError(f"can only combine patterns, got {type(p).__name__}")
+            if p.dynamic and cls is Union:
+                raise PatternError(f"{p!r} depends on q and k; it can be intersected (&) with static "
+                                   f"patterns, not united (|)")
             parts.extend(p.parts if isinstance(p, cls) else (p,))
         return cls(tuple(parts))
 

@@ -91,7 +91,8 @@ class Documents(Pattern):
 
     def mask_mod(self, b, h, q_idx, kv_idx):
         ids = self.doc_ids.to(q_idx.device)
-        return ids[b, q_idx] == ids[b, kv_idx]
+        row = b % ids.shape[0]  # one split shared by every batch element, or one per element
+        return ids[row, q_idx] == ids[row, kv_idx]
 
     def _spans(self, q_pos, kv_len):
         start, end = _runs(self.doc_ids.to(q_pos.device))

@@ -23,6 +23,8 @@ class Score(nn.Module):
     additive: bool = False
     #: Head count the score is defined for (None: any).
     num_heads: int | None = None
+    #: Whether the score differs between batch elements.
+    batch_dependent: bool = False
 
     def forward(self, score: Tensor, b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
         raise NotImplementedError
@@ -44,11 +46,13 @@ class Score(nn.Module):
         kv = torch.arange(kv_len, device=device).view(1, 1, 1, -1)
         return self(logits, b, h, q, kv)
 
-    def dense_bias(self, heads: int, q_len: int, kv_len: int, device, dtype) -> Tensor:
-        """The additive term as a tensor ``(1, heads, q_len, kv_len)`` (additive scores only)."""
+    def dense_bias(self, batch: int, heads: int, q_len: int, kv_len: int, device, dtype) -> Tensor:
+        """The additive term as a tensor ``(B', heads, q_len, kv_len)``, ``B'`` = 1 unless the
+        score is batch dependent (additive scores only)."""
         if not self.additive:
             raise TypeError(f"{type(self).__name__} is not additive")
-        return self.apply_dense(torch.zeros(1, heads, q_len, kv_len, device=device, dtype=dtype), kv_len)
+        batch = batch if self.batch_dependent else 1
+        return self.apply_dense(torch.zeros(batch, heads, q_len, kv_len, device=device, dtype=dtype), kv_len)
 
 
 class ScoreChain(Score):
@@ -58,6 +62,7 @@ class ScoreChain(Score):
         super().__init__()
         self.terms = nn.ModuleList(terms)
         self.additive = all(t.additive for t in terms)
+        self.batch_dependent = any(t.batch_dependent for t in terms)
 
     def forward(self, score, b, h, q_idx, kv_idx):
         for term in self.terms:

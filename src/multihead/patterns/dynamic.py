@@ -1,0 +1,264 @@
+"""Dynamic patterns: which keys a query sees depends on q and k.
+
+A ``DynamicPattern`` cannot answer ``mask_mod`` by itself; ``multihead.attention`` first calls its
+``resolve(q, k, scale, within)``, which returns a static pattern (and possibly an order in which to
+visit queries and keys) that every backend can run. ``within`` is the static part of an
+intersection (``TopK(8) & Causal()`` selects among the keys ``Causal()`` allows).
+
+Gradients: the selection itself is a discrete choice made without gradient; gradients reach q and k
+through the logits of the pairs that were kept, exactly as through ``torch.topk`` (the choice is
+treated as a constant, as in DLGSANet's and the Routing Transformer's implementations).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..errors import PatternError
+from .base import Pattern, check_int
+from .sequence import Full
+from .spans import Spans
+
+#: Largest number of logits TopK materialises at once while selecting (rows are chunked).
+SELECTION_CHUNK_ELEMENTS = 1 << 24
+
+
+@dataclass(frozen=True, eq=False)
+class Resolution:
+    """A dynamic pattern made static for one (q, k): the pattern, in the frame given by the orders.
+
+    ``q_order`` / ``kv_order`` (``(B, H, L)`` permutations, or None for the identity) say which
+    original query / key sits at each position of the frame the pattern is defined in.
+    """
+
+    pattern: Pattern
+    q_order: Tensor | None = None
+    kv_order: Tensor | None = None
+
+
+class DynamicPattern(Pattern):
+    """Base of patterns computed from q and k; see the module docstring."""
+
+    def resolve(self, q: Tensor, k: Tensor, scale: float, within: Pattern) -> Resolution:
+        raise NotImplementedError
+
+    def _static_only(self, *args, **kwargs):
+        raise PatternError(
+            f"{self!r} depends on q and k: pass it to multihead.attention, or call "
+            f".resolve(q, k, scale, within) for the static pattern of one input")
+
+    dynamic = True
+    mask_mod = _static_only
+    _spans = _static_only
+    dense_mask = _static_only
+
+
+def _expand_heads(k: Tensor, heads: int) -> Tensor:
+    return k.repeat_interleave(heads // k.shape[1], dim=1) if k.shape[1] != heads else k
+
+
+# -- top-k ----------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, eq=False)
+class KeySelection(Pattern):
+    """Static pattern: query row i sees the keys ``indices[b, h, i, :]`` where ``valid`` is True.
+
+    ``indices`` and ``valid`` have shape ``(B, H, q_len, k)``; ``kv_len`` is the key count. What
+    ``TopK`` resolves to; usable directly for any explicit per-query key lists.
+    """
+
+    indices: Tensor = field(repr=False)
+    valid: Tensor = field(repr=False)
+    kv_len: int
+
+    @property
+    def batch_size(self):
+        return self.indices.shape[0]
+
+    @property
+    def num_heads(self):
+        return self.indices.shape[1]
+
+    def __repr__(self):
+        return f"KeySelection(k={self.indices.shape[-1]})"
+
+    def check(self, q_len, kv_len):
+        if q_len != self.indices.shape[2] or kv_len != self.kv_len:
+            raise PatternError(f"{self!r} was made for q_len={self.indices.shape[2]}, kv_len={self.kv_len}, "
+                               f"not q_len={q_len}, kv_len={kv_len}")
+
+    def mask_mod(self, b, h, q_idx, kv_idx):
+        row = q_idx - (self.kv_len - self.indices.shape[2])
+        hit = (self.indices[b, h, row] == kv_idx.unsqueeze(-1)) & self.valid[b, h, row]
+        return hit.any(-1)
+
+    def _spans(self, q_pos, kv_len):
+        start = torch.where(self.valid, self.indices, torch.zeros_like(self.indices))
+        return Spans(start, start + self.valid.long(), kv_len)
+
+
+@dataclass(frozen=True)
+class TopK(DynamicPattern):
+    """Each query keeps the ``k`` keys with the highest scaled ``q . k`` among those it may see.
+
+    The sparse global attention of DLGSANet (Li et al., 2023, "DLGSANet: Lightweight Dynamic Local
+    and Global Self-Attention Networks for Image Super-Resolution"). Scores (ALiBi, biases) are
+    applied to the kept pairs but do not take part in the choice. Selecting needs every q . k, so
+    the work is N x N, but logits are made a chunk of rows at a time: memory stays
+    ``chunk x N`` for the choice and ``N x k`` for the attention.
+    """
+
+    k: int
+
+    def __post_init__(self):
+        check_int("TopK.k", self.k, minimum=1)
+
+    def resolve(self, q, k, scale, within):
+        batch, heads, q_len, _ = q.shape
+        kv_len = k.shape[2]
+        keys = _expand_heads(k, heads)
+        within_spans = within.spans(q_len, kv_len, q.device)
+        keep = min(self.k, kv_len)
+        rows = max(1, SELECTION_CHUNK_ELEMENTS // max(1, batch * heads * kv_len))
+        indices, valid = [], []
+        with torch.no_grad():
+            for lo in range(0, q_len, rows):
+                hi = min(q_len, lo + rows)
+                logits = torch.matmul(q[:, :, lo:hi], keys.transpose(-2, -1)).float() * scale
+                chunk = Spans(within_spans.start[:, :, lo:hi], within_spans.end[:, :, lo:hi], kv_len)
+                logits = logits.masked_fill(~chunk.mask(), float("-inf"))
+                top = logits.topk(keep, dim=-1)
+                indices.append(top.indices)
+                valid.append(top.values > float("-inf"))
+        indices, valid = torch.cat(indices, 2), torch.cat(valid, 2)
+        indices, order = indices.sort(-1)
+        return Resolution(KeySelection(indices, valid.gather(-1, order), kv_len))
+
+
+# -- routing --------------------------------------------------------------------------------------
+
+
+def spherical_kmeans(points: Tensor, init: Tensor, iterations: int) -> Tensor:
+    """Centroids ``(B, H, C, D)`` of unit-normalised ``points`` ``(B, H, N, D)`` after ``iterations``
+    of assign-to-nearest (by cosine) and re-average; an empty cluster keeps its centroid."""
+    centroids = F.normalize(init, dim=-1)
+    for _ in range(iterations):
+        assign = torch.matmul(points, centroids.transpose(-2, -1)).argmax(-1)
+        sums = torch.zeros_like(centroids).scatter_add_(2, assign.unsqueeze(-1).expand_as(points), points)
+        counts = torch.zeros(centroids.shape[:-1], device=points.device, dtype=points.dtype)
+        counts.scatter_add_(2, assign, torch.ones_like(assign, dtype=points.dtype))
+        centroids = torch.where(counts.unsqueeze(-1) > 0, F.normalize(sums, dim=-1), centroids)
+    return centroids
+
+
+@dataclass(frozen=True, eq=False)
+class ClusterPattern(Pattern):
+    """Static pattern of a routing. Tokens are visited sorted by cluster (and by position inside a
+    cluster): ``order[b, h, p]`` is the original token at frame position ``p``. A token sees the
+    tokens of its own cluster that ``within`` allows at their original positions."""
+
+    order: Tensor = field(repr=False)    # (B, H, L)
+    cluster: Tensor = field(repr=False)  # cluster of each original token (B, H, L)
+    clusters: int
+    within: Pattern
+
+    @property
+    def batch_size(self):
+        return self.order.shape[0]
+
+    @property
+    def num_heads(self):
+        return self.order.shape[1]
+
+    def __repr__(self):
+        return f"ClusterPattern(clusters={self.clusters}, within={self.within!r})"
+
+    def check(self, q_len, kv_len):
+        n = self.order.shape[2]
+        if q_len != n or kv_len != n:
+            raise PatternError(f"{self!r} was made for {n} tokens, not q_len={q_len}, kv_len={kv_len}")
+        self.within.check(q_len, kv_len)
+
+    def mask_mod(self, b, h, q_idx, kv_idx):
+        i, j = self.order[b, h, q_idx], self.order[b, h, kv_idx]
+        return (self.cluster[b, h, i] == self.cluster[b, h, j]) & self.within.mask_mod(b, h, i, j)
+
+    def _spans(self, q_pos, kv_len):
+        batch, heads, n = self.order.shape
+        within = self.within._spans(torch.arange(n, device=q_pos.device), kv_len)
+        shape = (batch, heads, n, within.start.shape[-1])
+        rows = self.order.unsqueeze(-1).expand(shape)
+        start = within.start.expand(shape).gather(2, rows)  # allowed original keys of each row
+        end = within.end.expand(shape).gather(2, rows)
+        # Frame keys are sorted by (cluster, position): a cluster's keys in [s, e) are one run.
+        frame_keys = self.cluster.gather(2, self.order) * n + self.order
+        base = (self.cluster.gather(2, self.order) * n).unsqueeze(-1)
+        lo = torch.searchsorted(frame_keys, (base + start).flatten(2)).view(shape)
+        hi = torch.searchsorted(frame_keys, (base + end).flatten(2)).view(shape)
+        return Spans(lo, hi, kv_len)
+
+
+@dataclass(frozen=True)
+class Routing(DynamicPattern):
+    """Content-based routing: tokens go to the nearest of ``clusters`` centroids and attend within
+    their cluster (Roy et al., 2021, "Efficient Content-Based Sparse Attention with Routing
+    Transformers", arXiv 2003.05997).
+
+    As in the paper, where queries and keys share one projection, a token's query and key fall in
+    the same cluster: token i goes to the centroid nearest ``normalize(q_i) + normalize(k_i)``, so
+    every token sees at least itself (under any ``within`` that allows the diagonal). Centroids come
+    from ``iterations`` of spherical k-means on those token vectors of each (batch, head), started
+    from tokens at evenly spaced positions: deterministic and stateless (the paper keeps centroids
+    as an exponential moving average across steps; pass your own as ``centroids`` ``(heads,
+    clusters, head_dim)`` with ``iterations=0`` for that). Self-attention only
+    (``q_len == kv_len``). Tokens are visited sorted by cluster, so a query block meets about one
+    cluster's keys: work and memory about ``N x N / clusters``.
+    """
+
+    clusters: int
+    iterations: int = 3
+    centroids: Tensor | None = field(default=None, repr=False, compare=False)
+
+    def __post_init__(self):
+        check_int("Routing.clusters", self.clusters, minimum=1)
+        check_int("Routing.iterations", self.iterations, minimum=0)
+
+    def resolve(self, q, k, scale, within):
+        batch, heads, n, dim = q.shape
+        if k.shape[2] != n:
+            raise PatternError(f"Routing is for self-attention: q_len ({n}) must equal kv_len ({k.shape[2]})")
+        if self.clusters > n:
+            raise PatternError(f"Routing.clusters ({self.clusters}) exceeds the {n} tokens; use fewer clusters")
+        with torch.no_grad():
+            tokens = F.normalize(F.normalize(q.float(), dim=-1)
+                                 + F.normalize(_expand_heads(k, heads).float(), dim=-1), dim=-1)
+            if self.centroids is not None:
+                init = self.centroids.to(tokens).expand(batch, heads, self.clusters, dim)
+            else:
+                seeds = torch.linspace(0, n - 1, self.clusters, device=q.device).round().long()
+                init = tokens[:, :, seeds]
+            centroids = spherical_kmeans(tokens, init, self.iterations)
+            cluster = torch.matmul(tokens, centroids.transpose(-2, -1)).argmax(-1)
+            order = torch.sort(cluster, dim=-1, stable=True).indices
+        return Resolution(ClusterPattern(order, cluster, self.clusters, within), order, order)
+
+
+def split_dynamic(pattern: Pattern) -> tuple[DynamicPattern | None, Pattern]:
+    """``(dynamic part, static rest)`` of a pattern; at most one dynamic part, only under ``&``."""
+    from .base import Intersection
+
+    if isinstance(pattern, DynamicPattern):
+        return pattern, Full()
+    if isinstance(pattern, Intersection):
+        dynamic = [p for p in pattern.parts if isinstance(p, DynamicPattern)]
+        if len(dynamic) > 1:
+            raise PatternError(f"{pattern!r} intersects {len(dynamic)} dynamic patterns; use one")
+        if dynamic:
+            rest = [p for p in pattern.parts if p is not dynamic[0]]
+            return dynamic[0], rest[0] if len(rest) == 1 else Intersection(tuple(rest))
+    return None, pattern

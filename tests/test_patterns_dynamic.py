@@ -1,0 +1,176 @@
+"""Dynamic patterns (TopK, Routing) against direct dense transcriptions of their definitions."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import multihead as mh
+from multihead import PatternError
+from multihead.backends import BACKENDS
+from multihead.patterns import (BlockLayout, Causal, Documents, Full, Routing, SlidingWindow, TopK,
+                                dynamic)
+from multihead.request import make_request
+from multihead.scores import ALiBi, RelativePositionBias
+
+B, H, HKV, N, D = 2, 4, 2, 40, 8
+
+
+def inputs(seed=0, n=N, dtype=torch.float64):
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, H, n, D, generator=gen, dtype=dtype)
+    k, v = (torch.randn(B, HKV, n, D, generator=gen, dtype=dtype) for _ in range(2))
+    return q, k, v
+
+
+def dense_attention(q, k, v, mask, score=None):
+    """Softmax attention restricted to ``mask``, written out."""
+    k, v = k.repeat_interleave(H // HKV, 1), v.repeat_interleave(H // HKV, 1)
+    logits = q @ k.transpose(-2, -1) * q.shape[-1] ** -0.5
+    if score is not None:
+        logits = score.apply_dense(logits, k.shape[2])
+    return torch.softmax(logits.masked_fill(~mask, float("-inf")), -1) @ v
+
+
+def topk_mask(q, k, keep, within):
+    """Keys among the top ``keep`` scaled q.k that ``within`` allows."""
+    k = k.repeat_interleave(H // HKV, 1)
+    allowed = within.dense_mask(q.shape[2], k.shape[2])
+    logits = (q @ k.transpose(-2, -1)).masked_fill(~allowed, float("-inf"))
+    threshold = logits.topk(min(keep, k.shape[2]), -1).values[..., -1:]
+    return (logits >= threshold) & allowed
+
+
+WITHIN = {"full": Full(), "causal": Causal(), "window": SlidingWindow(6, 2),
+          "documents_causal": Documents(torch.tensor([0, 13, 29, N])) & Causal()}
+
+
+@pytest.mark.parametrize("within", WITHIN)
+@pytest.mark.parametrize("backend", list(BACKENDS))
+def test_topk_equals_dense_transcription_forward_and_gradients(backend, within):
+    q, k, v = inputs()
+    score = ALiBi(H)
+    pattern = TopK(5) if within == "full" else TopK(5) & WITHIN[within]
+    if BACKENDS[backend].unsupported(make_request(q, k, v, pattern=pattern, score=score)):
+        pytest.skip("backend cannot serve")
+    mask = topk_mask(q, k, 5, WITHIN[within])
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    want = dense_attention(*leaves, mask, score)
+    want.sum().backward()
+    mine = [t.clone().requires_grad_() for t in (q, k, v)]
+    got = mh.attention(*mine, pattern=pattern, score=score, backend=backend)
+    got.sum().backward()
+    torch.testing.assert_close(got, want)
+    for a, b in zip(mine, leaves):
+        torch.testing.assert_close(a.grad, b.grad)
+
+
+def test_topk_chunked_selection_equals_one_chunk(monkeypatch):
+    q, k, v = inputs(1)
+    whole = mh.attention(q, k, v, pattern=TopK(3) & Causal())
+    monkeypatch.setattr(dynamic, "SELECTION_CHUNK_ELEMENTS", B * H * N * 3)  # 3 rows at a time
+    torch.testing.assert_close(mh.attention(q, k, v, pattern=TopK(3) & Causal()), whole)
+
+
+def test_topk_larger_than_allowed_keys_keeps_all_allowed():
+    q, k, v = inputs(2)
+    got = mh.attention(q, k, v, pattern=TopK(N) & SlidingWindow(3, 0))
+    torch.testing.assert_close(got, mh.attention(q, k, v, pattern=SlidingWindow(3, 0)))
+
+
+def routing_mask(resolution):
+    cluster = resolution.pattern.cluster
+    return (cluster.unsqueeze(-1) == cluster.unsqueeze(-2)) & resolution.pattern.within.dense_mask(N, N)
+
+
+@pytest.mark.parametrize("within", WITHIN)
+@pytest.mark.parametrize("backend", list(BACKENDS))
+def test_routing_equals_dense_transcription_forward_and_gradients(backend, within):
+    q, k, v = inputs(3)
+    score = RelativePositionBias(H, num_buckets=8, max_distance=16)
+    pattern = Routing(4) if within == "full" else Routing(4) & WITHIN[within]
+    if BACKENDS[backend].unsupported(make_request(q, k, v, pattern=pattern, score=score)):
+        pytest.skip("backend cannot serve")
+    mask = routing_mask(Routing(4).resolve(q, k, D ** -0.5, WITHIN[within]))
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    want = dense_attention(*leaves, mask, score)
+    want.sum().backward()
+    want_table = score.table.grad.clone()
+    score.table.grad = None
+    mine = [t.clone().requires_grad_() for t in (q, k, v)]
+    got = mh.attention(*mine, pattern=pattern, score=score, backend=backend)
+    got.sum().backward()
+    torch.testing.assert_close(got, want)
+    for a, b in zip(mine, leaves):
+        torch.testing.assert_close(a.grad, b.grad)
+    torch.testing.assert_close(score.table.grad, want_table)
+
+
+def test_routing_weights_come_back_in_original_order():
+    q, k, v = inputs(4)
+    out, weights = mh.attention(q, k, v, pattern=Routing(3) & Causal(), return_weights=True)
+    mask = routing_mask(Routing(3).resolve(q, k, D ** -0.5, Causal()))
+    assert (weights[~mask] == 0).all() and torch.allclose(weights.sum(-1), torch.ones(B, H, N, dtype=weights.dtype))
+    torch.testing.assert_close(out, weights @ v.repeat_interleave(H // HKV, 1))
+
+
+def test_kmeans_recovers_separated_clusters():
+    directions = torch.eye(3, 6, dtype=torch.float64)
+    gen = torch.Generator().manual_seed(0)
+    labels = torch.arange(30) % 3
+    points = directions[labels] + 0.05 * torch.randn(30, 6, generator=gen, dtype=torch.float64)
+    points = torch.nn.functional.normalize(points, dim=-1)[None, None]
+    centroids = dynamic.spherical_kmeans(points, points[:, :, :3], iterations=5)
+    assign = (points @ centroids.transpose(-2, -1)).argmax(-1)[0, 0]
+    assert torch.equal(assign, labels)
+
+
+@settings(max_examples=40, deadline=None)
+@given(n=st.integers(4, 40), clusters=st.integers(1, 6), window=st.integers(0, 5), seed=st.integers(0, 99),
+       qb=st.integers(1, 9), kvb=st.integers(1, 9), causal=st.booleans())
+def test_routing_spans_and_layout_are_exact(n, clusters, window, seed, qb, kvb, causal):
+    clusters = min(clusters, n)
+    gen = torch.Generator().manual_seed(seed)
+    q, k = torch.randn(2, 2, n, 4, generator=gen), torch.randn(2, 1, n, 4, generator=gen)
+    within = SlidingWindow(window, 0 if causal else window) if window < n - 1 else (Causal() if causal else Full())
+    pattern = Routing(clusters).resolve(q, k, 0.5, within).pattern
+    dense = pattern.dense_mask(n, n)
+    spans = pattern.spans(n, n)
+    assert torch.equal(spans.mask().expand_as(dense), dense)
+    assert (spans.counts() > 0).all()  # every token sees at least itself
+    layout = pattern.block_layout(n, n, qb, kvb)
+    assert torch.equal(layout.state, BlockLayout.from_mask(dense, qb, kvb).state)
+
+
+def test_routing_visits_about_one_cluster_per_query_block():
+    q, k, _ = inputs(5, n=512, dtype=torch.float32)
+    pattern = Routing(8).resolve(q, k, D ** -0.5, Full()).pattern
+    assert pattern.block_layout(512, 512, 32, 32).block_density < 0.35
+
+
+@pytest.mark.parametrize("make, match", [
+    (lambda: TopK(0), "TopK.k must be an integer >= 1"),
+    (lambda: Routing(0), "Routing.clusters must be an integer >= 1"),
+    (lambda: TopK(2) | Causal(), r"depends on q and k; it can be intersected \(&\)"),
+    (lambda: TopK(2).mask_mod(0, 0, 0, 0), r"depends on q and k: pass it to multihead.attention"),
+    (lambda: mh.attention(*inputs(), pattern=TopK(2) & Routing(2)), "intersects 2 dynamic patterns"),
+    (lambda: mh.attention(inputs()[0][:, :, :5], *inputs()[1:], pattern=Routing(2)), "q_len \\(5\\) must equal kv_len"),
+    (lambda: mh.attention(*inputs(), pattern=Routing(N + 1)), "exceeds the 40 tokens"),
+])
+def test_dynamic_errors(make, match):
+    with pytest.raises(PatternError, match=match):
+        make()
+
+
+def test_routing_assigns_each_token_to_the_centroid_nearest_its_query_and_key():
+    q, k, _ = inputs(6)
+    centroids = torch.randn(H, 3, D, dtype=torch.float64)
+    resolution = Routing(3, iterations=0, centroids=centroids).resolve(q, k, 1.0, Full())
+    unit = torch.nn.functional.normalize
+    tokens = unit(q, dim=-1) + unit(k.repeat_interleave(H // HKV, 1), dim=-1)
+    expected = (tokens @ unit(centroids, dim=-1).transpose(-2, -1)).argmax(-1)
+    assert torch.equal(resolution.pattern.cluster, expected)
+    order = resolution.q_order
+    assert (resolution.pattern.cluster.gather(2, order).diff(dim=-1) >= 0).all()  # sorted by cluster
