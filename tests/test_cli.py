@@ -24,12 +24,17 @@ def test_every_variant_builds_runs_and_trains(name):
     variant = catalog.get(name)
     assert variant.paper.title and 2000 < variant.paper.year < 2100
     assert variant.paper.arxiv is None or re.fullmatch(r"\d{4}\.\d{4,5}", variant.paper.arxiv)
-    module = variant.build(32, 4, 24)
-    x = torch.randn(2, 24, 32, requires_grad=True)
+    module = variant.build(32, 4, 256)  # 16 x 16 for the 2-D variants
+    x = torch.randn(2, 256, 32, requires_grad=True)
     out = module(x)
     assert out.shape == x.shape and out.isfinite().all()
     out.square().mean().backward()
     assert all(p.grad is not None for p in module.parameters() if p.requires_grad)
+
+
+def test_two_dimensional_variants_need_a_square_length():
+    with pytest.raises(ValueError, match="square number of tokens"):
+        catalog.get("neighborhood").build(32, 4, 250)
 
 
 def test_unknown_variant_lists_known_ones():

@@ -9,11 +9,15 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import math
+
 import torch
 from torch import nn
 
 from .nn import MultiHeadAttention
-from .patterns import Causal, Documents, PrefixLM, SlidingWindow
+from .patterns import (BlockLocal, Causal, CrossShapedWindow, Dilated, Documents, GlobalTokens, Halo,
+                       Neighborhood, PerHead, PrefixLM, Routing, ShiftedWindow, SlidingWindow, TopK,
+                       Axial)
 from .scores import ALiBi, RelativePositionBias, RoPE, Softcap
 
 
@@ -52,6 +56,19 @@ def equal_documents(seq_len: int, count: int = 4) -> Documents:
     return Documents(bounds)
 
 
+def square_grid(seq_len: int) -> tuple[int, int]:
+    """The square grid of ``seq_len`` tokens that the 2-D variants use."""
+    side = math.isqrt(seq_len)
+    if side * side != seq_len:
+        raise ValueError(f"2-D variants need a square number of tokens (e.g. 1024 = 32 x 32), got {seq_len}")
+    return side, side
+
+
+def axial_rows_and_columns(heads: int, grid: tuple[int, int]) -> PerHead:
+    """Half of the heads attend along rows, half along columns."""
+    return PerHead([Axial(grid, axis=1)] * (heads - heads // 2) + [Axial(grid, axis=0)] * (heads // 2))
+
+
 def _mha(**options) -> Callable[[int, int, int], nn.Module]:
     """A builder of ``MultiHeadAttention``; options may be callables of (heads, head_dim, seq_len)."""
 
@@ -84,6 +101,42 @@ _VARIANTS = [
             Paper("Efficient Sequence Packing without Cross-contamination: Accelerating Large Language "
                   "Models without Impacting Performance", 2021, "2107.02027"),
             _mha(pattern=lambda h, d, n: equal_documents(n) & Causal())),
+    Variant("dilated_window", "pattern", "a sliding window that skips keys: every d-th within w*d",
+            Paper("Longformer: The Long-Document Transformer", 2020, "2004.05150"),
+            _mha(pattern=lambda h, d, n: Dilated(max(1, default_window(n) // 2), 2))),
+    Variant("global_local", "pattern", "a few global tokens see and are seen by all, the rest a window",
+            Paper("Longformer: The Long-Document Transformer", 2020, "2004.05150"),
+            _mha(pattern=lambda h, d, n: GlobalTokens(min(8, n // 4) or 1)
+                 | SlidingWindow(default_window(n), default_window(n)))),
+    Variant("block_local", "pattern", "tokens attend only within their block of consecutive tokens",
+            Paper("Block Transformer: Global-to-Local Language Modeling for Fast Inference", 2024, "2406.02657"),
+            _mha(pattern=lambda h, d, n: BlockLocal(max(1, min(64, n // 4))))),
+    Variant("halo", "pattern", "2-D blocks of queries attend to their block plus a halo of keys",
+            Paper("Scaling Local Self-Attention for Parameter Efficient Visual Backbones", 2021, "2103.12731"),
+            _mha(pattern=lambda h, d, n: Halo(8, 3, grid=square_grid(n)))),
+    Variant("neighborhood", "pattern", "2-D sliding window: each pixel sees a kernel x kernel window around it",
+            Paper("Neighborhood Attention Transformer", 2022, "2204.07143"),
+            _mha(pattern=lambda h, d, n: Neighborhood(7, grid=square_grid(n)))),
+    Variant("dilated_neighborhood", "pattern", "2-D neighborhood over a dilated grid (every d-th pixel)",
+            Paper("Dilated Neighborhood Attention Transformer", 2022, "2209.15001"),
+            _mha(pattern=lambda h, d, n: Neighborhood(7, dilation=2, grid=square_grid(n)))),
+    Variant("swin", "pattern", "windows of 8 x 8 pixels, shifted by half a window (Swin's shifted block)",
+            Paper("Swin Transformer: Hierarchical Vision Transformer using Shifted Windows", 2021, "2103.14030"),
+            _mha(pattern=lambda h, d, n: ShiftedWindow(8, 4, grid=square_grid(n)))),
+    Variant("cswin", "pattern", "half the heads attend in horizontal stripes, half in vertical ones",
+            Paper("CSWin Transformer: A General Vision Transformer Backbone with Cross-Shaped Windows",
+                  2021, "2107.00652"),
+            _mha(pattern=lambda h, d, n: CrossShapedWindow(2, square_grid(n), h))),
+    Variant("axial", "pattern", "half the heads attend along the row, half along the column",
+            Paper("Axial Attention in Multidimensional Transformers", 2019, "1912.12180"),
+            _mha(pattern=lambda h, d, n: axial_rows_and_columns(h, square_grid(n)))),
+    Variant("topk", "pattern", "each query keeps only its k highest-scoring keys (dynamic)",
+            Paper("DLGSANet: Lightweight Dynamic Local and Global Self-Attention Networks for Image "
+                  "Super-Resolution", 2023, "2301.02031"),
+            _mha(pattern=lambda h, d, n: TopK(max(1, min(32, n // 4))))),
+    Variant("routing", "pattern", "tokens routed to k-means clusters attend within their cluster (dynamic)",
+            Paper("Efficient Content-Based Sparse Attention with Routing Transformers", 2020, "2003.05997"),
+            _mha(pattern=lambda h, d, n: Routing(max(1, min(16, n // 64))) & Causal())),
     Variant("alibi", "score", "per-head linear distance penalty on the logits, no position embedding",
             Paper("Train Short, Test Long: Attention with Linear Biases Enables Input Length "
                   "Extrapolation", 2021, "2108.12409"),

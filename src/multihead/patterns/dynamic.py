@@ -206,7 +206,7 @@ class ClusterPattern(Pattern):
 @dataclass(frozen=True)
 class Routing(DynamicPattern):
     """Content-based routing: tokens go to the nearest of ``clusters`` centroids and attend within
-    their cluster (Roy et al., 2021, "Efficient Content-Based Sparse Attention with Routing
+    their cluster (Roy et al., 2020, "Efficient Content-Based Sparse Attention with Routing
     Transformers", arXiv 2003.05997).
 
     As in the paper, where queries and keys share one projection, a token's query and key fall in
