@@ -11,6 +11,8 @@ class Backend:
     """Runs a ``Request``. ``unsupported`` says why it cannot (None when it can)."""
 
     name: str
+    #: Whether the first call of a configuration compiles a kernel (seconds on a small machine).
+    compiles: bool = False
 
     def unsupported(self, req: Request) -> str | None:
         raise NotImplementedError

@@ -7,10 +7,13 @@ from dataclasses import dataclass
 from ..errors import BackendError
 from ..request import Request
 from .base import Backend
+from .flex import FlexBackend
+from .natten import NattenBackend
 from .reference import ReferenceBackend
 from .sdpa import SDPABackend
 
-BACKENDS: dict[str, Backend] = {b.name: b for b in (ReferenceBackend(), SDPABackend())}
+BACKENDS: dict[str, Backend] = {b.name: b for b in (ReferenceBackend(), SDPABackend(), FlexBackend(),
+                                                     NattenBackend())}
 
 # The auto table: the first rule whose condition holds gives the order in which backends are
 # tried; the first one able to serve the request runs it.

@@ -65,16 +65,23 @@ def _machine() -> dict:
             "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
 
 
+def _served(backend: str, *args, **kwargs) -> bool:
+    return BACKENDS[backend].unsupported(make_request(*args, **kwargs)) is None
+
+
 def _measure(settings: BenchSettings, pattern_name: str, backend: str, n: int) -> dict | None:
+    """One cell: forward and forward+backward where the backend serves them (None otherwise)."""
     dtype = getattr(torch, settings.dtype)
     gen = torch.Generator().manual_seed(settings.seed)
     shape = (settings.batch, settings.heads, n, settings.head_dim)
     q, k, v = (torch.randn(shape, generator=gen, dtype=dtype).to(settings.device) for _ in range(3))
     pattern = PATTERNS[pattern_name](n)
-    if BACKENDS[backend].unsupported(make_request(q, k, v, pattern=pattern)) is not None:
-        return None
     grad = torch.randn_like(q)
     leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    serves_forward = _served(backend, q, k, v, pattern=pattern)
+    serves_training = _served(backend, *leaves, pattern=pattern)
+    if not (serves_forward or serves_training):
+        return None
 
     def forward():
         with torch.no_grad():
@@ -85,15 +92,16 @@ def _measure(settings: BenchSettings, pattern_name: str, backend: str, n: int) -
             t.grad = None
         attention(*leaves, pattern=pattern, backend=backend).backward(grad)
 
-    fwd = time_call(forward, repeats=settings.repeats, budget_s=5.0)
-    fwd_bwd = time_call(forward_backward, repeats=settings.repeats, budget_s=10.0)
-    return {
-        "pattern": pattern_name, "backend": backend, "length": n,
-        "density": pattern.density(n, n),
-        "forward_s": asdict(fwd), "forward_backward_s": asdict(fwd_bwd),
-        "forward_peak_bytes": peak_memory(forward, settings.device),
-        "forward_backward_peak_bytes": peak_memory(forward_backward, settings.device),
-    }
+    row = {"pattern": pattern_name, "backend": backend, "length": n, "density": pattern.density(n, n),
+           "forward_s": None, "forward_backward_s": None,
+           "forward_peak_bytes": None, "forward_backward_peak_bytes": None}
+    if serves_forward:
+        row["forward_s"] = asdict(time_call(forward, repeats=settings.repeats, budget_s=5.0))
+        row["forward_peak_bytes"] = peak_memory(forward, settings.device)
+    if serves_training:
+        row["forward_backward_s"] = asdict(time_call(forward_backward, repeats=settings.repeats, budget_s=10.0))
+        row["forward_backward_peak_bytes"] = peak_memory(forward_backward, settings.device)
+    return row
 
 
 def run_bench(settings: BenchSettings, out_dir: str | Path | None = None,
@@ -125,15 +133,18 @@ def _mib(value: int | None) -> str:
     return "n/a" if value is None else f"{value / 2**20:.1f}"
 
 
+def _ms(timing: dict | None) -> str:
+    return "n/a" if timing is None else f"{timing['median'] * 1e3:.1f}"
+
+
 def _table(rows: list[dict], settings: BenchSettings) -> Table:
     table = Table(title=f"attention, B={settings.batch} H={settings.heads} D={settings.head_dim} "
                         f"{settings.dtype} on {settings.device} ({torch.get_num_threads()} threads); "
-                        f"median of repeats, ms")
+                        f"median of repeats, ms; n/a: the backend does not serve it")
     for column in ("pattern", "N", "backend", "pairs", "fwd ms", "fwd+bwd ms", "fwd MiB", "fwd+bwd MiB"):
         table.add_column(column, justify="left" if column in ("pattern", "backend") else "right")
     for r in rows:
         table.add_row(r["pattern"], str(r["length"]), r["backend"], f"{r['density']:.1%}",
-                      f"{r['forward_s']['median'] * 1e3:.1f}",
-                      f"{r['forward_backward_s']['median'] * 1e3:.1f}",
+                      _ms(r["forward_s"]), _ms(r["forward_backward_s"]),
                       _mib(r["forward_peak_bytes"]), _mib(r["forward_backward_peak_bytes"]))
     return table

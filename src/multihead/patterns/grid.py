@@ -187,9 +187,11 @@ class Neighborhood(Pattern):
       query sees ``kernel`` keys once far enough from the start, fewer before it, and with a stride
       the non-leader queries see fewer as well).
 
-    A key is allowed when it is inside the window on every axis. Checks, per axis: ``kernel >= 1``
-    and odd when the axis is not causal, ``dilation >= 1`` with ``kernel * dilation <= n``, and
-    ``1 <= stride <= kernel`` (NATTEN's rules).
+    A key is allowed when it is inside the window on every axis. An even kernel on a non-causal axis
+    has ``kernel // 2`` keys before the leader and ``kernel // 2 - 1`` after it (NATTEN 0.21 accepts
+    even kernels and places them so). Checks, per axis: ``kernel >= 1``, ``dilation >= 1`` with
+    ``kernel * dilation <= n``, and ``1 <= stride <= kernel`` (NATTEN's rules, except that NATTEN
+    also rejects ``kernel == 1``, a window of the query alone, which is allowed here).
     """
 
     kernel: tuple[int, ...] | int
@@ -208,10 +210,6 @@ class Neighborhood(Pattern):
         causal = per_axis_bool(owner, "causal", self.causal, ndim)
         for i in range(ndim):
             k, d, s, n = kernel[i], dilation[i], stride[i], grid[i]
-            if not causal[i] and k % 2 == 0:
-                raise PatternError(
-                    f"Neighborhood.kernel[{i}]={k} must be odd on a non-causal axis (the window is "
-                    f"centered on the query); use an odd kernel, or causal=True on that axis")
             if k * d > n:
                 raise PatternError(
                     f"Neighborhood.kernel[{i}] * dilation[{i}] = {k} * {d} = {k * d} exceeds the "
