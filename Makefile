@@ -11,6 +11,9 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --upgrade pip setuptools
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e ".[dev]"
+	# NATTEN (optional): the independent check of Neighborhood; without build isolation, after
+	# torch, so that pip keeps the CPU torch. Its tests skip if it cannot be installed.
+	$(PY) -m pip install -q --no-build-isolation natten==0.21.7 || echo "natten not installed: its tests will skip"
 	touch $(STAMP)
 
 setup: $(STAMP)
