@@ -7,6 +7,7 @@ small absolute floor per dtype.
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from multihead.backends.base import repeat_kv
@@ -42,3 +43,12 @@ def assert_within_tolerance(result, truth, baseline, dtype, what="output"):
     err, base = max_error(result, truth), max_error(baseline, truth)
     bound = FACTOR * base + FLOOR[dtype]
     assert err <= bound, f"{what}: error {err:.3g} exceeds {FACTOR} x naive error {base:.3g} + floor"
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _one_thread():
+    """The tests use tiny tensors: one thread avoids OpenMP hand-offs that dominate their time."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -19,7 +19,29 @@ def _csv(kind):
     return lambda text: [kind(part) for part in text.split(",") if part]
 
 
+def _costs(args) -> int:
+    from .heads.costs import CostSettings, cost_rows, markdown_costs
+
+    settings = CostSettings(dim=args.dim, heads=args.heads, seq_len=args.seq_len,
+                            dtype=getattr(torch, args.dtype))
+    if args.markdown:
+        print(markdown_costs(settings))
+        return 0
+    table = Table(title=f"topology costs: dim={settings.dim}, heads={settings.heads}, "
+                        f"seq_len={settings.seq_len}, cache in {args.dtype}")
+    for column in ("variant", "parameters", "attention GFLOPs", "vs MHA", "KV cache B/token", "vs MHA", "note"):
+        table.add_column(column, justify="left" if column in ("variant", "note") else "right")
+    for r in cost_rows(settings):
+        table.add_row(r["variant"], f"{r['params']:,}", f"{r['attention_flops'] / 1e9:.3f}",
+                      f"{r['flops_vs_mha']:.3g}", f"{r['kv_cache_bytes']:,}", f"{r['cache_vs_mha']:.3g}",
+                      r["note"])
+    Console().print(table)
+    return 0
+
+
 def _list(args) -> int:
+    if args.costs:
+        return _costs(args)
     if args.markdown:
         print(catalog.markdown_table())
         return 0
@@ -50,6 +72,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("list", help="print the catalog of variants")
     p.add_argument("--markdown", action="store_true", help="as a Markdown table (for the README)")
     p.add_argument("--family", choices=sorted({v.family for v in catalog.CATALOG.values()}))
+    p.add_argument("--costs", action="store_true",
+                   help="parameters, attention FLOPs and KV-cache bytes per token of every topology")
+    p.add_argument("--dim", type=int, default=512, help="model width for --costs")
+    p.add_argument("--heads", type=int, default=8, help="heads for --costs")
+    p.add_argument("--seq-len", type=int, default=1024, help="sequence length for --costs")
+    p.add_argument("--dtype", default="bfloat16", help="cache dtype for --costs")
     p.set_defaults(run=_list)
 
     defaults = BenchSettings()

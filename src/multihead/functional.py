@@ -9,7 +9,7 @@ from .request import make_request
 
 
 def attention(q: Tensor, k: Tensor, v: Tensor, *, pattern=None, score=None, scale: float | None = None,
-              dropout: float = 0.0, backend: str = "auto", return_weights: bool = False):
+              dropout: float = 0.0, backend: str = "auto", return_weights: bool = False, head_mix=None):
     """Multi-head attention on tensors ``(batch, heads, tokens, head_dim)``.
 
     Args:
@@ -24,12 +24,17 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, pattern=None, score=None, scal
         dropout: dropout probability on the attention weights (pass 0 at evaluation).
         backend: ``"auto"`` or a name from ``multihead.backends.BACKENDS``.
         return_weights: also return the attention weights ``(B, H, Lq, Lk)``.
+        head_mix: talking heads (Shazeer et al., 2020): ``(pre, post)``, each an ``(H, H)`` tensor or
+            None. ``pre`` mixes the scaled logits across heads before the score, mask and softmax
+            (``logits'[g] = sum_h logits[h] pre[h, g]``), ``post`` mixes the probabilities after it;
+            the weights returned are the mixed ones. It ties the heads together, so only backends
+            declaring ``supports_head_mix`` (the reference) serve it.
 
     Returns:
         the output ``(B, H, Lq, Dv)``, or ``(output, weights)`` when ``return_weights``.
     """
     req = make_request(q, k, v, pattern=pattern, score=score, scale=scale, dropout=dropout,
-                       return_weights=return_weights)
+                       return_weights=return_weights, head_mix=head_mix)
     runner, _ = choose(req, backend)
     out, weights = req.restore(*runner.forward(req))
     return (out, weights) if return_weights else out
@@ -37,13 +42,13 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, pattern=None, score=None, scal
 
 def explain(q: Tensor, k: Tensor, v: Tensor, *, pattern=None, score=None, scale: float | None = None,
             dropout: float = 0.0, backend: str = "auto", return_weights: bool = False,
-            show: bool = True) -> Explanation:
+            head_mix=None, show: bool = True) -> Explanation:
     """Say which backend ``attention`` would run with these arguments, and why not the others.
 
     Prints the explanation (unless ``show=False``) and returns it.
     """
     req = make_request(q, k, v, pattern=pattern, score=score, scale=scale, dropout=dropout,
-                       return_weights=return_weights)
+                       return_weights=return_weights, head_mix=head_mix)
     _, explanation = choose(req, backend)
     if show:
         print(explanation)

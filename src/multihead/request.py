@@ -30,6 +30,10 @@ class Request:
     #: position of q / k (``(B, H, L)``); ``restore`` maps results back.
     q_order: Tensor | None = None
     kv_order: Tensor | None = None
+    #: Talking heads: ``(pre, post)``, each an ``(H, H)`` matrix or None, mixing the logits across
+    #: heads before the softmax and the weights after it (``weights[g] = sum_h weights[h] M[h, g]``);
+    #: None when not mixed. Only backends with ``supports_head_mix`` serve it.
+    head_mix: tuple[Tensor | None, Tensor | None] | None = None
 
     def restore(self, out: Tensor, weights: Tensor | None) -> tuple[Tensor, Tensor | None]:
         """Put the rows (and weight columns) of a permuted frame back in original order."""
@@ -72,7 +76,8 @@ class Request:
 
     @property
     def needs_grad(self) -> bool:
-        params = self.score.parameters() if self.score is not None else ()
+        params = list(self.score.parameters()) if self.score is not None else []
+        params += [m for m in (self.head_mix or ()) if m is not None]
         return torch.is_grad_enabled() and (
             any(t.requires_grad for t in (self.q, self.k, self.v)) or any(p.requires_grad for p in params))
 
@@ -142,8 +147,28 @@ def _check_pattern(pattern: Pattern, batch: int, heads: int, q_len: int, kv_len:
             f"that query (e.g. a fully padded sequence, or more queries than keys under Causal)")
 
 
+def _check_head_mix(head_mix, q: Tensor):
+    """``head_mix`` as ``(pre, post)`` with each an ``(H, H)`` float tensor on q's device, or None."""
+    if head_mix is None:
+        return None
+    if not isinstance(head_mix, (tuple, list)) or len(head_mix) != 2:
+        raise ShapeError(f"head_mix must be a pair (pre, post) of (heads, heads) tensors or None, got "
+                         f"{type(head_mix).__name__}")
+    heads = q.shape[1]
+    for name, m in zip(("pre", "post"), head_mix):
+        if m is None:
+            continue
+        if not isinstance(m, Tensor) or not m.dtype.is_floating_point or tuple(m.shape) != (heads, heads):
+            shape = tuple(m.shape) if isinstance(m, Tensor) else type(m).__name__
+            raise ShapeError(f"head_mix {name} must be a floating ({heads}, {heads}) tensor (the query "
+                             f"heads), or None; got {shape}")
+        if m.device != q.device:
+            raise ShapeError(f"head_mix {name} is on {m.device} but q is on {q.device}; move it")
+    return None if head_mix[0] is None and head_mix[1] is None else tuple(head_mix)
+
+
 def make_request(q, k, v, *, pattern=None, score=None, scale=None, dropout=0.0,
-                 return_weights=False) -> Request:
+                 return_weights=False, head_mix=None) -> Request:
     """Check every argument and return a ``Request``; raises a ``ValueError`` subclass naming the fix."""
     _check_tensors(q, k, v)
     pattern = Full() if pattern is None else pattern
@@ -158,6 +183,7 @@ def make_request(q, k, v, *, pattern=None, score=None, scale=None, dropout=0.0,
         raise ShapeError(f"scale must be a positive finite number, got {scale!r}")
     if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
         raise ShapeError(f"dropout must be a probability in [0, 1), got {dropout!r}")
+    head_mix = _check_head_mix(head_mix, q)
     dynamic, within = split_dynamic(pattern)
     q_order = kv_order = None
     if dynamic is not None:
@@ -169,6 +195,10 @@ def make_request(q, k, v, *, pattern=None, score=None, scale=None, dropout=0.0,
             q, k, v = _permute_tokens(q, q_order), _permute_tokens(k, kv_order), _permute_tokens(v, kv_order)
             if score is not None:
                 score = _OriginalPositions(score, q_order, kv_order)
+            if head_mix is not None:
+                raise PatternError(
+                    f"head_mix (talking heads) cannot combine with {dynamic!r}: it reorders tokens per "
+                    f"head, so the heads' logits no longer line up; use a static pattern or TopK")
     _check_pattern(pattern, q.shape[0], q.shape[1], q.shape[2], k.shape[2], q.device)
     return Request(q, k, v, pattern, score, float(scale), float(dropout), bool(return_weights),
-                   q_order, kv_order)
+                   q_order, kv_order, head_mix)

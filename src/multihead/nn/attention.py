@@ -11,6 +11,47 @@ from ..patterns import KeyPadding, Pattern
 from ..scores import as_score
 
 
+def check_inputs(x: Tensor, context: Tensor | None, dim: int, kv_dim: int | None = None) -> Tensor:
+    """Check ``x`` ``(batch, tokens, dim)`` and ``context`` ``(batch, kv_tokens, kv_dim)``; return
+    the context (``x`` itself for self-attention)."""
+    context = x if context is None else context
+    kv_dim = dim if kv_dim is None else kv_dim
+    for name, t, width in (("x", x, dim), ("context", context, kv_dim)):
+        if not isinstance(t, Tensor) or t.dim() != 3 or t.shape[-1] != width:
+            shape = tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__
+            raise ShapeError(f"{name} must have shape (batch, tokens, {width}), got {shape}")
+    if context.shape[0] != x.shape[0]:
+        raise ShapeError(f"x and context batch sizes differ: {x.shape[0]} vs {context.shape[0]}")
+    return context
+
+
+def split_heads(x: Tensor, heads: int) -> Tensor:
+    """``(batch, tokens, heads * d)`` -> ``(batch, heads, tokens, d)``."""
+    batch, tokens, width = x.shape
+    return x.view(batch, tokens, heads, width // heads).transpose(1, 2)
+
+
+def merge_heads(x: Tensor) -> Tensor:
+    """``(batch, heads, tokens, d)`` -> ``(batch, tokens, heads * d)``."""
+    batch, heads, tokens, d = x.shape
+    return x.transpose(1, 2).reshape(batch, tokens, heads * d)
+
+
+def attend(module, q: Tensor, k: Tensor, v: Tensor, *, key_padding_mask: Tensor | None = None,
+           need_weights: bool = False, scale: float | None = None, head_mix=None, pattern=None):
+    """``multihead.attention`` with the module's pattern (or ``pattern``), score, dropout (while
+    training) and backend, plus torch's ``key_padding_mask`` (True at padding). Returns
+    ``(out, weights or None)``."""
+    pattern = module.pattern if pattern is None else pattern
+    if key_padding_mask is not None:
+        padding = KeyPadding(key_padding_mask)
+        pattern = padding if pattern is None else pattern & padding
+    result = attention(q, k, v, pattern=pattern, score=module.score, scale=scale,
+                       dropout=module.dropout if module.training else 0.0, backend=module.backend,
+                       return_weights=need_weights, head_mix=head_mix)
+    return result if need_weights else (result, None)
+
+
 def _positive_int(name: str, value) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ShapeError(f"{name} must be a positive integer, got {value!r}")
@@ -67,10 +108,6 @@ class MultiHeadAttention(nn.Module):
         self.v_proj = nn.Linear(kv_dim, kv_heads * head_dim, bias=bias)
         self.out_proj = nn.Linear(heads * head_dim, dim, bias=bias)
 
-    def _split(self, x: Tensor, heads: int) -> Tensor:
-        batch, tokens, _ = x.shape
-        return x.view(batch, tokens, heads, self.head_dim).transpose(1, 2)
-
     def forward(self, x: Tensor, context: Tensor | None = None, *, key_padding_mask: Tensor | None = None,
                 need_weights: bool = False):
         """Attend from ``x`` ``(batch, tokens, dim)`` to itself, or to ``context``
@@ -79,28 +116,38 @@ class MultiHeadAttention(nn.Module):
         ``key_padding_mask`` ``(batch, kv_tokens)``, True at padding, hides those keys (torch's
         convention). Returns the output ``(batch, tokens, dim)``, or ``(output, weights)`` with
         per-head weights ``(batch, heads, tokens, kv_tokens)`` when ``need_weights``.
+
+        The steps - ``project``, the attention call (``attention_options``), ``combine`` - are
+        methods that the topologies of ``multihead.heads`` override.
         """
-        context = x if context is None else context
-        for name, t, width in (("x", x, self.dim), ("context", context, self.kv_dim)):
-            if t.dim() != 3 or t.shape[-1] != width:
-                raise ShapeError(f"{name} must have shape (batch, tokens, {width}), got {tuple(t.shape)}")
-        if context.shape[0] != x.shape[0]:
-            raise ShapeError(f"x and context batch sizes differ: {x.shape[0]} vs {context.shape[0]}")
-        q = self._split(self.q_proj(x), self.heads)
-        k = self._split(self.k_proj(context), self.kv_heads)
-        v = self._split(self.v_proj(context), self.kv_heads)
+        context = check_inputs(x, context, self.dim, self.kv_dim)
+        q, k, v = self.project(x, context)
+        out, weights = attend(self, q, k, v, key_padding_mask=key_padding_mask, need_weights=need_weights,
+                              **self.attention_options())
+        y = self.combine(out, x)
+        return (y, weights) if need_weights else y
+
+    def project(self, x: Tensor, context: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Per-head ``q, k, v`` ``(batch, heads, tokens, head_dim)``, positions applied."""
+        q, k = self.mix_qk(self.q_proj(x), self.k_proj(context))
+        q, k = split_heads(q, self.heads), split_heads(k, self.kv_heads)
+        v = split_heads(self.v_proj(context), self.kv_heads)
         if self.position is not None:
             q, k = self.position(q, k)
-        pattern = self.pattern
-        if key_padding_mask is not None:
-            padding = KeyPadding(key_padding_mask)
-            pattern = padding if pattern is None else pattern & padding
-        result = attention(q, k, v, pattern=pattern, score=self.score,
-                           dropout=self.dropout if self.training else 0.0, backend=self.backend,
-                           return_weights=need_weights)
-        out, weights = result if need_weights else (result, None)
-        out = self.out_proj(out.transpose(1, 2).reshape(x.shape[0], x.shape[1], -1))
-        return (out, weights) if need_weights else out
+        return q, k, v
+
+    def mix_qk(self, q: Tensor, k: Tensor) -> tuple[Tensor, Tensor]:
+        """Transform the projected ``q`` ``(B, L, heads * head_dim)`` and ``k`` before the head
+        split (identity here)."""
+        return q, k
+
+    def attention_options(self) -> dict:
+        """Extra keyword arguments of ``multihead.attention`` (none here)."""
+        return {}
+
+    def combine(self, out: Tensor, x: Tensor) -> Tensor:
+        """Head outputs ``(B, heads, L, head_dim)`` -> ``(B, L, dim)``: concatenate, project."""
+        return self.out_proj(merge_heads(out))
 
     @classmethod
     def from_torch(cls, module: nn.MultiheadAttention, **kwargs) -> "MultiHeadAttention":
