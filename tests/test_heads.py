@@ -324,7 +324,7 @@ def test_head_mix_is_refused_by_every_backend_that_does_not_declare_it():
     class Permissive(Backend):  # a future backend that says nothing about head_mix
         name = "permissive"
 
-        def unsupported(self, req):
+        def limits(self, req):
             return None
 
     assert Permissive().unsupported(req) == HEAD_MIX_REFUSAL

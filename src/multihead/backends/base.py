@@ -2,30 +2,28 @@
 
 from __future__ import annotations
 
-import functools
-
 from torch import Tensor
 
 from ..request import Request
 
 
 class Backend:
-    """Runs a ``Request``. ``unsupported`` says why it cannot (None when it can)."""
+    """Runs a ``Request``. Subclasses implement ``limits`` (why they cannot serve a request, or
+    None) and ``forward``; ``unsupported`` adds the checks every backend shares."""
 
     name: str
     #: Whether the first call of a configuration compiles a kernel (seconds on a small machine).
     compiles: bool = False
-
-    #: Whether ``forward`` implements ``Request.head_mix`` (talking heads). A backend that does not
-    #: declare it refuses such requests: ``__init_subclass__`` wraps every ``unsupported``.
+    #: Whether ``forward`` implements ``Request.head_mix`` (talking heads).
     supports_head_mix: bool = False
 
-    def __init_subclass__(cls, **kwargs):
-        super().__init_subclass__(**kwargs)
-        if "unsupported" in cls.__dict__:
-            cls.unsupported = _refuse_head_mix(cls.__dict__["unsupported"])
-
     def unsupported(self, req: Request) -> str | None:
+        """Why this backend cannot serve ``req`` (a phrase completing "it ..."), or None."""
+        if req.head_mix is not None and not self.supports_head_mix:
+            return HEAD_MIX_REFUSAL
+        return self.limits(req)
+
+    def limits(self, req: Request) -> str | None:
         raise NotImplementedError
 
     def forward(self, req: Request) -> tuple[Tensor, Tensor | None]:
@@ -35,15 +33,6 @@ class Backend:
 
 HEAD_MIX_REFUSAL = ("does not serve head_mix (talking heads), which mixes the logits of all heads; "
                     "only reference materialises them (use backend='reference')")
-
-
-def _refuse_head_mix(unsupported):
-    @functools.wraps(unsupported)
-    def checked(self, req):
-        if getattr(req, "head_mix", None) is not None and not self.supports_head_mix:
-            return HEAD_MIX_REFUSAL
-        return unsupported(self, req)
-    return checked
 
 
 def repeat_kv(x: Tensor, groups: int) -> Tensor:

@@ -274,7 +274,7 @@ class FlexBackend(Backend):
         self.cache_misses = 0
 
     # -- capability ------------------------------------------------------------------------------
-    def unsupported(self, req: Request) -> str | None:
+    def limits(self, req: Request) -> str | None:
         if req.return_weights:
             return "does not return attention weights (use backend='reference')"
         if req.dropout > 0:

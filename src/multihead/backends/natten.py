@@ -94,7 +94,7 @@ class NattenBackend(Backend):
 
     name = "natten"
 
-    def unsupported(self, req: Request) -> str | None:
+    def limits(self, req: Request) -> str | None:
         natten, why = _load()
         if natten is None:
             return (f"needs NATTEN, which is not installed ({why}); install it after torch with "

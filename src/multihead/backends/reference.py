@@ -21,7 +21,7 @@ class ReferenceBackend(Backend):
     name = "reference"
     supports_head_mix = True
 
-    def unsupported(self, req):
+    def limits(self, req):
         return None
 
     def forward(self, req):

@@ -19,7 +19,7 @@ class SDPABackend(Backend):
 
     name = "sdpa"
 
-    def unsupported(self, req):
+    def limits(self, req):
         if req.return_weights:
             return "does not return attention weights (use backend='reference')"
         if req.score is not None and not req.score.additive:
