@@ -1,7 +1,9 @@
 """Ways to run attention: ``reference`` (the definition), ``sdpa`` (torch's fused kernel),
-``flex`` (FlexAttention, compiled) and ``natten`` (NATTEN, optional)."""
+``blocksparse`` (ours: only the tiles a pattern needs, forward and backward, any device), ``flex``
+(FlexAttention, compiled) and ``natten`` (NATTEN, optional)."""
 
 from .base import Backend
+from .blocksparse import BlockSparseBackend
 from .dispatch import AUTO_RULES, BACKENDS, Explanation, choose
 from .flex import FlexBackend
 from .natten import NattenBackend
@@ -9,4 +11,4 @@ from .reference import ReferenceBackend
 from .sdpa import SDPABackend
 
 __all__ = ["Backend", "BACKENDS", "AUTO_RULES", "Explanation", "choose", "ReferenceBackend", "SDPABackend",
-           "FlexBackend", "NattenBackend"]
+           "BlockSparseBackend", "FlexBackend", "NattenBackend"]

@@ -5,24 +5,36 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..errors import BackendError
+from ..patterns import Causal, Full
 from ..request import Request
 from .base import Backend
+from .blocksparse import BlockSparseBackend
 from .flex import FlexBackend
 from .natten import NattenBackend
 from .reference import ReferenceBackend
 from .sdpa import SDPABackend
 
-BACKENDS: dict[str, Backend] = {b.name: b for b in (ReferenceBackend(), SDPABackend(), FlexBackend(),
-                                                     NattenBackend())}
+BACKENDS: dict[str, Backend] = {b.name: b for b in (ReferenceBackend(), SDPABackend(), BlockSparseBackend(),
+                                                     FlexBackend(), NattenBackend())}
+
+def _mask_free(r: Request) -> bool:
+    """Full, or square causal, attention with no score: SDPA's fused kernels need no mask."""
+    plain = isinstance(r.pattern, Full) or (isinstance(r.pattern, Causal) and r.q_len == r.kv_len)
+    return plain and r.score is None
+
 
 # The auto table: the first rule whose condition holds gives the order in which backends are
-# tried; the first one able to serve the request runs it.
+# tried; the first one able to serve the request runs it. The orders follow measurements
+# (docs/performance.md, benchmarks/dispatch_crossover.py): on CPU, block-sparse beats SDPA with a
+# dense mask from 128 tokens on for every pattern tried, and SDPA wins where no mask is needed.
 AUTO_RULES: list[tuple[str, object, tuple[str, ...]]] = [
     ("attention weights requested", lambda r: r.return_weights, ("reference",)),
-    ("default: fused kernel first, dense reference as fallback", lambda r: True, ("sdpa", "reference")),
+    ("no mask and no score: SDPA's fused kernels", _mask_free, ("sdpa", "blocksparse", "reference")),
+    ("CUDA without dropout: FlexAttention", lambda r: r.device.type == "cuda" and r.dropout == 0,
+     ("flex", "blocksparse", "sdpa", "reference")),
+    ("a mask or a score: block-sparse, which skips empty tiles",
+     lambda r: True, ("blocksparse", "sdpa", "reference")),
 ]
-
-
 @dataclass(frozen=True)
 class Explanation:
     """Which backend runs a request and why each other one would not."""
