@@ -4,7 +4,7 @@ Writes ``sparse_patterns.json``, ``sparse_patterns.png`` and ``sparse_patterns.m
 ratios that ``docs/performance.md`` quotes) into ``--out``. Every ratio compares figures measured
 side by side in this one run.
 
-    python benchmarks/sparse_patterns.py --out results/sparse            # the full set (~20 min)
+    python benchmarks/sparse_patterns.py --out results/sparse            # the full set (~25 min)
     python benchmarks/sparse_patterns.py --quick --out results/sparse    # small sizes (~1 min)
 """
 
@@ -23,7 +23,7 @@ from rich.table import Table
 import multihead as mh
 from multihead.backends import BACKENDS
 from multihead.bench.measure import peak_memory, time_call
-from multihead.patterns import Full, Neighborhood, Pattern, ShiftedWindow, SlidingWindow
+from multihead.patterns import Full, Neighborhood, Pattern, Routing, ShiftedWindow, SlidingWindow, TopK
 from multihead.request import make_request
 
 
@@ -43,6 +43,9 @@ def cases(quick: bool) -> list[Case]:
         out += [Case(f"neighborhood_{kernel}x{kernel}", f"{g[0]}x{g[1]}", g[0] * g[1],
                      Neighborhood(kernel, grid=g)) for g in grids]
     out += [Case("swin_8x8_shift4", f"{g[0]}x{g[1]}", g[0] * g[1], ShiftedWindow(8, 4, grid=g)) for g in grids]
+    dynamic = (1024, 4096) if quick else (4096, 16384)
+    out += [Case("topk_64", str(n), n, TopK(64)) for n in dynamic]
+    out += [Case("routing_16", str(n), n, Routing(16)) for n in dynamic]
     return out
 
 
@@ -58,8 +61,9 @@ def _able(backend: str, q, k, v, pattern) -> bool:
 def measure_case(case: Case, heads: int, head_dim: int, repeats: int, dense_limit: int,
                  train_backends: list[str], forward_backends: list[str]) -> dict:
     q, k, v, grad = _inputs(case.tokens, heads, head_dim)
+    resolved = make_request(q, k, v, pattern=case.pattern).pattern  # dynamic patterns: this input's
     row: dict = {"family": case.family, "size": case.size, "tokens": case.tokens,
-                 "density": case.pattern.density(case.tokens, case.tokens), "backends": {}}
+                 "density": resolved.density(case.tokens, case.tokens), "backends": {}}
 
     def forward(backend, pattern):
         def run():

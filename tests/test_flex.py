@@ -238,18 +238,18 @@ def test_repeat_calls_reuse_the_mask_and_the_kernel():
 
 @needs_cpu_flex
 def test_dynamic_patterns_reuse_their_kernel_across_calls():
-    """TopK resolves to a new pattern object on every call (new block mask), whose structure is the
-    same: one compiled call, compiled once."""
+    """Routing resolves to a new pattern object on every call (new block mask), whose structure is
+    the same: one compiled call, compiled once."""
     from torch._dynamo.utils import counters
 
-    from multihead.patterns.dynamic import TopK
+    from multihead.patterns.dynamic import Routing
 
     backend = FlexBackend(block_size=BLOCK)
     graphs = None
     for seed in range(3):
         q, k, v = _inputs(48, 48, 2, seed=seed)
         with torch.no_grad():
-            req = make_request(q, k, v, pattern=TopK(6) & Causal(), score=ALiBi(H))
+            req = make_request(q, k, v, pattern=Routing(3) & Causal(), score=ALiBi(H))
             out, _ = req.restore(*backend.forward(req))
             want, _ = req.restore(*REFERENCE.forward(req))
         torch.testing.assert_close(out, want, atol=1e-5, rtol=0)
@@ -257,6 +257,14 @@ def test_dynamic_patterns_reuse_their_kernel_across_calls():
             graphs = counters["stats"]["unique_graphs"]
     assert counters["stats"]["unique_graphs"] == graphs
     assert len(backend._compiled) == 1 and backend.cache_misses == 3
+
+
+def test_key_selections_are_refused_with_a_reason():
+    from multihead.patterns.dynamic import TopK
+
+    q, k, v = _inputs(48, 48, 2, seed=0)
+    req = make_request(q, k, v, pattern=TopK(6) & Causal())
+    assert "searches a list of keys per query" in FlexBackend().unsupported(req)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -666,15 +666,19 @@ class BlockSparseBackend(Backend):
             return "does not return attention weights (use backend='reference')"
         return None
 
-    def choose_blocks(self, q_len: int, kv_len: int, head_dim: int) -> tuple[int, int, int]:
-        """``(q_block, kv_block, group_rows)``: the given ones, else the defaults."""
-        qb = min(self.q_block or 32, q_len)
-        kb = min(self.kv_block or 32, kv_len)
+    def choose_blocks(self, q_len: int, kv_len: int, head_dim: int,
+                      hint: tuple[int, int] | None = None) -> tuple[int, int, int]:
+        """``(q_block, kv_block, group_rows)``: the given ones, else the pattern's ``block_hint``
+        (``KeySelection``: single rows and keys, each row gathering its own keys), else the
+        defaults."""
+        q_default, kv_default = hint or (32, 32)
+        qb = min(self.q_block or q_default, q_len)
+        kb = min(self.kv_block or kv_default, kv_len)
         return qb, kb, self.group_rows or 64
 
     def plan(self, req: Request) -> _Plan:
         """The (cached) grouping of ``req``'s query blocks and the keys each group reads."""
-        qb, kb, gr = self.choose_blocks(req.q_len, req.kv_len, req.q.shape[-1])
+        qb, kb, gr = self.choose_blocks(req.q_len, req.kv_len, req.q.shape[-1], req.pattern.block_hint)
         key = (req.pattern, req.q_len, req.kv_len, str(req.device), req.batch, req.heads,
                req.kv_heads, qb, kb, gr)
         try:

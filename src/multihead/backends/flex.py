@@ -286,6 +286,9 @@ class FlexBackend(Backend):
         if req.dtype not in _DTYPES:
             return (f"supports float32, float16 and bfloat16 only, not {str(req.dtype)[6:]} "
                     f"(use backend='reference' for float64)")
+        if not req.pattern.pointwise:
+            return (f"cannot compile {req.pattern!r}: its mask_mod searches a list of keys per query, a "
+                    f"reduction inductor does not lower inside a mask (use backend='blocksparse')")
         why = _dynamo_problem()
         if why is not None:
             return f"{why} (use backend='blocksparse' or 'sdpa')"

@@ -44,6 +44,10 @@ class Pattern:
     num_heads: int | None = None
     #: Whether the pattern depends on q and k (``multihead.patterns.dynamic``).
     dynamic: bool = False
+    #: Whether ``mask_mod`` is elementwise with no reduction (what FlexAttention can compile).
+    pointwise: bool = True
+    #: ``(q_block, kv_block)`` suited to the pattern, for a block-sparse backend (None: its default).
+    block_hint: tuple[int, int] | None = None
 
     def mask_mod(self, b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
         raise NotImplementedError
@@ -133,6 +137,10 @@ class _Combination(Pattern):
     @property
     def num_heads(self) -> int | None:
         return _combined_extent("head count", (p.num_heads for p in self.parts))
+
+    @property
+    def pointwise(self) -> bool:
+        return all(p.pointwise for p in self.parts)
 
     def check(self, q_len: int, kv_len: int) -> None:
         for p in self.parts:

@@ -75,6 +75,8 @@ class KeySelection(Pattern):
     indices: Tensor = field(repr=False)
     valid: Tensor = field(repr=False)
     kv_len: int
+    pointwise = False  # mask_mod searches the row's list of keys
+    block_hint = (1, 1)  # every row gathers its own keys: no tile is shared, none is wasted
 
     @property
     def batch_size(self):
