@@ -58,7 +58,7 @@ def _able(backend: str, q, k, v, pattern) -> bool:
     return backend in BACKENDS and BACKENDS[backend].unsupported(make_request(q, k, v, pattern=pattern)) is None
 
 
-def measure_case(case: Case, heads: int, head_dim: int, repeats: int, dense_limit: int,
+def measure_case(case: Case, heads: int, head_dim: int, repeats: int, dense_limit: int, flex_limit: int,
                  train_backends: list[str], forward_backends: list[str]) -> dict:
     q, k, v, grad = _inputs(case.tokens, heads, head_dim)
     resolved = make_request(q, k, v, pattern=case.pattern).pattern  # dynamic patterns: this input's
@@ -77,6 +77,10 @@ def measure_case(case: Case, heads: int, head_dim: int, repeats: int, dense_limi
     for backend in forward_backends:
         if backend == "sdpa" and case.tokens > dense_limit:
             continue  # a dense N x N mask would not fit
+        if backend == "flex" and case.tokens > flex_limit:
+            continue
+        if backend == "natten" and case.tokens > 4096:
+            continue  # on CPU NATTEN runs uncompiled FlexAttention, which materialises N x N logits
         if not _able(backend, q, k, v, case.pattern):
             continue
         row["backends"].setdefault(backend, {})["forward_s"] = time_call(
@@ -186,6 +190,8 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--dense-limit", type=int, default=16384,
                         help="largest N at which SDPA gets a dense mask")
+    parser.add_argument("--flex-limit", type=int, default=16384,
+                        help="largest N at which FlexAttention runs (a run at 65536 was killed for memory)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     console = Console(width=160)
@@ -198,7 +204,8 @@ def main(argv=None) -> int:
         task = progress.add_task("sparse patterns", total=len(selected))
         for case in selected:
             progress.update(task, description=f"{case.family} {case.size}")
-            rows.append(measure_case(case, args.heads, args.head_dim, args.repeats, args.dense_limit, train, forward))
+            rows.append(measure_case(case, args.heads, args.head_dim, args.repeats, args.dense_limit,
+                                     args.flex_limit, train, forward))
             progress.advance(task)
     machine = (f"{torch.__version__}, {torch.get_num_threads()} threads, B=1 H={args.heads} "
                f"D={args.head_dim} fp32")
