@@ -199,6 +199,18 @@ def main(argv=None) -> int:
                 if not args.only or any(c.family.startswith(p) for p in args.only.split(","))]
     train = [b for b in ("blocksparse",) if b in BACKENDS]
     forward = [b for b in ("blocksparse", "flex", "natten", "sdpa") if b in BACKENDS]
+    machine = (f"{torch.__version__}, {torch.get_num_threads()} threads, B=1 H={args.heads} "
+               f"D={args.head_dim} fp32")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    def write(rows):  # after every case, so a run cut short keeps what it measured
+        items = ratios(rows)
+        (out / "sparse_patterns.json").write_text(json.dumps({"machine": machine, "rows": rows, "ratios": items},
+                                                             indent=2))
+        (out / "sparse_patterns.md").write_text(markdown(items, machine))
+        return items
+
     rows = []
     with Progress(console=console) as progress:
         task = progress.add_task("sparse patterns", total=len(selected))
@@ -206,14 +218,9 @@ def main(argv=None) -> int:
             progress.update(task, description=f"{case.family} {case.size}")
             rows.append(measure_case(case, args.heads, args.head_dim, args.repeats, args.dense_limit,
                                      args.flex_limit, train, forward))
+            write(rows)
             progress.advance(task)
-    machine = (f"{torch.__version__}, {torch.get_num_threads()} threads, B=1 H={args.heads} "
-               f"D={args.head_dim} fp32")
-    items = ratios(rows)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "sparse_patterns.json").write_text(json.dumps({"machine": machine, "rows": rows, "ratios": items}, indent=2))
-    (out / "sparse_patterns.md").write_text(markdown(items, machine))
+    items = write(rows)
     plot(rows, out / "sparse_patterns.png")
     table = Table(title=f"blocksparse vs peers ({machine})")
     for col in ("pattern", "size", "pairs", "fwd s", "fwd+bwd s", "peak MiB", "vs flex", "vs pairs x dense", "train/fwd"):

@@ -142,6 +142,10 @@ class _Combination(Pattern):
     def pointwise(self) -> bool:
         return all(p.pointwise for p in self.parts)
 
+    @property
+    def dynamic(self) -> bool:
+        return any(p.dynamic for p in self.parts)
+
     def check(self, q_len: int, kv_len: int) -> None:
         for p in self.parts:
             p.check(q_len, kv_len)

@@ -99,6 +99,14 @@ class KeySelection(Pattern):
         hit = (self.indices[b, h, row] == kv_idx.unsqueeze(-1)) & self.valid[b, h, row]
         return hit.any(-1)
 
+    def dense_mask(self, q_len, kv_len, device=None):
+        """Scattered from the key lists (``mask_mod`` on the grid would compare every pair with
+        every listed key)."""
+        self._checked(q_len, kv_len)
+        hits = torch.zeros(*self.indices.shape[:3], kv_len, dtype=torch.uint8, device=device)
+        hits.scatter_add_(-1, self.indices.to(device), self.valid.to(device, torch.uint8))
+        return hits > 0
+
     def _spans(self, q_pos, kv_len):
         start = torch.where(self.valid, self.indices, torch.zeros_like(self.indices))
         return Spans(start, start + self.valid.long(), kv_len)
