@@ -1,4 +1,4 @@
-"""Keep the README's variant table equal to the catalog: ``python -m multihead.readme``."""
+"""Generated blocks in documents: the README's variant table (``python -m multihead.readme``)."""
 
 from __future__ import annotations
 
@@ -10,13 +10,18 @@ from .catalog import markdown_table
 START, END = "<!-- variants:start -->", "<!-- variants:end -->"
 
 
+def replace_block(text: str, start: str, end: str, body: str) -> str:
+    """``text`` with what stands between the markers ``start`` and ``end`` replaced by ``body``."""
+    head, found, rest = text.partition(start)
+    _, found_end, tail = rest.partition(end)
+    if not (found and found_end):
+        raise ValueError(f"the document lacks the markers {start} ... {end}")
+    return f"{head}{start}\n{body}\n{end}{tail}"
+
+
 def render(text: str) -> str:
     """``text`` with the block between the variant markers replaced by the catalog table."""
-    head, found, rest = text.partition(START)
-    _, found_end, tail = rest.partition(END)
-    if not (found and found_end):
-        raise ValueError(f"README lacks the markers {START} ... {END}")
-    return f"{head}{START}\n{markdown_table()}\n{END}{tail}"
+    return replace_block(text, START, END, markdown_table())
 
 
 def main(path: str = "README.md") -> int:

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from ..readme import replace_block
 from .base import costs_of
 
 START, END = "<!-- costs:start -->", "<!-- costs:end -->"
@@ -65,11 +66,8 @@ def markdown_costs(settings: CostSettings = CostSettings()) -> str:
 
 
 def render(text: str, settings: CostSettings = CostSettings()) -> str:
-    head, found, rest = text.partition(START)
-    _, found_end, tail = rest.partition(END)
-    if not (found and found_end):
-        raise ValueError(f"the document lacks the markers {START} ... {END}")
-    return f"{head}{START}\n{markdown_costs(settings)}\n{END}{tail}"
+    """``text`` with the block between the cost markers replaced by the costs table."""
+    return replace_block(text, START, END, markdown_costs(settings))
 
 
 def main(path: str = "docs/topologies.md") -> int:
