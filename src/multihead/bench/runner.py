@@ -36,7 +36,8 @@ PATTERNS: dict[str, Callable[[int], Pattern]] = {
 class BenchSettings:
     lengths: list[int] = field(default_factory=lambda: [512, 1024, 2048])
     patterns: list[str] = field(default_factory=lambda: list(PATTERNS))
-    backends: list[str] = field(default_factory=lambda: list(BACKENDS))
+    # Compiling backends (flex) build a kernel per pattern and length: opt in with --backends.
+    backends: list[str] = field(default_factory=lambda: [n for n, b in BACKENDS.items() if not b.compiles])
     batch: int = 1
     heads: int = 8
     head_dim: int = 64
