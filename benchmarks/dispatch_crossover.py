@@ -15,7 +15,7 @@ from multihead.bench.measure import time_call
 from multihead.patterns import Causal, Documents, PrefixLM, SlidingWindow
 
 PATTERNS = {
-    "window |i-j| <= N/8": lambda n: SlidingWindow(n // 8, n // 8),
+    "window, distance <= N/8": lambda n: SlidingWindow(n // 8, n // 8),
     "causal window N/2": lambda n: Causal() & SlidingWindow(n // 2),
     "prefix-LM N/2": lambda n: PrefixLM(n // 2),
     "2 documents, causal": lambda n: Documents(torch.tensor([0, n // 3, n])) & Causal(),
