@@ -25,8 +25,9 @@ def _mask_free(r: Request) -> bool:
 
 # The auto table: the first rule whose condition holds gives the order in which backends are
 # tried; the first one able to serve the request runs it. The orders follow measurements
-# (docs/performance.md, benchmarks/dispatch_crossover.py): on CPU, block-sparse beats SDPA with a
-# dense mask from 128 tokens on for every pattern tried, and SDPA wins where no mask is needed.
+# (docs/performance.md, benchmarks/dispatch_crossover.py): on CPU, block-sparse ties SDPA with a
+# dense mask at 128 tokens and beats it from 512 on for every pattern tried; SDPA wins where no
+# mask is needed.
 AUTO_RULES: list[tuple[str, object, tuple[str, ...]]] = [
     ("attention weights requested", lambda r: r.return_weights, ("reference",)),
     ("no mask and no score: SDPA's fused kernels", _mask_free, ("sdpa", "blocksparse", "reference")),
