@@ -43,6 +43,25 @@ def topk_mask(q, k, keep, within):
     return (logits >= threshold) & allowed
 
 
+def assert_equals_dense(q, k, v, pattern, score, backend, mask):
+    """``multihead.attention`` with ``pattern`` equals the dense transcription under ``mask``:
+    output, gradients of q, k, v and of the score's parameters."""
+    params = list(score.parameters())
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    dense_attention(*leaves, mask, score).sum().backward()
+    want = [p.grad.clone() for p in params]
+    for p in params:
+        p.grad = None
+    mine = [t.clone().requires_grad_() for t in (q, k, v)]
+    got = mh.attention(*mine, pattern=pattern, score=score, backend=backend)
+    got.sum().backward()
+    torch.testing.assert_close(got, dense_attention(q, k, v, mask, score))
+    for a, b in zip(mine, leaves):
+        torch.testing.assert_close(a.grad, b.grad)
+    for p, expected in zip(params, want):
+        torch.testing.assert_close(p.grad, expected)
+
+
 WITHIN = {"full": Full(), "causal": Causal(), "window": SlidingWindow(6, 2),
           "documents_causal": Documents(torch.tensor([0, 13, 29, N])) & Causal()}
 
@@ -55,16 +74,7 @@ def test_topk_equals_dense_transcription_forward_and_gradients(backend, within):
     pattern = TopK(5) if within == "full" else TopK(5) & WITHIN[within]
     if BACKENDS[backend].unsupported(make_request(q, k, v, pattern=pattern, score=score)):
         pytest.skip("backend cannot serve")
-    mask = topk_mask(q, k, 5, WITHIN[within])
-    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
-    want = dense_attention(*leaves, mask, score)
-    want.sum().backward()
-    mine = [t.clone().requires_grad_() for t in (q, k, v)]
-    got = mh.attention(*mine, pattern=pattern, score=score, backend=backend)
-    got.sum().backward()
-    torch.testing.assert_close(got, want)
-    for a, b in zip(mine, leaves):
-        torch.testing.assert_close(a.grad, b.grad)
+    assert_equals_dense(q, k, v, pattern, score, backend, topk_mask(q, k, 5, WITHIN[within]))
 
 
 def test_topk_chunked_selection_equals_one_chunk(monkeypatch):
@@ -94,18 +104,7 @@ def test_routing_equals_dense_transcription_forward_and_gradients(backend, withi
     if BACKENDS[backend].unsupported(make_request(q, k, v, pattern=pattern, score=score)):
         pytest.skip("backend cannot serve")
     mask = routing_mask(Routing(4).resolve(q, k, D ** -0.5, WITHIN[within]))
-    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
-    want = dense_attention(*leaves, mask, score)
-    want.sum().backward()
-    want_table = score.table.grad.clone()
-    score.table.grad = None
-    mine = [t.clone().requires_grad_() for t in (q, k, v)]
-    got = mh.attention(*mine, pattern=pattern, score=score, backend=backend)
-    got.sum().backward()
-    torch.testing.assert_close(got, want)
-    for a, b in zip(mine, leaves):
-        torch.testing.assert_close(a.grad, b.grad)
-    torch.testing.assert_close(score.table.grad, want_table)
+    assert_equals_dense(q, k, v, pattern, score, backend, mask)
 
 
 def test_routing_weights_come_back_in_original_order():
