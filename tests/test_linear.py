@@ -58,8 +58,11 @@ def test_chunked_linear_attention_equals_recurrent(decay, normalize, packed, ini
     leaves = _linear_inputs(1 if packed else 2, decay, packed, initial, normalize)
     truth = _run(recurrent_linear_attention, leaves, packed, normalize, torch.float64)
     baseline = _run(recurrent_linear_attention, leaves, packed, normalize, torch.float32)
-    for chunk in (CHUNK, 3):  # 3: a dozen chunks, so the blocked inter-chunk pass has several groups
-        chunked = _run(chunked_linear_attention, leaves, packed, normalize, torch.float32, chunk_size=chunk)
+    # chunk 3: a dozen chunks, so the blocked inter-chunk pass has several groups; slabs of 7 and 12
+    # tokens cut sequences (and, packed, hold an empty one), so states cross slab ends
+    for chunk, slab in ((CHUNK, None), (3, None), (CHUNK, 7), (3, 12)):
+        chunked = _run(chunked_linear_attention, leaves, packed, normalize, torch.float32, chunk_size=chunk,
+                       slab_size=slab)
         for what, r, t, b in zip(["out", "state", "dq", "dk", "dv", "ddecay", "dstate"], chunked, truth, baseline):
             assert r.shape == t.shape, what
             assert_within_tolerance(r, t, b, torch.float32, what)
@@ -125,7 +128,7 @@ def test_gradcheck_chunked_linear_attention():
 
     def fn(q, k, v, g, s):
         return chunked_linear_attention(q, k, v, log_decay=g, normalize=True, cu_seqlens=cu, initial_state=s,
-                                        chunk_size=4)
+                                        chunk_size=4, slab_size=5)  # slabs cut both sequences
     assert torch.autograd.gradcheck(fn, (*small, g, s))
 
 
@@ -154,9 +157,9 @@ def test_chunked_prefix_attention_equals_the_rnn(packed, initial):
     state = (_randn(sequences, HEADS, seed=7), _randn(sequences, HEADS, D + 1, seed=8).abs()) if initial else None
     truth = _prefix_run(recurrent_prefix_attention, scores, v, packed, state, torch.float64)
     baseline = _prefix_run(recurrent_prefix_attention, scores, v, packed, state, torch.float32)
-    for parallel in (True, False):
+    for parallel, slab in ((True, None), (False, None), (True, 7)):
         chunked = _prefix_run(chunked_prefix_attention, scores, v, packed, state, torch.float32, chunk_size=CHUNK,
-                              parallel_scan=parallel)
+                              parallel_scan=parallel, slab_size=slab)
         for what, r, t, b in zip(["out", "max", "sums", "dscores", "dv", "dmax", "dsums"], chunked, truth, baseline):
             assert_within_tolerance(r, t, b, torch.float32, what)
 
@@ -186,7 +189,7 @@ def test_gradcheck_chunked_prefix_attention():
     scores, v = (t[..., :13].detach().requires_grad_() if t.dim() == 3 else t[..., :13, :2].detach().requires_grad_()
                  for t in _prefix_inputs(1))
     cu = torch.tensor([0, 6, 13])
-    assert torch.autograd.gradcheck(lambda s, v: chunked_prefix_attention(s, v, cu_seqlens=cu, chunk_size=4)[0],
+    assert torch.autograd.gradcheck(lambda s, v: chunked_prefix_attention(s, v, cu_seqlens=cu, chunk_size=4, slab_size=5)[0],
                                     (scores, v))
 
 
@@ -304,6 +307,8 @@ def test_errors_name_the_argument():
         recurrent_linear_attention(q, k, v, log_decay=torch.tensor([-0.1, 0.1]))
     with pytest.raises(ShapeError, match="chunk_size"):
         chunked_linear_attention(q, k, v, chunk_size=0)
+    with pytest.raises(ShapeError, match="slab_size must be a positive integer"):
+        chunked_prefix_attention(q[..., 0], v, slab_size=0)
     with pytest.raises(ShapeError, match="initial_state must be a PrefixState"):
         chunked_prefix_attention(q[..., 0], v, initial_state=torch.zeros(2, 2))
     with pytest.raises(MultiheadError, match="feature_map must be one of"):

@@ -26,7 +26,8 @@ import torch
 from torch import Tensor
 
 from ..errors import ShapeError
-from .chunks import ChunkLayout, fold_batch, sequence_bounds, unfold_batch
+from .chunks import (ChunkLayout, fold_batch, in_slabs, normalized, sequence_bounds, slab_tokens, unfold_batch,
+                     with_ones)
 
 
 def _check(q: Tensor, k: Tensor, v: Tensor, log_decay: Tensor | None, causal: bool) -> None:
@@ -49,15 +50,16 @@ def _check(q: Tensor, k: Tensor, v: Tensor, log_decay: Tensor | None, causal: bo
             raise ShapeError("log_decay must be <= 0 (a decay in (0, 1]; 0 means none): the state would grow")
 
 
-def _prepare(q, k, v, log_decay, causal, normalize, cu_seqlens, initial_state):
+def _prepare(q, k, v, log_decay, causal, normalize, cu_seqlens, initial_state, extend=True):
     """Validate; fold the batch into packed ``(heads, total, d)`` streams; extend v for the
-    normaliser; the initial state as ``(heads, sequences, d_k, d_v')``."""
+    normaliser (unless ``extend`` is False: the caller does it piece by piece); the initial state
+    as ``(heads, sequences, d_k, d_v')``."""
     _check(q, k, v, log_decay, causal)
     batch, heads, tokens, d_k = q.shape
     bounds = sequence_bounds(batch, tokens, cu_seqlens)
-    if normalize:
-        v = torch.cat([v, v.new_ones(*v.shape[:3], 1)], -1)
-    d_v = v.shape[-1]
+    d_v = v.shape[-1] + normalize
+    if normalize and extend:
+        v = with_ones(v)
     g = None
     if log_decay is not None:
         g = log_decay.to(q.dtype)
@@ -78,9 +80,7 @@ def _prepare(q, k, v, log_decay, causal, normalize, cu_seqlens, initial_state):
 
 def _finish(out: Tensor, final: Tensor, batch: int, normalize: bool, eps: float) -> tuple[Tensor, Tensor]:
     out = unfold_batch(out, batch)
-    if normalize:
-        out = out[..., :-1] / (out[..., -1:] + eps)
-    return out, final.transpose(0, 1)
+    return (normalized(out, eps) if normalize else out), final.transpose(0, 1)
 
 
 def recurrent_linear_attention(q: Tensor, k: Tensor, v: Tensor, *, log_decay: Tensor | None = None,
@@ -185,17 +185,40 @@ def _read_states(reads: Tensor, summaries: Tensor, chunk_decay: Tensor, layout: 
 def chunked_linear_attention(q: Tensor, k: Tensor, v: Tensor, *, log_decay: Tensor | None = None,
                              causal: bool = True, normalize: bool = False, cu_seqlens: Tensor | None = None,
                              initial_state: Tensor | None = None, chunk_size: int = 64,
-                             eps: float = 1e-6) -> tuple[Tensor, Tensor]:
+                             slab_size: int | None = None, eps: float = 1e-6) -> tuple[Tensor, Tensor]:
     """``recurrent_linear_attention`` computed by chunks of ``chunk_size`` tokens (same arguments,
     same results up to rounding).
 
     Inside a chunk the output is dense, ``((q k^T) * decay mask) v``, plus the state before the
     chunk read by each query (``q_i exp(b_i) S``, ``b`` the cumulative log-decay inside the chunk);
     between chunks only ``(d_k, d_v)`` states move (``_read_states``: the recurrence over chunks,
-    blocked). Time and memory are linear in the tokens.
+    blocked). Causal inputs run in slabs of ``slab_size`` packed tokens (default: a size that keeps
+    a slab's temporaries in cache, ``chunks.SLAB_ELEMENTS``), states carried from slab to slab.
+    Time and memory are linear in the tokens.
     """
     batch = q.shape[0]
-    q, k, v, g, bounds, initial = _prepare(q, k, v, log_decay, causal, normalize, cu_seqlens, initial_state)
+    q, k, v, g, bounds, initial = _prepare(q, k, v, log_decay, causal, normalize, cu_seqlens, initial_state,
+                                           extend=not causal)
+    if not causal:  # every query reads its sequence's end state
+        layout = ChunkLayout(bounds, chunk_size, q.device)
+        summaries = layout.gather(k).transpose(-1, -2) @ layout.gather(v)       # (H, chunks, d_k, d_v)
+        final = initial.index_add(1, layout.sequence, summaries)
+        out = layout.scatter(layout.gather(q) @ final.index_select(1, layout.sequence))
+        return _finish(out, final, batch, normalize, eps)
+
+    def run(streams, part, start):  # one slab; v extended and outputs normalised there
+        q, k, v, g = streams
+        out, final = _causal_chunks(q, k, with_ones(v) if normalize else v, g, part, start, chunk_size)
+        return (normalized(out, eps) if normalize else out), final
+
+    slab = slab_tokens(slab_size, q.shape[0], chunk_size, max(q.shape[-1], v.shape[-1] + normalize))
+    out, final = in_slabs(run, (q, k, v, g), bounds, initial, slab)
+    return _finish(out, final, batch, False, eps)
+
+
+def _causal_chunks(q: Tensor, k: Tensor, v: Tensor, g: Tensor | None, bounds: list[int], initial: Tensor,
+                   chunk_size: int) -> tuple[Tensor, Tensor]:
+    """The causal chunked form on packed ``(heads, tokens, d)`` streams: outputs and final states."""
     layout = ChunkLayout(bounds, chunk_size, q.device)
     qc, kc, vc = layout.gather(q), layout.gather(k), layout.gather(v)          # (H, chunks, C, d)
     heads = q.shape[0]
@@ -207,9 +230,6 @@ def chunked_linear_attention(q: Tensor, k: Tensor, v: Tensor, *, log_decay: Tens
         chunk_decay = b[..., -1].exp()
         keys_to_end = kc * (b[..., -1:] - b).exp()[..., None]
     summaries = keys_to_end.transpose(-1, -2) @ vc                              # (H, chunks, d_k, d_v)
-    if not causal:  # every query reads its sequence's end state
-        final = initial.index_add(1, layout.sequence, summaries)
-        return _finish(layout.scatter(qc @ final.index_select(1, layout.sequence)), final, batch, normalize, eps)
     future = torch.ones(layout.chunk, layout.chunk, dtype=torch.bool, device=q.device).triu(1)
     scores = qc @ kc.transpose(-1, -2)                                          # (H, chunks, C, C)
     if g is None:
@@ -219,4 +239,4 @@ def chunked_linear_attention(q: Tensor, k: Tensor, v: Tensor, *, log_decay: Tens
         scores = scores * (b[..., :, None] - b[..., None, :]).masked_fill(future, float("-inf")).exp()
         reads = qc * b.exp()[..., None]
     inter, final = _read_states(reads, summaries, chunk_decay, layout, initial)
-    return _finish(layout.scatter(scores @ vc + inter), final, batch, normalize, eps)
+    return layout.scatter(scores @ vc + inter), final

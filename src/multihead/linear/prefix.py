@@ -24,7 +24,8 @@ import torch
 from torch import Tensor
 
 from ..errors import ShapeError
-from .chunks import ChunkLayout, fold_batch, sequence_bounds, unfold_batch
+from .chunks import (ChunkLayout, fold_batch, in_slabs, normalized, sequence_bounds, slab_tokens, unfold_batch,
+                     with_ones)
 from .scan import chunk_states
 
 
@@ -44,7 +45,7 @@ def _combine_softmax(earlier, later):
     return m, w1 * (m1 - finite).exp()[..., None] + w2 * (m2 - finite).exp()[..., None]
 
 
-def _prepare(scores, v, cu_seqlens, initial_state):
+def _prepare(scores, v, cu_seqlens, initial_state, extend=True):
     if not isinstance(scores, Tensor) or scores.dim() != 3:
         raise ShapeError("scores must be a tensor (batch, heads, tokens): the learned query's q . k_t")
     if not isinstance(v, Tensor) or v.dim() != 4 or v.shape[:3] != scores.shape:
@@ -54,12 +55,13 @@ def _prepare(scores, v, cu_seqlens, initial_state):
         raise ShapeError(f"scores and v must share dtype and device, got {scores.dtype} and {v.dtype}")
     batch, heads, tokens = scores.shape
     bounds = sequence_bounds(batch, tokens, cu_seqlens)
-    v = torch.cat([v, v.new_ones(*v.shape[:3], 1)], -1)
+    width = v.shape[-1] + 1
+    v = with_ones(v) if extend else v
     sequences = len(bounds) - 1
     if initial_state is None:
-        initial = PrefixState(v.new_full((sequences, heads), float("-inf")), v.new_zeros(sequences, heads, v.shape[-1]))
+        initial = PrefixState(v.new_full((sequences, heads), float("-inf")), v.new_zeros(sequences, heads, width))
     else:
-        shapes = ((sequences, heads), (sequences, heads, v.shape[-1]))
+        shapes = ((sequences, heads), (sequences, heads, width))
         if not isinstance(initial_state, tuple) or len(initial_state) != 2 or \
                 tuple(tuple(t.shape) for t in initial_state) != shapes:
             raise ShapeError(f"initial_state must be a PrefixState(max {shapes[0]}, sums {shapes[1]}), as "
@@ -68,9 +70,8 @@ def _prepare(scores, v, cu_seqlens, initial_state):
     return fold_batch(scores), fold_batch(v), bounds, tuple(t.transpose(0, 1) for t in initial)
 
 
-def _finish(sums: Tensor, final, batch: int) -> tuple[Tensor, PrefixState]:
-    sums = unfold_batch(sums, batch)
-    return sums[..., :-1] / sums[..., -1:], PrefixState(*(t.transpose(0, 1) for t in final))
+def _finish(out: Tensor, final, batch: int) -> tuple[Tensor, PrefixState]:
+    return unfold_batch(out, batch), PrefixState(*(t.transpose(0, 1) for t in final))
 
 
 def recurrent_prefix_attention(scores: Tensor, v: Tensor, *, cu_seqlens: Tensor | None = None,
@@ -95,20 +96,34 @@ def recurrent_prefix_attention(scores: Tensor, v: Tensor, *, cu_seqlens: Tensor 
             outputs.append(state[1][:, None])
         finals.append(state)
     out = torch.cat(outputs, 1) if outputs else v[:, :0]
-    return _finish(out, tuple(torch.stack(parts, 1) for parts in zip(*finals)), batch)
+    return _finish(normalized(out), tuple(torch.stack(parts, 1) for parts in zip(*finals)), batch)
 
 
 def chunked_prefix_attention(scores: Tensor, v: Tensor, *, cu_seqlens: Tensor | None = None,
                              initial_state: PrefixState | None = None, chunk_size: int = 64,
-                             parallel_scan: bool = True) -> tuple[Tensor, PrefixState]:
+                             parallel_scan: bool = True, slab_size: int | None = None) -> tuple[Tensor, PrefixState]:
     """``recurrent_prefix_attention`` by chunks (same arguments and results up to rounding).
 
     Inside a chunk, row ``i`` weighs token ``j <= i`` by ``exp(s_j - m_i)`` with ``m_i`` the running
     max (a dense ``chunk x chunk`` masked softmax); the chunk's state from the chunks before
-    (``scan.chunk_states``: a parallel prefix scan, or sequential) is merged into every row.
+    (``scan.chunk_states``: a parallel prefix scan, or sequential) is merged into every row. The
+    tokens run in slabs of ``slab_size`` (default: ``chunks.SLAB_ELEMENTS``), states carried
+    across, so the scan's log factor stays bounded and temporaries stay in cache.
     """
     batch = scores.shape[0]
-    s, v, bounds, initial = _prepare(scores, v, cu_seqlens, initial_state)
+    s, v, bounds, initial = _prepare(scores, v, cu_seqlens, initial_state, extend=False)
+    slab = slab_tokens(slab_size, s.shape[0], chunk_size, v.shape[-1] + 1)
+    out, final = in_slabs(lambda streams, part, start: _prefix_chunks(*streams, part, start, chunk_size,
+                                                                       parallel_scan),
+                          (s, v), bounds, initial, slab)
+    return _finish(out, final, batch)
+
+
+def _prefix_chunks(s: Tensor, v: Tensor, bounds: list[int], initial: tuple, chunk_size: int,
+                   parallel: bool) -> tuple[Tensor, tuple]:
+    """The chunked form on packed streams ``s (heads, tokens)``, ``v (heads, tokens, d_v)``: the
+    output for every prefix and the final states."""
+    v = with_ones(v)
     layout = ChunkLayout(bounds, chunk_size, s.device)
     sc = layout.gather(s).masked_fill(~layout.valid, float("-inf"))            # (H, chunks, C)
     vc = layout.gather(v)                                                       # (H, chunks, C, d_v + 1)
@@ -117,6 +132,6 @@ def chunked_prefix_attention(scores: Tensor, v: Tensor, *, cu_seqlens: Tensor | 
     weights = (sc[..., None, :] - running_max[..., :, None]).masked_fill(future, float("-inf")).exp()
     rows = weights @ vc                                                         # every prefix in its chunk
     before, final = chunk_states((running_max[..., -1], rows[..., -1, :]), _combine_softmax, layout,
-                                 initial, parallel=parallel_scan)
+                                 initial, parallel=parallel)
     _, sums = _combine_softmax(tuple(t[:, :, None] for t in before), (running_max, rows))
-    return _finish(layout.scatter(sums), final, batch)
+    return normalized(layout.scatter(sums)), final
