@@ -29,21 +29,23 @@ from multihead.linear import (chunked_linear_attention, chunked_prefix_attention
 CHUNKED = ("linear_elu", "slab_linear", "retention", "lightning", "aaren")
 
 
-def variants(heads: int, chunk: int) -> dict:
-    """Each variant's fast form as a function of (q, k, v); ``chunked`` ones must scale linearly."""
+def variants(heads: int, chunk: int, slab: int | None = None) -> dict:
+    """Each variant's fast form as a function of (q, k, v); ``chunked`` ones must scale linearly.
+    ``slab``: tokens per slab of the causal chunked forms (None: their default)."""
     retention = retnet_decays(heads).log().float()
     lightning = lightning_decays(heads).float()
     elu = lambda x: F.elu(x) + 1  # noqa: E731
+    causal = {"chunk_size": chunk, "slab_size": slab}
     return {
-        "linear_elu": lambda q, k, v: chunked_linear_attention(elu(q), elu(k), v, normalize=True, chunk_size=chunk),
-        "slab_linear": lambda q, k, v: chunked_linear_attention(F.relu(q), F.relu(k), v, causal=False,
+        "linear_elu": lambda q, k, v: chunked_linear_attention(q, k, v, feature_map=elu, normalize=True, **causal),
+        "slab_linear": lambda q, k, v: chunked_linear_attention(q, k, v, feature_map=F.relu, causal=False,
                                                                 normalize=True, chunk_size=chunk),
-        "retention": lambda q, k, v: chunked_linear_attention(q, k * q.shape[-1] ** -0.5, v, log_decay=retention,
-                                                              chunk_size=chunk),
-        "lightning": lambda q, k, v: chunked_linear_attention(F.silu(q), F.silu(k), v, log_decay=lightning,
-                                                              chunk_size=chunk),
-        "aaren": lambda q, k, v: chunked_prefix_attention((q[:, :, :1] * k).sum(-1) * q.shape[-1] ** -0.5, v,
-                                                          chunk_size=chunk),
+        "retention": lambda q, k, v: chunked_linear_attention(q, k, v, scale=q.shape[-1] ** -0.5,
+                                                              log_decay=retention, **causal),
+        "lightning": lambda q, k, v: chunked_linear_attention(q, k, v, feature_map=F.silu, log_decay=lightning,
+                                                              **causal),
+        "aaren": lambda q, k, v: chunked_prefix_attention((k @ q[:, :, :1].mT).squeeze(-1) * q.shape[-1] ** -0.5, v,
+                                                          **causal),
         "rmt_decomposed": lambda q, k, v: decomposed_manhattan_attention(
             q, k, v, (math.isqrt(q.shape[2]),) * 2, retention),
         "sdpa_causal": lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True),
@@ -155,6 +157,8 @@ def main(argv=None) -> int:
     parser.add_argument("--heads", type=int, default=8)
     parser.add_argument("--head-dim", type=int, default=64)
     parser.add_argument("--chunk-size", type=int, default=64)
+    parser.add_argument("--slab-size", type=int, default=None,
+                        help="tokens per slab of the causal chunked forms (default: theirs; a huge value: one slab)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--budget", type=float, default=20.0, help="seconds of repeated timing per case")
@@ -165,10 +169,11 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     lengths = [1024, 2048, 4096] if args.quick else [int(n) for n in args.lengths.split(",")]
-    table = variants(args.heads, args.chunk_size)
+    table = variants(args.heads, args.chunk_size, args.slab_size)
     names = [n for n in table if not args.only or n in args.only.split(",")]
     machine = (f"torch {torch.__version__}, {torch.get_num_threads()} threads, B=1 H={args.heads} "
-               f"D={args.head_dim} fp32, chunk {args.chunk_size}, forward without gradients")
+               f"D={args.head_dim} fp32, chunk {args.chunk_size}, slab {args.slab_size or 'default'}, "
+               "forward without gradients")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     rows, skipped = [], []

@@ -73,9 +73,11 @@ def test_non_causal_linear_attention_chunked_recurrent_and_dense(packed):
     q, k, v, _, _ = _linear_inputs(1 if packed else 2, "none", packed, False, True)
     cu = CU if packed else None
     a, sa = recurrent_linear_attention(q, k, v, causal=False, normalize=True, cu_seqlens=cu)
-    b, sb = chunked_linear_attention(q, k, v, causal=False, normalize=True, cu_seqlens=cu, chunk_size=CHUNK)
-    torch.testing.assert_close(a, b)
-    torch.testing.assert_close(sa, sb)
+    for slab in (None, 7):  # slabs of 7 tokens: the sums and the reads cross slab ends
+        b, sb = chunked_linear_attention(q, k, v, causal=False, normalize=True, cu_seqlens=cu, chunk_size=CHUNK,
+                                         slab_size=slab)
+        torch.testing.assert_close(a, b)
+        torch.testing.assert_close(sa, sb)
     # Dense: every token weighs every key of its own sequence by q . k / sum.
     bounds = CU.tolist() if packed else [0, TOKENS]
     for s, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:])):
@@ -117,6 +119,23 @@ def test_streaming_in_two_pieces_equals_one_pass(chunked):
                         initial_state=state)
     torch.testing.assert_close(torch.cat([first, second], 2), whole)
     torch.testing.assert_close(state, final)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_feature_map_and_scale_equal_mapping_the_inputs_first(causal):
+    """``feature_map`` and ``scale`` are applied inside the call (slab by slab when causal): the
+    same as passing ``phi(q) * scale`` and ``phi(k)``, in both forms, gradients included."""
+    q, k, v = (_randn(2, HEADS, TOKENS, D, seed=s).requires_grad_() for s in (1, 2, 3))
+    silu = torch.nn.functional.silu
+    decay = {"log_decay": -torch.full((HEADS,), 0.1, dtype=torch.float64)} if causal else {}
+    want, want_state = recurrent_linear_attention(silu(q) * 0.3, silu(k), v, causal=causal, **decay)
+    wanted = torch.autograd.grad(want.sum(), (q, k, v))
+    for fn, options in ((recurrent_linear_attention, {}), (chunked_linear_attention, {"chunk_size": 4, "slab_size": 9})):
+        out, state = fn(q, k, v, feature_map=silu, scale=0.3, causal=causal, **decay, **options)
+        torch.testing.assert_close(out, want)
+        torch.testing.assert_close(state, want_state)
+        for got, expected in zip(torch.autograd.grad(out.sum(), (q, k, v)), wanted):
+            torch.testing.assert_close(got, expected)
 
 
 def test_gradcheck_chunked_linear_attention():

@@ -35,7 +35,7 @@ class Aaren(RecurrentAttention):
         return self.query[None, :, None, :], k, v
 
     def mix(self, q: Tensor, k: Tensor, v: Tensor, cu_seqlens, initial_state):
-        scores = (q * k).sum(-1) * self.head_dim ** -0.5
+        scores = (k @ q.transpose(-1, -2)).squeeze(-1) * self.head_dim ** -0.5  # no (tokens, d) temporary
         options = {"parallel_scan": self.parallel_scan} if self.form == "chunked" else {}
         return self.run_form(chunked_prefix_attention, recurrent_prefix_attention, scores, v,
                              cu_seqlens=cu_seqlens, initial_state=initial_state, **options)

@@ -7,7 +7,7 @@ Both compute, for each packed sequence, with a state ``S`` of shape ``(d_k, d_v)
 (causal; ``g_t <= 0`` is the log-decay, 0 = no decay), starting from ``initial_state`` (zeros by
 default) and resetting at every sequence boundary. Against softmax attention the weight of key
 ``j`` for query ``i`` is the plain product ``q_i . k_j`` times ``exp(g_{j+1} + ... + g_i)``, with
-no softmax; feature maps (elu+1, ReLU, ...) are applied to q and k by the caller. Non-causal:
+no softmax; feature maps (elu+1, ReLU, ...) are applied to q and k (``feature_map``). Non-causal:
 ``o_t = q_t S_end`` with ``S_end`` the state after the whole sequence (no decay). ``normalize``
 divides by ``q_t . z_t`` with ``z_t`` the same recurrence on ``k_t`` alone (Katharopoulos et al.,
 2020), carried as one more column of the state (``v`` extended by a column of ones), so the state
@@ -21,6 +21,7 @@ tokens, a recurrence over chunk states between them.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -85,11 +86,14 @@ def _finish(out: Tensor, final: Tensor, batch: int, normalize: bool, eps: float)
 
 def recurrent_linear_attention(q: Tensor, k: Tensor, v: Tensor, *, log_decay: Tensor | None = None,
                                causal: bool = True, normalize: bool = False, cu_seqlens: Tensor | None = None,
-                               initial_state: Tensor | None = None, eps: float = 1e-6) -> tuple[Tensor, Tensor]:
+                               initial_state: Tensor | None = None, feature_map: Callable | None = None,
+                               scale: float = 1.0, eps: float = 1e-6) -> tuple[Tensor, Tensor]:
     """The definition, one token at a time. Returns ``(out, final_state)``.
 
     Args:
-        q, k: ``(batch, heads, tokens, d_k)``, feature map already applied; v: ``(..., d_v)``.
+        q, k: ``(batch, heads, tokens, d_k)``; v: ``(..., d_v)``.
+        feature_map: applied to q and k token by token first (e.g. ``F.silu``; None: none).
+        scale: multiplies every ``q . k`` (applied to q).
         log_decay: ``(heads,)`` or ``(batch, heads, tokens)``, values <= 0 (causal only).
         causal: each token reads the state after itself; else every token reads the final state.
         normalize: divide by ``q . z`` (+ ``eps``), ``z`` the decayed sum of keys.
@@ -99,6 +103,9 @@ def recurrent_linear_attention(q: Tensor, k: Tensor, v: Tensor, *, log_decay: Te
     """
     batch = q.shape[0]
     q, k, v, g, bounds, initial = _prepare(q, k, v, log_decay, causal, normalize, cu_seqlens, initial_state)
+    if feature_map is not None:
+        q, k = feature_map(q), feature_map(k)
+    q = q * scale
     outputs, finals = [], []
     for s, (start, end) in enumerate(zip(bounds[:-1], bounds[1:])):
         state = initial[:, s]
@@ -184,8 +191,9 @@ def _read_states(reads: Tensor, summaries: Tensor, chunk_decay: Tensor, layout: 
 
 def chunked_linear_attention(q: Tensor, k: Tensor, v: Tensor, *, log_decay: Tensor | None = None,
                              causal: bool = True, normalize: bool = False, cu_seqlens: Tensor | None = None,
-                             initial_state: Tensor | None = None, chunk_size: int = 64,
-                             slab_size: int | None = None, eps: float = 1e-6) -> tuple[Tensor, Tensor]:
+                             initial_state: Tensor | None = None, feature_map: Callable | None = None,
+                             scale: float = 1.0, chunk_size: int = 64, slab_size: int | None = None,
+                             eps: float = 1e-6) -> tuple[Tensor, Tensor]:
     """``recurrent_linear_attention`` computed by chunks of ``chunk_size`` tokens (same arguments,
     same results up to rounding).
 
@@ -193,26 +201,44 @@ def chunked_linear_attention(q: Tensor, k: Tensor, v: Tensor, *, log_decay: Tens
     chunk read by each query (``q_i exp(b_i) S``, ``b`` the cumulative log-decay inside the chunk);
     between chunks only ``(d_k, d_v)`` states move (``_read_states``: the recurrence over chunks,
     blocked). Causal inputs run in slabs of ``slab_size`` packed tokens (default: a size that keeps
-    a slab's temporaries in cache, ``chunks.SLAB_ELEMENTS``), states carried from slab to slab.
+    a slab's temporaries in cache, ``chunks.SLAB_ELEMENTS``), states carried from slab to slab;
+    ``feature_map`` and ``scale`` are applied there too, so no temporary spans the sequence.
     Time and memory are linear in the tokens.
     """
     batch = q.shape[0]
     q, k, v, g, bounds, initial = _prepare(q, k, v, log_decay, causal, normalize, cu_seqlens, initial_state,
-                                           extend=not causal)
-    if not causal:  # every query reads its sequence's end state
-        layout = ChunkLayout(bounds, chunk_size, q.device)
-        summaries = layout.gather(k).transpose(-1, -2) @ layout.gather(v)       # (H, chunks, d_k, d_v)
-        final = initial.index_add(1, layout.sequence, summaries)
-        out = layout.scatter(layout.gather(q) @ final.index_select(1, layout.sequence))
-        return _finish(out, final, batch, normalize, eps)
-
-    def run(streams, part, start):  # one slab; v extended and outputs normalised there
-        q, k, v, g = streams
-        out, final = _causal_chunks(q, k, with_ones(v) if normalize else v, g, part, start, chunk_size)
-        return (normalized(out, eps) if normalize else out), final
-
+                                           extend=False)
+    phi = feature_map or (lambda x: x)
+    values = with_ones if normalize else (lambda x: x)
     slab = slab_tokens(slab_size, q.shape[0], chunk_size, max(q.shape[-1], v.shape[-1] + normalize))
-    out, final = in_slabs(run, (q, k, v, g), bounds, initial, slab)
+
+    def output(out):
+        return normalized(out, eps) if normalize else out
+
+    if causal:
+        def run(streams, part, start):  # one slab
+            q, k, v, g = streams
+            out, final = _causal_chunks(phi(q) * scale, phi(k), values(v), g, part, start, chunk_size)
+            return output(out), final
+
+        out, final = in_slabs(run, (q, k, v, g), bounds, initial, slab)
+        return _finish(out, final, batch, False, eps)
+
+    # Not causal: every query reads its sequence's end state. One pass over the slabs sums the
+    # states, a second reads them.
+    def accumulate(streams, part, start):
+        k, v = streams
+        layout = ChunkLayout(part, chunk_size, k.device)
+        summaries = layout.gather(phi(k)).transpose(-1, -2) @ layout.gather(values(v))  # (H, chunks, d_k, d_v)
+        return k[:, :0], start.index_add(1, layout.sequence, summaries)
+
+    def read(streams, part, state):
+        layout = ChunkLayout(part, chunk_size, state.device)
+        q = layout.gather(phi(streams[0]) * scale)
+        return output(layout.scatter(q @ state.index_select(1, layout.sequence))), state
+
+    _, final = in_slabs(accumulate, (k, v), bounds, initial, slab)
+    out, _ = in_slabs(read, (q,), bounds, final, slab)
     return _finish(out, final, batch, False, eps)
 
 

@@ -42,7 +42,7 @@ class LightningAttention(RecurrentAttention):
         self.gate = nn.Linear(dim, heads * self.head_dim, bias=self.q_proj.bias is not None)
 
     def mix(self, q: Tensor, k: Tensor, v: Tensor, cu_seqlens, initial_state):
-        return self.run_form(chunked_linear_attention, recurrent_linear_attention, F.silu(q), F.silu(k), v,
+        return self.run_form(chunked_linear_attention, recurrent_linear_attention, q, k, v, feature_map=F.silu,
                              log_decay=self.log_decay, cu_seqlens=cu_seqlens, initial_state=initial_state)
 
     def combine(self, out: Tensor, x: Tensor) -> Tensor:

@@ -33,7 +33,7 @@ class LinearAttention(RecurrentAttention):
         self.causal, self.normalize, self.eps = bool(causal), bool(normalize), float(eps)
 
     def mix(self, q: Tensor, k: Tensor, v: Tensor, cu_seqlens, initial_state):
-        return self.run_form(chunked_linear_attention, recurrent_linear_attention, self.phi(q), self.phi(k), v,
+        return self.run_form(chunked_linear_attention, recurrent_linear_attention, q, k, v, feature_map=self.phi,
                              causal=self.causal, normalize=self.normalize, cu_seqlens=cu_seqlens,
                              initial_state=initial_state, eps=self.eps)
 

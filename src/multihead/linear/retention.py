@@ -39,8 +39,8 @@ class Retention(RecurrentAttention):
         self.norm = nn.GroupNorm(heads, width)
 
     def mix(self, q: Tensor, k: Tensor, v: Tensor, cu_seqlens, initial_state):
-        return self.run_form(chunked_linear_attention, recurrent_linear_attention, q,
-                             k * self.head_dim ** -0.5, v, log_decay=self.log_decay, cu_seqlens=cu_seqlens,
+        return self.run_form(chunked_linear_attention, recurrent_linear_attention, q, k, v,
+                             scale=self.head_dim ** -0.5, log_decay=self.log_decay, cu_seqlens=cu_seqlens,
                              initial_state=initial_state)
 
     def combine(self, out: Tensor, x: Tensor) -> Tensor:
