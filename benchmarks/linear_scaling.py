@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import time
 from pathlib import Path
 
@@ -50,6 +51,16 @@ def variants(heads: int, chunk: int, slab: int | None = None) -> dict:
             q, k, v, (math.isqrt(q.shape[2]),) * 2, retention),
         "sdpa_causal": lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True),
     }
+
+
+def allocator() -> str:
+    """How glibc hands out large blocks in this run. By default every block over 32 MiB is mapped
+    afresh and its pages fault on first touch, a cost per call that grows with N beside the
+    attention itself; ``MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=<huge>`` keeps freed memory for
+    reuse, as the caching allocators that PyTorch recommends for CPU (jemalloc, tcmalloc) do."""
+    keys = ("MALLOC_MMAP_MAX_", "MALLOC_TRIM_THRESHOLD_")
+    settings = [f"{k}={os.environ[k]}" for k in keys if k in os.environ]
+    return "allocator: " + (" ".join(settings) if settings else "glibc defaults")
 
 
 def measure(fn, repeats: int, budget_s: float) -> dict:
@@ -173,7 +184,7 @@ def main(argv=None) -> int:
     names = [n for n in table if not args.only or n in args.only.split(",")]
     machine = (f"torch {torch.__version__}, {torch.get_num_threads()} threads, B=1 H={args.heads} "
                f"D={args.head_dim} fp32, chunk {args.chunk_size}, slab {args.slab_size or 'default'}, "
-               "forward without gradients")
+               f"forward without gradients, {allocator()}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     rows, skipped = [], []
