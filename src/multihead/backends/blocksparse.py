@@ -117,9 +117,9 @@ class _Plan:
     mask_bytes: int = 0  # bytes of cached masks
     pairs: int = 0  # computed (query, key) pairs per (batch, head), padding included
     #: The original query at each row of the frame the groups walk (None: the identity). A tiled
-    #: plan visits a grid tile by tile, so that each group's rows are one tile.
+    #: plan visits a grid tile by tile, so that each group's rows are one tile; each group gathers
+    #: its rows and scatters its outputs (no permuted copy of q or of the output).
     q_order: Tensor | None = None
-    q_restore: Tensor | None = None
 
 
 def _runs_of(flags: list) -> list:
@@ -353,10 +353,7 @@ def _tiled_plan(pattern, box, device, *, tile: tuple[int, ...], group_rows: int,
                              valid=valid.contiguous().to(device), need_mask=need_mask))
         pairs += (r1 - r0) * w
         r0, i = r1, j
-    q_order = q_order.to(device)
-    restore = torch.empty_like(q_order)
-    restore[q_order] = torch.arange(len(q_order), device=device)
-    return _Plan(groups, lb, lh, math.prod(tile), 0, pairs=pairs, q_order=q_order, q_restore=restore)
+    return _Plan(groups, lb, lh, math.prod(tile), 0, pairs=pairs, q_order=q_order.to(device))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -433,25 +430,37 @@ class _Call:
         return (self.B, hk, g.nblk, gq, g.rows, g.width)
 
     def rows_in(self, x: "_Flat", g: _Group, hk: int, gq: int) -> Tensor:
-        """Rows of ``x`` (B, H, Lq, E) in the group as (B * hk * nblk, gq * rows, E)."""
+        """Rows of ``x`` (B, H, Lq, E) in the group as (B * hk * nblk, gq * rows, E); under a
+        query order (tiled plans) the group's rows are gathered from where they lie."""
         e = x.e
-        if g.nblk == 1 and gq == 1:  # a view
+        order = self.rows_of(g)
+        if order is None and g.nblk == 1 and gq == 1:  # a view
             return x.rows3[:, g.r0:g.r1]
-        if g.nblk == 1:  # query heads sharing a key head stacked: one copy
+        if order is None and g.nblk == 1:  # query heads sharing a key head stacked: one copy
             return x.rows4[:, :, g.r0:g.r1].reshape(-1, gq * g.rows, e)
-        xs = x.t[:, :, g.r0:g.r1].view(self.B, hk, gq, g.nblk, g.rows, e)
-        return xs.permute(0, 1, 3, 2, 4, 5).reshape(-1, gq * g.rows, e)
+        xs = x.t[:, :, g.r0:g.r1] if order is None else x.t.index_select(2, order)
+        xs = xs.view(self.B, hk, gq, g.nblk, g.rows, e)
+        return xs.permute(0, 1, 3, 2, 4, 5).reshape(-1, gq * g.rows, e)  # a view when gq == 1 and gathered
 
     def rows_out(self, dst: "_Flat", val: Tensor, g: _Group, hk: int, gq: int) -> None:
         """Write ``val`` (B * hk * nblk, gq * rows, E) into the group's rows of ``dst``."""
         e = dst.e
-        if g.nblk == 1 and gq == 1:
+        order = self.rows_of(g)
+        if order is not None:
+            rows = val.view(self.B, hk, g.nblk, gq, g.rows, e).permute(0, 1, 3, 2, 4, 5)
+            dst.t.index_copy_(2, order, rows.reshape(self.B, self.H, g.r1 - g.r0, e))
+        elif g.nblk == 1 and gq == 1:
             dst.rows3[:, g.r0:g.r1].copy_(val)
         elif g.nblk == 1:
             dst.rows4[:, :, g.r0:g.r1].copy_(val.reshape(-1, gq, g.rows, e))
         else:
             d = dst.t[:, :, g.r0:g.r1].view(self.B, hk, gq, g.nblk, g.rows, e)
             d.copy_(val.reshape(self.B, hk, g.nblk, gq, g.rows, e).permute(0, 1, 3, 2, 4, 5))
+
+    def rows_of(self, g: _Group) -> Tensor | None:
+        """The original query rows of the group's frame rows ``[r0, r1)`` (None: the same)."""
+        order = self.plan.q_order
+        return None if order is None else order[g.r0:g.r1]
 
     def keys_in(self, x: "_Flat", g: _Group, hk: int, ws: "_Workspace | None" = None,
                 name: str = "") -> Tensor:
@@ -503,8 +512,8 @@ class _Call:
 
     # -- indices for scores and masks (6-D: batch, key head, block, head in group, row, key) ----
     def q_index(self, g: _Group) -> Tensor:
-        order = self.plan.q_order
-        pos = torch.arange(g.r0, g.r1, device=self.device) if order is None else order[g.r0:g.r1]
+        order = self.rows_of(g)
+        pos = torch.arange(g.r0, g.r1, device=self.device) if order is None else order
         return (pos + self.offset).view(1, 1, g.nblk, 1, g.rows, 1)  # in the key frame
 
     def kv_index(self, g: _Group, c0: int = 0, c1: int | None = None) -> Tensor:
@@ -682,12 +691,13 @@ def _forward_groups_autograd(call: _Call, q: Tensor, k: Tensor, v: Tensor) -> Te
         if call.p > 0:
             p = p * call.dropout_keep(p.shape, gi, ws)
         o = torch.bmm(p, vg).view(call.B, hk, g.nblk, gq, g.rows, -1).permute(0, 1, 3, 2, 4, 5)
-        out.append((g.r0, o.reshape(call.B, call.H, g.r1 - g.r0, -1)))
-    if call.skips_rows:  # rows of skipped groups (no key) are 0
-        result = q.new_zeros(call.B, call.H, call.Lq, v.shape[-1])
-        return result.index_copy(2, torch.cat([torch.arange(r0, r0 + o.shape[2], device=q.device)
-                                               for r0, o in out]), torch.cat([o for _, o in out], 2))
-    return torch.cat([o for _, o in out], dim=2)
+        out.append(o.reshape(call.B, call.H, g.r1 - g.r0, -1))
+    if call.skips_rows or call.plan.q_order is not None:  # rows elsewhere; rows of skipped groups are 0
+        rows = [call.rows_of(g) for g in call.work]
+        rows = torch.cat([torch.arange(g.r0, g.r1, device=q.device) if r is None else r
+                          for g, r in zip(call.work, rows)])
+        return q.new_zeros(call.B, call.H, call.Lq, v.shape[-1]).index_copy(2, rows, torch.cat(out, 2))
+    return torch.cat(out, dim=2)
 
 
 @dataclass(frozen=True)
@@ -831,9 +841,10 @@ class BlockSparseBackend(Backend):
     Args:
         q_block, kv_block: block sizes of the layout (query rows, keys); ``None``: 32 each, or the
             whole length when shorter.
-        group_rows: query rows processed together (``None``: 64). Larger groups mean fewer, larger
-            matrix products; for a window pattern each group also reads ``group_rows`` more keys
-            per row than a single row needs.
+        group_rows: query rows processed together (``None``: 64, and on a tiled plan up to 4
+            tiles whose logits fit in 2 MiB). Larger groups mean fewer, larger matrix products;
+            for a window pattern each group also reads ``group_rows`` more keys per row than a
+            single row needs.
         max_group_elems: cap on one group's logits (batch x heads x rows x keys), which bounds
             the scratch memory for dense rows; a group is never smaller than one query block.
         window_slack: a group reads one contiguous slice of keys (no copy) when that slice holds at
@@ -927,8 +938,12 @@ class BlockSparseBackend(Backend):
         box = pattern.tiling_box() if self.tiles else None
         if box is not None and pattern.num_heads is None:
             tile = self.tile if self.tile is not None and len(self.tile) == len(box.grid) else _choose_tile(box)
-            tiled = _tiled_plan(pattern, box, req.device, tile=tile, group_rows=max(gr, math.prod(tile)),
-                                **sizes)
+            # a group of up to 4 tiles whose logits stay within 2 MiB: joining tiles amortises the
+            # per-group overhead (gathers, small products), larger groups fall out of cache
+            tiled = _tiled_plan(pattern, box, req.device, tile=tile,
+                                group_rows=self.group_rows or 4 * math.prod(tile),
+                                max_group_elems=min(self.max_group_elems, 1 << 19),
+                                elems_per_row=sizes["elems_per_row"])
             if tiled.pairs < self.tile_gain * plan.pairs:
                 return tiled
         return plan
@@ -940,8 +955,6 @@ class BlockSparseBackend(Backend):
         if req.dropout > 0:
             call.seed = int(torch.randint(0, 2 ** 62, (), dtype=torch.long).item())
         q, k, v = (t.to(compute).contiguous() for t in (req.q, req.k, req.v))
-        if call.plan.q_order is not None:  # visit the queries in the plan's frame
-            q = q.index_select(2, call.plan.q_order)
         if not req.needs_grad:
             with torch.no_grad():
                 out = _forward_groups(call, q, k, v)
@@ -952,6 +965,4 @@ class BlockSparseBackend(Backend):
             else:
                 leaves, call.leaf_homes = found
                 out = _BlockSparseFunction.apply(call, q, k, v, *leaves)
-        if call.plan.q_restore is not None:
-            out = out.index_select(2, call.plan.q_restore)
         return out.to(dtype), None
