@@ -107,6 +107,55 @@ def test_routing_equals_dense_transcription_forward_and_gradients(backend, withi
     assert_equals_dense(q, k, v, pattern, score, backend, mask)
 
 
+@pytest.mark.parametrize("within", ["full", "causal"])
+@pytest.mark.parametrize("backend", list(BACKENDS))
+def test_routing_without_score_equals_dense_transcription(backend, within):
+    """Without a score, within Full or Causal, the documents backend runs each cluster by SDPA."""
+    q, k, v = inputs(7)
+    pattern = Routing(4) if within == "full" else Routing(4) & WITHIN[within]
+    if BACKENDS[backend].unsupported(make_request(q, k, v, pattern=pattern)):
+        assert backend not in ("documents", "blocksparse", "reference")
+        pytest.skip("backend cannot serve")
+    mask = routing_mask(Routing(4).resolve(q, k, D ** -0.5, WITHIN[within]))
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    want = dense_attention(*leaves, mask)
+    mine = [t.clone().requires_grad_() for t in (q, k, v)]
+    got = mh.attention(*mine, pattern=pattern, backend=backend)
+    torch.testing.assert_close(got, want)
+    grad = torch.randn_like(want)
+    for a, b in zip(torch.autograd.grad(got, mine, grad), torch.autograd.grad(want, leaves, grad)):
+        torch.testing.assert_close(a, b)
+
+
+def test_routing_clusters_are_runs_of_the_frame():
+    q, k, _ = inputs(8)
+    pattern = Routing(5).resolve(q, k, D ** -0.5, Causal()).pattern
+    lengths, causal = pattern.runs()
+    assert causal and len(lengths) == B * H * 5 and sum(lengths) == B * H * N
+    frame_cluster = pattern.cluster.gather(2, pattern.order).flatten()  # cluster ids, run after run
+    expected = torch.cat([torch.full((n,), c % 5) for c, n in enumerate(lengths)])
+    assert torch.equal(frame_cluster, expected)
+    assert Routing(5).resolve(q, k, D ** -0.5, SlidingWindow(3, 0)).pattern.runs() is None
+
+
+def test_documents_serves_plain_routing_and_auto_picks_it_for_long_clusters():
+    long = inputs(9, n=512, dtype=torch.float32)
+    assert mh.explain(*long, pattern=Routing(4), show=False).backend == "documents"
+    assert mh.explain(*long, pattern=Routing(4) & Causal(), show=False).backend == "documents"
+    assert mh.explain(*inputs(9), pattern=Routing(4), show=False).backend == "blocksparse"  # 10-token clusters
+    for pattern, score in ((Routing(4) & SlidingWindow(6, 2), None), (Routing(4), ALiBi(H))):
+        why = BACKENDS["documents"].unsupported(make_request(*long, pattern=pattern, score=score))
+        assert "Routing's clusters (within Full or Causal, no score)" in why
+        assert mh.explain(*long, pattern=pattern, score=score, show=False).backend == "blocksparse"
+    # dropout reaches each cluster's kernel: seeded runs agree, and differ from no dropout
+    runs = []
+    for _ in range(2):
+        torch.manual_seed(1)
+        runs.append(mh.attention(*long, pattern=Routing(4), dropout=0.5, backend="documents"))
+    torch.testing.assert_close(runs[0], runs[1])
+    assert not torch.allclose(runs[0], mh.attention(*long, pattern=Routing(4), backend="documents"))
+
+
 def test_routing_weights_come_back_in_original_order():
     q, k, v = inputs(4)
     out, weights = mh.attention(q, k, v, pattern=Routing(3) & Causal(), return_weights=True)

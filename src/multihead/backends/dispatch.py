@@ -10,7 +10,7 @@ from ..patterns.documents import split_documents
 from ..request import Request
 from .base import Backend
 from .blocksparse import BlockSparseBackend
-from .documents import DocumentsBackend
+from .documents import DocumentsBackend, cluster_runs
 from .flex import FlexBackend
 from .natten import NattenBackend
 from .reference import ReferenceBackend
@@ -27,10 +27,17 @@ def _mask_free(r: Request) -> bool:
 
 def _packed_documents(r: Request) -> bool:
     """Packed documents on CPU, long enough on average that one call per document pays off."""
-    if r.device.type != "cpu" or BACKENDS["documents"].unsupported(r) is not None:
+    split = split_documents(r.pattern)
+    if r.device.type != "cpu" or split is None or BACKENDS["documents"].unsupported(r) is not None:
         return False
-    bounds, _ = split_documents(r.pattern)
-    return r.q_len / len(bounds) >= 64
+    return r.q_len / len(split[0]) >= 64
+
+
+def _plain_clusters(r: Request) -> bool:
+    """Routing's clusters on CPU whose runs are plain attention (within Full or Causal, no score),
+    of 64+ tokens on average."""
+    runs = cluster_runs(r)
+    return r.device.type == "cpu" and runs is not None and r.batch * r.heads * r.q_len / max(1, len(runs[0])) >= 64
 
 
 # The auto table: the first rule whose condition holds gives the order in which backends are
@@ -42,6 +49,8 @@ AUTO_RULES: list[tuple[str, object, tuple[str, ...]]] = [
     ("attention weights requested", lambda r: r.return_weights, ("reference",)),
     ("packed documents of 64+ tokens on CPU: each alone (benchmarks/varlen.py)", _packed_documents,
      ("documents", "blocksparse", "sdpa", "reference")),
+    ("Routing's clusters of 64+ tokens on CPU, plain inside: each by SDPA (benchmarks/sparse_patterns.py)",
+     _plain_clusters, ("documents", "blocksparse", "sdpa", "reference")),
     ("no mask and no score: SDPA's fused kernels", _mask_free, ("sdpa", "blocksparse", "reference")),
     ("CUDA without dropout: FlexAttention", lambda r: r.device.type == "cuda" and r.dropout == 0,
      ("flex", "blocksparse", "sdpa", "reference")),

@@ -1,12 +1,16 @@
-"""Packed documents run one document at a time, each by the fastest backend for it."""
+"""Packed documents run one document at a time, each by the fastest backend for it; routing's
+clusters likewise, one dense block each."""
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from ..errors import PatternError
+from ..normalizers import Softmax
 from ..patterns import Documents, Full, Pattern
 from ..patterns.documents import PerDocument, split_documents
+from ..patterns.dynamic import ClusterPattern
 from ..scores.reindexed import Reindexed
 from .base import Backend
 
@@ -40,13 +44,19 @@ class DocumentsBackend(Backend):
     def limits(self, req):
         if req.return_weights:
             return "does not return attention weights (use backend='reference')"
+        if cluster_runs(req) is not None:
+            return None
         if req.q_order is not None or split_documents(req.pattern) is None:
             return ("serves only packed documents (Documents(cu_seqlens) & a pattern), one split "
-                    "shared by the batch")
+                    "shared by the batch, and Routing's clusters (within Full or Causal, no score)")
         return None
 
     def forward(self, req):
         from ..functional import attention
+
+        runs = cluster_runs(req)
+        if runs is not None:
+            return _clusters_by_sdpa(req, *runs), None
 
         bounds, patterns = split_documents(req.pattern)
         groups: dict = {}
@@ -67,3 +77,30 @@ class DocumentsBackend(Backend):
             for i, d in enumerate(docs):
                 pieces[d] = out[i * batch:(i + 1) * batch]
         return torch.cat(pieces, 2), None
+
+
+def cluster_runs(req) -> tuple[list[int], bool] | None:
+    """Routing's clusters as runs of the frame (``ClusterPattern.runs``), where each run is plain
+    softmax attention: within ``Full`` or ``Causal``, no score, no head mixing."""
+    pattern = req.pattern
+    if (not isinstance(pattern, ClusterPattern) or req.score is not None or req.head_mix is not None
+            or not isinstance(req.normalizer, Softmax)):
+        return None
+    return pattern.runs()
+
+
+def _clusters_by_sdpa(req, lengths: list[int], causal: bool) -> torch.Tensor:
+    """Every cluster of every (batch, head) by SDPA's fused kernel on its run of the frame: exactly
+    the pairs the clusters allow, no mask. The frame is split once per tensor, so backward
+    assembles each gradient in one piece."""
+    batch, heads, tokens, _ = req.q.shape
+    q, k, v = (t.reshape(batch * heads * tokens, t.shape[-1]).split(lengths) for t in (req.q, req.k, req.v))
+    outputs = []
+    for qr, kr, vr in zip(q, k, v):
+        if qr.shape[0] == 0:
+            outputs.append(vr)
+            continue
+        out = F.scaled_dot_product_attention(qr[None, None], kr[None, None], vr[None, None], is_causal=causal,
+                                             scale=req.scale, dropout_p=req.dropout)
+        outputs.append(out[0, 0])
+    return torch.cat(outputs).view(batch, heads, tokens, -1)
