@@ -4,7 +4,9 @@ Writes ``sparse_patterns.json``, ``sparse_patterns.png`` and ``sparse_patterns.m
 ratios that ``docs/performance.md`` quotes) into ``--out``. Every ratio compares figures measured
 side by side in this one run. The ratios are those of what ``backend="auto"`` runs ("runs on":
 block-sparse, or for routing's clusters the documents backend, one SDPA call per cluster);
-block-sparse itself is measured on every pattern and kept in the JSON.
+block-sparse itself is measured on every pattern and kept in the JSON. Times are the best of
+``--repeats`` rounds in which every backend runs once (within a budget per case), so that a
+machine whose speed drifts slows all of them alike.
 
     python benchmarks/sparse_patterns.py --out results/sparse            # the full set (~25 min)
     python benchmarks/sparse_patterns.py --quick --out results/sparse    # small sizes (~1 min)
@@ -24,7 +26,7 @@ from rich.table import Table
 
 import multihead as mh
 from multihead.backends import BACKENDS
-from multihead.bench.measure import peak_memory, time_call
+from multihead.bench.measure import peak_memory, time_call, time_interleaved
 from multihead.patterns import Full, Neighborhood, Pattern, Routing, ShiftedWindow, SlidingWindow, TopK
 from multihead.request import make_request
 
@@ -78,7 +80,10 @@ def measure_case(case: Case, heads: int, head_dim: int, repeats: int, dense_limi
 
     # Dense SDPA on the full (unmasked) problem: the yardstick for "fraction of pairs x dense".
     row["dense_sdpa_forward_s"] = time_call(forward("sdpa", Full()), repeats=repeats, warmup=1,
-                                            budget_s=30).median
+                                            budget_s=30).low
+    # Every backend's forward and our forward+backward, timed in rounds (each once per round), so
+    # that the machine's drift slows them alike and their ratios stay fair.
+    timed = {}
     for backend in forward_backends:
         if backend == "sdpa" and case.tokens > dense_limit:
             continue  # a dense N x N mask would not fit
@@ -86,22 +91,25 @@ def measure_case(case: Case, heads: int, head_dim: int, repeats: int, dense_limi
             continue
         if backend == "natten" and case.tokens > 4096:
             continue  # on CPU NATTEN runs uncompiled FlexAttention, which materialises N x N logits
-        if not _able(backend, q, k, v, case.pattern):
-            continue
-        row["backends"].setdefault(backend, {})["forward_s"] = time_call(
-            forward(backend, case.pattern), repeats=repeats, warmup=2, budget_s=20).median
+        if _able(backend, q, k, v, case.pattern):
+            timed[("forward_s", backend)] = forward(backend, case.pattern)
+    trainers = {}
     for backend in train_backends:
         leaves = [t.clone().requires_grad_() for t in (q, k, v)]
         if not _able(backend, *leaves, case.pattern):
             continue
 
-        def train(backend=backend):
+        def train(backend=backend, leaves=leaves):
             for t in leaves:
                 t.grad = None
             mh.attention(*leaves, pattern=case.pattern, backend=backend).backward(grad)
 
-        entry = row["backends"].setdefault(backend, {})
-        entry["forward_backward_s"] = time_call(train, repeats=repeats, warmup=1, budget_s=30).median
+        trainers[backend] = timed[("forward_backward_s", backend)] = train
+    timings = time_interleaved(timed, repeats=repeats, warmup=1, budget_s=60)
+    for (what, backend), timing in timings.items():
+        row["backends"].setdefault(backend, {})[what] = timing.low
+    for backend, train in trainers.items():
+        entry = row["backends"][backend]
         entry["forward_backward_peak_bytes"] = peak_memory(train)
         entry["forward_peak_bytes"] = peak_memory(forward(backend, case.pattern))
     return row
@@ -193,7 +201,7 @@ def main(argv=None) -> int:
     parser.add_argument("--heads", type=int, default=8)
     parser.add_argument("--head-dim", type=int, default=64)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--dense-limit", type=int, default=16384,
                         help="largest N at which SDPA gets a dense mask")
     parser.add_argument("--flex-limit", type=int, default=16384,

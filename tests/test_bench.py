@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import json
 
+import time
+
 import pytest
 import torch
 
 from multihead import catalog
 from multihead.backends import BACKENDS
 from multihead.bench.implementations import TORCH_DENSE, backends_used, default_peers, with_backend
-from multihead.bench.measure import matmul_gflops, time_and_peak
+from multihead.bench.measure import matmul_gflops, time_and_peak, time_interleaved
 from multihead.bench.report import markdown
 from multihead.bench.runner import TORCH_VARIANT, BenchSettings, attended_flops, pattern_density
 from multihead.cli import main
@@ -126,6 +128,16 @@ def test_backends_used_records_and_restores():
         module(x)
     assert used == {"reference"}
     assert not with_backend(torch.nn.Linear(2, 2), "sdpa")
+
+
+def test_time_interleaved_runs_every_function_once_per_round():
+    calls = []
+    timings = time_interleaved({"a": lambda: calls.append("a"), ("b", 1): lambda: calls.append("b")},
+                               repeats=3, warmup=1)
+    assert calls == ["a", "b"] * 4  # one warm-up round, three timed ones, alternating
+    assert {name: t.runs for name, t in timings.items()} == {"a": 3, ("b", 1): 3}
+    slow = time_interleaved({"x": lambda: time.sleep(0.02)}, repeats=50, warmup=0, budget_s=0.05)
+    assert 1 <= slow["x"].runs < 50  # stopped by the budget
 
 
 def test_time_and_peak_counts_the_memory_run_as_a_sample():

@@ -486,6 +486,12 @@ def test_grid_attention_takes_a_pattern_and_scores_add_to_the_relative_bias():
     plain = WindowAttention(16, 2, 3)
     plain.load_state_dict(capped.state_dict())
     assert len(capped.grid_score((5, 5))) == 2 and not torch.allclose(capped(x), plain(x))
+    # NAT binds its table with the dilation, and the module's score still follows it
+    dilated = NeighborhoodAttention2d(16, 2, 3, dilation=2, score=Softcap(0.1))
+    assert len(dilated.grid_score((5, 5))) == 2 and dilated.grid_score((5, 5))[1] is dilated.score
+    bare = NeighborhoodAttention2d(16, 2, 3, dilation=2)
+    bare.load_state_dict(dilated.state_dict())
+    assert not torch.allclose(dilated(x), bare(x))
 
 
 def test_blocks_refuse_options_they_have_no_place_for():

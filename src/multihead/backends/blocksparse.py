@@ -17,8 +17,10 @@ Two more plans build gathering groups without a block layout:
 
 * **tiled** - a pattern on a 2-D or 3-D grid (``Neighborhood``, ``ShiftedWindow``, ``Halo``,
   ``BlockLocal``, ``Axial``, alone or intersected with others; ``Pattern.tiling_box``) is visited
-  tile by tile: the queries are permuted so that each tile's are consecutive rows (a block), and a
-  tile gathers the box of keys its queries' windows cover (per axis, the union of their windows).
+  tile by tile: the queries are ordered so that each tile's are consecutive rows of a frame (a
+  block; each group gathers its rows and scatters its outputs back, so the frame is never
+  materialised), and a tile gathers the box of keys its queries' windows cover (per axis, the union
+  of their windows).
   Row-major blocks of a 2-D grid need keys from a band of whole rows; a tile needs only its box:
   a 7 x 7 neighborhood computes about 190 pairs per query tiled against 450-670 row-major, and a
   Swin window exactly its 64 keys. Tiles follow the pattern's classes (a dilation sub-grid, a

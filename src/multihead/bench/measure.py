@@ -56,6 +56,24 @@ def time_call(fn: Callable[[], object], *, repeats: int = 5, warmup: int = 1,
     return _timing(samples)
 
 
+def time_interleaved(fns: dict, *, repeats: int = 5, warmup: int = 1, budget_s: float | None = None) -> dict:
+    """Time several functions (``{name: fn}``, any hashable names) in rounds, each once per round, so that a machine whose speed
+    drifts (a shared or throttled CPU) slows them alike and their ratios stay fair. ``warmup``
+    rounds first; then up to ``repeats`` rounds, stopping once ``budget_s`` seconds have gone
+    into timed rounds (after at least one)."""
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    samples: dict = {name: [] for name in fns}
+    runs = {name: _timed(fn, samples[name]) for name, fn in fns.items()}
+    for _ in range(repeats):
+        for run in runs.values():
+            run()
+        if budget_s is not None and sum(map(sum, samples.values())) > budget_s:
+            break
+    return {name: _timing(s) for name, s in samples.items()}
+
+
 def time_and_peak(fn: Callable[[], object], device: torch.device | str = "cpu", *, repeats: int = 5,
                   budget_s: float | None = None) -> tuple[Timing, int | None]:
     """``time_call`` (no warm-up: call ``fn`` once before) and ``peak_memory`` in one go: the first

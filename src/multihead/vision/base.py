@@ -71,9 +71,13 @@ class GridAttention(MultiHeadAttention):
     def grid_score(self, grid: tuple[int, int]) -> Score | list[Score] | None:
         """The score on ``grid``: the block's 2-D ``relative_bias`` bound to it, if it has one,
         then the module's ``score``."""
-        bias = getattr(self, "relative_bias", None)
-        terms = [t for t in (None if bias is None else bias.on(grid), self.score) if t is not None]
+        terms = [t for t in (self.bound_bias(grid), self.score) if t is not None]
         return terms or None
+
+    def bound_bias(self, grid: tuple[int, int]) -> Score | None:
+        """The block's 2-D ``relative_bias`` bound to ``grid`` (None without one)."""
+        bias = getattr(self, "relative_bias", None)
+        return None if bias is None else bias.on(grid)
 
     def attend_grid(self, q: Tensor, k: Tensor, v: Tensor, grid: tuple[int, int],
                     need_weights: bool = False) -> tuple[Tensor, Tensor | None]:

@@ -37,7 +37,7 @@ class NeighborhoodAttention2d(GridAttention):
         kernel, dilation = self._fitted(grid)
         return Neighborhood(kernel, dilation, grid=grid)
 
-    def grid_score(self, grid):
+    def bound_bias(self, grid):
         if self.relative_bias is None:
             return None
         return self.relative_bias.on(grid, dilation=self._fitted(grid)[1])
