@@ -494,16 +494,14 @@ class _Call:
         if not g.gather:
             dst.rows3[:, g.k0:g.k1].add_(val)
             return
-        dst = dst.t
-        if g.kpos.shape[0] == 1 and g.kpos.shape[1] == 1:
-            dst.index_add_(2, g.kpos.view(-1), val.reshape(self.B, self.Hkv, -1, e))
-        else:
-            key = ("scatter", hk)
-            if key not in g.index_cache:
-                bi, hi, kp = self._gather_index(g, hk)
-                lin = (bi * self.Hkv + hi) * self.Lk + kp  # (B, hk, nblk, width)
-                g.index_cache[key] = lin.expand(self.B, hk, *kp.shape[2:]).reshape(-1)
-            dst.view(-1, e).index_add_(0, g.index_cache[key], val.reshape(-1, e))
+        # one row index per (batch, head, key): index_add_ along dim 0 of the (rows, E) view is the
+        # fast path (along dim 2 of the 4-D tensor it adds one small slice per index)
+        key = ("scatter", hk)
+        if key not in g.index_cache:
+            bi, hi, kp = self._gather_index(g, hk)
+            lin = (bi * self.Hkv + hi) * self.Lk + kp  # (B, hk, nblk, width)
+            g.index_cache[key] = lin.expand(self.B, hk, *kp.shape[2:]).reshape(-1)
+        dst.t.view(-1, e).index_add_(0, g.index_cache[key], val.reshape(-1, e))
 
     def keys_mm(self, dst: "_Flat", a: Tensor, b: Tensor, g: _Group, hk: int, ws: "_Workspace",
                 alpha: float) -> None:
