@@ -2,7 +2,8 @@
 
 Writes ``sparse_patterns.json``, ``sparse_patterns.png`` and ``sparse_patterns.md`` (the table of
 ratios that ``docs/performance.md`` quotes) into ``--out``. Every ratio compares figures measured
-side by side in this one run. The ratios are those of what ``backend="auto"`` runs ("runs on":
+side by side in this one run (as the median of the ratios within each round, where both were
+timed in the same rounds). The ratios are those of what ``backend="auto"`` runs ("runs on":
 block-sparse, or for routing's clusters the documents backend, one SDPA call per cluster);
 block-sparse itself is measured on every pattern and kept in the JSON. Times are the best of
 ``--repeats`` rounds in which every backend runs once (within a budget per case), so that a
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -111,8 +113,11 @@ def measure_case(case: Case, heads: int, head_dim: int, repeats: int, dense_limi
     for (what, backend), timing in timings.items():
         if what == "dense":
             row["dense_sdpa_forward_s"] = timing.low
+            row["dense_sdpa_samples"] = list(timing.samples)
         else:
-            row["backends"].setdefault(backend, {})[what] = timing.low
+            entry = row["backends"].setdefault(backend, {})
+            entry[what] = timing.low
+            entry[what.replace("_s", "_samples")] = list(timing.samples)
     for backend, train in trainers.items():
         entry = row["backends"][backend]
         entry["forward_backward_peak_bytes"] = peak_memory(train)
@@ -131,9 +136,11 @@ def ratios(rows: list[dict]) -> list[dict]:
                 "density": r["density"], "forward_s": fwd,
                 "forward_backward_s": ours.get("forward_backward_s"),
                 "peak_mib": (ours.get("forward_backward_peak_bytes") or 0) / 2**20}
-        item["vs_flex"] = fwd / flex["forward_s"] if fwd and flex.get("forward_s") else None
-        item["vs_density_x_dense"] = fwd / (r["density"] * r["dense_sdpa_forward_s"]) if fwd else None
-        item["train_over_forward"] = ours["forward_backward_s"] / fwd if fwd and ours.get("forward_backward_s") else None
+        item["vs_flex"] = _paired(ours, "forward", flex, "forward")
+        dense = {"forward_s": r["dense_sdpa_forward_s"], "forward_samples": r.get("dense_sdpa_samples")}
+        vs_dense = _paired(ours, "forward", dense, "forward")
+        item["vs_density_x_dense"] = vs_dense / r["density"] if vs_dense else None
+        item["train_over_forward"] = _paired(ours, "forward_backward", ours, "forward")
         out.append(item)
     windows = {r["tokens"]: r for r in rows if r["family"] == "sliding_window_128"}
     for small, big in ((16384, 65536), (1024, 4096)):
@@ -144,6 +151,16 @@ def ratios(rows: list[dict]) -> list[dict]:
                 out.append({"family": "sliding_window_128", "size": f"peak {big} / peak {small}",
                             "memory_growth": b / a})
     return out
+
+
+def _paired(a: dict, what_a: str, b: dict, what_b: str) -> float | None:
+    """``a``'s time over ``b``'s: the median of the ratios within each round where both were timed
+    in the same rounds (the machine drifts between rounds), else the ratio of the best times."""
+    sa, sb = a.get(what_a + "_samples"), b.get(what_b + "_samples")
+    if sa and sb and len(sa) == len(sb):
+        return statistics.median(x / y for x, y in zip(sa, sb))
+    ta, tb = a.get(what_a + "_s"), b.get(what_b + "_s")
+    return ta / tb if ta and tb else None
 
 
 def _fmt(x, spec=".2f"):
