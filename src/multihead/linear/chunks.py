@@ -9,6 +9,7 @@ tokens, so that no chunk straddles two sequences. A zero token is a no-op for ev
 
 from __future__ import annotations
 
+import bisect
 from collections.abc import Callable
 
 import torch
@@ -134,7 +135,9 @@ def in_slabs(run: Callable, streams: tuple, bounds: list[int], initial, slab: in
     state, outputs = initial, []
     for start in range(0, total, slab):
         end = min(start + slab, total)
-        inside = [s for s in range(len(bounds) - 1) if bounds[s] < end and bounds[s + 1] > start]
+        # the sequences with tokens in [start, end), and the empty ones strictly inside it
+        lo, hi = max(0, bisect.bisect_right(bounds, start) - 1), bisect.bisect_left(bounds, end)
+        inside = [s for s in range(lo, min(hi, len(bounds) - 1)) if bounds[s] < end and bounds[s + 1] > start]
         local = [max(bounds[s], start) - start for s in inside] + [min(bounds[inside[-1] + 1], end) - start]
         ids = torch.tensor(inside, device=tree_leaves(initial)[0].device)
         piece = tuple(None if x is None else x[:, start:end] for x in streams)
