@@ -222,3 +222,49 @@ def test_routing_assigns_each_token_to_the_centroid_nearest_its_query_and_key():
     assert torch.equal(resolution.pattern.cluster, expected)
     order = resolution.q_order
     assert (resolution.pattern.cluster.gather(2, order).diff(dim=-1) >= 0).all()  # sorted by cluster
+
+
+def key_selection(seed=0, width=5):
+    """Distinct random keys per row, in random order, some slots invalid."""
+    gen = torch.Generator().manual_seed(seed)
+    indices = torch.rand(B, H, N, N, generator=gen).argsort(-1)[..., :width]
+    valid = torch.rand(B, H, N, width, generator=gen) < 0.7
+    valid[..., 0] = True
+    return indices, valid
+
+
+def test_key_selection_counts_its_valid_keys_and_serves_lists_in_any_order():
+    indices, valid = key_selection()
+    pattern = dynamic.KeySelection(indices, valid, N)
+    assert torch.equal(pattern.key_counts(N, N), pattern.spans(N, N).counts())
+    assert torch.equal(pattern.key_counts(N, N), pattern.dense_mask(N, N).sum(-1))
+    q, k, v = inputs(3)
+    for backend in ("blocksparse", "sdpa"):
+        torch.testing.assert_close(mh.attention(q, k, v, pattern=pattern, backend=backend),
+                                   mh.attention(q, k, v, pattern=pattern, backend="reference"))
+
+
+@pytest.mark.parametrize("edit, match", [
+    (lambda i, ok: (i.clone().index_fill_(-1, torch.tensor([1]), 0).index_fill_(-1, torch.tensor([0]), 0), ok),
+     "lists a key twice in one row"),
+    (lambda i, ok: (i.clone().index_fill_(-1, torch.tensor([2]), N), ok), r"must lie in \[0, kv_len=40\)"),
+    (lambda i, ok: (i.clone().index_fill_(-1, torch.tensor([2]), -1), ok), r"must lie in \[0, kv_len=40\)"),
+    (lambda i, ok: (i, ok[..., :3]), "of one shape"),
+    (lambda i, ok: (i.float(), ok), "integer indices and boolean valid"),
+])
+def test_key_selection_errors(edit, match):
+    indices, valid = key_selection()
+    valid[..., :3] = True
+    with pytest.raises(PatternError, match=match):
+        dynamic.KeySelection(*edit(indices, valid), N)
+
+
+def test_key_selection_may_repeat_a_key_in_invalid_slots():
+    indices, valid = key_selection()
+    valid[..., 1] = False
+    indices[..., 1] = indices[..., 0]  # a repeated key, but in an invalid slot
+    pattern = dynamic.KeySelection(indices, valid, N)
+    assert torch.equal(pattern.key_counts(N, N), pattern.dense_mask(N, N).sum(-1))
+    q, k, v = inputs(4)
+    torch.testing.assert_close(mh.attention(q, k, v, pattern=pattern, backend="blocksparse"),
+                               mh.attention(q, k, v, pattern=pattern, backend="reference"))

@@ -143,10 +143,10 @@ def _check_pattern(pattern: Pattern, batch: int, heads: int, q_len: int, kv_len:
         raise PatternError(f"{pattern!r} is defined for batch size {pattern.batch_size}, not {batch}")
     if pattern.num_heads not in (None, 1, heads):
         raise PatternError(f"{pattern!r} is defined for {pattern.num_heads} heads, not {heads}")
-    spans = pattern.spans(q_len, kv_len, device)  # also checks the lengths
     if empty_rows_ok:  # the normalizer gives a row that sees no key weights 0 (sigmoid)
+        pattern.spans(q_len, kv_len, device)  # checks the lengths
         return
-    counts = spans.counts()
+    counts = pattern.key_counts(q_len, kv_len, device)  # also checks the lengths
     empty = (counts == 0).nonzero()
     if len(empty):
         b, h, i = empty[0].tolist()

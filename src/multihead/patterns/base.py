@@ -109,9 +109,13 @@ class Pattern:
         check_int("kv_block", kv_block, minimum=1)
         return self.spans(q_len, kv_len, device).block_layout(q_block, kv_block)
 
+    def key_counts(self, q_len: int, kv_len: int, device=None) -> Tensor:
+        """How many keys each query row may see, ``(B', H', q_len)`` (0: an empty row)."""
+        return self.spans(q_len, kv_len, device).counts()
+
     def density(self, q_len: int, kv_len: int, device=None) -> float:
         """Fraction of all (query, key) pairs that are allowed."""
-        counts = self.spans(q_len, kv_len, device).counts()
+        counts = self.key_counts(q_len, kv_len, device)
         return counts.double().mean().item() / kv_len
 
     # -- combinators ---------------------------------------------------------------------------

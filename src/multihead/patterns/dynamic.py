@@ -68,14 +68,33 @@ def _expand_heads(k: Tensor, heads: int) -> Tensor:
 class KeySelection(Pattern):
     """Static pattern: query row i sees the keys ``indices[b, h, i, :]`` where ``valid`` is True.
 
-    ``indices`` and ``valid`` have shape ``(B, H, q_len, k)``; ``kv_len`` is the key count. What
-    ``TopK`` resolves to; usable directly for any explicit per-query key lists.
+    ``indices`` and ``valid`` have shape ``(B, H, q_len, k)``; ``kv_len`` is the key count. Every
+    index lies in ``[0, kv_len)``, and the valid keys of a row are distinct (as ``torch.topk``
+    gives them): a backend attends every listed key once. What ``TopK`` resolves to; usable directly for any explicit per-query key lists.
     """
 
     indices: Tensor = field(repr=False)
     valid: Tensor = field(repr=False)
     kv_len: int
     pointwise = False  # mask_mod searches the row's list of keys
+
+    def __post_init__(self):
+        if self.indices.shape != self.valid.shape or self.indices.dim() != 4:
+            raise PatternError(f"KeySelection needs indices and valid of one shape (B, H, q_len, k), got "
+                               f"{tuple(self.indices.shape)} and {tuple(self.valid.shape)}")
+        if self.valid.dtype != torch.bool or self.indices.dtype not in (torch.int32, torch.int64):
+            raise PatternError(f"KeySelection needs integer indices and boolean valid, got "
+                               f"{self.indices.dtype} and {self.valid.dtype}")
+        if self.indices.numel() and (int(self.indices.min()) < 0 or int(self.indices.max()) >= self.kv_len):
+            raise PatternError(f"KeySelection indices must lie in [0, kv_len={self.kv_len}), in invalid "
+                               f"slots too (backends gather them before masking)")
+        # distinct valid keys per row: strictly ascending lists (what TopK gives) pass at once
+        if self.indices.shape[-1] > 1 and not bool((self.indices.diff(dim=-1) > 0).all()):
+            spread = torch.arange(self.indices.shape[-1], device=self.indices.device) + 1
+            keyed = torch.where(self.valid, self.indices, -spread).sort(-1).values
+            if bool((keyed.diff(dim=-1) == 0).any()):
+                raise PatternError("KeySelection lists a key twice in one row; list each key once "
+                                   "(a backend would attend it twice)")
 
     @property
     def batch_size(self):
@@ -100,6 +119,11 @@ class KeySelection(Pattern):
         row = q_idx - (self.kv_len - self.indices.shape[2])
         hit = (self.indices[b, h, row] == kv_idx.unsqueeze(-1)) & self.valid[b, h, row]
         return hit.any(-1)
+
+    def key_counts(self, q_len, kv_len, device=None):
+        """The valid slots of each row (its keys are distinct), without building spans."""
+        self._checked(q_len, kv_len)
+        return self.valid.to(device).sum(-1)
 
     def dense_mask(self, q_len, kv_len, device=None):
         """Scattered from the key lists (``mask_mod`` on the grid would compare every pair with
@@ -136,13 +160,17 @@ class TopK(DynamicPattern):
         keys = _expand_heads(k, heads)
         within_spans = None if isinstance(within, Full) else within.spans(q_len, kv_len, q.device)
         keep = min(self.k, kv_len)
-        rows = max(1, SELECTION_CHUNK_ELEMENTS // max(1, batch * heads * kv_len))
+        rows = max(1, min(q_len, SELECTION_CHUNK_ELEMENTS // max(1, batch * heads * kv_len)))
         indices, valid = [], []
         with torch.no_grad():
+            # one buffer for every chunk's logits: a fresh one per chunk (tens of MiB) would be
+            # mapped anew by the allocator and page-fault on every first touch (2x the time)
+            buffer = q.new_empty(batch * heads * rows * kv_len)
             for lo in range(0, q_len, rows):
                 hi = min(q_len, lo + rows)
+                out = buffer[:batch * heads * (hi - lo) * kv_len].view(batch, heads, hi - lo, kv_len)
                 # the scale (> 0) does not change the order, so the choice needs only q . k
-                logits = torch.matmul(q[:, :, lo:hi], keys.transpose(-2, -1)).float()
+                logits = torch.matmul(q[:, :, lo:hi], keys.transpose(-2, -1), out=out).float()
                 if within_spans is not None:
                     chunk = Spans(within_spans.start[:, :, lo:hi], within_spans.end[:, :, lo:hi], kv_len)
                     logits.masked_fill_(~chunk.mask(), float("-inf"))
