@@ -156,6 +156,20 @@ def test_documents_serves_plain_routing_and_auto_picks_it_for_long_clusters():
     assert not torch.allclose(runs[0], mh.attention(*long, pattern=Routing(4), backend="documents"))
 
 
+def test_auto_attends_wide_key_lists_with_sdpa_and_narrow_ones_block_sparse():
+    q, k, v = inputs(10, dtype=torch.float32)  # 40 keys
+    rule = "key lists of 1/16+ of the keys"
+    for keep, grad, expected in ((5, False, "sdpa"), (4, False, "blocksparse"),  # 40 / 5 = 8, 40 / 4 = 10
+                                 (3, True, "sdpa"), (2, True, "blocksparse")):   # 40 / 3 < 16, 40 / 2 = 20
+        args = [t.detach().requires_grad_(grad) for t in (q, k, v)]
+        explanation = mh.explain(*args, pattern=TopK(keep), show=False)
+        assert explanation.backend == expected, (keep, grad)
+        assert (explanation.rule.startswith(rule)) == (expected == "sdpa")
+    # an ALiBi score rides along in SDPA's float mask; the result is the same either way
+    torch.testing.assert_close(mh.attention(q, k, v, pattern=TopK(5), score=ALiBi(H)),
+                               mh.attention(q, k, v, pattern=TopK(5), score=ALiBi(H), backend="blocksparse"))
+
+
 def test_routing_weights_come_back_in_original_order():
     q, k, v = inputs(4)
     out, weights = mh.attention(q, k, v, pattern=Routing(3) & Causal(), return_weights=True)

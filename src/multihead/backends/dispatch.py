@@ -40,6 +40,17 @@ def _plain_clusters(r: Request) -> bool:
     return r.device.type == "cpu" and runs is not None and r.batch * r.heads * r.q_len / max(1, len(runs[0])) >= 64
 
 
+def _dense_key_lists(r: Request) -> bool:
+    """Explicit key lists (``TopK``) on CPU that hold 1/16 or more of the keys (1/8 without
+    gradients), small enough for a dense mask: each row's own gathered keys then cost more than
+    SDPA over every pair (benchmarks/dispatch_crossover.py --key-lists)."""
+    lists = r.pattern.key_lists()
+    if r.device.type != "cpu" or lists is None:
+        return False
+    share = 16 if r.needs_grad else 8
+    return r.kv_len <= share * lists[0].shape[-1] and r.batch * r.heads * r.q_len * r.kv_len <= 1 << 26
+
+
 # The auto table: the first rule whose condition holds gives the order in which backends are
 # tried; the first one able to serve the request runs it. The orders follow measurements
 # (docs/performance.md, benchmarks/dispatch_crossover.py): on CPU, block-sparse ties SDPA with a
@@ -52,6 +63,8 @@ AUTO_RULES: list[tuple[str, object, tuple[str, ...]]] = [
     ("Routing's clusters of 64+ tokens on CPU, plain inside: each by SDPA (benchmarks/sparse_patterns.py)",
      _plain_clusters, ("documents", "blocksparse", "sdpa", "reference")),
     ("no mask and no score: SDPA's fused kernels", _mask_free, ("sdpa", "blocksparse", "reference")),
+    ("key lists of 1/16+ of the keys (1/8+ without gradients) on CPU: SDPA with their dense mask",
+     _dense_key_lists, ("sdpa", "blocksparse", "reference")),
     ("CUDA without dropout: FlexAttention", lambda r: r.device.type == "cuda" and r.dropout == 0,
      ("flex", "blocksparse", "sdpa", "reference")),
     ("a mask or a score: block-sparse, which skips empty tiles",
