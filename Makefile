@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-dev
 
-.PHONY: setup demo test test-slow readme bench-sparse clean
+.PHONY: setup demo test test-slow test-gpu readme clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -32,6 +32,14 @@ test: $(STAMP)
 
 test-slow: $(STAMP)
 	$(PY) -m pytest -q -m slow
+
+# The CUDA checks (every pattern family on block-sparse, FlexAttention and SDPA against the CPU
+# reference, forward and backward), then a short CUDA benchmark. For a machine with a GPU whose
+# python3 already holds a CUDA torch: no .venv (the CPU wheel above has no CUDA). CI has no GPU.
+test-gpu:
+	PYTHONPATH=src $(PYTHON) -m pytest -q -rs -p no:cacheprovider --durations=5 -k cuda \
+		tests/test_devices.py tests/test_blocksparse.py tests/test_flex.py
+	PYTHONPATH=src $(PYTHON) benchmarks/sparse_patterns.py --device cuda --quick --out results/sparse_cuda
 
 # Regenerate the README's variant table from the catalog.
 readme: $(STAMP)

@@ -11,6 +11,7 @@ machine whose speed drifts slows all of them alike.
 
     python benchmarks/sparse_patterns.py --out results/sparse            # the full set (~25 min)
     python benchmarks/sparse_patterns.py --quick --out results/sparse    # small sizes (~1 min)
+    python benchmarks/sparse_patterns.py --device cuda --out results/sparse_cuda  # on a GPU
 """
 
 from __future__ import annotations
@@ -55,9 +56,9 @@ def cases(quick: bool) -> list[Case]:
     return out
 
 
-def _inputs(n: int, heads: int, head_dim: int, seed: int = 0):
+def _inputs(n: int, heads: int, head_dim: int, device: str, seed: int = 0):
     gen = torch.Generator().manual_seed(seed)
-    return [torch.randn(1, heads, n, head_dim, generator=gen) for _ in range(4)]
+    return [torch.randn(1, heads, n, head_dim, generator=gen).to(device) for _ in range(4)]
 
 
 def _able(backend: str, q, k, v, pattern) -> bool:
@@ -65,8 +66,8 @@ def _able(backend: str, q, k, v, pattern) -> bool:
 
 
 def measure_case(case: Case, heads: int, head_dim: int, repeats: int, dense_limit: int, flex_limit: int,
-                 train_backends: list[str], forward_backends: list[str]) -> dict:
-    q, k, v, grad = _inputs(case.tokens, heads, head_dim)
+                 train_backends: list[str], forward_backends: list[str], device: str = "cpu") -> dict:
+    q, k, v, grad = _inputs(case.tokens, heads, head_dim, device)
     resolved = make_request(q, k, v, pattern=case.pattern).pattern  # dynamic patterns: this input's
     auto = mh.explain(q, k, v, pattern=case.pattern, show=False).backend  # what the library runs by default
     row: dict = {"family": case.family, "size": case.size, "tokens": case.tokens, "auto": auto,
@@ -120,8 +121,8 @@ def measure_case(case: Case, heads: int, head_dim: int, repeats: int, dense_limi
             entry[what.replace("_s", "_samples")] = list(timing.samples)
     for backend, train in trainers.items():
         entry = row["backends"][backend]
-        entry["forward_backward_peak_bytes"] = peak_memory(train)
-        entry["forward_peak_bytes"] = peak_memory(forward(backend, case.pattern))
+        entry["forward_backward_peak_bytes"] = peak_memory(train, device)
+        entry["forward_peak_bytes"] = peak_memory(forward(backend, case.pattern), device)
     return row
 
 
@@ -223,6 +224,7 @@ def main(argv=None) -> int:
     parser.add_argument("--heads", type=int, default=8)
     parser.add_argument("--head-dim", type=int, default=64)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (there FlexAttention trains too)")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--dense-limit", type=int, default=16384,
                         help="largest N at which SDPA gets a dense mask")
@@ -233,10 +235,11 @@ def main(argv=None) -> int:
     console = Console(width=160)
     selected = [c for c in cases(args.quick)
                 if not args.only or any(c.family.startswith(p) for p in args.only.split(","))]
-    train = [b for b in ("blocksparse",) if b in BACKENDS]
+    cuda = torch.device(args.device).type == "cuda"
+    train = [b for b in ("blocksparse", "flex" if cuda else "") if b in BACKENDS]
     forward = [b for b in ("blocksparse", "flex", "natten", "sdpa") if b in BACKENDS]
-    machine = (f"{torch.__version__}, {torch.get_num_threads()} threads, B=1 H={args.heads} "
-               f"D={args.head_dim} fp32")
+    where = torch.cuda.get_device_name(args.device) if cuda else f"{torch.get_num_threads()} threads"
+    machine = f"{torch.__version__}, {where}, B=1 H={args.heads} D={args.head_dim} fp32"
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
 
@@ -253,7 +256,7 @@ def main(argv=None) -> int:
         for case in selected:
             progress.update(task, description=f"{case.family} {case.size}")
             rows.append(measure_case(case, args.heads, args.head_dim, args.repeats, args.dense_limit,
-                                     args.flex_limit, train, forward))
+                                     args.flex_limit, train, forward, args.device))
             write(rows)
             progress.advance(task)
     items = write(rows)
