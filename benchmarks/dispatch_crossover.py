@@ -33,7 +33,8 @@ def main(argv=None) -> int:
     parser.add_argument("--lengths", default="128,256,512,1024,2048")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=7)
-    parser.add_argument("--key-lists", default="", help="comma-separated k of TopK(k): time its key lists instead")
+    parser.add_argument("--key-lists", default="",
+                        help="comma-separated k of TopK(k): time its key lists instead")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.key_lists:
@@ -54,7 +55,8 @@ def main(argv=None) -> int:
 
 
 def key_lists(args, ks: list[int]) -> int:
-    print("| N | k | N / k | blocksparse fwd ms | sdpa fwd ms | ratio | blocksparse fwd+bwd ms | sdpa fwd+bwd ms | ratio |")
+    print("| N | k | N / k | blocksparse fwd ms | sdpa fwd ms | ratio | blocksparse fwd+bwd ms | "
+          "sdpa fwd+bwd ms | ratio |")
     print("|---|---|---|---|---|---|---|---|---|")
     for n in map(int, args.lengths.split(",")):
         q, k, v = (torch.randn(1, 8, n, 64, requires_grad=True) for _ in range(3))
@@ -68,8 +70,9 @@ def key_lists(args, ks: list[int]) -> int:
             def train(b):
                 mh.attention(q, k, v, pattern=pattern, backend=b).sum().backward()
 
-            times = time_interleaved({(kind, b): (lambda f=f, b=b: f(b)) for kind, f in (("fwd", forward), ("train", train))
-                                      for b in ("blocksparse", "sdpa")}, repeats=args.repeats, warmup=1)
+            runs = {(kind, b): (lambda f=f, b=b: f(b))
+                    for kind, f in (("fwd", forward), ("train", train)) for b in ("blocksparse", "sdpa")}
+            times = time_interleaved(runs, repeats=args.repeats, warmup=1)
             ms = {key: t.low * 1e3 for key, t in times.items()}
             cells = [f"{ms[(kind, 'blocksparse')]:.2f} | {ms[(kind, 'sdpa')]:.2f} | "
                      f"{ms[(kind, 'blocksparse')] / ms[(kind, 'sdpa')]:.2f}" for kind in ("fwd", "train")]

@@ -52,6 +52,7 @@ def cases(quick: bool) -> list[Case]:
     out += [Case("swin_8x8_shift4", f"{g[0]}x{g[1]}", g[0] * g[1], ShiftedWindow(8, 4, grid=g)) for g in grids]
     dynamic = (1024, 4096) if quick else (4096, 16384)
     out += [Case("topk_64", str(n), n, TopK(64)) for n in dynamic]
+    out += [Case("topk_16_in_window_128", str(n), n, TopK(16) & SlidingWindow(128, 128)) for n in dynamic]
     out += [Case("routing_16", str(n), n, Routing(16)) for n in dynamic]
     return out
 

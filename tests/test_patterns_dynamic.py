@@ -84,6 +84,27 @@ def test_topk_chunked_selection_equals_one_chunk(monkeypatch):
     torch.testing.assert_close(mh.attention(q, k, v, pattern=TopK(3) & Causal()), whole)
 
 
+@pytest.mark.parametrize("within", WITHIN)
+def test_topk_chunks_read_only_the_keys_their_rows_may_see(monkeypatch, within):
+    """Small chunks, each against the run of keys its rows may see, choose what the dense
+    transcription chooses; under a local pattern no chunk reads every key."""
+    q, k, _ = inputs(11)
+    monkeypatch.setattr(dynamic, "SELECTION_CHUNK_ELEMENTS", B * H * 24)  # 24 logits per (b, h)
+    pattern = WITHIN[within]
+    chosen = TopK(3).resolve(q, k, 1.0, pattern).pattern.dense_mask(N, N)
+    assert torch.equal(chosen, topk_mask(q, k, 3, pattern))
+    spans = None if within == "full" else pattern.spans(N, N)
+    chunks = list(dynamic._selection_chunks(spans, N, N, 3, B * H))
+    allowed = pattern.dense_mask(N, N).flatten(0, 1).any(0)  # (N, N): allowed for some (b, h)
+    assert [c[0] for c in chunks] == [0] + [c[1] for c in chunks[:-1]] and chunks[-1][1] == N
+    for lo, hi, k0, k1 in chunks:
+        assert k1 - k0 >= 3 and 0 <= k0 < k1 <= N
+        assert (hi - lo) * (k1 - k0) <= 24 or hi - lo <= 1 or k1 - k0 == N
+        assert not allowed[lo:hi, :k0].any() and not allowed[lo:hi, k1:].any()
+    if within == "window":
+        assert max(k1 - k0 for *_, k0, k1 in chunks) < N // 2
+
+
 def test_topk_larger_than_allowed_keys_keeps_all_allowed():
     q, k, v = inputs(2)
     got = mh.attention(q, k, v, pattern=TopK(N) & SlidingWindow(3, 0))

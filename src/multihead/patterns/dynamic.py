@@ -70,7 +70,8 @@ class KeySelection(Pattern):
 
     ``indices`` and ``valid`` have shape ``(B, H, q_len, k)``; ``kv_len`` is the key count. Every
     index lies in ``[0, kv_len)``, and the valid keys of a row are distinct (as ``torch.topk``
-    gives them): a backend attends every listed key once. What ``TopK`` resolves to; usable directly for any explicit per-query key lists.
+    gives them): a backend attends every listed key once. What ``TopK`` resolves to; usable
+    directly for any explicit per-query key lists.
     """
 
     indices: Tensor = field(repr=False)
@@ -89,7 +90,8 @@ class KeySelection(Pattern):
             raise PatternError(f"KeySelection indices must lie in [0, kv_len={self.kv_len}), in invalid "
                                f"slots too (backends gather them before masking)")
         # distinct valid keys per row: strictly ascending lists (what TopK gives) pass at once
-        if self.indices.shape[-1] > 1 and not bool((self.indices.diff(dim=-1) > 0).all()):
+        ascending = self.indices[..., 1:] > self.indices[..., :-1]
+        if self.indices.shape[-1] > 1 and not bool(ascending.all()):
             spread = torch.arange(self.indices.shape[-1], device=self.indices.device) + 1
             keyed = torch.where(self.valid, self.indices, -spread).sort(-1).values
             if bool((keyed.diff(dim=-1) == 0).any()):
@@ -144,9 +146,11 @@ class TopK(DynamicPattern):
 
     The sparse global attention of DLGSANet (Li et al., 2023, "DLGSANet: Lightweight Dynamic Local
     and Global Self-Attention Networks for Image Super-Resolution"). Scores (ALiBi, biases) are
-    applied to the kept pairs but do not take part in the choice. Selecting needs every q . k, so
-    the work is N x N, but logits are made a chunk of rows at a time: memory stays
-    ``chunk x N`` for the choice and ``N x k`` for the attention.
+    applied to the kept pairs but do not take part in the choice. Selecting needs every q . k
+    that the static part (``within``) allows: N x N alone, N x window under a local pattern
+    (``TopK(8) & SlidingWindow(64, 64)``). Logits are made a chunk of rows at a time, each against
+    the run of keys its rows may see, so memory stays ``chunk x run`` for the choice and ``N x k``
+    for the attention.
     """
 
     k: int
@@ -158,28 +162,60 @@ class TopK(DynamicPattern):
         batch, heads, q_len, _ = q.shape
         kv_len = k.shape[2]
         keys = _expand_heads(k, heads)
-        within_spans = None if isinstance(within, Full) else within.spans(q_len, kv_len, q.device)
         keep = min(self.k, kv_len)
-        rows = max(1, min(q_len, SELECTION_CHUNK_ELEMENTS // max(1, batch * heads * kv_len)))
+        spans = None if isinstance(within, Full) else within.spans(q_len, kv_len, q.device)
         indices, valid = [], []
+        # one buffer for every chunk's logits: a fresh one per chunk (tens of MiB) would be mapped
+        # anew by the allocator and page-fault on every first touch (2x the time)
+        buffer = q.new_empty(0)
         with torch.no_grad():
-            # one buffer for every chunk's logits: a fresh one per chunk (tens of MiB) would be
-            # mapped anew by the allocator and page-fault on every first touch (2x the time)
-            buffer = q.new_empty(batch * heads * rows * kv_len)
-            for lo in range(0, q_len, rows):
-                hi = min(q_len, lo + rows)
-                out = buffer[:batch * heads * (hi - lo) * kv_len].view(batch, heads, hi - lo, kv_len)
+            for lo, hi, k0, k1 in _selection_chunks(spans, q_len, kv_len, keep, batch * heads):
+                size = batch * heads * (hi - lo) * (k1 - k0)
+                if buffer.numel() < size:
+                    buffer = q.new_empty(size)
+                out = buffer[:size].view(batch, heads, hi - lo, k1 - k0)
                 # the scale (> 0) does not change the order, so the choice needs only q . k
-                logits = torch.matmul(q[:, :, lo:hi], keys.transpose(-2, -1), out=out).float()
-                if within_spans is not None:
-                    chunk = Spans(within_spans.start[:, :, lo:hi], within_spans.end[:, :, lo:hi], kv_len)
+                logits = torch.matmul(q[:, :, lo:hi], keys[:, :, k0:k1].transpose(-2, -1), out=out).float()
+                if spans is not None:
+                    chunk = Spans(spans.start[:, :, lo:hi] - k0, spans.end[:, :, lo:hi] - k0, k1 - k0)
                     logits.masked_fill_(~chunk.mask(), float("-inf"))
                 top = logits.topk(keep, dim=-1)
-                indices.append(top.indices)
+                indices.append(top.indices + k0)
                 valid.append(top.values > float("-inf"))
         indices, valid = torch.cat(indices, 2), torch.cat(valid, 2)
         indices, order = indices.sort(-1)
         return Resolution(KeySelection(indices, valid.gather(-1, order), kv_len))
+
+
+def _selection_chunks(spans: Spans | None, q_len: int, kv_len: int, keep: int, bh: int):
+    """``(lo, hi, k0, k1)``: consecutive chunks of query rows ``[lo, hi)``, each with the run of keys
+    ``[k0, k1)`` that its rows may see (at least ``keep`` keys), of at most
+    ``SELECTION_CHUNK_ELEMENTS`` logits over the ``bh`` (batch, head) pairs (one row at least). A
+    chunk also stops growing once its run is 1.5x the widest reach of one of its rows (a sliding
+    window's chunks then read about 1.5x the keys each row needs)."""
+    if spans is None:
+        first, last = [0] * q_len, [kv_len] * q_len
+    else:  # the first and last allowed key of each row, over batch elements, heads and intervals
+        ok = spans.end > spans.start
+        first = torch.where(ok, spans.start, kv_len).amin(-1).flatten(0, 1).amin(0).tolist()
+        last = torch.where(ok, spans.end, 0).amax(-1).flatten(0, 1).amax(0).tolist()
+    budget = max(1, SELECTION_CHUNK_ELEMENTS // bh)
+    step = max(1, min(16, budget // kv_len))
+    lo = 0
+    reach = [b - a for a, b in zip(first, last)]
+    while lo < q_len:
+        hi, k0, k1, widest = lo, kv_len, 0, 0
+        while hi < q_len:
+            nxt = min(q_len, hi + step)
+            n0, n1 = min(k0, *first[hi:nxt]), max(k1, *last[hi:nxt])
+            w = max(widest, *reach[hi:nxt])
+            if hi > lo and ((nxt - lo) * max(keep, n1 - n0) > budget or n1 - n0 > 1.5 * w):
+                break
+            hi, k0, k1, widest = nxt, n0, n1, w
+        width = max(keep, k1 - k0)
+        k0 = max(0, min(k0, kv_len - width))
+        yield lo, hi, k0, k0 + width
+        lo = hi
 
 
 # -- routing --------------------------------------------------------------------------------------
