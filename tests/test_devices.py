@@ -3,7 +3,7 @@
 under the tolerance rule of ``conftest``.
 
 On the CPU this runs ``backend="auto"`` (what a user gets). With CUDA it also runs block-sparse,
-FlexAttention and SDPA there, each where it can serve: the checks a GPU session runs with
+FlexAttention, SDPA and the head-group split there, each where it can serve: the checks a GPU session runs with
 ``make test-gpu``; without CUDA they skip.
 """
 
@@ -45,7 +45,7 @@ HAS_CUDA = torch.cuda.is_available()
 cuda_only = pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
 RUNS = [pytest.param("cpu", "auto", id="cpu-auto")] + [
     pytest.param("cuda", backend, id=f"cuda-{backend}", marks=cuda_only)
-    for backend in ("auto", "blocksparse", "flex", "sdpa")]
+    for backend in ("auto", "blocksparse", "flex", "sdpa", "heads")]
 
 
 def _inputs(seed: int, q_len: int, kv_len: int):

@@ -82,9 +82,10 @@ def _inputs(dtype=torch.float32, seed=1):
 
 
 #: Every backend that serves scores on these patterns (NATTEN serves no score; `documents` only
-#: packed documents, tested in test_varlen.py); those that compile run with `make test-slow`.
+#: packed documents, tested in test_varlen.py; `heads` only per-head patterns, in
+#: test_head_groups.py); those that compile run with `make test-slow`.
 BACKENDS_WITH_SCORES = [pytest.param(n, marks=pytest.mark.slow) if BACKENDS[n].compiles else n
-                        for n in BACKENDS if n not in ("reference", "natten", "documents")]
+                        for n in BACKENDS if n not in ("reference", "natten", "documents", "heads")]
 
 
 @pytest.mark.parametrize("backend", BACKENDS_WITH_SCORES)

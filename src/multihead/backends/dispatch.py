@@ -12,12 +12,14 @@ from .base import Backend
 from .blocksparse import BlockSparseBackend
 from .documents import DocumentsBackend, cluster_runs
 from .flex import FlexBackend
+from .head_groups import HeadGroupsBackend, head_split
 from .natten import NattenBackend
 from .reference import ReferenceBackend
 from .sdpa import SDPABackend
 
 BACKENDS: dict[str, Backend] = {b.name: b for b in (ReferenceBackend(), SDPABackend(), BlockSparseBackend(),
-                                                     FlexBackend(), NattenBackend(), DocumentsBackend())}
+                                                     FlexBackend(), NattenBackend(), DocumentsBackend(),
+                                                     HeadGroupsBackend())}
 
 def _mask_free(r: Request) -> bool:
     """Full, or square causal, attention with no score: SDPA's fused kernels need no mask."""
@@ -63,6 +65,9 @@ AUTO_RULES: list[tuple[str, object, tuple[str, ...]]] = [
     ("Routing's clusters of 64+ tokens on CPU, plain inside: each by SDPA (benchmarks/sparse_patterns.py)",
      _plain_clusters, ("documents", "blocksparse", "sdpa", "reference")),
     ("no mask and no score: SDPA's fused kernels", _mask_free, ("sdpa", "blocksparse", "reference")),
+    ("a pattern that differs per head in runs of heads, on CPU: each run alone (benchmarks/vision_blocks.py)",
+     lambda r: r.device.type == "cpu" and head_split(r) is not None,
+     ("heads", "blocksparse", "sdpa", "reference")),
     ("key lists of 1/16+ of the keys (1/8+ without gradients) on CPU: SDPA with their dense mask",
      _dense_key_lists, ("sdpa", "blocksparse", "reference")),
     ("CUDA without dropout: FlexAttention", lambda r: r.device.type == "cuda" and r.dropout == 0,

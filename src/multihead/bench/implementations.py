@@ -16,7 +16,7 @@ TORCH_DENSE = "torch"
 
 LABELS = {"auto": "ours (auto)", "sdpa": "SDPA dense-masked", "reference": "naive eager",
           "flex": "FlexAttention compiled", "natten": "NATTEN", "blocksparse": "block-sparse",
-          "documents": "per document",
+          "documents": "per document", "heads": "per head group",
           TORCH_DENSE: "torch SDPA dense"}
 
 

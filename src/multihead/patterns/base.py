@@ -63,6 +63,13 @@ class Pattern:
     def check(self, q_len: int, kv_len: int) -> None:
         """Raise a ``PatternError`` if the pattern cannot apply to these lengths."""
 
+    def head_groups(self) -> list[tuple[int, int, "Pattern"]] | None:
+        """For a pattern that differs per head: runs ``(h0, h1, pattern)`` of consecutive heads that
+        share one head-independent pattern, covering all ``num_heads`` heads in order (CSWin's two
+        stripe directions), so that a backend may run each run of heads on its own; None when the
+        pattern is the same for every head or its heads do not fall into such runs."""
+        return None
+
     def key_lists(self) -> tuple[Tensor, Tensor] | None:
         """Explicit keys of every query, ``(indices, valid)`` of shape ``(B', H', q_len, k)``, when
         the pattern is given that way (``KeySelection``); None otherwise."""
@@ -175,6 +182,18 @@ class _Combination(Pattern):
     def check(self, q_len: int, kv_len: int) -> None:
         for p in self.parts:
             p.check(q_len, kv_len)
+
+    def head_groups(self):
+        """The runs of heads where every per-head part is constant, each combining those parts'
+        patterns with the head-independent parts."""
+        runs = [None if p.num_heads is None else p.head_groups() for p in self.parts]
+        if all(r is None for r in runs) or any(r is None and p.num_heads is not None
+                                               for r, p in zip(runs, self.parts)):
+            return None
+        cuts = sorted({c for r in runs if r for h0, h1, _ in r for c in (h0, h1)})
+        return [(h0, h1, type(self).of(*(p if r is None else next(q for a, b, q in r if a <= h0 < b)
+                                         for p, r in zip(self.parts, runs))))
+                for h0, h1 in zip(cuts, cuts[1:])]
 
     def __repr__(self) -> str:
         return "(" + f" {self.symbol} ".join(map(repr, self.parts)) + ")"

@@ -79,6 +79,25 @@ class PerHead(Pattern):
     def _spans(self, q_pos, kv_len):
         return _stack_heads([p._spans(q_pos, kv_len) for p in self.patterns], kv_len)
 
+    def head_groups(self):
+        """Consecutive heads with equal patterns (the same object, or equal values) form one run."""
+        runs: list[tuple[int, int, Pattern]] = []
+        for h, p in enumerate(self.patterns):
+            if runs and _same(runs[-1][2], p):
+                runs[-1] = (runs[-1][0], h + 1, runs[-1][2])
+            else:
+                runs.append((h, h + 1, p))
+        return runs
+
+
+def _same(a: Pattern, b: Pattern) -> bool:
+    if a is b:
+        return True
+    try:
+        return bool(a == b)
+    except (RuntimeError, TypeError):  # a dataclass comparing tensors field by field
+        return False
+
 
 @dataclass(frozen=True)
 class CrossShapedWindow(Pattern):
@@ -123,11 +142,18 @@ class CrossShapedWindow(Pattern):
         horizontal = h < self.heads // 2
         return (horizontal & same_row_stripe) | (~horizontal & same_col_stripe)
 
-    def _spans(self, q_pos, kv_len):
+    def _stripes(self) -> tuple[BlockLocal, BlockLocal]:
+        """The horizontal and the vertical stripes, each a head-independent ``BlockLocal``."""
         rows, cols = self.grid
-        horizontal = BlockLocal((self.stripe, cols), self.grid)._spans(q_pos, kv_len)
-        vertical = BlockLocal((rows, self.stripe), self.grid)._spans(q_pos, kv_len)
+        return BlockLocal((self.stripe, cols), self.grid), BlockLocal((rows, self.stripe), self.grid)
+
+    def _spans(self, q_pos, kv_len):
         half = self.heads // 2
-        stacked = _stack_heads([horizontal, vertical], kv_len)
+        stacked = _stack_heads([p._spans(q_pos, kv_len) for p in self._stripes()], kv_len)
         return Spans(stacked.start.repeat_interleave(half, 1), stacked.end.repeat_interleave(half, 1),
                      kv_len)
+
+    def head_groups(self):
+        half = self.heads // 2
+        horizontal, vertical = self._stripes()
+        return [(0, half, horizontal), (half, self.heads, vertical)]
