@@ -10,8 +10,8 @@ from hypothesis import strategies as st
 import multihead as mh
 from multihead import PatternError
 from multihead.backends import BACKENDS
-from multihead.patterns import (BlockLayout, Causal, Documents, Full, Routing, SlidingWindow, TopK,
-                                dynamic)
+from multihead.patterns import (BlockLayout, Causal, Documents, Full, KeyPadding, Routing, SlidingWindow,
+                                TopK, dynamic)
 from multihead.request import make_request
 from multihead.scores import ALiBi, RelativePositionBias
 
@@ -103,6 +103,19 @@ def test_topk_chunks_read_only_the_keys_their_rows_may_see(monkeypatch, within):
         assert not allowed[lo:hi, :k0].any() and not allowed[lo:hi, k1:].any()
     if within == "window":
         assert max(k1 - k0 for *_, k0, k1 in chunks) < N // 2
+
+
+def test_topk_chunks_with_fewer_queries_than_keys_and_per_batch_padding(monkeypatch):
+    """Queries aligned with the last keys, a per-batch key padding and a window: small chunks
+    choose what the dense transcription chooses."""
+    gen = torch.Generator().manual_seed(12)
+    q = torch.randn(B, H, 11, D, generator=gen, dtype=torch.float64)
+    k = torch.randn(B, HKV, N, D, generator=gen, dtype=torch.float64)
+    monkeypatch.setattr(dynamic, "SELECTION_CHUNK_ELEMENTS", B * H * 16)
+    padding = KeyPadding(torch.arange(N).expand(B, N) >= torch.tensor([[N], [N - 7]]))
+    for within in (Causal(), SlidingWindow(9, 0) & padding, padding):
+        chosen = TopK(4).resolve(q, k, 1.0, within).pattern.dense_mask(11, N)
+        assert torch.equal(chosen, topk_mask(q, k, 4, within)), within
 
 
 def test_topk_larger_than_allowed_keys_keeps_all_allowed():
