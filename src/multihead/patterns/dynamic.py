@@ -225,11 +225,14 @@ def spherical_kmeans(points: Tensor, init: Tensor, iterations: int) -> Tensor:
     """Centroids ``(B, H, C, D)`` of unit-normalised ``points`` ``(B, H, N, D)`` after ``iterations``
     of assign-to-nearest (by cosine) and re-average; an empty cluster keeps its centroid."""
     centroids = F.normalize(init, dim=-1)
+    clusters = centroids.shape[2]
     for _ in range(iterations):
         assign = torch.matmul(points, centroids.transpose(-2, -1)).argmax(-1)
-        sums = torch.zeros_like(centroids).scatter_add_(2, assign.unsqueeze(-1).expand_as(points), points)
-        counts = torch.zeros(centroids.shape[:-1], device=points.device, dtype=points.dtype)
-        counts.scatter_add_(2, assign, torch.ones_like(assign, dtype=points.dtype))
+        # members as a one-hot (B, H, N, C) matrix: the sums are one small product, with no
+        # (B, H, N, D) index that scatter_add_ would need (twice the size of the points)
+        members = F.one_hot(assign, clusters).to(points.dtype)
+        sums = torch.matmul(members.transpose(-2, -1), points)
+        counts = members.sum(2)
         centroids = torch.where(counts.unsqueeze(-1) > 0, F.normalize(sums, dim=-1), centroids)
     return centroids
 
@@ -333,8 +336,8 @@ class Routing(DynamicPattern):
         if self.clusters > n:
             raise PatternError(f"Routing.clusters ({self.clusters}) exceeds the {n} tokens; use fewer clusters")
         with torch.no_grad():
-            tokens = F.normalize(F.normalize(q.float(), dim=-1)
-                                 + F.normalize(_expand_heads(k, heads).float(), dim=-1), dim=-1)
+            tokens = F.normalize(q.float(), dim=-1).add_(F.normalize(_expand_heads(k, heads).float(), dim=-1))
+            tokens.div_(tokens.norm(dim=-1, keepdim=True).clamp_(min=1e-12))  # F.normalize, in place
             if self.centroids is not None:
                 init = self.centroids.to(tokens).expand(batch, heads, self.clusters, dim)
             else:
