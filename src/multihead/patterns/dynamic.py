@@ -337,7 +337,7 @@ class Routing(DynamicPattern):
             raise PatternError(f"Routing.clusters ({self.clusters}) exceeds the {n} tokens; use fewer clusters")
         with torch.no_grad():
             tokens = F.normalize(q.float(), dim=-1).add_(F.normalize(_expand_heads(k, heads).float(), dim=-1))
-            tokens.div_(tokens.norm(dim=-1, keepdim=True).clamp_(min=1e-12))  # F.normalize, in place
+            F.normalize(tokens, dim=-1, out=tokens)
             if self.centroids is not None:
                 init = self.centroids.to(tokens).expand(batch, heads, self.clusters, dim)
             else:

@@ -83,20 +83,11 @@ class PerHead(Pattern):
         """Consecutive heads with equal patterns (the same object, or equal values) form one run."""
         runs: list[tuple[int, int, Pattern]] = []
         for h, p in enumerate(self.patterns):
-            if runs and _same(runs[-1][2], p):
+            if runs and runs[-1][2] == p:  # patterns holding tensors compare by identity (eq=False)
                 runs[-1] = (runs[-1][0], h + 1, runs[-1][2])
             else:
                 runs.append((h, h + 1, p))
         return runs
-
-
-def _same(a: Pattern, b: Pattern) -> bool:
-    if a is b:
-        return True
-    try:
-        return bool(a == b)
-    except (RuntimeError, TypeError):  # a dataclass comparing tensors field by field
-        return False
 
 
 @dataclass(frozen=True)
