@@ -40,9 +40,30 @@ def _costs(args) -> int:
     return 0
 
 
+def _seeds(args) -> int:
+    from . import coverage
+
+    if args.markdown:
+        print(coverage.counts_table())
+        return 0
+    table = Table(title=f"{coverage.summary_line()} (every row: docs/coverage.md)")
+    for column in ("family", "papers", "implemented", "out of scope", "missing"):
+        table.add_column(column, justify="left" if column == "family" else "right")
+    for family, c in coverage.counts().items():
+        table.add_row(f"{family}. {coverage.FAMILIES[family]}", str(sum(c.values())), str(c[coverage.IMPLEMENTED]),
+                      str(c[coverage.OUT_OF_SCOPE]), str(c[coverage.MISSING]))
+    t = coverage.totals()
+    table.add_row("all", str(len(coverage.ROWS)), str(t[coverage.IMPLEMENTED]), str(t[coverage.OUT_OF_SCOPE]),
+                  str(t[coverage.MISSING]))
+    Console(width=120).print(table)
+    return 0
+
+
 def _list(args) -> int:
     if args.costs:
         return _costs(args)
+    if args.seeds:
+        return _seeds(args)
     if args.markdown:
         print(catalog.markdown_table())
         return 0
@@ -102,8 +123,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("list", help="print the catalog of variants")
     p.add_argument("--markdown", action="store_true", help="as a Markdown table (for the README)")
     p.add_argument("--family", choices=sorted({v.family for v in catalog.CATALOG.values()}))
-    p.add_argument("--costs", action="store_true",
-                   help="parameters, attention FLOPs and KV-cache bytes per token of every topology")
+    what = p.add_mutually_exclusive_group()
+    what.add_argument("--costs", action="store_true",
+                      help="parameters, attention FLOPs and KV-cache bytes per token of every topology")
+    what.add_argument("--seeds", action="store_true",
+                   help="coverage of the seed papers per family: implemented / out of scope / missing "
+                        "(every row: docs/coverage.md)")
     p.add_argument("--dim", type=int, default=512, help="model width for --costs")
     p.add_argument("--heads", type=int, default=8, help="heads for --costs")
     p.add_argument("--seq-len", type=int, default=1024, help="sequence length for --costs")

@@ -1,0 +1,631 @@
+"""Which papers of the seed catalogue multihead covers, and how (``docs/coverage.md`` is made from this).
+
+The seed catalogue (``shared/reference/seed-papers.md``, "Catalogue by family") lists 134 papers that
+describe a concrete attention mechanism, tool, analysis or benchmark. Every one has a ``Row`` here:
+
+- ``implemented``: ``offers`` names the objects that carry the paper's mechanism (dotted paths under
+  ``multihead``, or ``variant:<name>`` for a catalog variant) and ``tests`` the tests that check them
+  against the paper's formula (``tests/<file>.py::<test function>``); ``note`` says what part of
+  the paper is left out, if any;
+- ``out of scope``: ``reason`` is one of ``REASONS`` and ``note`` says why;
+- ``missing``: not built yet; ``note`` says what it would take (``offers`` may name pieces that
+  exist toward it).
+
+``tests/test_coverage.py`` checks that every name resolves to a real object, every test exists,
+the rows are exactly the seed catalogue, and ``docs/coverage.md`` is this data rendered.
+"""
+
+from __future__ import annotations
+
+import importlib
+import re
+from dataclasses import dataclass, field
+
+IMPLEMENTED, OUT_OF_SCOPE, MISSING = "implemented", "out of scope", "missing"
+STATUSES = (IMPLEMENTED, OUT_OF_SCOPE, MISSING)
+
+#: The families of the seed catalogue, by their number there (9 is the application-only list).
+FAMILIES = {
+    1: "Head topology",
+    2: "Sparsity / locality pattern",
+    3: "Multi-scale / cross attention",
+    4: "Score / position modifiers",
+    5: "Linear / recurrent / memory / SSM-hybrid attention",
+    6: "Kernels and systems",
+    7: "Analysis, interpretability and theory",
+    8: "Benchmarks",
+    10: "Conv-attention hybrids and alternatives to attention",
+    11: "Attention control in generative models",
+    12: "Token reduction / selection around attention",
+    13: "Compression, adaptation and merging",
+}
+
+#: Why a row is out of scope for a library of attention mechanisms.
+REASONS = {
+    "recipe": "a training recipe (the attention itself is unchanged)",
+    "architecture": "a whole-model architecture with no attention change",
+    "theory": "pure theory or an empirical study, no mechanism to build",
+    "application": "application-only (the attention is plain, or its form is not given)",
+    "not-attention": "not an attention mechanism (a convolution, SSM, MLP or quantised matmul)",
+    "hardware": "a hardware or cluster system beyond one process",
+}
+
+
+@dataclass(frozen=True)
+class Row:
+    family: int
+    paper: str
+    status: str
+    offers: tuple[str, ...] = ()
+    tests: tuple[str, ...] = ()
+    note: str = ""
+    reason: str | None = None
+
+    def __post_init__(self):
+        if self.family not in FAMILIES:
+            raise ValueError(f"Row.family must be one of {sorted(FAMILIES)}, got {self.family!r}")
+        if self.status not in STATUSES:
+            raise ValueError(f"Row.status must be one of {STATUSES}, got {self.status!r}")
+        for name in ("offers", "tests"):
+            value = getattr(self, name)
+            if isinstance(value, str):
+                object.__setattr__(self, name, (value,))
+
+
+def _i(family, paper, offers, tests, note=""):
+    return Row(family, paper, IMPLEMENTED, tuple(offers), tuple(tests), note)
+
+
+def _o(family, paper, reason, note, offers=()):
+    return Row(family, paper, OUT_OF_SCOPE, tuple(offers), (), note, reason)
+
+
+def _m(family, paper, note, offers=()):
+    return Row(family, paper, MISSING, tuple(offers), (), note)
+
+
+ROWS: tuple[Row, ...] = (
+    # 1. Head topology
+    _i(1, "MoH: Multi-Head Attention as Mixture-of-Head Attention",
+       ["heads.MixtureOfHeads", "variant:moh"],
+       ["test_heads.py::test_moh_routes_top_k_per_token_with_two_stage_weights",
+        "test_heads.py::test_moh_with_every_head_on_and_equal_weights_is_mha"]),
+    _i(1, "SHViT: Single-Head Vision Transformer", ["heads.SingleHeadAttention", "variant:single_head"],
+       ["test_heads.py::test_single_head_attends_over_the_partial_channels_only"],
+       "the single-head module; the conv stages and stem are a model design"),
+    _i(1, "ComplexFormer (Complex Multi-Head Attention, CMHA)",
+       ["scores.ComplexRotation", "variant:complex_rotation"],
+       ["test_complex_rotation.py::test_attention_with_rotations_matches_the_formula_on_every_backend",
+        "test_complex_rotation.py::test_rotated_dot_product_is_the_complex_form"]),
+    _m(1, "MQSA-TED: Multi-Query Self-Attention for sequential recommendation",
+       "L-query attention (queries from a window of the last L items) combined with the 1-query form"),
+    _i(1, "Low Rank Factorization for Compact Multi-Head Self-Attention",
+       ["heads.LowRankAttention", "variant:low_rank"],
+       ["test_heads.py::test_low_rank_pooling_is_the_factorised_bilinear_attention"]),
+    _i(1, "Insights into DeepSeek-V3 (MLA, FP8, MoE)",
+       ["heads.MultiHeadLatentAttention", "heads.LatentCache", "variant:mla"],
+       ["test_heads.py::test_mla_absorbed_equals_naive", "test_heads.py::test_mla_cached_decoding_equals_full_recompute"],
+       "MLA only; FP8 training, MoE and the network topology are not attention"),
+    _i(1, "Sparse Query Attention (SQA)", ["heads.SparseQueryAttention", "variant:sqa"],
+       ["test_heads.py::test_sqa_with_as_many_query_heads_as_heads_is_mha",
+        "test_heads.py::test_sqa_flops_fall_with_the_query_heads"]),
+    _m(1, "Union of Experts (UoE) / Selective Multi-Head Attention",
+       "selective MHA with tensor-parallel expert partitions and two routing modes",
+       ["heads.MixtureOfHeads"]),
+    _i(1, "Compressed Convolutional Attention (CCA / CCGQA)",
+       ["heads.CompressedAttention", "variant:cca", "variant:ccgqa"],
+       ["test_heads.py::test_cca_without_compression_is_mha",
+        "test_heads.py::test_cca_shrinks_parameters_flops_and_cache_by_the_compression"],
+       "no fused kernel: attention in the latent space runs on the shared backends"),
+    _m(1, "TPLA: Tensor-Parallel Latent Attention",
+       "MLA's latent and head input dims sharded over ranks, per-shard attention, all-reduce",
+       ["heads.MultiHeadLatentAttention"]),
+    _m(1, "DHVT: Dynamic Hybrid ViT (head token)", "the head token that recalibrates channel groups"),
+    _m(1, "Wide Attention Is The Way Forward For Transformers?",
+       "a model builder trading depth for heads at a fixed total",
+       ["models.TransformerLM"]),
+    _m(1, "Reducing the Transformer Architecture to a Minimum",
+       "options to tie W_Q and W_K, drop W_V and the output projection, symmetric similarity"),
+    _o(1, "Hiformer: heterogeneous self-attention for recommenders", "application",
+       "a recommender layer whose attention form the abstract does not give"),
+    # 2. Sparsity / locality pattern
+    _m(2, "MoA: Mixture of Sparse Attention",
+       "the per-head span search from a loss profile; its result would be a PerHead pattern",
+       ["patterns.PerHead", "patterns.SlidingWindow"]),
+    _m(2, "Sparsifiner: learned instance-dependent sparse attention",
+       "a low-rank connectivity predictor whose binarised output masks each instance's attention"),
+    _m(2, "TiC: MSA-Conv (self-attention inside convolution windows)",
+       "the windows are Neighborhood(kernel, dilation); the cyclic shifts and inter-pooling are not built",
+       ["patterns.Neighborhood"]),
+    _m(2, "TransNeXt: Aggregated Attention",
+       "one softmax over a sliding neighborhood and pooled keys, with learnable tokens and query "
+       "embedding; the catalog's `transnext` preset is a simplification (two softmaxes added)",
+       ["vision.LocalGlobalAttention", "variant:transnext"]),
+    _o(2, "SMITH: hierarchical encoder for long documents", "architecture",
+       "a sentence-block encoder then a document encoder, each standard attention"),
+    _m(2, "LRGT: Long-Range Grouping Attention",
+       "groups that sample tokens from every view, alternating with per-view attention"),
+    _i(2, "HaloNets: Scaling Local Self-Attention",
+       ["patterns.Halo", "vision.HaloAttention", "variant:halo", "variant:halonet_block"],
+       ["test_vision.py::test_halo_attention_is_halonet", "test_patterns_structured.py::test_block_local_and_halo_grid"]),
+    _i(2, "Routing Transformer", ["patterns.Routing", "variant:routing"],
+       ["test_patterns_dynamic.py::test_routing_equals_dense_transcription_forward_and_gradients",
+        "test_patterns_dynamic.py::test_routing_assigns_each_token_to_the_centroid_nearest_its_query_and_key"]),
+    _m(2, "Block Transformer: global-to-local LM",
+       "the global-to-local model (block embeddings attended coarsely, then local decoding); only its "
+       "local pattern exists",
+       ["patterns.BlockLocal", "variant:block_local"]),
+    _i(2, "DaViT: Dual Attention ViT",
+       ["vision.ChannelGroupAttention", "vision.WindowAttention", "variant:davit_block"],
+       ["test_vision.py::test_channel_group_attention_is_davit"]),
+    _m(2, "Combiner: full attention with sparse cost",
+       "direct attention to some keys plus attention to region abstractions, as one factorised softmax"),
+    _m(2, "Histoformer: histogram self-attention",
+       "tokens sorted by intensity into bins, attention within and across bins"),
+    _i(2, "Axial Attention (Axial Transformers)", ["patterns.Axial", "variant:axial"],
+       ["test_patterns_structured.py::test_axial"]),
+    _m(2, "Group Pose: grouped decoder self-attention",
+       "the within-instance and same-type across-instance masks as a pattern pair"),
+    _m(2, "GLMix: conv on grid, MHSA on semantic slots",
+       "soft clustering into slots, attention over the slots, dispatch back to the grid"),
+    _m(2, "Dynamic Mask Attention (DMA)",
+       "value-derived content masks plus position masks, trainable"),
+    _i(2, "Swin Transformer (shifted windows)",
+       ["patterns.ShiftedWindow", "vision.WindowAttention", "vision.swin_pair", "variant:swin", "variant:swin_block"],
+       ["test_vision.py::test_window_attention_is_swin", "test_patterns_structured.py::test_shifted_window_matches_swin"]),
+    _m(2, "FIT: Far-reaching Interleaved Transformers",
+       "local layers within groups interleaved with global layers over latent tokens"),
+    _i(2, "DLGSANet: dynamic local + sparse global self-attention",
+       ["patterns.TopK", "vision.SparseGlobalAttention", "vision.dlgsa_pair", "variant:topk", "variant:dlgsa_block"],
+       ["test_vision.py::test_dlgsa_pair_is_local_then_sparse_global",
+        "test_patterns_dynamic.py::test_topk_equals_dense_transcription_forward_and_gradients"]),
+    _i(2, "CSWin Transformer (cross-shaped windows, LePE)",
+       ["patterns.CrossShapedWindow", "vision.CrossShapedWindowAttention", "variant:cswin", "variant:cswin_block"],
+       ["test_vision.py::test_cross_shaped_window_attention_is_cswin_with_lepe"]),
+    _m(2, "FlatFormer: flattened window attention (point clouds)",
+       "sort points by window, equal-size groups, alternating sort axes"),
+    _m(2, "Gateformer: variate-wise attention with gating",
+       "attention across variates of embedded series, gated"),
+    _m(2, "AxFormer: pruning + selective sparse hard attention",
+       "sparse hard attention in chosen layers (pruning exists as analysis.prune)",
+       ["analysis.prune"]),
+    _m(2, "SReT: Sliced Recursive Transformer",
+       "weight sharing across depth with sliced group self-attention"),
+    _m(2, "Recycled Attention (inference-time)",
+       "full steps alternating with steps over the top-K keys of the last full step"),
+    _m(2, "Landmark Attention",
+       "a landmark per block, grouped softmax over landmarks then inside blocks; top-k block retrieval"),
+    _m(2, "SeerAttention: learned block-sparse attention",
+       "a learnable block gate from pooled q and k, distilled from the block max-pool of full attention"),
+    # 3. Multi-scale / cross attention
+    _i(3, "Conditional Cross-Attention Network", ["nn.MultiHeadAttention"],
+       ["test_module.py::test_explicit_head_dim_and_cross_attention_lengths"],
+       "the mechanism is plain cross-attention from image tokens to the condition embedding "
+       "(`kv_dim=`); the fashion model is not built"),
+    _i(3, "MEDUSA: single body, multi-scale heads",
+       ["vision.MultiScaleHeadAttention", "variant:medusa_heads"],
+       ["test_vision.py::test_multiscale_heads_see_pooled_key_value_pyramids"],
+       "heads on pooled key/value pyramids; the encoder-decoder wiring is a model design"),
+    _m(3, "MemMC-MAE: memory-augmented SA + multi-level cross-attention",
+       "the memory of normal patterns and its update rule (learned key/value slots exist as SinkAttention)",
+       ["nn.SinkAttention"]),
+    _m(3, "Multi-scale self-guided attention",
+       "position and channel attention modules with the guiding loss between scales"),
+    _m(3, "DCAL: Dual Cross-Attention Learning",
+       "global-local cross-attention to high-response regions and pair-wise cross-attention"),
+    _m(3, "Pointer Networks", "attention weights as the output distribution over input positions"),
+    _m(3, "Efficient Probing (attentive probe)",
+       "multi-query cross-attention pooling of frozen tokens without the redundant projections"),
+    _i(3, "DuoFormer: scale-wise + patch-wise attention",
+       ["vision.LocalGlobalAttention", "variant:duoformer"],
+       ["test_vision.py::test_local_global_attention_is_a_window_path_and_a_pooled_path",
+        "test_vision.py::test_local_global_presets_and_bad_arguments"],
+       "patch-wise (window) and scale-wise (pooled) heads on one map; the CNN feature tokenizer is not built"),
+    _i(3, "CrossViT: cross-attention multi-scale ViT",
+       ["vision.CrossAttentionFusion", "vision.CrossViTAttention", "variant:crossvit"],
+       ["test_vision.py::test_cross_attention_fusion_is_crossvit",
+        "test_vision.py::test_crossvit_attention_keeps_branches_apart_and_fuses_their_cls_tokens"]),
+    _m(3, "PEM: prototype-based cross-attention", "cross-attention restricted to prototypes of the features"),
+    _i(3, "CrossFormer: cross-scale embedding + LSDA + DPB",
+       ["scores.DynamicPositionBias", "vision.NeighborhoodAttention2d", "variant:crossformer_block"],
+       ["test_scores_relative2d.py::test_dynamic_position_bias_is_an_mlp_of_each_offset",
+        "test_vision.py::test_crossformer_long_distance_attention_groups_positions_an_interval_apart"],
+       "LSDA and DPB; the cross-scale embedding layer is a convolutional stem"),
+    _i(3, "MAFormer: Multi-scale Attention Fusion", ["vision.LocalGlobalAttention", "variant:maformer"],
+       ["test_vision.py::test_local_global_attention_is_a_window_path_and_a_pooled_path",
+        "test_vision.py::test_local_global_presets_and_bad_arguments"]),
+    _m(3, "TNT: Transformer in Transformer", "inner attention over sub-patches inside each patch, outer over patches"),
+    _m(3, "FcaFormer: Forward Cross Attention",
+       "tokens of earlier blocks reused as extra keys, with learnable scale factors"),
+    _m(3, "kMaX-DeepLab: k-means cross-attention",
+       "cross-attention as a k-means step: argmax over queries instead of a softmax over pixels"),
+    _o(3, "GNMT: Google's Neural Machine Translation", "architecture",
+       "an LSTM translation system; its attention is plain encoder-decoder attention"),
+    # 4. Score / position modifiers
+    _i(4, "RCMHA: Relative Convolutional MHA", ["nn.RCMHA", "variant:rcmha"],
+       ["test_relative_attention.py::test_rcmha_matches_its_formula_on_every_backend",
+        "test_relative_attention.py::test_rcmha_trains"]),
+    _i(4, "GAAM: Multi-Head Gaussian Adaptive Attention", ["normalizers.GaussianAdaptive", "variant:gaam"],
+       ["test_gaam.py::test_gaam_is_the_papers_gaussian_reweighting_forward_and_gradients",
+        "test_gaam.py::test_gaam_module_trains_its_gaussians"],
+       "reference backend only; the Importance Factor metric is not built"),
+    _m(4, "CoordFormer: Coordinate-Aware Attention",
+       "pixel-level coordinates kept in attention and Body Center Attention (the abstract gives little form)"),
+    _m(4, "CRENER: direction- and distance-aware masked self-attention",
+       "unscaled attention with direction- and distance-aware masks (pieces: scale=1, Causal, ALiBi)"),
+    _i(4, "ConViT: Gated Positional Self-Attention (GPSA)",
+       ["nn.GatedPositionalAttention", "variant:gpsa"],
+       ["test_gpsa.py::test_gpsa_matches_the_formula_on_every_backend",
+        "test_gpsa.py::test_positional_init_mimics_a_convolution"]),
+    _m(4, "iLLaMA: causal attention for ViT",
+       "causal ViT with the class token after the image tokens and the soft causal mask schedule",
+       ["patterns.Causal"]),
+    _i(4, "Music Transformer: memory-efficient relative attention",
+       ["nn.RelativeAttention", "scores.RelativeEmbedding", "scores.skew", "variant:music_relative"],
+       ["test_relative_attention.py::test_relative_embedding_matches_the_naive_form_forward_and_gradients",
+        "test_relative_attention.py::test_relative_memory_is_linear_in_the_sequence"]),
+    _o(4, "SeqPE: Sequential Position Encoding", "architecture",
+       "an input position embedding (a small encoder of the position's digits) and its training losses; "
+       "attention is unchanged"),
+    _m(4, "Meta-tokens + meta-attention",
+       "the dedicated meta-attention beside causal MHA (the prepended learned tokens exist as Registers)",
+       ["nn.Registers"]),
+    _o(4, "ResFormer: multi-resolution training + global-local PE", "recipe",
+       "multi-resolution training with a scale-consistency loss; the embedding is added at the input"),
+    _o(4, "Reviving Shift Equivariance in ViTs", "architecture",
+       "polyphase anchoring in patch embedding and subsampling; the attention inside is unchanged"),
+    _i(4, "Sigmoid Self-Attention + FlashSigmoid", ["normalizers.Sigmoid", "variant:sigmoid"],
+       ["test_normalizers.py::test_sigmoid_reference_is_the_papers_formula_forward_and_gradients",
+        "test_normalizers.py::test_sigmoid_blocksparse_matches_reference"],
+       "FlashSigmoid's role is played by the block-sparse backend (forward and backward)"),
+    # 5. Linear / recurrent / memory / SSM hybrids
+    _o(5, "MHS-VM: Multi-Head Scan for Vision Mamba", "not-attention",
+       "selective SSM scans in parallel subspaces"),
+    _m(5, "MambAttention: Mamba + shared time/frequency MHA",
+       "time- and frequency-axis attention sharing one set of weights (pieces: Axial); Mamba is not attention",
+       ["patterns.Axial"]),
+    _o(5, "Empirical Study of Mamba-based LMs (Mamba-2-Hybrid)", "architecture",
+       "a layer mix of Mamba-2, attention and MLP; the attention layers are standard"),
+    _i(5, "SLAB: Simplified Linear Attention + PRepBN",
+       ["linear.LinearAttention", "variant:slab_linear"],
+       ["test_linear.py::test_non_causal_linear_attention_chunked_recurrent_and_dense"],
+       "simplified linear attention; PRepBN is a normalisation recipe"),
+    _i(5, "Attention as an RNN (Aaren)", ["linear.Aaren", "linear.chunked_prefix_attention", "variant:aaren"],
+       ["test_linear.py::test_prefix_scan_equals_softmax_attention_over_each_prefix",
+        "test_linear.py::test_chunked_prefix_attention_equals_the_rnn"]),
+    _m(5, "Titans: neural long-term memory",
+       "a memory MLP updated by gradient steps at test time, combined with windowed attention"),
+    _i(5, "TransNormerLLM + Lightning Attention",
+       ["linear.LightningAttention", "linear.chunked_linear_attention", "variant:lightning"],
+       ["test_linear.py::test_causal_decayed_linear_attention_equals_the_dense_parallel_form",
+        "test_linear.py::test_chunked_linear_attention_equals_recurrent"]),
+    _i(5, "RMT: Retentive Networks meet ViT",
+       ["linear.ManhattanSelfAttention", "linear.manhattan_attention", "variant:rmt_manhattan"],
+       ["test_linear.py::test_manhattan_decay_is_gamma_to_the_city_block_distance",
+        "test_linear.py::test_decomposed_manhattan_attention_is_rows_then_columns_with_axis_decays"]),
+    # 6. Kernels and systems
+    _i(6, "Unpadded BERT (grouped multi-stream FMHA)",
+       ["varlen.pack", "varlen.varlen_attention", "patterns.Documents"],
+       ["test_varlen.py::test_module_packed_equals_padded", "test_varlen.py::test_varlen_attention_takes_flash_attention_layout"],
+       "unpadded attention on packed batches; the multi-stream CUDA kernel and cross-worker balancing are not built"),
+    _i(6, "Faster Neighborhood Attention (GEMM-based and fused NA)",
+       ["patterns.Neighborhood", "backends.blocksparse", "variant:neighborhood", "variant:nat_block"],
+       ["test_patterns_structured.py::test_neighborhood_matches_natten_definition",
+        "test_blocksparse_tiles.py::test_tiled_plan_matches_reference"],
+       "neighborhoods run tile by tile on the block-sparse backend (CPU; untested on CUDA)"),
+    _i(6, "Unified View of Long-Sequence Models (distributed MHA)",
+       ["distributed.all_to_all_attention", "distributed.ring_attention"],
+       ["test_distributed.py::test_two_ranks_equal_single_process"],
+       "distributed attention on gloo ranks; the unified token-mixer template is not built"),
+    _i(6, "Sequence Parallelism: Ring Self-Attention",
+       ["distributed.ring_attention", "distributed.ContextParallel"],
+       ["test_distributed.py::test_four_ranks_equal_single_process",
+        "test_distributed.py::test_ring_skips_blocks_the_pattern_does_not_need"]),
+    _i(6, "ByteTransformer: padding-free variable-length transformer",
+       ["varlen.pack", "varlen.unpack", "patterns.Documents"],
+       ["test_varlen.py::test_module_packed_equals_each_sequence_alone"],
+       "padding-free attention; no fused GPU kernel"),
+    _i(6, "LightSeq: sequence-level parallelism",
+       ["distributed.ring_attention", "distributed.ContextParallel"],
+       ["test_distributed.py::test_module_context_parallel_equals_single_process"],
+       "sequence split for any head count (MHA, GQA); the rematerialisation-aware checkpointing is not built"),
+    _i(6, "Generalized Neighborhood Attention (GNA)",
+       ["patterns.Neighborhood", "variant:dilated_neighborhood", "variant:dinat_block"],
+       ["test_patterns_structured.py::test_neighborhood_strided_dilated_cases",
+        "test_patterns_structured.py::test_neighborhood_matches_natten_library"],
+       "sliding, strided and blocked neighborhoods as one pattern; no Blackwell kernel or simulator"),
+    _o(6, "FuseMax: Einsum-cascade attention accelerator", "hardware",
+       "an accelerator mapping and a formalism for counting passes"),
+    _m(6, "Mesa: memory-saving training (head-wise quantization)",
+       "exact forward, 8-bit activations saved per head, backward from them"),
+    _o(6, "Core Attention Disaggregation (CAD / DistCA)", "hardware",
+       "attention servers across a GPU cluster with dynamic re-batching"),
+    _o(6, "LLM.int8()", "not-attention",
+       "int8 matmuls with outlier decomposition for the linear layers, not the attention"),
+    # 7. Analysis, interpretability and theory
+    _m(7, "VHD / VHR: Vision-aware Head Divergence",
+       "the per-head divergence metric and the boost of vision-aware heads (head scaling exists: "
+       "analysis.head_mask)",
+       ["analysis.head_mask"]),
+    _o(7, "In-Context Linear Regression Demystified (multi-head softmax)", "theory",
+       "training dynamics of multi-head softmax attention on linear regression"),
+    _i(7, "How Does Attention Work in ViTs? (visual analytics)",
+       ["analysis.ablation_importance", "analysis.gradient_importance", "analysis.attention_distance",
+        "analysis.head_metrics"],
+       ["test_analysis.py::test_ablation_importance_is_the_loss_change_under_a_head_mask",
+        "test_analysis.py::test_gradient_importance_matches_finite_differences_of_the_gate",
+        "test_analysis.py::test_pixel_distance_of_a_neighborhood_layer_stays_inside_its_window"],
+       "pruning-based head importance and attention distance per head; the pattern autoencoder is not built"),
+    _m(7, "Fixing Imbalanced Attention (LVLM hallucination)",
+       "visual-token selection and per-head amplification by measured visual sensitivity"),
+    _m(7, "Visual Attention Sink / VAR",
+       "the redistribution of attention from sinks to image tokens (sink detection exists)",
+       ["analysis.sink_score", "analysis.high_norm_key_share"]),
+    _o(7, "Localizing and Editing Knowledge in T2I models (Diff-QuickFix)", "application",
+       "causal mediation and a closed-form edit of a text-to-image model"),
+    _o(7, "Scan and Snap (1-layer transformer dynamics)", "theory", "SGD dynamics of one attention layer"),
+    _m(7, "Sparse autoencoders for circuit identification",
+       "discrete sparse autoencoders on captured head outputs (capture exists)", ["analysis.capture"]),
+    _m(7, "Cross-Attention is Half Explanation (speech-to-text)",
+       "cross-attention maps compared with feature-attribution saliency (maps exist: analysis.capture)",
+       ["analysis.capture"]),
+    _o(7, "Deconstructing Attention (design principles)", "theory",
+       "a controlled study; the relaxed variants are not specified in the abstract"),
+    _o(7, "What can a Single Attention Layer Learn? (random features)", "theory",
+       "sample-complexity theory of random-feature attention"),
+    _o(7, "Brain-like processing via shallow untrained MHA", "theory", "an alignment study with reading times"),
+    _o(7, "Transformers as Pavlovian Conditioning", "theory", "attention read as associative memory"),
+    _o(7, "ViT as a Path Ensemble", "recipe",
+       "layers rewritten as paths, path pruning and self-distillation; attention is unchanged"),
+    _o(7, "Transformers as Support Vector Machines", "theory", "attention optimisation as a hard-margin SVM"),
+    _o(7, "Computational ingredients of human-like representations", "theory",
+       "an alignment study across 70 LLMs"),
+    _o(7, "Self-attention as a stiffness-aware step-size (StepNet)", "theory",
+       "a dynamical-system reading of attention"),
+    _o(7, "Dynamical Systems Framework: attention vs SSM vs RNN", "theory",
+       "a common representation of attention, SSMs and RNNs"),
+    # 8. Benchmarks
+    _m(8, "Long Range Arena (LRA)",
+       "the suite: only ListOps is built (`multihead arena --task listops`); text, retrieval, image and "
+       "pathfinder are not",
+       ["arena.ListOps"]),
+    _i(8, "Long-Context Attention Benchmark (kernels + context parallelism)",
+       ["bench.run_bench", "cli.main"],
+       ["test_bench.py::test_bench_covers_every_catalog_variant",
+        "test_bench.py::test_bench_runs_the_peers_side_by_side"],
+       "kernels across mask patterns and lengths (`multihead bench`); context-parallel runs are tested "
+       "but not benchmarked"),
+    # 10. Conv-attention hybrids and alternatives
+    _o(10, "SpectFormer: spectral + MHSA layers", "architecture", "spectral layers beside standard MHSA layers"),
+    _o(10, "HyperZ.Z.W operator / Terminator", "not-attention", "an attention-free hyper-kernel operator"),
+    _o(10, "VAN: Large Kernel Attention (LKA)", "not-attention", "a decomposed large-kernel convolution"),
+    _o(10, "Attentive Convolution (ATConv)", "not-attention", "a convolution with content-dependent kernels"),
+    _o(10, "ULSAM: Ultra-Lightweight Subspace Attention", "not-attention",
+       "CNN feature-map gating per subspace, no query-key product"),
+    _o(10, "FMViT: multiple-frequency mixing ViT", "architecture",
+       "a hybrid backbone; its lightweight MHSA is not described in the abstract"),
+    _o(10, "Squeezeformer (ASR)", "architecture", "a temporal U-Net around standard MHA"),
+    _o(10, "LowFormer: hardware-efficient backbone", "architecture",
+       "macro design by measured latency; the slimmed MHSA is not described"),
+    _o(10, "Activator: GLU MLP instead of attention", "not-attention", "a GLU MLP replaces attention"),
+    _o(10, "AsCAN: asymmetric convolution-attention network", "architecture",
+       "the layout of conv and transformer blocks"),
+    _m(10, "CvT: Convolutions in ViT",
+       "convolutional (strided depthwise) projections of q, k, v on the 2-D map"),
+    _o(10, "Tokens-to-Token ViT (T2T)", "architecture", "token merging between layers; attention unchanged"),
+    _o(10, "Multi-Dimensional Hyena (Hyena N-D)", "not-attention", "an attention-free long convolution"),
+    _o(10, "EfficientFormer", "architecture", "latency-driven slimming of a ViT"),
+    _o(10, "MOAT: mobile convolution + attention block", "architecture",
+       "an MBConv before attention; the window attention without shifts is WindowAttention(shift=0)",
+       ["vision.WindowAttention"]),
+    # 11. Attention control in generative models
+    _o(11, "IR-Diffusion: Isolation and Reposition Attention", "application",
+       "training-free masks and rescaling inside a diffusion model's attention"),
+    _o(11, "MultiCrafter: spatially disentangled attention", "recipe",
+       "positional supervision of attention regions and online RL"),
+    _o(11, "IDM-VTON: attention-layer feature injection", "application",
+       "garment features fed into a UNet's cross- and self-attention"),
+    _o(11, "DreamTuner: self-subject-attention", "application",
+       "queries of the generated image attend to its own and a reference image's keys (plain attention)"),
+    # 12. Token reduction / selection
+    _o(12, "DyVTE: Dynamic Visual-Token Exit", "application",
+       "hyper-networks that drop all visual tokens of an MLLM after a layer"),
+    _o(12, "GLSim: global-local similarity token selection", "not-attention",
+       "patch selection by CLS-patch cosine similarity, outside attention"),
+    _o(12, "Expediting large ViTs for dense prediction", "architecture",
+       "token clustering and reconstruction layers between unchanged attention layers"),
+    # 13. Compression, adaptation and merging
+    _o(13, "ConTraCon: convolutional re-weighting of Q/K/V", "recipe",
+       "continual-learning re-weighting of the projection weights per task"),
+    _m(13, "Transformer Fusion with Optimal Transport",
+       "merging two models by optimal-transport alignment of heads and other components"),
+    _m(13, "NViT: Hessian-aware global ViT pruning",
+       "Hessian-based saliency across components (head pruning exists: analysis.prune)",
+       ["analysis.prune", "analysis.gradient_importance"]),
+    _m(13, "p-Laplacian adapter (p-adapter)",
+       "p-Laplacian message passing that re-normalises attention weights by features"),
+)
+
+
+# -- names and tests -------------------------------------------------------------------------------
+
+
+def resolve(name: str):
+    """The object an ``offers`` entry names: ``variant:<name>`` (a catalog variant) or a dotted path
+    under ``multihead`` (``heads.MixtureOfHeads``). ``LookupError`` when it does not exist."""
+    if name.startswith("variant:"):
+        from . import catalog
+
+        try:
+            return catalog.get(name.removeprefix("variant:"))
+        except KeyError as error:
+            raise LookupError(str(error)) from None
+    parts = name.split(".")
+    for split in range(len(parts), 0, -1):
+        try:
+            obj = importlib.import_module(".".join(["multihead", *parts[:split]]))
+        except ModuleNotFoundError:
+            continue
+        for attr in parts[split:]:
+            if not hasattr(obj, attr):
+                raise LookupError(f"multihead.{name}: {obj.__name__} has no attribute {attr!r}")
+            obj = getattr(obj, attr)
+        return obj
+    raise LookupError(f"multihead.{name}: no such module")
+
+
+def variants_covered() -> set[str]:
+    """Catalog variant names that some row offers."""
+    return {n.removeprefix("variant:") for r in ROWS for n in r.offers if n.startswith("variant:")}
+
+
+def problems(rows=ROWS, test_root=None) -> list[str]:
+    """Everything wrong with ``rows``: names that do not resolve, tests that do not exist (when
+    ``test_root``, the tests folder, is given), rows without what their status needs, duplicates."""
+    out, seen = [], set()
+    for r in rows:
+        where = f"{r.paper!r}"
+        if r.paper in seen:
+            out.append(f"{where}: listed twice")
+        seen.add(r.paper)
+        if r.status == IMPLEMENTED and not (r.offers and r.tests):
+            out.append(f"{where}: implemented rows need offers and tests")
+        if r.status == OUT_OF_SCOPE and r.reason not in REASONS:
+            out.append(f"{where}: out-of-scope rows need a reason from {sorted(REASONS)}, got {r.reason!r}")
+        if r.status != OUT_OF_SCOPE and r.reason is not None:
+            out.append(f"{where}: only out-of-scope rows take a reason")
+        if r.status != IMPLEMENTED and r.tests:
+            out.append(f"{where}: only implemented rows name tests")
+        if r.status != IMPLEMENTED and not r.note:
+            out.append(f"{where}: {r.status} rows need a note")
+        for name in r.offers:
+            try:
+                resolve(name)
+            except LookupError as error:
+                out.append(f"{where}: {error}")
+        if test_root is not None:
+            for test in r.tests:
+                file, _, func = test.partition("::")
+                path = test_root / file
+                if not func or not path.is_file():
+                    out.append(f"{where}: test file of {test} does not exist")
+                elif not re.search(rf"^def {re.escape(func)}\(", path.read_text(), re.M):
+                    out.append(f"{where}: {file} has no test function {func}")
+    return out
+
+
+def catalog_problems(variants) -> list[str]:
+    """Catalog variants that name no paper (title, year) or a malformed arXiv id."""
+    out = []
+    for v in variants:
+        paper = getattr(v, "paper", None)
+        if paper is None or not getattr(paper, "title", "") or not isinstance(getattr(paper, "year", None), int):
+            out.append(f"variant {v.name!r} names no paper (title and year)")
+        elif paper.arxiv is not None and not re.fullmatch(r"\d{4}\.\d{4,5}", paper.arxiv):
+            out.append(f"variant {v.name!r}: malformed arXiv id {paper.arxiv!r}")
+    return out
+
+
+# -- counts and documents --------------------------------------------------------------------------
+
+
+def counts(rows=ROWS) -> dict[int, dict[str, int]]:
+    """Per family number, how many rows have each status."""
+    out = {f: dict.fromkeys(STATUSES, 0) for f in FAMILIES}
+    for r in rows:
+        out[r.family][r.status] += 1
+    return out
+
+
+def totals(rows=ROWS) -> dict[str, int]:
+    out = dict.fromkeys(STATUSES, 0)
+    for r in rows:
+        out[r.status] += 1
+    return out
+
+
+def counts_table(rows=ROWS) -> str:
+    """Markdown: per family, implemented / out of scope / missing, and the totals."""
+    lines = ["| family | papers | implemented | out of scope | missing |", "|---|---:|---:|---:|---:|"]
+    for f, c in counts(rows).items():
+        lines.append(f"| {f}. {FAMILIES[f]} | {sum(c.values())} | {c[IMPLEMENTED]} | {c[OUT_OF_SCOPE]} | {c[MISSING]} |")
+    t = totals(rows)
+    lines.append(f"| **all** | **{len(rows)}** | **{t[IMPLEMENTED]}** | **{t[OUT_OF_SCOPE]}** | **{t[MISSING]}** |")
+    return "\n".join(lines)
+
+
+def summary_line(rows=ROWS) -> str:
+    t = totals(rows)
+    return (f"{len(rows)} seed papers: {t[IMPLEMENTED]} implemented, {t[OUT_OF_SCOPE]} out of scope, "
+            f"{t[MISSING]} missing")
+
+
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|")
+
+
+def _offers(r: Row) -> str:
+    return ", ".join(f"`{n}`" for n in r.offers)
+
+
+def markdown(rows=ROWS) -> str:
+    """The whole of ``docs/coverage.md``."""
+    from . import catalog
+
+    head = [
+        "# Coverage of the seed papers",
+        "",
+        "<!-- generated by `make readme` (python -m multihead.readme) from src/multihead/coverage.py; "
+        "do not edit -->",
+        "",
+        "Every paper of the seed catalogue (`shared/reference/seed-papers.md`, \"Catalogue by family\") "
+        "that describes a concrete mechanism, tool, analysis or benchmark, and what multihead offers "
+        "for it. **implemented**: the named objects exist and the named tests check them against the "
+        "paper's formula; **out of scope**: the reason; **missing**: not built yet, with what it would "
+        "take (names in a missing row are pieces that exist toward it). Names are under `multihead.` "
+        "(`variant:x` is the catalog variant `x`, `multihead list`); tests are under `tests/`. "
+        "`multihead list --seeds` prints the counts.",
+        "",
+        f"{summary_line(rows)}.",
+        "",
+        counts_table(rows),
+        "",
+        "Reasons for leaving a paper out:",
+        "",
+        *[f"- `{k}`: {v}" for k, v in REASONS.items()],
+        "",
+    ]
+    body = []
+    for f, name in FAMILIES.items():
+        family_rows = [r for r in rows if r.family == f]
+        if not family_rows:
+            continue
+        body += [f"## {f}. {name}", "", "| paper | status | multihead offers | tested by | note |",
+                 "|---|---|---|---|---|"]
+        for r in family_rows:
+            status = r.status if r.status != OUT_OF_SCOPE else f"out of scope: `{r.reason}`"
+            tests = "<br>".join(f"`{t}`" for t in r.tests)
+            body.append(f"| {_cell(r.paper)} | {status} | {_offers(r)} | {tests} | {_cell(r.note)} |")
+        body.append("")
+    beyond = [v for v in catalog.CATALOG.values() if v.name not in variants_covered()]
+    body += ["## Catalog variants beyond the seed papers", "",
+             "Variants of `multihead list` whose paper is not a seed paper (baselines and the papers they "
+             "build on):", "",
+             "| variant | family | paper |", "|---|---|---|"]
+    body += [f"| `{v.name}` | {v.family} | {_cell(v.paper.cite())} |" for v in beyond]
+    return "\n".join(head + body) + "\n"
+
+
+def parse_seed_catalogue(text: str) -> list[tuple[int, str]]:
+    """``(family number, paper)`` of every row of the seed catalogue's "Catalogue by family" tables."""
+    out, family = [], None
+    for line in text.splitlines():
+        if line.startswith("## ") and family is not None:
+            break
+        heading = re.match(r"### (\d+)\. ", line)
+        if heading:
+            family = int(heading.group(1))
+            continue
+        if family is not None and line.startswith("| ") and not line.startswith(("| Paper ", "|---")):
+            out.append((family, line.split("|")[1].strip()))
+    return out
