@@ -171,7 +171,7 @@ class MultiHeadAttention(nn.Module):
         self.out_proj = nn.Linear(heads * head_dim, dim, bias=bias)
 
     def forward(self, x: Tensor, context: Tensor | None = None, *, key_padding_mask: Tensor | None = None,
-                need_weights: bool = False, cu_seqlens: Tensor | None = None):
+                need_weights: bool = False, cu_seqlens: Tensor | None = None, cache=None):
         """Attend from ``x`` ``(batch, tokens, dim)`` to itself, or to ``context``
         ``(batch, kv_tokens, kv_dim)``.
 
@@ -185,9 +185,15 @@ class MultiHeadAttention(nn.Module):
         result equals the padded batch's on its real tokens. With ``context_parallel``, ``x`` is this
         rank's shard of the sequence (and ``cu_seqlens`` that of the whole packed sequence).
 
+        ``cache`` (a ``multihead.cache.KVCache``) decodes: ``x`` holds the next tokens of the
+        sequence whose keys and values the cache holds; positions continue from ``len(cache)``, the
+        new keys are appended, and ``key_padding_mask`` then covers the cached and the new keys.
+
         The steps - ``project``, the attention call (``attention_options``, ``score_for``),
         ``combine`` - are methods that the topologies of ``multihead.heads`` override.
         """
+        if cache is not None:
+            return self._forward_cached(x, context, cache, key_padding_mask, need_weights, cu_seqlens)
         pattern, positions, squeeze = None, None, False
         if cu_seqlens is not None:
             if context is not None or key_padding_mask is not None:
@@ -215,6 +221,39 @@ class MultiHeadAttention(nn.Module):
         y = self.combine(out, x)
         y = y.squeeze(0) if squeeze else y
         return (y, weights) if need_weights else y
+
+    def cache_refusal(self) -> str | None:
+        """Why this module cannot decode with a ``KVCache`` (None: it can)."""
+        if type(self).score_for is not MultiHeadAttention.score_for:
+            return f"{type(self).__name__} makes its score from the queries of the whole call"
+        if self.context_parallel is not None:
+            return "context_parallel splits one sequence over ranks; decode on one rank"
+        if self._head_hooks:
+            return "head hooks (multihead.analysis) are attached; remove them to decode"
+        return None
+
+    def _forward_cached(self, x, context, cache, key_padding_mask, need_weights, cu_seqlens):
+        from ..cache import CacheError, cached_attention
+
+        reason = self.cache_refusal()
+        if reason is not None:
+            raise CacheError(f"{type(self).__name__} cannot decode with a cache: {reason}")
+        if context is not None or cu_seqlens is not None or need_weights:
+            raise CacheError("a cache serves self-attention decoding: pass no context, cu_seqlens or need_weights "
+                             "with it")
+        check_inputs(x, None, self.dim)
+        start = len(cache)
+        if self.position is not None:
+            positions = torch.arange(start, start + x.shape[1], device=x.device)
+            q, k, v = self.project(x, x, positions=positions)
+        else:
+            q, k, v = self.project(x, x)
+        options = self.attention_options()
+        pattern = options.pop("pattern", self.pattern)
+        out = cached_attention(cache, q, k, v, pattern=pattern, score=self.score_for(q, k),
+                               normalizer=self.normalizer, dropout=self.dropout if self.training else 0.0,
+                               backend=self.backend, key_padding_mask=key_padding_mask, **options)
+        return self.combine(out, x)
 
     def _positions(self, tokens: int, device, documents: Documents | None) -> Tensor:
         """Positions of the tokens of ``x``: global under context parallelism, and counted from each
