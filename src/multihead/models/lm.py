@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
 
+from ..cache import CacheError, KVCache, ModelCache
 from ..errors import ShapeError
 from ..patterns import Causal
 from .block import TransformerBlock
@@ -93,17 +95,98 @@ class TransformerLM(nn.Module):
         nn.init.normal_(self.token.weight, std=0.02)
         nn.init.normal_(self.position.weight, std=0.02)
 
-    def forward(self, tokens: Tensor) -> Tensor:
-        """Logits ``(batch, length, vocab)`` for ``tokens`` ``(batch, length)``, ``length <= max_len``."""
+    def forward(self, tokens: Tensor, cache: ModelCache | None = None) -> Tensor:
+        """Logits ``(batch, length, vocab)`` for ``tokens`` ``(batch, length)``, ``length <= max_len``.
+
+        With ``cache`` (``make_cache()``), ``tokens`` continue the sequence the cache holds: their
+        positions start at ``cache.length`` and each block attends over its cached keys."""
         if not isinstance(tokens, Tensor) or tokens.dim() != 2 or tokens.dtype not in (torch.long, torch.int):
             shape = tuple(tokens.shape) if isinstance(tokens, Tensor) else type(tokens).__name__
             raise ShapeError(f"tokens must be an integer tensor (batch, length), got {shape}")
-        length = tokens.shape[1]
+        start = 0
+        if cache is not None:
+            if not isinstance(cache, ModelCache) or len(cache) != len(self.blocks):
+                raise CacheError(f"cache must be this model's make_cache() (one cache per block, {len(self.blocks)}), "
+                                 f"got {type(cache).__name__}" + (f" of {len(cache)}" if isinstance(cache, list) else ""))
+            start = cache.length
+        length = start + tokens.shape[1]
         if length > self.max_len:
-            raise ShapeError(f"tokens has length {length} > max_len {self.max_len}; build the model with "
-                             f"max_len >= {length}")
-        positions = torch.arange(length, device=tokens.device)
+            raise ShapeError(f"tokens reach position {length} > max_len {self.max_len} (the learned positions); "
+                             f"build the model with max_len >= {length}")
+        positions = torch.arange(start, length, device=tokens.device)
         x = self.token(tokens) + self.position(positions)
-        for block in self.blocks:
-            x = block(x)
+        for i, block in enumerate(self.blocks):
+            x = block(x) if cache is None else block(x, cache=cache[i])
         return self.head(self.norm(x))
+
+    def make_cache(self, capacity: int | None = None) -> ModelCache:
+        """One decoding cache per block: ``KVCache.for_pattern`` of the block's attention (a rolling
+        window with its sinks for local patterns; every key, up to ``capacity``, otherwise), or the
+        module's own cache type (``LatentCache`` for MLA). Modules that cannot decode raise
+        ``CacheError`` naming why."""
+        return ModelCache(cache_for(block.attention, capacity) for block in self.blocks)
+
+    @torch.no_grad()
+    def generate(self, prompt: Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
+                 *, use_cache: bool = True, generator: torch.Generator | None = None) -> Tensor:
+        """Continue ``prompt`` ``(batch, length)`` by ``max_new_tokens`` tokens; returns
+        ``(batch, length + max_new_tokens)``.
+
+        Each token is drawn from ``softmax(logits / temperature)`` restricted to the ``top_k`` most
+        likely (all with None); ``temperature=0`` is greedy. With ``use_cache`` the prompt runs once
+        and every new token is one decoding step against the blocks' caches (``make_cache``);
+        without, the whole sequence is recomputed for every token (the same tokens, slower)."""
+        if not isinstance(prompt, Tensor) or prompt.dim() != 2 or prompt.shape[1] < 1 or \
+                prompt.dtype not in (torch.long, torch.int):
+            raise ShapeError(f"prompt must be an integer tensor (batch, length >= 1), got "
+                             f"{tuple(prompt.shape) if isinstance(prompt, Tensor) else type(prompt).__name__}")
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+            raise ShapeError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
+        if not isinstance(temperature, (int, float)) or isinstance(temperature, bool) or not temperature >= 0:
+            raise ShapeError(f"temperature must be a number >= 0 (0: greedy), got {temperature!r}")
+        if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
+            raise ShapeError(f"top_k must be a positive integer or None, got {top_k!r}")
+        total = prompt.shape[1] + max_new_tokens
+        if total > self.max_len:
+            raise ShapeError(f"prompt ({prompt.shape[1]}) + max_new_tokens ({max_new_tokens}) = {total} exceeds "
+                             f"max_len {self.max_len}; generate fewer tokens or build the model with a larger max_len")
+        tokens = prompt
+        if max_new_tokens == 0:
+            return tokens
+        cache = self.make_cache(capacity=total) if use_cache else None
+        logits = self(prompt, cache=cache)[:, -1]
+        for step in range(max_new_tokens):
+            chosen = sample(logits, temperature, top_k, generator)
+            tokens = torch.cat([tokens, chosen[:, None]], dim=1)
+            if step + 1 < max_new_tokens:
+                logits = self(chosen[:, None], cache=cache)[:, -1] if use_cache else self(tokens)[:, -1]
+        return tokens
+
+
+def sample(logits: Tensor, temperature: float, top_k: int | None,
+           generator: torch.Generator | None = None) -> Tensor:
+    """Next tokens ``(batch,)`` from ``logits`` ``(batch, vocab)``: the argmax when ``temperature``
+    is 0, else a draw from ``softmax(logits / temperature)`` over the ``top_k`` largest."""
+    if temperature == 0:
+        return logits.argmax(-1)
+    logits = logits.float() / temperature
+    if top_k is not None and top_k < logits.shape[-1]:
+        threshold = logits.topk(top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < threshold, float("-inf"))
+    return torch.multinomial(torch.softmax(logits, -1), 1, generator=generator).squeeze(-1)
+
+
+def cache_for(module: nn.Module, capacity: int | None = None):
+    """The decoding cache of one attention module: ``module.new_cache()`` where it defines one,
+    ``KVCache.for_pattern(module.pattern)`` for ``MultiHeadAttention`` and its topologies."""
+    from ..nn import MultiHeadAttention
+
+    if hasattr(module, "new_cache"):
+        return module.new_cache(capacity=capacity)
+    if isinstance(module, MultiHeadAttention) and "cache" in inspect.signature(module.forward).parameters:
+        reason = module.cache_refusal()
+        if reason is None:
+            return KVCache.for_pattern(module.pattern, capacity=capacity)
+    else:
+        reason = "its forward takes no cache"
+    raise CacheError(f"{type(module).__name__} cannot decode with a cache: {reason}; generate with use_cache=False")
