@@ -26,6 +26,10 @@ class Backend:
     def limits(self, req: Request) -> str | None:
         raise NotImplementedError
 
+    def describe(self, req: Request) -> str:
+        """Which of its paths would run ``req`` (empty when the backend has one)."""
+        return ""
+
     def forward(self, req: Request) -> tuple[Tensor, Tensor | None]:
         """Return ``(output, weights)``; weights only when ``req.return_weights``."""
         raise NotImplementedError

@@ -72,7 +72,10 @@ from torch import Tensor
 from ..normalizers import Sigmoid, Softmax
 from ..patterns import EMPTY, FULL
 from ..request import Request
+from . import native
 from .base import Backend
+from .native import tiles as native_tiles
+from .native.function import native_attention, split_score
 
 _NEG_INF = float("-inf")
 _MISSING = object()
@@ -121,6 +124,8 @@ class _Plan:
     #: plan visits a grid tile by tile, so that each group's rows are one tile; each group gathers
     #: its rows and scatters its outputs (no permuted copy of q or of the output).
     q_order: Tensor | None = None
+    #: The native kernel's tile table of this plan (``native.tiles.TileTable``), when built for it.
+    table: object = None
 
 
 def _runs_of(flags: list) -> list:
@@ -859,6 +864,10 @@ class BlockSparseBackend(Backend):
             pattern, about 64 queries per tile).
         tile_gain: the tiled plan is used when it computes at most this fraction of the pairs of
             the row-major one (gathering keys costs more than slicing them).
+        native: run the tiles in the native CPU kernel (``multihead.backends.native``: one pass per
+            tile with an online softmax, forward and backward) when it is built and can serve the
+            request; otherwise, and with ``False``, in plain PyTorch. ``native_unsupported`` says
+            why a request runs in PyTorch.
     """
 
     name = "blocksparse"
@@ -867,7 +876,7 @@ class BlockSparseBackend(Backend):
                  group_rows: int | None = None, max_group_elems: int = 1 << 21,
                  window_slack: float = 0.25, backward: str = "recompute",
                  mask_cache_bytes: int = 128 << 20, plan_cache: int = 16, tiles: bool = True,
-                 tile: tuple[int, ...] | None = None, tile_gain: float = 0.75):
+                 tile: tuple[int, ...] | None = None, tile_gain: float = 0.75, native: bool = True):
         if backward not in ("recompute", "autograd"):
             raise ValueError(f"backward must be 'recompute' or 'autograd', got {backward!r}")
         for name, value in (("q_block", q_block), ("kv_block", kv_block), ("group_rows", group_rows)):
@@ -882,6 +891,7 @@ class BlockSparseBackend(Backend):
                 isinstance(t, int) and not isinstance(t, bool) and t >= 1 for t in tile)):
             raise ValueError(f"tile must be None or a tuple of positive ints (one per grid axis), got {tile!r}")
         self.tiles, self.tile, self.tile_gain = bool(tiles), tile, float(tile_gain)
+        self.native = bool(native)
         self._plans: OrderedDict = OrderedDict()
         self._plan_cache = int(plan_cache)
 
@@ -898,17 +908,22 @@ class BlockSparseBackend(Backend):
         and 64."""
         return min(self.q_block or 32, q_len), min(self.kv_block or 32, kv_len), self.group_rows or 64
 
-    def plan(self, req: Request) -> _Plan:
-        """The (cached) grouping of ``req``'s query blocks and the keys each group reads."""
-        qb, kb, gr = self.choose_blocks(req.q_len, req.kv_len)
+    def plan(self, req: Request, native: bool = False) -> _Plan:
+        """The (cached) grouping of ``req``'s query blocks and the keys each group reads; for the
+        native kernel (``native=True``) its tiles, with the tile table built from them."""
+        qb, kb, gr = self.choose_native_blocks(req.q_len, req.kv_len) if native else \
+            self.choose_blocks(req.q_len, req.kv_len)
         key = (req.pattern, req.q_len, req.kv_len, str(req.device), req.batch, req.heads,
-               req.kv_heads, qb, kb, gr)
+               req.kv_heads, qb, kb, gr, native)
         try:
             plan = self._plans.get(key)
         except TypeError:  # an unhashable pattern: no caching
             key, plan = None, None
         if plan is None:
-            plan = self._new_plan(req, qb, kb, gr)
+            plan = self._new_plan(req, qb, kb, gr, native)
+            if native:
+                plan.table = native_tiles.from_plan(plan, req.pattern, req.q_len, req.kv_len)
+                plan.mask_bytes += plan.table.nbytes
             if key is not None:
                 self._plans[key] = plan
                 # bounded: at most plan_cache plans, whose cached masks total mask_cache_bytes
@@ -920,7 +935,13 @@ class BlockSparseBackend(Backend):
             self._plans.move_to_end(key)
         return plan
 
-    def _new_plan(self, req: Request, qb: int, kb: int, gr: int) -> _Plan:
+    def choose_native_blocks(self, q_len: int, kv_len: int) -> tuple[int, int, int]:
+        """``(q_block, kv_block, group_rows)`` of a row-major plan for the native kernel: the given
+        ones, else 64-row tiles over 32-key blocks."""
+        qb = min(self.q_block or 64, q_len)
+        return qb, min(self.kv_block or 32, kv_len), qb
+
+    def _new_plan(self, req: Request, qb: int, kb: int, gr: int, native: bool = False) -> _Plan:
         """A key-list plan for explicit per-query keys; for a grid pattern, the tiled plan when it
         computes clearly fewer pairs than the row-major one; else the row-major plan."""
         pattern, sizes = req.pattern, dict(max_group_elems=self.max_group_elems,
@@ -943,7 +964,34 @@ class BlockSparseBackend(Backend):
                 return tiled
         return plan
 
+    def native_unsupported(self, req: Request) -> str | None:
+        """Why the native kernel cannot run ``req`` (a phrase), or None when it can."""
+        if not self.native:
+            return "the backend was built with native=False"
+        if req.device.type != "cpu":
+            return f"the native kernel runs on CPU (the tensors are on {req.device.type})"
+        if req.dtype not in (torch.float32, torch.float64, torch.bfloat16):
+            return f"the native kernel serves float32, float64 and bfloat16, not {req.dtype}"
+        if req.dropout > 0:
+            return "dropout runs in PyTorch"
+        if not isinstance(req.normalizer, Softmax):
+            return f"the native kernel serves softmax, not {type(req.normalizer).__name__}"
+        if req.needs_grad and self.backward == "autograd":
+            return "backward='autograd' keeps PyTorch's graph"
+        split = split_score(req.score)
+        if isinstance(split, str):
+            return f"the score {split}"
+        _, why = native.status()
+        return why
+
+    def describe(self, req: Request) -> str:
+        """Which path runs ``req``: the native kernel, or PyTorch tiles and why."""
+        why = self.native_unsupported(req)
+        return "native kernel" if why is None else f"PyTorch tiles: {why}"
+
     def forward(self, req):
+        if self.native_unsupported(req) is None:
+            return self._native_forward(req), None
         dtype = req.dtype
         compute = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
         call = _Call(req, self.plan(req), compute, self.mask_cache_bytes)
@@ -961,3 +1009,9 @@ class BlockSparseBackend(Backend):
                 leaves, call.leaf_homes = found
                 out = _BlockSparseFunction.apply(call, q, k, v, *leaves)
         return out.to(dtype), None
+
+    def _native_forward(self, req: Request) -> Tensor:
+        lists = req.pattern.key_lists()
+        table = (native_tiles.from_key_lists(*lists) if lists is not None
+                 else self.plan(req, native=True).table)
+        return native_attention(table, req.q, req.k, req.v, req.scale, req.score)

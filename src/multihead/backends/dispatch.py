@@ -100,21 +100,23 @@ def choose(req: Request, backend: str) -> tuple[Backend, Explanation]:
             able = [n for n, why in reasons.items() if why is None]
             raise BackendError(f"backend {backend!r} cannot serve this request: it {reasons[backend]}. "
                                f"Backends that can: {able} (or backend='auto')")
-        explanation = Explanation(backend, "requested by name", _describe(reasons, backend, ()))
+        explanation = Explanation(backend, "requested by name", _describe(req, reasons, backend, ()))
         return BACKENDS[backend], explanation
     for rule, applies, order in AUTO_RULES:
         if applies(req):
             for name in order:
                 if reasons[name] is None:
-                    return BACKENDS[name], Explanation(name, rule, _describe(reasons, name, order))
+                    return BACKENDS[name], Explanation(name, rule, _describe(req, reasons, name, order))
     raise BackendError(f"no backend can serve this request: {reasons}")
 
 
-def _describe(reasons: dict[str, str | None], chosen: str, order: tuple[str, ...]) -> dict[str, str]:
+def _describe(req: Request, reasons: dict[str, str | None], chosen: str,
+              order: tuple[str, ...]) -> dict[str, str]:
     described = {}
     for name, why in reasons.items():
         if name == chosen:
-            described[name] = "chosen"
+            path = BACKENDS[name].describe(req)
+            described[name] = f"chosen ({path})" if path else "chosen"
         elif why is not None:
             described[name] = f"cannot: it {why}"
         elif name in order and order.index(name) > order.index(chosen):

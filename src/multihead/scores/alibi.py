@@ -36,6 +36,7 @@ class ALiBi(Score):
     """
 
     additive = True
+    relative = True
 
     def __init__(self, heads: int):
         super().__init__()

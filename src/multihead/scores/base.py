@@ -25,6 +25,9 @@ class Score(nn.Module):
     num_heads: int | None = None
     #: Whether the score differs between batch elements.
     batch_dependent: bool = False
+    #: Whether the score is additive and depends only on the head and ``kv_idx - q_idx`` (ALiBi,
+    #: T5 buckets): the native block-sparse kernel then reads it as one vector per head.
+    relative: bool = False
 
     def forward(self, score: Tensor, b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
         raise NotImplementedError

@@ -14,6 +14,7 @@ class Reindexed(Score):
         super().__init__()
         self.inner, self.heads, self.positions = score, heads, positions
         self.additive, self.batch_dependent = score.additive, score.batch_dependent
+        self.relative = score.relative
 
     def forward(self, score, b, h, q_idx, kv_idx):
         return self.inner(score, b, h + self.heads, q_idx + self.positions, kv_idx + self.positions)

@@ -41,6 +41,7 @@ class RelativePositionBias(Score):
     """
 
     additive = True
+    relative = True
 
     def __init__(self, heads: int, num_buckets: int = 32, max_distance: int = 128,
                  bidirectional: bool = True):

@@ -1,0 +1,130 @@
+"""The native CPU kernel of the block-sparse backend: built once per machine, cached, optional.
+
+``kernel()`` returns the compiled extension (``blocksparse.cpp`` beside this file), building it on
+first use with ``torch.utils.cpp_extension`` (a C++ compiler and ninja) into a cache folder keyed by
+the source, torch's version and the CPU's vector extensions, so a second process only loads it.
+``status()`` says whether it is available and, if not, why: no compiler, a failed build, or
+``MULTIHEAD_NATIVE=0`` in the environment. Without it the block-sparse backend runs its tiles in
+plain PyTorch; ``multihead.explain`` says which path ran.
+
+``python -m multihead.backends.native`` builds it (``make setup`` does) and prints the status.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import sys
+import threading
+from pathlib import Path
+
+import torch
+
+_SOURCE = Path(__file__).with_name("blocksparse.cpp")
+_lock = threading.Lock()
+_state: dict = {}
+
+
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags (``/proc/cpuinfo``; empty elsewhere)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def _vector_flags(flags: set[str]) -> list[str]:
+    """Compiler flags for ATen's vector types at the widest width this CPU runs."""
+    if {"avx512f", "avx512bw", "avx512vl", "avx512dq", "fma"} <= flags:
+        return ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx2", "-mfma",
+                "-DCPU_CAPABILITY=AVX512", "-DCPU_CAPABILITY_AVX512"]
+    if {"avx2", "fma"} <= flags:
+        return ["-mavx2", "-mfma", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"]
+    return ["-DCPU_CAPABILITY=DEFAULT"]
+
+
+def _cache_root() -> Path:
+    root = os.environ.get("MULTIHEAD_CACHE")
+    return Path(root) if root else Path.home() / ".cache" / "multihead"
+
+
+def build_flags(debug: bool = False) -> list[str]:
+    flags = ["-O3", "-std=c++17", *_vector_flags(cpu_flags())]
+    if debug:  # bounds-checked containers and assertions, for the sanitizer run of the tests
+        flags += ["-O1", "-g", "-D_GLIBCXX_ASSERTIONS", "-fno-omit-frame-pointer"]
+    return flags
+
+
+def _build(debug: bool):
+    flags = build_flags(debug)
+    source = _SOURCE.read_bytes()
+    tag = hashlib.sha256(source + torch.__version__.encode() + " ".join(flags).encode()).hexdigest()[:12]
+    name = f"multihead_blocksparse_{tag}"
+    folder = _cache_root() / "native" / name
+    folder.mkdir(parents=True, exist_ok=True)
+    from torch.utils import cpp_extension
+
+    return cpp_extension.load(name=name, sources=[str(_SOURCE)], extra_cflags=flags,
+                              build_directory=str(folder), verbose=False)
+
+
+def _missing_tools() -> str | None:
+    from torch.utils import cpp_extension
+
+    compiler = os.environ.get("CXX", "c++")
+    if shutil.which(compiler) is None:
+        return f"no C++ compiler ({compiler!r} not found)"
+    if not cpp_extension.is_ninja_available():
+        return "ninja is not installed (apt-get install ninja-build, or pip install ninja)"
+    return None
+
+
+def status() -> tuple[object | None, str | None]:
+    """``(module, None)`` when the kernel is available, else ``(None, why not)``. Builds on the
+    first call (under a minute); later calls return the cached answer."""
+    disabled = os.environ.get("MULTIHEAD_NATIVE", "1").strip().lower() in ("0", "false", "no", "off")
+    if disabled:
+        return None, "the native kernel is disabled (MULTIHEAD_NATIVE=0)"
+    debug = os.environ.get("MULTIHEAD_NATIVE_DEBUG", "0") == "1"
+    with _lock:
+        if debug not in _state:
+            why = _missing_tools()
+            module = None
+            if why is None:
+                try:
+                    module = _build(debug)
+                except Exception as error:  # a compiler error, a missing header: keep the fallback
+                    first = str(error).strip().splitlines()
+                    why = f"the native kernel failed to build ({first[-1] if first else type(error).__name__})"
+            _state[debug] = (module, why)
+        return _state[debug]
+
+
+def kernel():
+    """The compiled extension, or None (see ``status``)."""
+    return status()[0]
+
+
+def describe() -> str:
+    """One line on the kernel: available (and which BLAS products it found) or why not."""
+    module, why = status()
+    if module is None:
+        return f"native kernel unavailable: {why}"
+    sgemm, dgemm, bf16 = module.blas()
+    found = [n for n, ok in (("sgemm", sgemm), ("dgemm", dgemm), ("bf16 gemm", bf16)) if ok]
+    cpu = sorted(f for f in cpu_flags() if f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16"))
+    return f"native kernel available (BLAS: {', '.join(found) or 'none: plain loops'}; CPU: {', '.join(cpu) or 'baseline'})"
+
+
+def main() -> int:
+    line = describe()
+    print(line)
+    return 0 if kernel() is not None else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

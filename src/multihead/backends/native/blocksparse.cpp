@@ -1,0 +1,630 @@
+// Block-sparse attention on CPU: one pass per tile of queries with an online softmax, forward and
+// backward, driven by a tile table built in Python from the pattern's plan (multihead/backends/
+// native/__init__.py says what each array holds).
+//
+// A tile is a set of query rows (gathered from anywhere in the sequence) and a list of key
+// positions (a contiguous run, read in place, or gathered). Its logits are computed a chunk of keys
+// at a time into a small buffer: scale, the score (relative biases and a softcap), the mask, then
+// the online softmax and the product with the values. Query heads that share a key head (GQA) and
+// the same key list are stacked as rows of one product, so keys are never repeated. Forward keeps
+// the log-sum-exp of every row; backward recomputes each tile's weights from it (FlashAttention-2's
+// scheme). Key and value gradients are accumulated without atomics: the tiles of one
+// (batch, key head) are split into a few partitions, each with its own accumulator, summed at the
+// end. The products go to the BLAS that torch links (MKL's sgemm / dgemm, and its bf16 x bf16 ->
+// fp32 gemm for bfloat16), looked up weakly; a plain loop serves when a symbol is missing.
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/vec.h>
+#include <ATen/cpu/vec/functional.h>
+#include <c10/util/BFloat16.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+extern "C" {
+void sgemm_(const char*, const char*, const int*, const int*, const int*, const float*, const float*,
+            const int*, const float*, const int*, const float*, float*, const int*) __attribute__((weak));
+void dgemm_(const char*, const char*, const int*, const int*, const int*, const double*, const double*,
+            const int*, const double*, const int*, const double*, double*, const int*) __attribute__((weak));
+void cblas_gemm_bf16bf16f32(int layout, int transa, int transb, int m, int n, int k, float alpha,
+                            const uint16_t* a, int lda, const uint16_t* b, int ldb, float beta,
+                            float* c, int ldc) __attribute__((weak));
+}
+
+namespace {
+
+using at::BFloat16;
+
+template <typename T> struct Acc { using type = float; };
+template <> struct Acc<double> { using type = double; };
+
+// ---------------------------------------------------------------------------------------------
+// Row-major products C (m x n) = alpha * op(A) op(B) + beta * C, op(A) m x k, op(B) k x n.
+// ---------------------------------------------------------------------------------------------
+template <typename T, typename C>
+void naive_gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, C alpha, const T* a, int64_t lda,
+                const T* b, int64_t ldb, C beta, C* c, int64_t ldc) {
+  std::vector<C> row(n);
+  for (int64_t i = 0; i < m; ++i) {
+    std::fill(row.begin(), row.end(), C(0));
+    for (int64_t p = 0; p < k; ++p) {
+      C av = static_cast<C>(ta ? a[p * lda + i] : a[i * lda + p]);
+      if (av == C(0)) continue;
+      if (tb) {
+        for (int64_t j = 0; j < n; ++j) row[j] += av * static_cast<C>(b[j * ldb + p]);
+      } else {
+        const T* bp = b + p * ldb;
+        for (int64_t j = 0; j < n; ++j) row[j] += av * static_cast<C>(bp[j]);
+      }
+    }
+    C* cr = c + i * ldc;
+    for (int64_t j = 0; j < n; ++j) cr[j] = alpha * row[j] + (beta == C(0) ? C(0) : beta * cr[j]);
+  }
+}
+
+inline void gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, float alpha, const float* a,
+                 int64_t lda, const float* b, int64_t ldb, float beta, float* c, int64_t ldc) {
+  if (m == 0 || n == 0) return;
+  if (sgemm_ == nullptr || k == 0) return naive_gemm(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+  // row-major C = op(A) op(B)  <=>  column-major C^T = op(B)^T op(A)^T
+  const char oa = tb ? 'T' : 'N', ob = ta ? 'T' : 'N';
+  const int M = n, N = m, K = k, LA = ldb, LB = lda, LC = ldc;
+  sgemm_(&oa, &ob, &M, &N, &K, &alpha, b, &LA, a, &LB, &beta, c, &LC);
+}
+
+inline void gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, double alpha, const double* a,
+                 int64_t lda, const double* b, int64_t ldb, double beta, double* c, int64_t ldc) {
+  if (m == 0 || n == 0) return;
+  if (dgemm_ == nullptr || k == 0) return naive_gemm(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+  const char oa = tb ? 'T' : 'N', ob = ta ? 'T' : 'N';
+  const int M = n, N = m, K = k, LA = ldb, LB = lda, LC = ldc;
+  dgemm_(&oa, &ob, &M, &N, &K, &alpha, b, &LA, a, &LB, &beta, c, &LC);
+}
+
+inline void gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, float alpha, const BFloat16* a,
+                 int64_t lda, const BFloat16* b, int64_t ldb, float beta, float* c, int64_t ldc) {
+  if (m == 0 || n == 0) return;
+  if (cblas_gemm_bf16bf16f32 == nullptr || k == 0)
+    return naive_gemm(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+  constexpr int kRowMajor = 101, kNoTrans = 111, kTrans = 112;
+  cblas_gemm_bf16bf16f32(kRowMajor, ta ? kTrans : kNoTrans, tb ? kTrans : kNoTrans, m, n, k, alpha,
+                         reinterpret_cast<const uint16_t*>(a), lda, reinterpret_cast<const uint16_t*>(b),
+                         ldb, beta, c, ldc);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Small vector helpers.
+// ---------------------------------------------------------------------------------------------
+template <typename T>
+inline void convert(const T* src, T* dst, int64_t n) { std::memcpy(dst, src, n * sizeof(T)); }
+inline void convert(const float* src, BFloat16* dst, int64_t n) {
+  at::vec::convert(src, dst, n);
+}
+inline void convert(const BFloat16* src, float* dst, int64_t n) { at::vec::convert(src, dst, n); }
+
+// x[i] = exp(x[i] - m), returns the sum
+inline float exp_sum(float* x, int64_t n, float m) {
+  using V = at::vec::Vectorized<float>;
+  const V vm(m);
+  V acc(0.f);
+  int64_t i = 0;
+  for (; i + V::size() <= n; i += V::size()) {
+    V e = (V::loadu(x + i) - vm).exp_u20();
+    e.store(x + i);
+    acc = acc + e;
+  }
+  float s = at::vec::vec_reduce_all<float>([](V& a, V& b) { return a + b; }, acc);
+  for (; i < n; ++i) {
+    x[i] = std::exp(x[i] - m);
+    s += x[i];
+  }
+  return s;
+}
+inline double exp_sum(double* x, int64_t n, double m) {
+  double s = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    x[i] = std::exp(x[i] - m);
+    s += x[i];
+  }
+  return s;
+}
+template <typename C>
+inline C row_max(const C* x, int64_t n) {
+  C m = -std::numeric_limits<C>::infinity();
+  for (int64_t i = 0; i < n; ++i) m = std::max(m, x[i]);
+  return m;
+}
+
+// ---------------------------------------------------------------------------------------------
+// The tile table and the call's parameters.
+// ---------------------------------------------------------------------------------------------
+struct Table {
+  const int64_t* q_rows;   // (R,) frame row -> query index
+  const int64_t* tile_q;   // (T + 1,) offsets into q_rows
+  const int64_t* tile_k;   // (T + 1,) offsets into a slot's key list
+  const int64_t* k_idx;    // (S, K) key positions, per layout slot
+  const uint8_t* k_contig; // (T,) the tile's keys are one ascending run in every slot
+  const int64_t* tile_m;   // (T,) offset of the tile's (rows x keys) mask in a slot, -1: none
+  const uint8_t* mask;     // (S, Mtot) 1 = allowed
+  int64_t T, K, Mtot, lb, lh;
+};
+
+Table table_of(const at::Tensor& q_rows, const at::Tensor& tile_q, const at::Tensor& tile_k,
+               const at::Tensor& k_idx, const at::Tensor& k_contig, const at::Tensor& tile_m,
+               const at::Tensor& mask, int64_t lb, int64_t lh) {
+  for (const auto* t : {&q_rows, &tile_q, &tile_k, &k_idx, &tile_m})
+    TORCH_CHECK(t->scalar_type() == at::kLong && t->is_contiguous() && t->device().is_cpu(),
+                "tile table: index arrays must be contiguous int64 CPU tensors");
+  TORCH_CHECK(k_contig.scalar_type() == at::kByte && mask.scalar_type() == at::kByte &&
+              k_contig.is_contiguous() && mask.is_contiguous(), "tile table: flags must be uint8");
+  const int64_t T = tile_q.numel() - 1;
+  TORCH_CHECK(T >= 0 && tile_k.numel() == T + 1 && k_contig.numel() == T && tile_m.numel() == T,
+              "tile table: inconsistent tile counts");
+  TORCH_CHECK(k_idx.dim() == 2 && k_idx.size(0) == lb * lh && mask.dim() == 2 && mask.size(0) == lb * lh,
+              "tile table: key and mask arrays need one row per layout slot");
+  Table t{q_rows.data_ptr<int64_t>(), tile_q.data_ptr<int64_t>(), tile_k.data_ptr<int64_t>(),
+          k_idx.data_ptr<int64_t>(), k_contig.data_ptr<uint8_t>(), tile_m.data_ptr<int64_t>(),
+          mask.data_ptr<uint8_t>(), T, k_idx.size(1), mask.size(1), lb, lh};
+  TORCH_CHECK(t.tile_q[0] == 0 && t.tile_q[T] <= q_rows.numel() && t.tile_k[0] == 0 && t.tile_k[T] <= t.K,
+              "tile table: offsets out of range");
+  for (int64_t i = 0; i < T; ++i) {
+    TORCH_CHECK(t.tile_q[i] <= t.tile_q[i + 1] && t.tile_k[i] <= t.tile_k[i + 1], "tile table: offsets decrease");
+    const int64_t m = t.tile_m[i];
+    TORCH_CHECK(m < 0 || m + (t.tile_q[i + 1] - t.tile_q[i]) * (t.tile_k[i + 1] - t.tile_k[i]) <= t.Mtot,
+                "tile table: a mask runs past the end");
+  }
+  return t;
+}
+
+struct Geometry {
+  int64_t B, H, Hkv, Lq, Lk, D, Dv, gq, offset;
+};
+
+// Score: logit = post[h, k - q + qmax] + cap * tanh((scale q.k + pre[h, k - q + qmax]) / cap)
+// (without a cap: scale q.k + pre + post). ``vec`` arrays are (H, Lvec) or absent.
+template <typename C>
+struct Score {
+  const C* pre = nullptr;
+  const C* post = nullptr;
+  int64_t lvec = 0, qmax = 0;
+  C cap = 0;
+};
+
+template <typename T>
+struct Inputs {
+  const T *q, *k, *v;
+  Geometry g;
+  Table tab;
+};
+
+// Per-thread scratch.
+template <typename T, typename C>
+struct Scratch {
+  std::vector<T> q, k, v, p16, d16, ds16;  // gathered rows (T), weights in T for the products
+  std::vector<C> s, o, m, l, dq, dk, dv, dp, raw;
+  std::vector<int64_t> qabs, heads;
+};
+
+constexpr int64_t kChunk = 512;  // keys per logits chunk
+
+template <typename T>
+const T* key_rows(const T* base, int64_t D, const int64_t* idx, int64_t n, bool contig, std::vector<T>& buf) {
+  if (contig) return base + idx[0] * D;
+  buf.resize(n * D);
+  for (int64_t j = 0; j < n; ++j) std::memcpy(buf.data() + j * D, base + idx[j] * D, D * sizeof(T));
+  return buf.data();
+}
+
+// The logits of a chunk: s (M x n) = scale Q K^T, then the score and the mask. ``raw`` (when not
+// null) receives the pre-softcap values for backward.
+template <typename T, typename C>
+void chunk_logits(const Inputs<T>& in, const Score<C>& sc, C scale, const T* qb, const T* kb,
+                  int64_t M, int64_t n, int64_t rows, const int64_t* kpos, const int64_t* heads,
+                  const int64_t* qabs, const uint8_t* mask, int64_t mask_ld, C* s, C* raw) {
+  const int64_t D = in.g.D;
+  gemm(false, true, M, n, D, scale, qb, D, kb, D, C(0), s, n);
+  const bool any_score = sc.pre || sc.post || sc.cap > 0;
+  const C ninf = -std::numeric_limits<C>::infinity();
+  for (int64_t i = 0; i < M; ++i) {
+    C* si = s + i * n;
+    if (any_score) {
+      const int64_t base = sc.qmax - qabs[i];
+      const C* pre = sc.pre ? sc.pre + heads[i] * sc.lvec + base : nullptr;
+      const C* post = sc.post ? sc.post + heads[i] * sc.lvec + base : nullptr;
+      if (pre)
+        for (int64_t j = 0; j < n; ++j) si[j] += pre[kpos[j]];
+      if (sc.cap > 0) {
+        if (raw) std::memcpy(raw + i * n, si, n * sizeof(C));
+        const C inv = C(1) / sc.cap;
+        for (int64_t j = 0; j < n; ++j) si[j] = sc.cap * std::tanh(si[j] * inv);
+      }
+      if (post)
+        for (int64_t j = 0; j < n; ++j) si[j] += post[kpos[j]];
+    }
+    if (mask) {
+      const uint8_t* mi = mask + (i % rows) * mask_ld;
+      for (int64_t j = 0; j < n; ++j)
+        if (!mi[j]) si[j] = ninf;
+    }
+  }
+}
+
+// Gather the tile's query rows of ``x`` (B, H, L, E) for heads ``h0 .. h0 + nh`` into ``dst``.
+template <typename T>
+void gather_rows(const T* x, const Geometry& g, int64_t E, int64_t L, int64_t b, int64_t h0, int64_t nh,
+                 const int64_t* rows, int64_t nrows, T* dst) {
+  for (int64_t j = 0; j < nh; ++j) {
+    const T* xb = x + ((b * g.H + h0 + j) * L) * E;
+    for (int64_t r = 0; r < nrows; ++r) std::memcpy(dst + (j * nrows + r) * E, xb + rows[r] * E, E * sizeof(T));
+  }
+}
+
+template <typename T, typename C>
+void store_rows(T* x, const Geometry& g, int64_t E, int64_t L, int64_t b, int64_t h0, int64_t nh,
+                const int64_t* rows, int64_t nrows, const C* src) {
+  for (int64_t j = 0; j < nh; ++j) {
+    T* xb = x + ((b * g.H + h0 + j) * L) * E;
+    for (int64_t r = 0; r < nrows; ++r) {
+      const C* s = src + (j * nrows + r) * E;
+      T* d = xb + rows[r] * E;
+      if constexpr (std::is_same_v<T, C>) std::memcpy(d, s, E * sizeof(T));
+      else convert(s, d, E);
+    }
+  }
+}
+
+// Units of work: (batch, key head, head set, tile). A head set is the gq query heads of a key
+// head stacked (layouts shared by all heads), or one query head (per-head layouts).
+struct Units {
+  int64_t sets, per_set;
+  int64_t count(const Geometry& g, int64_t T) const { return g.B * g.Hkv * sets * T; }
+};
+inline Units units_of(const Geometry& g, const Table& t) {
+  return t.lh == 1 ? Units{1, g.gq} : Units{g.gq, 1};
+}
+inline int64_t slot_of(const Table& t, int64_t b, int64_t h) {
+  return (t.lb > 1 ? b : 0) * t.lh + (t.lh > 1 ? h : 0);
+}
+
+// Dynamic scheduling: each thread pulls the next unit from a shared counter.
+template <typename F>
+void for_each_unit(int64_t n, const F& f) {
+  std::atomic<int64_t> next{0};
+  const int64_t threads = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), n));
+  at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
+    int64_t i;
+    while ((i = next.fetch_add(1)) < n) f(i);
+  });
+}
+
+template <typename T>
+std::vector<at::Tensor> forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                     const Table& tab, double scale_d, const at::Tensor& pre,
+                                     const at::Tensor& post, double cap, int64_t qmax) {
+  using C = typename Acc<T>::type;
+  Geometry g{q.size(0), q.size(1), k.size(1), q.size(2), k.size(2), q.size(3), v.size(3),
+             q.size(1) / k.size(1), k.size(2) - q.size(2)};
+  auto out = at::zeros({g.B, g.H, g.Lq, g.Dv}, q.options());
+  auto lse = at::full({g.B, g.H, g.Lq}, std::numeric_limits<double>::infinity(),
+                      q.options().dtype(c10::CppTypeToScalarType<C>::value));
+  Inputs<T> in{static_cast<T*>(q.data_ptr()), static_cast<T*>(k.data_ptr()), static_cast<T*>(v.data_ptr()), g, tab};
+  Score<C> sc;
+  if (pre.defined()) sc.pre = static_cast<C*>(pre.data_ptr()), sc.lvec = pre.size(1);
+  if (post.defined()) sc.post = static_cast<C*>(post.data_ptr()), sc.lvec = post.size(1);
+  sc.cap = static_cast<C>(cap);
+  sc.qmax = qmax;
+  const C scale = static_cast<C>(scale_d);
+  T* out_p = static_cast<T*>(out.data_ptr());
+  C* lse_p = static_cast<C*>(lse.data_ptr());
+  const Units u = units_of(g, tab);
+  const int64_t n_units = u.count(g, tab.T);
+
+  std::vector<Scratch<T, C>> scratch(std::max(1, at::get_num_threads()));
+  for_each_unit(n_units, [&](int64_t unit) {
+    Scratch<T, C>& w = scratch[at::get_thread_num()];
+    const int64_t t = unit % tab.T, rest = unit / tab.T;
+    const int64_t set = rest % u.sets, bk = rest / u.sets;
+    const int64_t b = bk / g.Hkv, hk = bk % g.Hkv;
+    const int64_t h0 = hk * g.gq + set * u.per_set, nh = u.per_set;
+    const int64_t rows = tab.tile_q[t + 1] - tab.tile_q[t], W = tab.tile_k[t + 1] - tab.tile_k[t];
+    if (rows == 0 || W == 0) return;
+    const int64_t M = nh * rows, slot = slot_of(tab, b, h0);
+    const int64_t* qrows = tab.q_rows + tab.tile_q[t];
+    const int64_t* kpos = tab.k_idx + slot * tab.K + tab.tile_k[t];
+    const uint8_t* mask = tab.tile_m[t] < 0 ? nullptr : tab.mask + slot * tab.Mtot + tab.tile_m[t];
+    w.q.resize(M * g.D);
+    gather_rows(in.q, g, g.D, g.Lq, b, h0, nh, qrows, rows, w.q.data());
+    w.qabs.resize(M), w.heads.resize(M);
+    for (int64_t i = 0; i < M; ++i) w.qabs[i] = qrows[i % rows] + g.offset, w.heads[i] = h0 + i / rows;
+    const int64_t n0 = std::min(W, kChunk);
+    w.s.resize(M * n0), w.o.assign(M * g.Dv, C(0)), w.m.assign(M, -std::numeric_limits<C>::infinity()),
+        w.l.assign(M, C(0));
+    const T* kbase = in.k + (b * g.Hkv + hk) * g.Lk * g.D;
+    const T* vbase = in.v + (b * g.Hkv + hk) * g.Lk * g.Dv;
+    for (int64_t c0 = 0; c0 < W; c0 += kChunk) {
+      const int64_t n = std::min(kChunk, W - c0);
+      const bool contig = tab.k_contig[t];
+      const T* kb = key_rows(kbase, g.D, kpos + c0, n, contig, w.k);
+      const T* vb = key_rows(vbase, g.Dv, kpos + c0, n, contig, w.v);
+      C* s = w.s.data();
+      chunk_logits(in, sc, scale, w.q.data(), kb, M, n, rows, kpos + c0, w.heads.data(), w.qabs.data(),
+                   mask ? mask + c0 : nullptr, W, s, static_cast<C*>(nullptr));
+      // online softmax
+      for (int64_t i = 0; i < M; ++i) {
+        C* si = s + i * n;
+        const C mnew = std::max(w.m[i], row_max(si, n));
+        if (mnew == -std::numeric_limits<C>::infinity()) {  // nothing allowed yet in this row
+          std::fill(si, si + n, C(0));
+          continue;
+        }
+        const C corr = std::exp(w.m[i] - mnew);
+        const C sum = exp_sum(si, n, mnew);
+        if (corr != C(1)) {
+          C* oi = w.o.data() + i * g.Dv;
+          for (int64_t d = 0; d < g.Dv; ++d) oi[d] *= corr;
+        }
+        w.l[i] = w.l[i] * corr + sum;
+        w.m[i] = mnew;
+      }
+      if constexpr (std::is_same_v<T, C>) {
+        gemm(false, false, M, g.Dv, n, C(1), s, n, vb, g.Dv, C(1), w.o.data(), g.Dv);
+      } else {
+        w.p16.resize(M * n);
+        convert(s, w.p16.data(), M * n);
+        gemm(false, false, M, g.Dv, n, C(1), w.p16.data(), n, vb, g.Dv, C(1), w.o.data(), g.Dv);
+      }
+    }
+    for (int64_t i = 0; i < M; ++i) {
+      C* oi = w.o.data() + i * g.Dv;
+      const C inv = w.l[i] > C(0) ? C(1) / w.l[i] : C(0);
+      for (int64_t d = 0; d < g.Dv; ++d) oi[d] *= inv;
+      const int64_t h = w.heads[i];
+      lse_p[(b * g.H + h) * g.Lq + qrows[i % rows]] =
+          w.l[i] > C(0) ? w.m[i] + std::log(w.l[i]) : std::numeric_limits<C>::infinity();
+    }
+    store_rows(out_p, g, g.Dv, g.Lq, b, h0, nh, qrows, rows, w.o.data());
+  });
+  return {out, lse};
+}
+
+template <typename T>
+std::vector<at::Tensor> backward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                      const at::Tensor& dout, const at::Tensor& lse, const at::Tensor& delta,
+                                      const Table& tab, double scale_d, const at::Tensor& pre,
+                                      const at::Tensor& post, double cap, int64_t qmax, int64_t parts,
+                                      bool want_pre, bool want_post) {
+  using C = typename Acc<T>::type;
+  Geometry g{q.size(0), q.size(1), k.size(1), q.size(2), k.size(2), q.size(3), v.size(3),
+             q.size(1) / k.size(1), k.size(2) - q.size(2)};
+  const auto copt = q.options().dtype(c10::CppTypeToScalarType<C>::value);
+  auto dq = at::zeros({g.B, g.H, g.Lq, g.D}, copt);
+  auto dk = at::zeros({parts, g.B, g.Hkv, g.Lk, g.D}, copt);
+  auto dv = at::zeros({parts, g.B, g.Hkv, g.Lk, g.Dv}, copt);
+  const int64_t threads = std::max(1, at::get_num_threads());
+  want_pre = want_pre && pre.defined(), want_post = want_post && post.defined();
+  const int64_t lvec = pre.defined() ? pre.size(1) : (post.defined() ? post.size(1) : 0);
+  auto dpre = at::zeros({want_pre ? threads : 0, g.H, lvec}, copt);
+  auto dpost = at::zeros({want_post ? threads : 0, g.H, lvec}, copt);
+  Inputs<T> in{static_cast<T*>(q.data_ptr()), static_cast<T*>(k.data_ptr()), static_cast<T*>(v.data_ptr()), g, tab};
+  Score<C> sc;
+  if (pre.defined()) sc.pre = static_cast<C*>(pre.data_ptr()), sc.lvec = lvec;
+  if (post.defined()) sc.post = static_cast<C*>(post.data_ptr()), sc.lvec = lvec;
+  sc.cap = static_cast<C>(cap);
+  sc.qmax = qmax;
+  const C scale = static_cast<C>(scale_d);
+  const T* do_p = static_cast<T*>(dout.data_ptr());
+  const C* lse_p = static_cast<C*>(lse.data_ptr());
+  const C* delta_p = static_cast<C*>(delta.data_ptr());
+  C *dq_p = static_cast<C*>(dq.data_ptr()), *dk_p = static_cast<C*>(dk.data_ptr()), *dv_p = static_cast<C*>(dv.data_ptr());
+  const Units u = units_of(g, tab);
+  const int64_t per_part = (tab.T + parts - 1) / parts;
+  const int64_t n_units = g.B * g.Hkv * parts;
+
+  std::vector<Scratch<T, C>> scratch(threads);
+  for_each_unit(n_units, [&](int64_t unit) {
+    Scratch<T, C>& w = scratch[at::get_thread_num()];
+    const int64_t part = unit % parts, bk = unit / parts;
+    const int64_t b = bk / g.Hkv, hk = bk % g.Hkv;
+    C* dk_acc = dk_p + ((part * g.B + b) * g.Hkv + hk) * g.Lk * g.D;
+    C* dv_acc = dv_p + ((part * g.B + b) * g.Hkv + hk) * g.Lk * g.Dv;
+    C* dpre_t = want_pre ? static_cast<C*>(dpre.data_ptr()) + at::get_thread_num() * g.H * lvec : nullptr;
+    C* dpost_t = want_post ? static_cast<C*>(dpost.data_ptr()) + at::get_thread_num() * g.H * lvec : nullptr;
+    const T* kbase = in.k + (b * g.Hkv + hk) * g.Lk * g.D;
+    const T* vbase = in.v + (b * g.Hkv + hk) * g.Lk * g.Dv;
+    const int64_t t_end = std::min(tab.T, (part + 1) * per_part);
+    for (int64_t t = part * per_part; t < t_end; ++t)
+      for (int64_t set = 0; set < u.sets; ++set) {
+        const int64_t h0 = hk * g.gq + set * u.per_set, nh = u.per_set;
+        const int64_t rows = tab.tile_q[t + 1] - tab.tile_q[t], W = tab.tile_k[t + 1] - tab.tile_k[t];
+        if (rows == 0 || W == 0) continue;
+        const int64_t M = nh * rows, slot = slot_of(tab, b, h0);
+        const int64_t* qrows = tab.q_rows + tab.tile_q[t];
+        const int64_t* kpos = tab.k_idx + slot * tab.K + tab.tile_k[t];
+        const uint8_t* mask = tab.tile_m[t] < 0 ? nullptr : tab.mask + slot * tab.Mtot + tab.tile_m[t];
+        const bool contig = tab.k_contig[t];
+        w.q.resize(M * g.D);
+        gather_rows(in.q, g, g.D, g.Lq, b, h0, nh, qrows, rows, w.q.data());
+        std::vector<T>& dob = w.d16;  // dO rows
+        dob.resize(M * g.Dv);
+        gather_rows(do_p, g, g.Dv, g.Lq, b, h0, nh, qrows, rows, dob.data());
+        w.qabs.resize(M), w.heads.resize(M), w.m.resize(M), w.l.resize(M);
+        for (int64_t i = 0; i < M; ++i) {
+          w.qabs[i] = qrows[i % rows] + g.offset, w.heads[i] = h0 + i / rows;
+          const int64_t at = (b * g.H + w.heads[i]) * g.Lq + qrows[i % rows];
+          w.m[i] = lse_p[at], w.l[i] = delta_p[at];
+        }
+        w.dq.assign(M * g.D, C(0));
+        for (int64_t c0 = 0; c0 < W; c0 += kChunk) {
+          const int64_t n = std::min(kChunk, W - c0);
+          const T* kb = key_rows(kbase, g.D, kpos + c0, n, contig, w.k);
+          const T* vb = key_rows(vbase, g.Dv, kpos + c0, n, contig, w.v);
+          w.s.resize(M * n), w.dp.resize(M * n);
+          if (sc.cap > 0) w.raw.resize(M * n);
+          C* s = w.s.data();
+          chunk_logits(in, sc, scale, w.q.data(), kb, M, n, rows, kpos + c0, w.heads.data(), w.qabs.data(),
+                       mask ? mask + c0 : nullptr, W, s, sc.cap > 0 ? w.raw.data() : nullptr);
+          for (int64_t i = 0; i < M; ++i) {  // P = exp(s - lse)
+            C* si = s + i * n;
+            const C m = w.m[i];
+            if (m == std::numeric_limits<C>::infinity()) std::fill(si, si + n, C(0));
+            else exp_sum(si, n, m);
+          }
+          // dP = dO V^T (M x n)
+          C* dp = w.dp.data();
+          gemm(false, true, M, n, g.Dv, C(1), dob.data(), g.Dv, vb, g.Dv, C(0), dp, n);
+          // dV += P^T dO  (n x Dv)
+          const T* pT;
+          if constexpr (std::is_same_v<T, C>) pT = s;
+          else { w.p16.resize(M * n); convert(s, w.p16.data(), M * n); pT = w.p16.data(); }
+          w.dv.resize(n * g.Dv);
+          C* dvc = contig ? dv_acc + kpos[c0] * g.Dv : w.dv.data();
+          gemm(true, false, n, g.Dv, M, C(1), pT, n, dob.data(), g.Dv, contig ? C(1) : C(0), dvc, g.Dv);
+          if (!contig)
+            for (int64_t j = 0; j < n; ++j) {
+              C* dst = dv_acc + kpos[c0 + j] * g.Dv;
+              const C* src = dvc + j * g.Dv;
+              for (int64_t d = 0; d < g.Dv; ++d) dst[d] += src[d];
+            }
+          // dS = P (dP - delta), then through the score
+          for (int64_t i = 0; i < M; ++i) {
+            C* si = s + i * n;
+            C* di = dp + i * n;
+            const C dl = w.l[i];
+            for (int64_t j = 0; j < n; ++j) di[j] = si[j] * (di[j] - dl);
+            const int64_t base = sc.qmax - w.qabs[i];
+            const int64_t* kp = kpos + c0;
+            if (dpost_t) {
+              C* dvec = dpost_t + w.heads[i] * lvec + base;
+              for (int64_t j = 0; j < n; ++j) dvec[kp[j]] += di[j];
+            }
+            if (sc.cap > 0) {
+              const C* ri = w.raw.data() + i * n;
+              const C inv = C(1) / sc.cap;
+              for (int64_t j = 0; j < n; ++j) {
+                const C th = std::tanh(ri[j] * inv);
+                di[j] *= C(1) - th * th;
+              }
+            }
+            if (dpre_t) {
+              C* dvec = dpre_t + w.heads[i] * lvec + base;
+              for (int64_t j = 0; j < n; ++j) dvec[kp[j]] += di[j];
+            }
+          }
+          const T* dsT;
+          if constexpr (std::is_same_v<T, C>) dsT = dp;
+          else { w.ds16.resize(M * n); convert(dp, w.ds16.data(), M * n); dsT = w.ds16.data(); }
+          // dQ += scale dS K ; dK += scale dS^T Q
+          gemm(false, false, M, g.D, n, scale, dsT, n, kb, g.D, C(1), w.dq.data(), g.D);
+          w.dk.resize(n * g.D);
+          C* dkc = contig ? dk_acc + kpos[c0] * g.D : w.dk.data();
+          gemm(true, false, n, g.D, M, scale, dsT, n, w.q.data(), g.D, contig ? C(1) : C(0), dkc, g.D);
+          if (!contig)
+            for (int64_t j = 0; j < n; ++j) {
+              C* dst = dk_acc + kpos[c0 + j] * g.D;
+              const C* src = dkc + j * g.D;
+              for (int64_t d = 0; d < g.D; ++d) dst[d] += src[d];
+            }
+        }
+        store_rows(dq_p, g, g.D, g.Lq, b, h0, nh, qrows, rows, w.dq.data());
+      }
+  });
+  at::Tensor dk_sum = parts == 1 ? dk[0] : dk.sum(0);
+  at::Tensor dv_sum = parts == 1 ? dv[0] : dv.sum(0);
+  return {dq, dk_sum, dv_sum, want_pre ? dpre.sum(0) : at::Tensor(), want_post ? dpost.sum(0) : at::Tensor()};
+}
+
+void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
+  TORCH_CHECK(q.device().is_cpu() && k.device().is_cpu() && v.device().is_cpu(), "native kernel: CPU tensors only");
+  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, "native kernel: (batch, heads, tokens, dim) tensors");
+  TORCH_CHECK(q.is_contiguous() && k.is_contiguous() && v.is_contiguous(), "native kernel: contiguous tensors");
+  TORCH_CHECK(q.scalar_type() == k.scalar_type() && q.scalar_type() == v.scalar_type(), "native kernel: one dtype");
+  TORCH_CHECK(k.size(0) == q.size(0) && v.size(0) == q.size(0) && k.size(1) == v.size(1) &&
+              q.size(1) % k.size(1) == 0 && k.size(2) == v.size(2) && k.size(3) == q.size(3),
+              "native kernel: inconsistent shapes");
+}
+
+void check_keys(const Table& t, int64_t Lk, int64_t Lq) {
+  const int64_t n = t.lb * t.lh * t.K;
+  for (int64_t i = 0; i < n; ++i) TORCH_CHECK(t.k_idx[i] >= 0 && t.k_idx[i] < Lk, "tile table: key index out of range");
+  for (int64_t i = 0; i < t.tile_q[t.T]; ++i)
+    TORCH_CHECK(t.q_rows[i] >= 0 && t.q_rows[i] < Lq, "tile table: query row out of range");
+}
+
+void check_score(const at::Tensor& vec, const at::Tensor& q, int64_t qmax, int64_t Lq, int64_t Lk, at::ScalarType acc) {
+  if (!vec.defined()) return;
+  TORCH_CHECK(vec.scalar_type() == acc && vec.is_contiguous() && vec.dim() == 2 && vec.size(0) == q.size(1),
+              "native kernel: relative bias must be a contiguous (heads, Lq + Lk - 1) tensor of the compute dtype");
+  // k - q + qmax ranges over [qmax - (Lk - Lq) - (Lq - 1), Lk - 1 + qmax - (Lk - Lq)]
+  const int64_t lo = qmax - (Lk - Lq) - (Lq - 1), hi = Lk - 1 + qmax - (Lk - Lq);
+  TORCH_CHECK(lo >= 0 && hi < vec.size(1), "native kernel: relative bias too short for these lengths");
+}
+
+at::ScalarType acc_of(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
+
+std::vector<at::Tensor> forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                const at::Tensor& q_rows, const at::Tensor& tile_q, const at::Tensor& tile_k,
+                                const at::Tensor& k_idx, const at::Tensor& k_contig, const at::Tensor& tile_m,
+                                const at::Tensor& mask, int64_t lb, int64_t lh, double scale,
+                                const c10::optional<at::Tensor>& pre, const c10::optional<at::Tensor>& post,
+                                double cap, int64_t qmax) {
+  check_inputs(q, k, v);
+  Table tab = table_of(q_rows, tile_q, tile_k, k_idx, k_contig, tile_m, mask, lb, lh);
+  check_keys(tab, k.size(2), q.size(2));
+  TORCH_CHECK(lh == 1 || lh == q.size(1), "tile table: layout heads must be 1 or the query heads");
+  TORCH_CHECK(lb == 1 || lb == q.size(0), "tile table: layout batch must be 1 or the batch");
+  at::Tensor pr = pre.value_or(at::Tensor()), po = post.value_or(at::Tensor());
+  check_score(pr, q, qmax, q.size(2), k.size(2), acc_of(q.scalar_type()));
+  check_score(po, q, qmax, q.size(2), k.size(2), acc_of(q.scalar_type()));
+  switch (q.scalar_type()) {
+    case at::kFloat: return forward_impl<float>(q, k, v, tab, scale, pr, po, cap, qmax);
+    case at::kDouble: return forward_impl<double>(q, k, v, tab, scale, pr, po, cap, qmax);
+    case at::kBFloat16: return forward_impl<BFloat16>(q, k, v, tab, scale, pr, po, cap, qmax);
+    default: TORCH_CHECK(false, "native kernel: float32, float64 or bfloat16, not ", q.scalar_type());
+  }
+}
+
+std::vector<at::Tensor> backward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                 const at::Tensor& dout, const at::Tensor& lse, const at::Tensor& delta,
+                                 const at::Tensor& q_rows, const at::Tensor& tile_q, const at::Tensor& tile_k,
+                                 const at::Tensor& k_idx, const at::Tensor& k_contig, const at::Tensor& tile_m,
+                                 const at::Tensor& mask, int64_t lb, int64_t lh, double scale,
+                                 const c10::optional<at::Tensor>& pre, const c10::optional<at::Tensor>& post,
+                                 double cap, int64_t qmax, int64_t parts, bool want_pre, bool want_post) {
+  check_inputs(q, k, v);
+  Table tab = table_of(q_rows, tile_q, tile_k, k_idx, k_contig, tile_m, mask, lb, lh);
+  check_keys(tab, k.size(2), q.size(2));
+  const auto acc = acc_of(q.scalar_type());
+  TORCH_CHECK(dout.scalar_type() == q.scalar_type() && dout.is_contiguous() && dout.dim() == 4 &&
+              dout.size(0) == q.size(0) && dout.size(1) == q.size(1) && dout.size(2) == q.size(2) &&
+              dout.size(3) == v.size(3), "native kernel: dout must be a contiguous (B, H, Lq, Dv) tensor");
+  TORCH_CHECK(lse.scalar_type() == acc && delta.scalar_type() == acc && lse.is_contiguous() && delta.is_contiguous() &&
+              lse.numel() == q.size(0) * q.size(1) * q.size(2) && delta.numel() == lse.numel(),
+              "native kernel: lse and delta must be (B, H, Lq) tensors of the compute dtype");
+  TORCH_CHECK(parts >= 1, "native kernel: parts >= 1");
+  at::Tensor pr = pre.value_or(at::Tensor()), po = post.value_or(at::Tensor());
+  check_score(pr, q, qmax, q.size(2), k.size(2), acc);
+  check_score(po, q, qmax, q.size(2), k.size(2), acc);
+  switch (q.scalar_type()) {
+    case at::kFloat: return backward_impl<float>(q, k, v, dout, lse, delta, tab, scale, pr, po, cap, qmax, parts, want_pre, want_post);
+    case at::kDouble: return backward_impl<double>(q, k, v, dout, lse, delta, tab, scale, pr, po, cap, qmax, parts, want_pre, want_post);
+    case at::kBFloat16: return backward_impl<BFloat16>(q, k, v, dout, lse, delta, tab, scale, pr, po, cap, qmax, parts, want_pre, want_post);
+    default: TORCH_CHECK(false, "native kernel: float32, float64 or bfloat16, not ", q.scalar_type());
+  }
+}
+
+std::vector<bool> blas() {
+  return {sgemm_ != nullptr, dgemm_ != nullptr, cblas_gemm_bf16bf16f32 != nullptr};
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("forward", &forward, "block-sparse attention forward: (out, lse)");
+  m.def("backward", &backward, "block-sparse attention backward: (dq, dk, dv, dpre, dpost)");
+  m.def("blas", &blas, "which BLAS products were found: (sgemm, dgemm, bf16 gemm)");
+}

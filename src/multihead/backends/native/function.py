@@ -1,0 +1,116 @@
+"""The native kernel as an autograd Function, and the scores it evaluates inside its tiles.
+
+The kernel computes ``logit = post + cap * tanh((scale * q.k + pre) / cap)`` (without a cap:
+``scale * q.k + pre + post``), where ``pre`` and ``post`` are per-head vectors over the relative
+position ``kv_idx - q_idx``: the sum of the ``relative`` score terms before and after a
+``Softcap``. The vectors are made from the score's own ``forward`` under autograd, so a learnable
+table (T5's buckets) gets its gradient through them: the kernel returns the gradient of each
+vector, and autograd carries it back to the table.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from ...scores.base import ScoreChain
+from ...scores.reindexed import Reindexed
+from ...scores.softcap import Softcap
+from . import kernel
+
+
+def _cap_of(term) -> float | None:
+    while isinstance(term, Reindexed):
+        term = term.inner
+    return term.cap if isinstance(term, Softcap) else None
+
+
+def _flat_terms(score) -> list:
+    if score is None:
+        return []
+    if isinstance(score, ScoreChain):
+        return [t for term in score.terms for t in _flat_terms(term)]
+    return [score]
+
+
+def split_score(score):
+    """``(pre_terms, cap, post_terms)`` of a score the kernel can evaluate, or a string saying why
+    it cannot (a phrase completing "the score ...")."""
+    pre, post, cap = [], [], None
+    for term in _flat_terms(score):
+        c = _cap_of(term)
+        if c is not None:
+            if cap is not None:
+                return "applies two softcaps"
+            cap = c
+        elif term.relative and not term.batch_dependent:
+            (post if cap is not None else pre).append(term)
+        else:
+            return (f"has a term ({type(term).__name__}) that is not a function of the head and the "
+                    f"relative position alone (native: ALiBi, RelativePositionBias, Softcap)")
+    return pre, cap, post
+
+
+def relative_vector(terms: list, heads: int, q_len: int, kv_len: int, dtype, device) -> Tensor | None:
+    """The sum of relative score terms as ``(heads, q_len + kv_len - 1)``: entry ``[h, j]`` is the
+    term for head ``h`` at ``kv_idx - q_idx = j - (kv_len - 1)`` (inside autograd)."""
+    if not terms:
+        return None
+    length = q_len + kv_len - 1
+    b = torch.zeros(1, 1, 1, 1, dtype=torch.long, device=device)
+    h = torch.arange(heads, device=device).view(1, heads, 1, 1)
+    q = torch.full((1, 1, 1, 1), kv_len - 1, dtype=torch.long, device=device)
+    kv = torch.arange(length, device=device).view(1, 1, 1, length)
+    total = torch.zeros(1, heads, 1, length, dtype=dtype, device=device)
+    for term in terms:
+        total = term(total, b, h, q, kv)
+    return total.reshape(heads, length).contiguous()
+
+
+def partitions(batch: int, kv_heads: int, tiles: int) -> int:
+    """How many parts the tiles of one (batch, key head) are split into in backward, each with its
+    own key / value gradient accumulator: enough units to keep every thread busy."""
+    threads = max(1, torch.get_num_threads())
+    return max(1, min(tiles, 8, math.ceil(2 * threads / max(1, batch * kv_heads))))
+
+
+class NativeBlockSparse(torch.autograd.Function):
+    """Forward saves q, k, v, the output and the log-sum-exp; backward recomputes each tile."""
+
+    @staticmethod
+    def forward(ctx, table, scale: float, cap: float, q: Tensor, k: Tensor, v: Tensor,
+                pre: Tensor | None, post: Tensor | None):
+        ext = kernel()
+        out, lse = ext.forward(q, k, v, *table.arrays(), scale, pre, post, cap, k.shape[2] - 1)
+        ctx.table, ctx.scale, ctx.cap = table, scale, cap
+        ctx.save_for_backward(q, k, v, out, lse, pre, post)
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dout):
+        q, k, v, out, lse, pre, post = ctx.saved_tensors
+        dout = dout.contiguous()
+        delta = (dout.to(lse.dtype) * out.to(lse.dtype)).sum(-1)
+        parts = partitions(q.shape[0], k.shape[1], ctx.table.tile_q.numel() - 1)
+        want_pre = pre is not None and ctx.needs_input_grad[6]
+        want_post = post is not None and ctx.needs_input_grad[7]
+        dq, dk, dv, dpre, dpost = kernel().backward(
+            q, k, v, dout, lse, delta, *ctx.table.arrays(), ctx.scale, pre, post, ctx.cap, k.shape[2] - 1,
+            parts, want_pre, want_post)
+        return (None, None, None, dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype),
+                dpre if want_pre else None, dpost if want_post else None)
+
+
+def native_attention(table, q: Tensor, k: Tensor, v: Tensor, scale: float, score) -> Tensor:
+    """Attention over the tile table: q (B, H, Lq, D), k and v (B, Hkv, Lk, D) of one dtype
+    (float32, float64 or bfloat16); ``score`` one that ``split_score`` accepts."""
+    pre_terms, cap, post_terms = split_score(score)
+    compute = torch.float64 if q.dtype == torch.float64 else torch.float32
+    heads, q_len, kv_len = q.shape[1], q.shape[2], k.shape[2]
+    pre = relative_vector(pre_terms, heads, q_len, kv_len, compute, q.device)
+    post = relative_vector(post_terms, heads, q_len, kv_len, compute, q.device)
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    return NativeBlockSparse.apply(table, float(scale), float(cap or 0.0), q, k, v, pre, post)

@@ -1,0 +1,123 @@
+"""Tile tables: a block-sparse plan in the flat form the native kernel reads.
+
+A tile is a run of rows of the plan's query frame and one list of key positions; the kernel
+computes the tile's logits against exactly those keys. The arrays (all on the CPU):
+
+* ``q_rows (R,)`` int64: the query index at each frame row (the identity for row-major plans);
+* ``tile_q (T + 1,)`` and ``tile_k (T + 1,)`` int64: tile ``t`` owns frame rows
+  ``q_rows[tile_q[t]:tile_q[t + 1]]`` and key slots ``tile_k[t]:tile_k[t + 1]``;
+* ``k_idx (S, K)`` int64: the key positions of every slot, per layout slot ``s = b' * lh + h'``
+  (``lb`` x ``lh`` slots: 1 unless the pattern differs per batch element or per query head);
+* ``k_contig (T,)`` uint8: the tile's keys are one ascending run in every slot (read in place);
+* ``tile_m (T,)`` int64 and ``mask (S, M)`` uint8: the offset of the tile's ``rows x keys``
+  mask (1 = allowed), or -1 when every listed key is allowed for every row.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+
+@dataclass(eq=False)
+class TileTable:
+    q_rows: Tensor
+    tile_q: Tensor
+    tile_k: Tensor
+    k_idx: Tensor
+    k_contig: Tensor
+    tile_m: Tensor
+    mask: Tensor
+    lb: int
+    lh: int
+    #: computed (query, key) pairs per (batch, head)
+    pairs: int
+
+    def arrays(self) -> tuple:
+        return (self.q_rows, self.tile_q, self.tile_k, self.k_idx, self.k_contig, self.tile_m, self.mask,
+                self.lb, self.lh)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.arrays()[:7])
+
+
+def _allowed(pattern, lb: int, lh: int, q_abs: Tensor, keys: Tensor) -> Tensor:
+    """``pattern.mask_mod`` over (lb, lh) slots: q_abs (..., rows, 1), keys (..., 1, width)."""
+    extra = [1] * (q_abs.dim() - 2)
+    b = torch.arange(lb).view(-1, 1, *extra)
+    h = torch.arange(lh).view(1, -1, *extra)
+    return pattern.mask_mod(b, h, q_abs, keys)
+
+
+def from_plan(plan, pattern, q_len: int, kv_len: int) -> TileTable:
+    """The tile table of a ``blocksparse`` plan: a window group is one tile (its key slice, masked
+    where the plan marks runs), each query block of a gathering group one tile (its gathered key
+    blocks, masked by validity and, unless exact, by ``mask_mod``)."""
+    lb, lh = plan.lb, plan.lh
+    slots = lb * lh
+    offset = kv_len - q_len
+    order = plan.q_order.cpu() if plan.q_order is not None else torch.arange(q_len)
+    tile_q, tile_k, tile_m, contig = [0], [0], [], []
+    keys, masks, k_total, m_total = [], [], 0, 0
+    for g in plan.groups:
+        rows_frame = order[g.r0:g.r1]
+        if not g.gather:
+            width = g.k1 - g.k0
+            kp = torch.arange(g.k0, g.k1).view(1, 1, 1, width)  # (lb', lh', blocks, width)
+            ok = torch.ones(1, 1, 1, width, dtype=torch.bool)
+            nblk, rows, need, exact = 1, g.r1 - g.r0, bool(g.runs), False
+        else:
+            kp, ok = g.kpos.cpu(), g.valid.cpu()
+            nblk, rows, need, exact = g.nblk, g.rows, g.need_mask, g.exact
+            width = kp.shape[-1]
+        kp = kp.expand(lb, lh, nblk, width)
+        ok = ok.expand(lb, lh, nblk, width)
+        if need:
+            q_abs = (rows_frame + offset).view(1, 1, nblk, rows, 1)
+            allowed = ok.unsqueeze(-2)
+            if not exact:
+                allowed = allowed & _allowed(pattern, lb, lh, q_abs, kp.unsqueeze(-2))
+            allowed = allowed.expand(lb, lh, nblk, rows, width)
+        run = bool(((kp[..., 1:] - kp[..., :-1]) == 1).all()) if width > 1 else True
+        for j in range(nblk):
+            keys.append(kp[:, :, j].reshape(slots, width))
+            k_total += width
+            tile_k.append(k_total)
+            tile_q.append(tile_q[-1] + rows)
+            contig.append(run)
+            if need:
+                masks.append(allowed[:, :, j].reshape(slots, rows * width))
+                tile_m.append(m_total)
+                m_total += rows * width
+            else:
+                tile_m.append(-1)
+    pairs = sum((tile_q[i + 1] - tile_q[i]) * (tile_k[i + 1] - tile_k[i]) for i in range(len(tile_m)))
+    return TileTable(
+        q_rows=order.to(torch.long).contiguous(), tile_q=torch.tensor(tile_q, dtype=torch.long),
+        tile_k=torch.tensor(tile_k, dtype=torch.long),
+        k_idx=torch.cat(keys, 1).contiguous() if keys else torch.zeros(slots, 0, dtype=torch.long),
+        k_contig=torch.tensor(contig, dtype=torch.uint8),
+        tile_m=torch.tensor(tile_m, dtype=torch.long),
+        mask=(torch.cat(masks, 1).to(torch.uint8).contiguous() if masks
+              else torch.zeros(slots, 0, dtype=torch.uint8)),
+        lb=lb, lh=lh, pairs=pairs)
+
+
+def from_key_lists(indices: Tensor, valid: Tensor) -> TileTable:
+    """One single-row tile per query, over its own listed keys (``KeySelection``)."""
+    lb, lh, q_len, width = indices.shape
+    slots = lb * lh
+    indices, valid = indices.cpu(), valid.cpu()
+    keys = torch.where(valid, indices, indices.new_zeros(())).clamp(min=0)
+    need = not bool(valid.all())
+    return TileTable(
+        q_rows=torch.arange(q_len), tile_q=torch.arange(q_len + 1),
+        tile_k=torch.arange(q_len + 1) * width, k_idx=keys.reshape(slots, q_len * width).contiguous(),
+        k_contig=torch.zeros(q_len, dtype=torch.uint8),
+        tile_m=(torch.arange(q_len) * width) if need else torch.full((q_len,), -1, dtype=torch.long),
+        mask=(valid.reshape(slots, q_len * width).to(torch.uint8).contiguous() if need
+              else torch.zeros(slots, 0, dtype=torch.uint8)),
+        lb=lb, lh=lh, pairs=q_len * width)
