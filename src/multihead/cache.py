@@ -109,6 +109,10 @@ class KVCache:
     position of the next one); ``bytes()`` the memory its buffers hold.
     """
 
+    #: When set, the values are the first ``values_in_keys`` channels of the keys and are not
+    #: stored apart (MLA's absorbed form: keys ``[c; k_R]``, values ``c``).
+    values_in_keys: int | None = None
+
     def __init__(self, *, window: int | None = None, sinks: int = 0, capacity: int | None = None):
         for name, value, minimum in (("window", window, 1), ("capacity", capacity, 1)):
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < minimum):
@@ -123,7 +127,7 @@ class KVCache:
                              "not both")
         self.window, self.sinks, self.capacity = window, sinks, capacity
         self.k: Tensor | None = None  # (batch, kv_heads, slots, head_dim)
-        self.v: Tensor | None = None
+        self._v: Tensor | None = None
         self.length = 0
         self._plans: dict = {}
 
@@ -142,7 +146,13 @@ class KVCache:
     def __repr__(self) -> str:
         kind = (f"window={self.window}, sinks={self.sinks}" if self.window is not None
                 else f"capacity={self.capacity}")
-        return f"KVCache({kind}, tokens={self.length})"
+        return f"{type(self).__name__}({kind}, tokens={self.length})"
+
+    @property
+    def v(self) -> Tensor | None:
+        if self.values_in_keys and self.k is not None:
+            return self.k[..., : self.values_in_keys]
+        return self._v
 
     @property
     def slots(self) -> int:
@@ -150,11 +160,11 @@ class KVCache:
 
     def bytes(self) -> int:
         """Bytes held by the key and value buffers."""
-        return sum(t.numel() * t.element_size() for t in (self.k, self.v) if t is not None)
+        return sum(t.numel() * t.element_size() for t in (self.k, self._v) if t is not None)
 
     def reset(self) -> None:
         """Forget every token (and the shapes fixed by the first call)."""
-        self.k = self.v = None
+        self.k = self._v = None
         self.length = 0
         self._plans = {}
 
@@ -236,34 +246,41 @@ class KVCache:
                              f"module, or start a new cache")
 
     def _reserve(self, k: Tensor, v: Tensor, needed: int) -> None:
-        """Buffers with room for ``needed`` tokens (a ring of ``sinks + window`` slots with a window)."""
+        """Preallocated buffers: a ring of ``sinks + window`` slots, or ``capacity`` slots."""
         if self.window is not None:
             slots = self.sinks + self.window
-        elif self.capacity is not None:
+        else:
             if needed > self.capacity:
                 raise CacheError(f"decoding past the cache's capacity: {needed} tokens > capacity="
                                  f"{self.capacity}; build the cache with a larger capacity (or capacity=None "
                                  f"to grow it)")
             slots = self.capacity
-        else:
-            slots = self.slots if self.slots >= needed else max(needed, 2 * self.slots, 16)
-        if self.k is not None and self.slots == slots:
+        if self.k is not None:
             return
         batch, heads = k.shape[:2]
-        new_k = k.new_empty(batch, heads, slots, k.shape[3])
-        new_v = v.new_empty(batch, heads, slots, v.shape[3])
-        if self.k is not None:
-            new_k[:, :, : self.slots].copy_(self.k)
-            new_v[:, :, : self.slots].copy_(self.v)
-        self.k, self.v = new_k, new_v
+        self.k = k.new_empty(batch, heads, slots, k.shape[3])
+        self._v = None if self.values_in_keys else v.new_empty(batch, heads, slots, v.shape[3])
 
     def append(self, k: Tensor, v: Tensor) -> None:
         """Add the keys and values of the next tokens (positions ``len(self)`` onwards); with a
-        window, only the sinks and the last ``window`` positions stay."""
+        window, only the sinks and the last ``window`` positions stay.
+
+        Without a window or capacity the buffers grow by concatenation (memory: exactly the tokens
+        held; gradients flow through them); a ring or a fixed capacity is written in place, so
+        decode with those under ``torch.no_grad()``."""
         self.check(k, v)
         n = k.shape[2]
-        self._reserve(k, v, self.length + n)
         start, end = self.length, self.length + n
+        if self.window is None and self.capacity is None:
+            self.k = k if self.k is None else torch.cat([self.k, k], 2)
+            if not self.values_in_keys:
+                self._v = v if self._v is None else torch.cat([self._v, v], 2)
+            self.length = end
+            return
+        if torch.is_grad_enabled() and (k.requires_grad or v.requires_grad):
+            raise CacheError(f"{self!r} is written in place, which gradients cannot flow through; decode under "
+                             f"torch.no_grad(), or use a growing KVCache() (no window, no capacity) to train")
+        self._reserve(k, v, end)
         if self.window is None:
             segments = [(start, end)]
         else:
@@ -272,7 +289,8 @@ class KVCache:
             at = lo - start
             for r0, r1 in (self.slot_ranges(lo, hi) if hi > lo else ()):
                 self.k[:, :, r0:r1] = k[:, :, at:at + r1 - r0]
-                self.v[:, :, r0:r1] = v[:, :, at:at + r1 - r0]
+                if not self.values_in_keys:
+                    self._v[:, :, r0:r1] = v[:, :, at:at + r1 - r0]
                 at += r1 - r0
         self.length = end
 
@@ -382,14 +400,21 @@ def _without_padding(pattern: Pattern | None) -> Pattern:
     return Full() if pattern is None else pattern
 
 
-def _decodable(normalizer) -> None:
-    if isinstance(normalizer, Softmax) or (isinstance(normalizer, Sigmoid) and normalizer.bias is not None):
-        return
-    if isinstance(normalizer, Sigmoid):
-        raise CacheError("Sigmoid() without a bias uses -log(kv_len), the number of keys of the whole call, which "
-                         "a decoding step does not have; give it a fixed bias (Sigmoid(bias=-log(n))) to decode")
-    raise CacheError(f"{normalizer!r} normalises over the keys of the call; decoding with a cache serves "
-                     f"Softmax() and Sigmoid(bias=...)")
+def refusal(pattern: Pattern | None = None, normalizer=None) -> str | None:
+    """Why ``pattern`` / ``normalizer`` cannot be decoded with a cache, whatever the positions
+    (None: they may be; a pattern that looks ahead is caught at the step that would need it)."""
+    normalizer = as_normalizer(normalizer)
+    if isinstance(normalizer, Sigmoid) and normalizer.bias is None:
+        return ("Sigmoid() without a bias uses -log(kv_len), the number of keys of the whole call, which a "
+                "decoding step does not have; give it a fixed bias (Sigmoid(bias=-log(n))) to decode")
+    if not isinstance(normalizer, (Softmax, Sigmoid)):
+        return (f"{normalizer!r} normalises over the keys of the whole call; decoding with a cache serves "
+                f"Softmax() and Sigmoid(bias=...)")
+    dynamic = split_dynamic(pattern)[0] if pattern is not None else None
+    if dynamic is not None and not isinstance(dynamic, TopK):
+        return (f"{dynamic!r} groups queries and keys by content over the whole sequence, so a new token "
+                f"changes what earlier ones attend to")
+    return None
 
 
 class _Plan:
@@ -470,13 +495,12 @@ def cached_attention(cache: KVCache, q: Tensor, k: Tensor, v: Tensor, *, pattern
     if not isinstance(cache, KVCache):
         raise CacheError(f"cache must be a multihead.cache.KVCache, got {type(cache).__name__}")
     normalizer = as_normalizer(normalizer)
-    _decodable(normalizer)
-    score = as_score(score)
     pattern = _without_padding(pattern)
+    reason = refusal(pattern, normalizer)
+    if reason is not None:
+        raise CacheError(f"cannot decode with a cache: {reason}")
+    score = as_score(score)
     dynamic, static = split_dynamic(pattern)
-    if dynamic is not None and not isinstance(dynamic, TopK):
-        raise CacheError(f"{dynamic!r} cannot be decoded with a cache: it groups queries and keys by content "
-                         f"over the whole sequence, so a new token changes what earlier ones attend to")
     cache.check(k, v)
     if not isinstance(q, Tensor) or q.dim() != 4 or q.shape[0] != k.shape[0] or q.shape[2] != k.shape[2]:
         raise CacheError(f"q must be (batch, heads, tokens, dim) with the batch and tokens of k, got "

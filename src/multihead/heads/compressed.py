@@ -95,6 +95,12 @@ class CompressedAttention(Topology):
                              "pass no context, or build it with conv_kernel=0, qk_mean=False")
         return super().forward(x, context, **kwargs)
 
+    def cache_refusal(self) -> str | None:
+        if self.conv_kernel:
+            return (f"its convolutions over tokens (conv_kernel={self.conv_kernel}) would need the last "
+                    f"{2 * (self.conv_kernel - 1)} projected tokens as a state of their own; build it with conv_kernel=0")
+        return super().cache_refusal()
+
     def mix_qk(self, q: Tensor, k: Tensor) -> tuple[Tensor, Tensor]:
         q_pre, k_pre = q, k
         if self.conv_kernel:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from ..cache import CacheError, KVCache, cached_attention
 from ..errors import ShapeError
 from ..scores import RoPE, as_score
 from ..nn.attention import attend, check_inputs, merge_heads
@@ -17,32 +18,34 @@ def _positive(name: str, value) -> int:
     return value
 
 
-class LatentCache:
+class LatentCache(KVCache):
     """The decoding cache of ``MultiHeadLatentAttention``: per token, the normalised KV latent
-    ``c_t`` (``kv_rank`` values) and the rotated shared rotary key ``k^R_t`` (``rope_dim`` values).
+    ``c_t`` (``kv_rank`` values) and the rotated shared rotary key ``k^R_t`` (``rope_dim`` values),
+    held as one key/value head ``[c_t; k^R_t]`` whose values are its first ``kv_rank`` channels.
 
-    Pass one ``LatentCache()`` per layer to every call of ``forward(..., cache=cache)``; each call
-    appends its tokens (which continue the positions of the cached ones) and attends to all of them.
+    A ``multihead.cache.KVCache`` (same arguments: ``window``, ``sinks``, ``capacity``;
+    ``LatentCache.for_pattern(p)`` keeps what ``p`` needs, e.g. a rolling window). Pass one per
+    layer to every call of ``forward(..., cache=cache)``; each call appends its tokens (which continue
+    the positions of the cached ones) and attends to them.
     """
 
-    def __init__(self):
-        self.latent: Tensor | None = None    # (batch, tokens, kv_rank)
-        self.rope_key: Tensor | None = None  # (batch, 1, tokens, rope_dim)
+    def bind(self, kv_rank: int) -> None:
+        """Fix the latent width on first use (and check it afterwards)."""
+        if self.values_in_keys is None:
+            self.values_in_keys = kv_rank
+        elif self.values_in_keys != kv_rank:
+            raise CacheError(f"this LatentCache holds latents of {self.values_in_keys} values, the module makes "
+                             f"{kv_rank}; use one cache per layer")
 
-    def __len__(self) -> int:
-        return 0 if self.latent is None else self.latent.shape[1]
+    @property
+    def latent(self) -> Tensor | None:
+        """The kept latents ``(batch, tokens, kv_rank)`` in position order."""
+        return None if self.k is None else self.ordered()[0][:, 0, :, : self.values_in_keys]
 
-    def append(self, latent: Tensor, rope_key: Tensor) -> tuple[Tensor, Tensor]:
-        if self.latent is not None:
-            if self.latent.shape[0] != latent.shape[0]:
-                raise ShapeError(f"the cache holds batch size {self.latent.shape[0]}, got {latent.shape[0]}")
-            latent = torch.cat([self.latent, latent], dim=1)
-            rope_key = torch.cat([self.rope_key, rope_key], dim=2)
-        self.latent, self.rope_key = latent, rope_key
-        return latent, rope_key
-
-    def bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.latent, self.rope_key) if t is not None)
+    @property
+    def rope_key(self) -> Tensor | None:
+        """The kept rotary keys ``(batch, 1, tokens, rope_dim)`` in position order."""
+        return None if self.k is None else self.ordered()[0][..., self.values_in_keys:]
 
 
 class MultiHeadLatentAttention(Costs, nn.Module):
@@ -123,13 +126,28 @@ class MultiHeadLatentAttention(Costs, nn.Module):
         w = self.kv_up.weight.view(self.heads, self.head_dim + self.v_head_dim, self.kv_rank)
         return w[:, : self.head_dim], w[:, self.head_dim:]
 
+    def new_cache(self, capacity: int | None = None) -> LatentCache:
+        """A ``LatentCache`` that keeps what the module's pattern needs (``KVCache.for_pattern``)."""
+        return LatentCache.for_pattern(self.pattern, capacity=capacity)
+
+    def cache_refusal(self) -> str | None:
+        from ..cache import refusal
+
+        return refusal(self.pattern)
+
     def forward(self, x: Tensor, *, cache: LatentCache | None = None, key_padding_mask: Tensor | None = None,
                 need_weights: bool = False, absorbed: bool | None = None):
         """``x`` ``(batch, tokens, dim)`` -> ``(batch, tokens, dim)`` (and the weights
         ``(batch, heads, tokens, kv_tokens)`` with ``need_weights``). With ``cache``, ``x`` holds the
-        new tokens, ``key_padding_mask`` covers cached and new keys."""
+        new tokens, ``key_padding_mask`` covers cached and new keys; the absorbed form then runs as
+        a decoding step of ``multihead.cache`` (the keys its pattern names, a rolling window kept
+        by a windowed cache), the naive one (``absorbed=False``, or ``need_weights``) over every
+        cached latent."""
         check_inputs(x, None, self.dim)
         batch, tokens, _ = x.shape
+        if cache is not None and not isinstance(cache, LatentCache):
+            raise CacheError(f"MultiHeadLatentAttention caches latents: pass a LatentCache (module.new_cache()), "
+                             f"got {type(cache).__name__}")
         start = 0 if cache is None else len(cache)
         positions = torch.arange(start, start + tokens, device=x.device)
         q = self._queries(x)
@@ -138,9 +156,25 @@ class MultiHeadLatentAttention(Costs, nn.Module):
         latent, k_rope = self.kv_down(x).split([self.kv_rank, self.rope_dim], dim=-1)
         latent = self.kv_norm(latent)
         k_rope = self.rope.rotate(k_rope.unsqueeze(1), positions)  # (B, 1, L, rope_dim): one for all heads
+        absorbed = (cache is not None) if absorbed is None else absorbed
         if cache is not None:
-            latent, k_rope = cache.append(latent, k_rope)
-        if (cache is not None) if absorbed is None else absorbed:
+            cache.bind(self.kv_rank)
+            keys = torch.cat([latent.unsqueeze(1), k_rope], dim=-1)  # one key/value head: [c_t; k^R_t]
+            if absorbed and not need_weights:
+                w_uk, w_uv = self.up_weights()
+                q = torch.cat([torch.einsum("bhld,hdc->bhlc", q_content, w_uk), q_rope], dim=-1)
+                out = cached_attention(cache, q, keys, keys[..., : self.kv_rank], pattern=self.pattern,
+                                       score=self.score, scale=self.scale, backend=self.backend,
+                                       dropout=self.dropout if self.training else 0.0,
+                                       key_padding_mask=key_padding_mask)
+                y = self.out_proj(merge_heads(torch.einsum("bhlc,hvc->bhlv", out, w_uv)))
+                return y
+            if cache.window is not None:
+                raise CacheError("the naive form (absorbed=False or need_weights) reads every cached latent; "
+                                 "use a LatentCache without a window for it")
+            cache.append(keys, keys[..., : self.kv_rank])
+            latent, k_rope = cache.latent, cache.rope_key
+        if absorbed:
             out, weights = self._absorbed(q_content, q_rope, latent, k_rope, key_padding_mask, need_weights)
         else:
             out, weights = self._naive(q_content, q_rope, latent, k_rope, key_padding_mask, need_weights)

@@ -183,7 +183,9 @@ def cache_for(module: nn.Module, capacity: int | None = None):
 
     if hasattr(module, "new_cache"):
         return module.new_cache(capacity=capacity)
-    if isinstance(module, MultiHeadAttention) and "cache" in inspect.signature(module.forward).parameters:
+    parameters = inspect.signature(module.forward).parameters.values()
+    takes_cache = any(p.name == "cache" or p.kind is p.VAR_KEYWORD for p in parameters)
+    if isinstance(module, MultiHeadAttention) and takes_cache:
         reason = module.cache_refusal()
         if reason is None:
             return KVCache.for_pattern(module.pattern, capacity=capacity)

@@ -224,13 +224,15 @@ class MultiHeadAttention(nn.Module):
 
     def cache_refusal(self) -> str | None:
         """Why this module cannot decode with a ``KVCache`` (None: it can)."""
+        from ..cache import refusal
+
         if type(self).score_for is not MultiHeadAttention.score_for:
             return f"{type(self).__name__} makes its score from the queries of the whole call"
         if self.context_parallel is not None:
             return "context_parallel splits one sequence over ranks; decode on one rank"
         if self._head_hooks:
             return "head hooks (multihead.analysis) are attached; remove them to decode"
-        return None
+        return refusal(self.pattern, self.normalizer)
 
     def _forward_cached(self, x, context, cache, key_padding_mask, need_weights, cu_seqlens):
         from ..cache import CacheError, cached_attention
