@@ -18,6 +18,7 @@ from .heads import (CompressedAttention, LowRankAttention, MixtureOfHeads, Multi
                     SingleHeadAttention, SparseQueryAttention, TalkingHeadsAttention)
 from .linear import Aaren, LightningAttention, LinearAttention, ManhattanSelfAttention, Retention
 from .nn import GatedPositionalAttention, MultiHeadAttention, RCMHA, RelativeAttention, SinkAttention
+from .nn.landmark import LandmarkAttention
 from .normalizers import GaussianAdaptive
 from .patterns import (BlockLocal, Causal, CrossShapedWindow, Dilated, Documents, GlobalTokens, Halo,
                        Neighborhood, PerHead, PrefixLM, Routing, ShiftedWindow, SlidingWindow, TopK,
@@ -81,6 +82,12 @@ def equal_documents(seq_len: int, count: int = 4) -> Documents:
     """``count`` packed documents of (nearly) equal length."""
     bounds = torch.linspace(0, seq_len, count + 1).round().long().unique()
     return Documents(bounds)
+
+
+def landmark_block(seq_len: int) -> int:
+    """Landmark Attention's block in the catalog: 64 tokens (63 and a landmark; the paper uses 50 + 1),
+    smaller for short sequences (at least 4 blocks)."""
+    return max(2, min(64, seq_len // 4))
 
 
 def square_grid(seq_len: int) -> tuple[int, int]:
@@ -334,6 +341,15 @@ _VARIANTS = [
     Variant("transnext", "vision", "a 3x3 sliding neighborhood plus keys pooled 4x, the two outputs added",
             Paper("TransNeXt: Robust Foveal Visual Perception for Vision Transformers", 2023, "2311.17132"),
             VisionBuild(lambda dim, h, grid, layer: LocalGlobalAttention.transnext(dim, h), hierarchical=True)),
+    # issue 17: the seed papers' missing mechanisms
+    Variant("landmark", "pattern",
+            "every 64th token is a landmark; earlier blocks weighted by their landmark, softmax inside each (causal)",
+            Paper("Landmark Attention: Random-Access Infinite Context Length for Transformers", 2023, "2305.16300"),
+            lambda dim, heads, n: LandmarkAttention(dim, heads, block=landmark_block(n))),
+    Variant("landmark_topk", "pattern",
+            "Landmark Attention's retrieval: each query reads its 2 best blocks by landmark score + its own",
+            Paper("Landmark Attention: Random-Access Infinite Context Length for Transformers", 2023, "2305.16300"),
+            lambda dim, heads, n: LandmarkAttention(dim, heads, block=landmark_block(n), top_k=2)),
 ]
 
 CATALOG: dict[str, Variant] = {v.name: v for v in _VARIANTS}

@@ -193,8 +193,15 @@ ROWS: tuple[Row, ...] = (
        "weight sharing across depth with sliced group self-attention"),
     _m(2, "Recycled Attention (inference-time)",
        "full steps alternating with steps over the top-K keys of the last full step"),
-    _m(2, "Landmark Attention",
-       "a landmark per block, grouped softmax over landmarks then inside blocks; top-k block retrieval"),
+    _i(2, "Landmark Attention",
+       ["nn.landmark.LandmarkAttention", "nn.landmark.landmark_attention", "nn.landmark.insert_landmarks",
+        "patterns.blocks.BlockSelection", "patterns.blocks.NoLandmarkKeys", "scores.blocks.BlockBias",
+        "variant:landmark", "variant:landmark_topk"],
+       ["test_landmark.py::test_landmark_attention_is_the_papers_grouped_softmax_forward_and_gradients",
+        "test_landmark.py::test_retrieval_runs_block_sparse_on_the_chosen_blocks",
+        "test_landmark.py::test_landmark_model_learns_recall_through_its_landmarks"],
+       "training form (grouped softmax as a bias on one softmax) and top-k block retrieval; the paper's "
+       "cache offloading to a memory hierarchy is not built"),
     _m(2, "SeerAttention: learned block-sparse attention",
        "a learnable block gate from pooled q and k, distilled from the block max-pool of full attention"),
     # 3. Multi-scale / cross attention
