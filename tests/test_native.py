@@ -1,0 +1,291 @@
+"""The native CPU kernel of the block-sparse backend: that it is built and runs, equals the float64
+reference (forward and gradients) for patterns x scores x topologies x dtypes, passes gradcheck in
+float64, survives property tests over shapes, windows, grids and block sizes, rejects a corrupt
+tile table, and that with the kernel disabled the PyTorch tiles take over and explain says so."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from hypothesis import assume, given, settings, strategies as st
+
+import multihead as mh
+from multihead.backends import native
+from multihead.backends.blocksparse import BlockSparseBackend
+from multihead.backends.native import tiles
+from multihead.patterns import (Axial, Causal, CrossShapedWindow, Dilated, Documents, Full, Neighborhood,
+                                PerHead, PrefixLM, ShiftedWindow, SlidingWindow, TopK)
+from multihead.request import make_request
+from multihead.scores import ALiBi, RelativePositionBias, ScoreChain, Softcap
+
+from conftest import FACTOR, FLOOR, max_error, naive_attention
+
+DISABLED = os.environ.get("MULTIHEAD_NATIVE", "1") == "0"
+needs_kernel = pytest.mark.skipif(DISABLED, reason="MULTIHEAD_NATIVE=0: the kernel is disabled")
+
+
+def _grid_patterns():
+    return {
+        "neighborhood_7x7": lambda: Neighborhood(7, grid=(12, 14)),
+        "neighborhood_dilated_causal": lambda: Neighborhood((3, 5), dilation=(2, 1), causal=(True, False),
+                                                            grid=(12, 14)),
+        "neighborhood_3d": lambda: Neighborhood(3, grid=(4, 5, 6)),
+        "swin": lambda: ShiftedWindow(4, shift=2, grid=(12, 16)),
+        "axial": lambda: Axial((12, 14), axis=1),
+        "cswin": lambda: CrossShapedWindow(2, grid=(12, 14), heads=4),
+    }
+
+
+PATTERNS = {
+    "full": lambda n: Full(),
+    "causal": lambda n: Causal(),
+    "window": lambda n: SlidingWindow(9, 4),
+    "dilated": lambda n: Dilated(5, 3),
+    "prefix_causal": lambda n: PrefixLM(11),
+    "documents": lambda n: Documents(torch.tensor([0, 40, 41, 100, n])) & Causal(),
+    "per_head": lambda n: PerHead((SlidingWindow(3, 3), Causal(), Full(), SlidingWindow(20, 0))),
+    "topk_causal": lambda n: TopK(8) & Causal(),
+    "topk_in_window": lambda n: TopK(4) & SlidingWindow(16, 16),
+}
+SCORES = {
+    "none": lambda: None,
+    "alibi": lambda: ALiBi(4),
+    "t5_softcap": lambda: ScoreChain([RelativePositionBias(4, num_buckets=8, max_distance=20), Softcap(4.0)]),
+    "softcap_then_alibi": lambda: ScoreChain([Softcap(3.0), ALiBi(4)]),
+}
+
+
+def _inputs(n, kv_heads, dtype, seed=0, d=16, batch=2, heads=4):
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(batch, heads, n, d, generator=gen, dtype=torch.float64)
+    k = torch.randn(batch, kv_heads, n, d, generator=gen, dtype=torch.float64)
+    v = torch.randn(batch, kv_heads, n, d, generator=gen, dtype=torch.float64)
+    dout = torch.randn(batch, heads, n, d, generator=gen, dtype=torch.float64)
+    return q, k, v, dout
+
+
+def _run(backend, q, k, v, dout, dtype, pattern, score):
+    leaves = [t.to(dtype).detach().requires_grad_() for t in (q, k, v)]
+    params = [] if score is None else list(score.parameters())
+    for p in params:
+        p.grad = None
+    out = mh.attention(*leaves, pattern=pattern, score=score, backend=backend)
+    out.backward(dout.to(out.dtype))
+    return [out.detach()] + [t.grad for t in leaves] + [p.grad.clone() for p in params]
+
+
+def _naive(q, k, v, dout, dtype, pattern, score):
+    """The same attention computed densely in ``dtype``: the error the tolerance rule allows."""
+    leaves = [t.to(dtype).detach().requires_grad_() for t in (q, k, v)]
+    params = [] if score is None else list(score.parameters())
+    for p in params:
+        p.grad = None
+    out = naive_attention(*leaves, pattern=pattern, score=score)
+    out.backward(dout.to(out.dtype))
+    return [out.detach()] + [t.grad for t in leaves] + [p.grad.clone() for p in params]
+
+
+def _check_against_reference(pattern, score, q, k, v, dout, dtype):
+    if getattr(pattern, "dynamic", False):  # one choice of keys for every dtype (no ties flipped)
+        pattern = make_request(q, k, v, pattern=pattern).pattern
+    want = _run("reference", q, k, v, dout, torch.float64, pattern, score.double() if score else None)
+    if score is not None:
+        score.float()
+    got = _run("blocksparse", q, k, v, dout, dtype, pattern, score)
+    base = _naive(q, k, v, dout, dtype, pattern, score)
+    for name, g, w, b in zip(["out", "dq", "dk", "dv", "dscore"], got, want, base):
+        err, ref_err = max_error(g, w), max_error(b, w)
+        assert err <= FACTOR * ref_err + FLOOR[dtype], f"{name}: {err:.3g} vs the naive {ref_err:.3g}"
+
+
+def test_the_kernel_is_built_and_runs():
+    """`make test` on a fresh clone builds the kernel and uses it (unless MULTIHEAD_NATIVE=0)."""
+    if DISABLED:
+        module, why = native.status()
+        assert module is None and "MULTIHEAD_NATIVE=0" in why
+        return
+    module, why = native.status()
+    assert module is not None, f"the native kernel is not available: {why}"
+    q = torch.randn(1, 2, 64, 16, requires_grad=True)
+    out = mh.attention(q, q, q, pattern=SlidingWindow(8, 8), backend="blocksparse")
+    assert type(out.grad_fn).__name__ == "NativeBlockSparseBackward"
+    assert "native kernel" in mh.explain(q, q, q, pattern=SlidingWindow(8, 8), show=False).reasons["blocksparse"]
+    assert "available" in native.describe()
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("kv_heads", [4, 2, 1], ids=["mha", "gqa", "mqa"])
+@pytest.mark.parametrize("score_name", SCORES)
+@pytest.mark.parametrize("pattern_name", PATTERNS)
+def test_matches_reference(pattern_name, score_name, kv_heads, dtype):
+    n = 131  # not a multiple of any block
+    if pattern_name == "per_head" and kv_heads == 2:
+        pytest.skip("a per-head pattern whose heads split a GQA group is served by heads, not here")
+    q, k, v, dout = _inputs(n, kv_heads, torch.float64, seed=hash((pattern_name, score_name)) % 1000)
+    pattern, score = PATTERNS[pattern_name](n), SCORES[score_name]()
+    _check_against_reference(pattern, score, q, k, v, dout, dtype)
+
+
+@needs_kernel
+@pytest.mark.parametrize("pattern_name", list(_grid_patterns()))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_grid_patterns_match_reference(pattern_name, dtype):
+    pattern = _grid_patterns()[pattern_name]()
+    n = pattern.grid[0] * pattern.grid[1] if len(pattern.grid) == 2 else 4 * 5 * 6
+    q, k, v, dout = _inputs(n, 2, torch.float64, seed=3)
+    req = make_request(q.float(), k.float(), v.float(), pattern=pattern)
+    backend = BlockSparseBackend()
+    assert backend.native_unsupported(req) is None
+    _check_against_reference(pattern, None, q, k, v, dout, dtype)
+
+
+@needs_kernel
+@pytest.mark.parametrize("case", ["window_t5_softcap", "topk_alibi", "per_head_gqa", "neighborhood_post_bias"])
+def test_gradcheck_float64(case):
+    """Every input of the native Function (q, k, v and the learnable relative table) in float64."""
+    gen = torch.Generator().manual_seed(5)
+    n, heads, kv_heads = 23, 4, (1 if case == "per_head_gqa" else 2)
+    if case == "neighborhood_post_bias":
+        n = 20
+    q = torch.randn(1, heads, n, 4, generator=gen, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(1, kv_heads, n, 4, generator=gen, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(1, kv_heads, n, 4, generator=gen, dtype=torch.float64, requires_grad=True)
+    bias = RelativePositionBias(heads, num_buckets=8, max_distance=20).double()
+    pattern, score = {
+        "window_t5_softcap": (SlidingWindow(4, 2), ScoreChain([bias, Softcap(2.0)])),
+        "topk_alibi": (TopK(5) & Causal(), ScoreChain([ALiBi(heads).double(), bias])),
+        "per_head_gqa": (PerHead((SlidingWindow(2, 2), Causal(), Full(), SlidingWindow(5, 0))), bias),
+        "neighborhood_post_bias": (Neighborhood(3, grid=(4, 5)), ScoreChain([Softcap(2.0), bias])),
+    }[case]
+    backend = BlockSparseBackend(q_block=4, kv_block=4)
+    table = bias.table
+
+    def fn(q, k, v, table):
+        bias.table = table
+        return backend.forward(make_request(q, k, v, pattern=pattern, score=score))[0]
+
+    assert type(fn(q, k, v, table).grad_fn).__name__ == "NativeBlockSparseBackward"
+    assert torch.autograd.gradcheck(fn, (q, k, v, table), eps=1e-6, atol=1e-6)
+
+
+@needs_kernel
+@settings(max_examples=40, deadline=None)
+@given(q_len=st.integers(1, 70), extra_keys=st.integers(0, 30), left=st.integers(0, 20), right=st.integers(0, 20),
+       q_block=st.integers(1, 24), kv_block=st.integers(1, 24), kv_heads=st.sampled_from([1, 2, 4]),
+       slack=st.sampled_from([-1.0, 0.25, float("inf")]), seed=st.integers(0, 2 ** 16))
+def test_property_windows_and_blocks(q_len, extra_keys, left, right, q_block, kv_block, kv_heads, slack, seed):
+    """Any lengths (not multiples of the blocks, fewer queries than keys), windows down to a single
+    key per row, any block sizes, both key-reading modes: the same function as the reference."""
+    kv_len = q_len + extra_keys
+    assume(left < kv_len - 1 or right < kv_len - 1)  # a window covering every key is Full()
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(1, 4, q_len, 8, generator=gen, dtype=torch.float64)
+    k = torch.randn(1, kv_heads, kv_len, 8, generator=gen, dtype=torch.float64)
+    v = torch.randn(1, kv_heads, kv_len, 8, generator=gen, dtype=torch.float64)
+    pattern = SlidingWindow(left, right)
+    backend = BlockSparseBackend(q_block=q_block, kv_block=kv_block, window_slack=slack)
+    score = ALiBi(4).double()
+    got, _ = backend.forward(make_request(q, k, v, pattern=pattern, score=score))
+    want = mh.attention(q, k, v, pattern=pattern, score=score, backend="reference")
+    torch.testing.assert_close(got, want, atol=1e-12, rtol=1e-10)
+
+
+@needs_kernel
+@settings(max_examples=25, deadline=None)
+@given(rows=st.integers(3, 11), cols=st.integers(3, 11), kernel=st.integers(1, 3).map(lambda r: 2 * r + 1),
+       dilation=st.integers(1, 2), causal=st.booleans(), tile=st.sampled_from([None, (1, 4), (2, 2), (3, 5)]),
+       seed=st.integers(0, 2 ** 16))
+def test_property_grids(rows, cols, kernel, dilation, causal, tile, seed):
+    kernel = min(kernel, rows // dilation, cols // dilation)
+    if kernel < 1:
+        return
+    pattern = Neighborhood(kernel, dilation=dilation, causal=(causal, False), grid=(rows, cols))
+    gen = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(1, 2, rows * cols, 8, generator=gen, dtype=torch.float64) for _ in range(3))
+    backend = BlockSparseBackend(tile=tile)
+    got, _ = backend.forward(make_request(q, k, v, pattern=pattern))
+    want = mh.attention(q, k, v, pattern=pattern, backend="reference")
+    torch.testing.assert_close(got, want, atol=1e-12, rtol=1e-10)
+
+
+@needs_kernel
+def test_rows_that_see_a_single_key():
+    q, k, v, dout = _inputs(50, 2, torch.float64, seed=8)
+    _check_against_reference(SlidingWindow(0, 0), None, q, k, v, dout, torch.float32)
+
+
+@needs_kernel
+def test_corrupt_tile_tables_are_rejected():
+    """The kernel checks its table: an index out of range is an error, never a wild read."""
+    q = torch.randn(1, 2, 16, 8)
+    backend = BlockSparseBackend(q_block=4, kv_block=4)
+    req = make_request(q, q, q, pattern=SlidingWindow(2, 2))
+    good = backend.plan(req, native=True).table
+    ext = native.kernel()
+
+    def run(**changes):
+        arrays = dict(zip(["q_rows", "tile_q", "tile_k", "k_idx", "k_contig", "tile_m", "mask", "lb", "lh"],
+                          good.arrays()))
+        arrays.update(changes)
+        return ext.forward(q, q, q, *arrays.values(), 0.35, None, None, 0.0, 15)
+
+    run()  # the table as built runs
+    for changes, message in [
+        (dict(k_idx=good.k_idx + 16), "key index out of range"),
+        (dict(q_rows=good.q_rows - 1), "query row out of range"),
+        (dict(tile_m=good.tile_m.clamp(min=0) + good.mask.shape[1]), "mask runs past"),
+        (dict(tile_k=good.tile_k * 1000), "offsets out of range"),
+        (dict(lh=3), "layout slot"),
+    ]:
+        with pytest.raises(RuntimeError, match=message):
+            run(**changes)
+    with pytest.raises(RuntimeError, match="relative bias too short"):
+        ext.forward(q, q, q, *good.arrays(), 0.35, torch.zeros(2, 5), None, 0.0, 15)
+
+
+@needs_kernel
+def test_dropout_and_sigmoid_use_the_torch_tiles():
+    q = torch.randn(1, 2, 32, 8)
+    backend = BlockSparseBackend()
+    assert "dropout" in backend.describe(make_request(q, q, q, pattern=Causal(), dropout=0.1))
+    assert "Sigmoid" in backend.describe(make_request(q, q, q, pattern=Causal(), normalizer=mh.normalizers.Sigmoid()))
+    assert "float16" in backend.describe(make_request(q.half(), q.half(), q.half(), pattern=Causal()))
+    assert "native kernel" == backend.describe(make_request(q, q, q, pattern=Causal(), score=ALiBi(2)))
+
+
+def test_tile_tables_count_pairs():
+    """A table's pairs are the products it computes; a row-major window plan computes less than
+    twice the pairs the window needs."""
+    n = 1024
+    q = torch.randn(1, 1, n, 8)
+    backend = BlockSparseBackend()
+    table = backend.plan(make_request(q, q, q, pattern=SlidingWindow(128, 128)), native=True).table
+    needed = int(SlidingWindow(128, 128).dense_mask(n, n).sum())
+    spans = table.tile_k.diff() * table.tile_q.diff()
+    assert table.pairs == int(spans.sum()) and needed <= table.pairs <= 2 * needed
+    lists = tiles.from_key_lists(torch.tensor([[[[0, 1], [1, 0]]]]), torch.tensor([[[[True, False], [True, True]]]]))
+    assert lists.pairs == 4 and lists.tile_m.tolist() == [0, 2]
+
+
+def test_disabled_kernel_falls_back_and_says_so():
+    """With MULTIHEAD_NATIVE=0 the PyTorch tiles serve every request, explain says why, and the
+    results equal the reference."""
+    code = (
+        "import torch, multihead as mh\n"
+        "from multihead.patterns import SlidingWindow\n"
+        "q = torch.randn(1, 2, 100, 8, dtype=torch.float64, requires_grad=True)\n"
+        "e = mh.explain(q, q, q, pattern=SlidingWindow(5, 5), show=False)\n"
+        "assert 'MULTIHEAD_NATIVE=0' in e.reasons['blocksparse'], e\n"
+        "out = mh.attention(q, q, q, pattern=SlidingWindow(5, 5), backend='blocksparse')\n"
+        "assert 'Native' not in type(out.grad_fn).__name__\n"
+        "ref = mh.attention(q, q, q, pattern=SlidingWindow(5, 5), backend='reference')\n"
+        "torch.testing.assert_close(out, ref)\n"
+        "print('ok')\n")
+    env = dict(os.environ, MULTIHEAD_NATIVE="0")
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and "ok" in done.stdout, done.stderr
