@@ -18,6 +18,7 @@ from .heads import (CompressedAttention, LowRankAttention, MixtureOfHeads, Multi
                     SingleHeadAttention, SparseQueryAttention, TalkingHeadsAttention)
 from .linear import Aaren, LightningAttention, LinearAttention, ManhattanSelfAttention, Retention
 from .nn import GatedPositionalAttention, MultiHeadAttention, RCMHA, RelativeAttention, SinkAttention
+from .heads.seer import SeerAttention
 from .nn.landmark import LandmarkAttention
 from .normalizers import GaussianAdaptive
 from .patterns import (BlockLocal, Causal, CrossShapedWindow, Dilated, Documents, GlobalTokens, Halo,
@@ -350,6 +351,10 @@ _VARIANTS = [
             "Landmark Attention's retrieval: each query reads its 2 best blocks by landmark score + its own",
             Paper("Landmark Attention: Random-Access Infinite Context Length for Transformers", 2023, "2305.16300"),
             lambda dim, heads, n: LandmarkAttention(dim, heads, block=landmark_block(n), top_k=2)),
+    Variant("seer", "pattern",
+            "a gate on pooled q/k picks 4 key blocks per query block, block-sparse on those (gate trained apart: gate_loss)",
+            Paper("SeerAttention: Learning Intrinsic Sparse Attention in Your LLMs", 2024, "2410.13276"),
+            lambda dim, heads, n: SeerAttention(dim, heads, block=max(1, min(64, n // 16)), top_k=4).freeze_gate()),
 ]
 
 CATALOG: dict[str, Variant] = {v.name: v for v in _VARIANTS}

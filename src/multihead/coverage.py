@@ -202,8 +202,15 @@ ROWS: tuple[Row, ...] = (
         "test_landmark.py::test_landmark_model_learns_recall_through_its_landmarks"],
        "training form (grouped softmax as a bias on one softmax) and top-k block retrieval; the paper's "
        "cache offloading to a memory hierarchy is not built"),
-    _m(2, "SeerAttention: learned block-sparse attention",
-       "a learnable block gate from pooled q and k, distilled from the block max-pool of full attention"),
+    _i(2, "SeerAttention: learned block-sparse attention",
+       ["heads.seer.SeerAttention", "heads.seer.SeerGate", "heads.seer.seer_target", "heads.seer.seer_loss",
+        "heads.seer.select_blocks", "patterns.blocks.BlockSelection", "variant:seer"],
+       ["test_seer.py::test_gate_is_the_papers_pooled_block_attention_forward_and_gradients",
+        "test_seer.py::test_target_is_the_block_max_pool_of_the_full_map_renormalised",
+        "test_seer.py::test_attention_on_the_chosen_blocks_is_masked_softmax_forward_and_gradients",
+        "test_seer.py::test_gate_learns_by_distillation_and_keeps_more_attention_mass"],
+       "gate, distillation target and loss, top-k block inference on the block-sparse backend; the target "
+       "comes from the dense reference map (no fused kernel), and the gate is block-causal, not token-causal"),
     # 3. Multi-scale / cross attention
     _i(3, "Conditional Cross-Attention Network", ["nn.MultiHeadAttention"],
        ["test_module.py::test_explicit_head_dim_and_cross_attention_lengths"],
