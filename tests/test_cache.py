@@ -227,9 +227,10 @@ def test_a_cache_refuses_inputs_it_does_not_fit():
             module(x[:, 6:7], cache=fixed)
         short = KVCache(window=4)  # Causal needs every key
         module(x[:, :3], cache=short)
-        with pytest.raises(CacheError, match="has dropped"):
+        with pytest.raises(CacheError, match="query at position 4 see key 0, which KVCache.* has dropped"):
             for t in range(3, 12):
                 module(x[:, t:t + 1], cache=short)
+        assert len(short) == 4  # the refused token was not written
         with pytest.raises(CacheError, match="not defined at query positions 8"):
             docs = MultiHeadAttention(DIM, HEADS, pattern=Documents(torch.tensor([0, 3, 8])) & Causal()).double()
             run = KVCache()

@@ -496,11 +496,16 @@ def cached_attention(cache: KVCache, q: Tensor, k: Tensor, v: Tensor, *, pattern
         raise CacheError(f"cache must be a multihead.cache.KVCache, got {type(cache).__name__}")
     normalizer = as_normalizer(normalizer)
     pattern = _without_padding(pattern)
-    reason = refusal(pattern, normalizer)
-    if reason is not None:
-        raise CacheError(f"cannot decode with a cache: {reason}")
+    plan = cache._plans.get(id(pattern))
+    if plan is None or plan.source is not pattern or plan.normalizer != normalizer:
+        reason = refusal(pattern, normalizer)
+        if reason is not None:
+            raise CacheError(f"cannot decode with a cache: {reason}")
+        dynamic, static = split_dynamic(pattern)
+        plan = cache._plans[id(pattern)] = _Plan(static, pattern)
+        plan.dynamic, plan.normalizer = dynamic, normalizer
+    dynamic, static = plan.dynamic, plan.pattern
     score = as_score(score)
-    dynamic, static = split_dynamic(pattern)
     cache.check(k, v)
     if not isinstance(q, Tensor) or q.dim() != 4 or q.shape[0] != k.shape[0] or q.shape[2] != k.shape[2]:
         raise CacheError(f"q must be (batch, heads, tokens, dim) with the batch and tokens of k, got "
@@ -511,20 +516,15 @@ def cached_attention(cache: KVCache, q: Tensor, k: Tensor, v: Tensor, *, pattern
                                          tuple(key_padding_mask.shape) != (batch, start + n)):
         raise CacheError(f"with a cache, key_padding_mask must be a bool tensor (batch, cached + new tokens) = "
                          f"({batch}, {start + n}), got {key_padding_mask.dtype} {tuple(key_padding_mask.shape)}")
-    plan = cache._plans.get(id(pattern))
-    if plan is None or plan.source is not pattern:
-        plan = cache._plans[id(pattern)] = _Plan(static, pattern)
     options = dict(scale=scale, normalizer=normalizer, head_mix=head_mix, dropout=dropout, backend=backend)
     if n == 1:
-        cache.append(k, v)
-        return _step(cache, plan, q, start, score, dynamic, key_padding_mask, options, attention)
+        return _step(cache, plan, q, k, v, start, score, dynamic, key_padding_mask, options, attention)
     return _prompt(cache, plan, q, k, v, start, score, dynamic, static, key_padding_mask, options, attention)
 
 
-def _step(cache, plan, q, t, score, dynamic, key_padding_mask, options, attention):
-    """One query at position ``t`` (already appended) against the keys its intervals name."""
-    device = q.device
-    start, end, intervals = plan.row(t, device)
+def _check_row(cache, plan, t, start, end, intervals) -> None:
+    """Raise before anything is written if the query at ``t`` would see a later key, a key the
+    cache has dropped, or no key."""
     sink_end, first, _ = cache.kept(t + 1)
     if intervals is not None:
         for a, b in intervals:
@@ -532,9 +532,28 @@ def _step(cache, plan, q, t, score, dynamic, key_padding_mask, options, attentio
                 raise _future(plan.source, t, max(a, t + 1), t + 1)
             if max(a, sink_end) < min(b, first):
                 raise _dropped(cache, plan.source, t, max(a, sink_end))
+        empty = not intervals
+    else:
+        live = end > start
+        if bool((live & (end > t + 1)).any()):
+            raise _future(plan.source, t, max(int(start[live & (end > t + 1)].min()), t + 1), t + 1)
+        gap = live & (start.clamp(min=sink_end) < end.clamp(max=first))
+        if bool(gap.any()):
+            raise _dropped(cache, plan.source, t, max(int(start[gap].min()), sink_end))
+        empty = not bool(live.any(-1).all())
+    if empty:
+        raise CacheError(f"the query at position {t} sees no key under {plan.source!r}; its softmax would be NaN")
+
+
+def _step(cache, plan, q, k, v, t, score, dynamic, key_padding_mask, options, attention):
+    """One query at position ``t``: checked, its key and value appended, then attended against
+    the keys its intervals name."""
+    device = q.device
+    start, end, intervals = plan.row(t, device)
+    _check_row(cache, plan, t, start, end, intervals)
+    cache.append(k, v)
+    if intervals is not None:
         ranges = [r for a, b in intervals for r in cache.slot_ranges(a, b)]
-        if not ranges:
-            raise CacheError(f"the query at position {t} sees no key under {plan.pattern!r}; its softmax would be NaN")
         ranges.sort()
         merged = [list(ranges[0])]
         for r0, r1 in ranges[1:]:
@@ -556,7 +575,7 @@ def _step(cache, plan, q, t, score, dynamic, key_padding_mask, options, attentio
         if key_padding_mask is not None:
             valid = ~key_padding_mask[:, positions].view(q.shape[0], 1, 1, -1)
     else:
-        k, v, valid, positions = _gather(cache, q, t, start, end, plan.source)
+        k, v, valid, positions = _gather(cache, q, start, end)
         if key_padding_mask is not None:
             rows = torch.arange(q.shape[0], device=device).view(-1, 1, 1)
             hidden = key_padding_mask[rows, positions.clamp(min=0).expand(q.shape[0], -1, -1)]
@@ -576,21 +595,13 @@ def _step(cache, plan, q, t, score, dynamic, key_padding_mask, options, attentio
     return attention(q, k, v, pattern=pattern, score=score, **options)
 
 
-def _gather(cache, q, t, start, end, pattern):
-    """Keys of intervals that differ per batch element or head: ``(k, v, valid, positions)`` with
-    one padded key list per (batch element, query head) when they differ per head."""
+def _gather(cache, q, start, end):
+    """Keys of intervals (already checked) that differ per batch element or head:
+    ``(k, v, valid, positions)`` with one padded key list per (batch element, query head) when
+    they differ per head."""
     device = q.device
     batch, heads = q.shape[:2]
-    sink_end, first, _ = cache.kept(t + 1)
-    live = end > start
-    if bool((live & (end > t + 1)).any()):
-        raise _future(pattern, t, max(int(start[live & (end > t + 1)].min()), t + 1), t + 1)
-    gap = live & (torch.maximum(start, torch.full_like(start, sink_end)) < torch.minimum(end, torch.full_like(end, first)))
-    if bool(gap.any()):
-        raise _dropped(cache, pattern, t, max(int(start[gap].min()), sink_end))
     width = int(((end - start).clamp(min=0)).sum(-1).max())
-    if width == 0:
-        raise CacheError(f"the query at position {t} sees no key under {pattern!r}; its softmax would be NaN")
     # positions of every key of each (b, h) row, padded with -1: cumulative interval lengths
     lengths = (end - start).clamp(min=0)
     offsets = lengths.cumsum(-1) - lengths
