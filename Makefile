@@ -47,7 +47,7 @@ test-gpu:
 # The native kernel's tests under AddressSanitizer (and bounds-checked containers): a separate
 # build of the kernel, with libasan preloaded into Python.
 test-native-asan: $(STAMP)
-	MULTIHEAD_NATIVE_DEBUG=asan ASAN_OPTIONS=detect_leaks=0 LD_PRELOAD=$$(gcc -print-file-name=libasan.so) \
+	MULTIHEAD_NATIVE_DEBUG=asan ASAN_OPTIONS=detect_leaks=0:log_path=results/asan LD_PRELOAD="$$(gcc -print-file-name=libasan.so) $$(gcc -print-file-name=libstdc++.so)" \
 		$(PY) -m pytest -q -p no:cacheprovider tests/test_native.py tests/test_blocksparse.py
 
 # Regenerate the README's variant table from the catalog.

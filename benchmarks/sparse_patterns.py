@@ -1,5 +1,10 @@
 """Sparse and local patterns: time and peak memory per backend, against N or grid size.
 
+The block-sparse backend is measured on its native kernel ("blocksparse") and, in the same rounds,
+on its PyTorch tiles ("torch_tiles": the path before the kernel), with its bfloat16 forward, its
+computed pairs (the kernel's tile table) against the pairs the pattern needs, and for top-k the
+key-list attention alone against the same number of pairs run densely.
+
 Writes ``sparse_patterns.json``, ``sparse_patterns.png`` and ``sparse_patterns.md`` (the table of
 ratios that ``docs/performance.md`` quotes) into ``--out``. Every ratio compares figures measured
 side by side in this one run (as the median of the ratios within each round, where both were
@@ -30,7 +35,9 @@ from rich.table import Table
 import multihead as mh
 from multihead.backends import BACKENDS
 from multihead.bench.measure import peak_memory, time_call, time_interleaved
-from multihead.patterns import Full, Neighborhood, Pattern, Routing, ShiftedWindow, SlidingWindow, TopK
+from multihead.backends.native import describe as native_status, tiles
+from multihead.patterns import (Axial, Causal, CrossShapedWindow, Documents, Full, Neighborhood, Pattern, Routing,
+                                ShiftedWindow, SlidingWindow, TopK)
 from multihead.request import make_request
 
 
@@ -50,6 +57,11 @@ def cases(quick: bool) -> list[Case]:
         out += [Case(f"neighborhood_{kernel}x{kernel}", f"{g[0]}x{g[1]}", g[0] * g[1],
                      Neighborhood(kernel, grid=g)) for g in grids]
     out += [Case("swin_8x8_shift4", f"{g[0]}x{g[1]}", g[0] * g[1], ShiftedWindow(8, 4, grid=g)) for g in grids]
+    out += [Case("axial_rows", f"{g[0]}x{g[1]}", g[0] * g[1], Axial(g, axis=1)) for g in grids]
+    out += [Case("cswin_stripe_8", f"{g[0]}x{g[1]}", g[0] * g[1], CrossShapedWindow(8, g, heads=8)) for g in grids]
+    for n in lengths[:2]:  # 16 packed documents of uneven lengths, causal inside each
+        cuts = torch.linspace(0, 1, 17) ** 1.5 * n
+        out.append(Case("documents_16_causal", str(n), n, Documents(cuts.round().long()) & Causal()))
     dynamic = (1024, 4096) if quick else (4096, 16384)
     out += [Case("topk_64", str(n), n, TopK(64)) for n in dynamic]
     out += [Case("topk_16_in_window_128", str(n), n, TopK(16) & SlidingWindow(128, 128)) for n in dynamic]
@@ -76,11 +88,25 @@ def measure_case(case: Case, heads: int, head_dim: int, repeats: int, dense_limi
     train_backends = train_backends + [auto] * (auto not in train_backends)
     forward_backends = forward_backends + [auto] * (auto not in forward_backends)
 
-    def forward(backend, pattern):
+    def forward(backend, pattern, inputs=(q, k, v)):
         def run():
             with torch.no_grad():
-                mh.attention(q, k, v, pattern=pattern, backend=backend)
+                mh.attention(*inputs, pattern=pattern, backend=backend)
         return run
+
+    kernel_backend = BACKENDS["blocksparse"]
+
+    def torch_tiles(fn):
+        """``fn`` with the block-sparse backend on its PyTorch tiles (the path before the kernel)."""
+        def run():
+            kernel_backend.native = False
+            try:
+                return fn()
+            finally:
+                kernel_backend.native = True
+        return run
+
+    row["computed_pairs"] = computed_pairs(make_request(q, k, v, pattern=resolved))
 
     # Every backend's forward and our forward+backward, timed in rounds (each once per round), so
     # that the machine's drift slows them alike and their ratios stay fair; with them dense SDPA on
@@ -99,6 +125,18 @@ def measure_case(case: Case, heads: int, head_dim: int, repeats: int, dense_limi
             continue  # on CPU NATTEN runs uncompiled FlexAttention, which materialises N x N logits
         if _able(backend, q, k, v, case.pattern):
             timed[("forward_s", backend)] = forward(backend, case.pattern)
+    if device == "cpu":
+        timed[("forward_s", "torch_tiles")] = torch_tiles(forward("blocksparse", case.pattern))
+        if auto != "blocksparse":
+            timed[("forward_s", "auto_torch_tiles")] = torch_tiles(forward(auto, case.pattern))
+        low = tuple(t.bfloat16() for t in (q, k, v))
+        timed[("bf16_forward_s", "blocksparse")] = forward("blocksparse", case.pattern, low)
+    if isinstance(case.pattern, TopK):  # the key-list attention alone, and the same pairs dense
+        kept = case.pattern.k
+        timed[("lists_forward_s", "blocksparse")] = forward("blocksparse", resolved)
+        timed[("lists_forward_s", "dense_same_pairs")] = forward(
+            "sdpa", Full(), (q, k[:, :, :kept].contiguous(), v[:, :, :kept].contiguous()))
+        timed[("choice_s", "topk")] = lambda: make_request(q, k, v, pattern=case.pattern)
     trainers = {}
     for backend in train_backends:
         leaves = [t.clone().requires_grad_() for t in (q, k, v)]
@@ -111,6 +149,9 @@ def measure_case(case: Case, heads: int, head_dim: int, repeats: int, dense_limi
             mh.attention(*leaves, pattern=case.pattern, backend=backend).backward(grad)
 
         trainers[backend] = timed[("forward_backward_s", backend)] = train
+        if backend == "blocksparse" and device == "cpu":
+            timed[("forward_backward_s", "torch_tiles")] = torch_tiles(train)
+            trainers["torch_tiles"] = torch_tiles(train)
     timings = time_interleaved(timed, repeats=repeats, warmup=1, budget_s=60)
     for (what, backend), timing in timings.items():
         if what == "dense":
@@ -127,31 +168,56 @@ def measure_case(case: Case, heads: int, head_dim: int, repeats: int, dense_limi
     return row
 
 
+def computed_pairs(req) -> int | None:
+    """The (query, key) pairs per (batch, head) that the native kernel computes for ``req``."""
+    lists = req.pattern.key_lists()
+    if lists is not None:
+        return tiles.from_key_lists(*lists).pairs
+    return BACKENDS["blocksparse"].plan(req, native=True).table.pairs
+
+
 def ratios(rows: list[dict]) -> list[dict]:
-    """The issue's targets as ratios within this run."""
+    """The issue's targets as ratios within this run, for the block-sparse kernel."""
     out = []
     for r in rows:
-        ours = r["backends"].get(r.get("auto", "blocksparse"), {})  # what backend="auto" runs
+        ours = r["backends"].get("blocksparse", {})
+        old = r["backends"].get("torch_tiles", {})
         flex = r["backends"].get("flex", {})
-        fwd = ours.get("forward_s")
+        auto = r["backends"].get(r.get("auto", "blocksparse"), {})
+        n = r["tokens"]
+        computed = r["computed_pairs"] / (n * n) if r.get("computed_pairs") else None
         item = {"family": r["family"], "size": r["size"], "runs_on": r.get("auto", "blocksparse"),
-                "density": r["density"], "forward_s": fwd,
+                "density": r["density"], "computed": computed, "forward_s": ours.get("forward_s"),
                 "forward_backward_s": ours.get("forward_backward_s"),
+                "old_forward_s": old.get("forward_s"), "auto_forward_s": auto.get("forward_s"),
                 "peak_mib": (ours.get("forward_backward_peak_bytes") or 0) / 2**20}
         item["vs_flex"] = _paired(ours, "forward", flex, "forward")
+        item["vs_old"] = _paired(ours, "forward", old, "forward")
+        item["old_train_over_forward"] = _paired(old, "forward_backward", old, "forward")
         dense = {"forward_s": r["dense_sdpa_forward_s"], "forward_samples": r.get("dense_sdpa_samples")}
         vs_dense = _paired(ours, "forward", dense, "forward")
+        item["vs_computed_x_dense"] = vs_dense / computed if vs_dense and computed else None
         item["vs_density_x_dense"] = vs_dense / r["density"] if vs_dense else None
+        item["computed_over_needed"] = computed / r["density"] if computed else None
         item["train_over_forward"] = _paired(ours, "forward_backward", ours, "forward")
+        item["fp32_over_bf16"] = _paired(ours, "forward", ours, "bf16_forward")
+        if r.get("auto", "blocksparse") != "blocksparse":
+            item["auto_vs_old"] = _paired(auto, "forward", r["backends"].get("auto_torch_tiles", {}), "forward")
+        lists, same = ours.get("lists_forward_s"), r["backends"].get("dense_same_pairs", {})
+        if lists:
+            item["lists_vs_dense_same_pairs"] = _paired(ours, "lists_forward", same, "lists_forward")
+            choice = r["backends"].get("topk", {})
+            item["choice_vs_dense"] = _paired(choice, "choice", dense, "forward")
         out.append(item)
     windows = {r["tokens"]: r for r in rows if r["family"] == "sliding_window_128"}
     for small, big in ((16384, 65536), (1024, 4096)):
         if small in windows and big in windows:
-            a = windows[small]["backends"].get("blocksparse", {}).get("forward_backward_peak_bytes")
-            b = windows[big]["backends"].get("blocksparse", {}).get("forward_backward_peak_bytes")
-            if a and b:
-                out.append({"family": "sliding_window_128", "size": f"peak {big} / peak {small}",
-                            "memory_growth": b / a})
+            for backend in ("blocksparse", "torch_tiles"):
+                a = windows[small]["backends"].get(backend, {}).get("forward_backward_peak_bytes")
+                b = windows[big]["backends"].get(backend, {}).get("forward_backward_peak_bytes")
+                if a and b:
+                    out.append({"family": "sliding_window_128", "backend": backend,
+                                "size": f"peak {big} / peak {small}", "memory_growth": b / a})
     return out
 
 
@@ -169,20 +235,40 @@ def _fmt(x, spec=".2f"):
     return "n/a" if x is None else format(x, spec)
 
 
+COLUMNS = [  # (header, key, format) of the table; targets of the native-kernel issue in brackets
+    ("pattern", "family", "s"), ("size", "size", "s"), ("auto runs", "runs_on", "s"),
+    ("needed", "density", ".2%"), ("computed / needed (<= 2)", "computed_over_needed", ".2f"),
+    ("fwd s", "forward_s", ".3f"), ("fwd+bwd s", "forward_backward_s", ".3f"),
+    ("old fwd s", "old_forward_s", ".3f"), ("fwd / old (<= 0.7)", "vs_old", ".2f"),
+    ("fwd / flex (<= 0.5)", "vs_flex", ".2f"),
+    ("fwd / (computed x dense) (<= 1.3)", "vs_computed_x_dense", ".2f"),
+    ("fwd / (needed x dense)", "vs_density_x_dense", ".2f"),
+    ("fwd+bwd / fwd (<= 3)", "train_over_forward", ".2f"), ("fp32 / bf16 fwd (>= 1.5)", "fp32_over_bf16", ".2f"),
+    ("peak MiB", "peak_mib", ".0f"),
+]
+
+
 def markdown(items: list[dict], machine: str) -> str:
     lines = [f"Measured on {machine}.", "",
-             "| pattern | size | runs on | pairs | fwd s | fwd+bwd s | fwd+bwd peak MiB | fwd / flex fwd (<= 1) "
-             "| fwd / (pairs x dense fwd) (<= 2) | fwd+bwd / fwd (<= 3.5) |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "| " + " | ".join(h for h, _, _ in COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     for i in items:
         if "memory_growth" in i:
             continue
-        lines.append(f"| {i['family']} | {i['size']} | {i['runs_on']} | {i['density']:.2%} | {_fmt(i['forward_s'], '.3f')} | "
-                     f"{_fmt(i['forward_backward_s'], '.3f')} | {i['peak_mib']:.0f} | {_fmt(i['vs_flex'])} | "
-                     f"{_fmt(i['vs_density_x_dense'])} | {_fmt(i['train_over_forward'])} |")
+        lines.append("| " + " | ".join(_fmt(i.get(key), spec) if spec != "s" else str(i[key])
+                                       for _, key, spec in COLUMNS) + " |")
+    lines.append("")
     for i in items:
         if "memory_growth" in i:
-            lines.append(f"\nSliding window fwd+bwd {i['size']}: {i['memory_growth']:.2f} (target <= 4.5)")
+            lines.append(f"- Sliding window fwd+bwd {i['size']} ({i['backend']}): {i['memory_growth']:.2f} (target <= 4.3)")
+        if i.get("auto_vs_old") is not None:
+            lines.append(f"- {i['family']} {i['size']}: auto ({i['runs_on']}) forward {_fmt(i['auto_forward_s'], '.3f')} s, "
+                         f"{_fmt(i['auto_vs_old'])} x the same with PyTorch tiles")
+        if i.get("lists_vs_dense_same_pairs") is not None:
+            lines.append(f"- {i['family']} {i['size']}: key-list attention / the same pairs dense (<= 1.5): "
+                         f"{_fmt(i['lists_vs_dense_same_pairs'])}; the choice / dense SDPA forward: "
+                         f"{_fmt(i['choice_vs_dense'])}")
+        if i.get("old_train_over_forward") is not None and i["family"].startswith("sliding"):
+            lines.append(f"- {i['family']} {i['size']}: PyTorch tiles fwd+bwd / fwd {_fmt(i['old_train_over_forward'])}")
     return "\n".join(lines) + "\n"
 
 
@@ -240,7 +326,7 @@ def main(argv=None) -> int:
     train = [b for b in ("blocksparse", "flex" if cuda else "") if b in BACKENDS]
     forward = [b for b in ("blocksparse", "flex", "natten", "sdpa") if b in BACKENDS]
     where = torch.cuda.get_device_name(args.device) if cuda else f"{torch.get_num_threads()} threads"
-    machine = f"{torch.__version__}, {where}, B=1 H={args.heads} D={args.head_dim} fp32"
+    machine = f"{torch.__version__}, {where}, B=1 H={args.heads} D={args.head_dim} fp32; {native_status()}"
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
 
@@ -263,17 +349,13 @@ def main(argv=None) -> int:
     items = write(rows)
     plot(rows, out / "sparse_patterns.png")
     table = Table(title=f"blocksparse vs peers ({machine})")
-    for col in ("pattern", "size", "runs on", "pairs", "fwd s", "fwd+bwd s", "peak MiB", "vs flex", "vs pairs x dense", "train/fwd"):
-        table.add_column(col)
+    for header, _, _ in COLUMNS:
+        table.add_column(header)
     for i in items:
         if "memory_growth" not in i:
-            table.add_row(i["family"], i["size"], i["runs_on"], f"{i['density']:.2%}", _fmt(i["forward_s"], ".3f"),
-                          _fmt(i["forward_backward_s"], ".3f"), f"{i['peak_mib']:.0f}", _fmt(i["vs_flex"]),
-                          _fmt(i["vs_density_x_dense"]), _fmt(i["train_over_forward"]))
+            table.add_row(*(_fmt(i.get(key), spec) if spec != "s" else str(i[key]) for _, key, spec in COLUMNS))
     console.print(table)
-    for i in items:
-        if "memory_growth" in i:
-            console.print(f"sliding window fwd+bwd memory {i['size']}: {i['memory_growth']:.2f}")
+    console.print(markdown(items, machine).split("\n\n", 1)[1].split("|\n\n", 1)[-1])
     console.print(f"written to {out}/")
     return 0
 

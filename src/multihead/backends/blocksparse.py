@@ -294,25 +294,38 @@ def _product(per_axis: list, grid: tuple) -> tuple[Tensor, Tensor]:
     return flat.reshape(tiles, -1), ok.reshape(tiles, -1)
 
 
-def _choose_tile(box, target_rows: int = 64) -> tuple[int, ...]:
-    """Per-axis tile sizes with about ``target_rows`` queries per tile that compute the fewest
-    (query, key) pairs, a small tile being charged for its matrix products' overhead."""
+def _choose_tile(box, target_rows: int = 64, max_excess: float | None = None,
+                 max_rows: int | None = None) -> tuple[int, ...]:
+    """Per-axis tile sizes with about ``target_rows`` queries per tile (at most ``max_rows``,
+    default 4x that) that compute the fewest (query, key) pairs, a small tile being charged for
+    its matrix products' overhead. With ``max_excess``, only tiles computing at most that multiple
+    of the needed pairs are considered (when any does)."""
+    max_rows = max_rows or 4 * target_rows
     grid = box.grid
-    options = [sorted({min(2 ** e, n) for e in range(n.bit_length() + 1)}) for n in grid]
+    odd = {3, 6} if max_excess is not None else set()  # finer choices for the native kernel
+    options = [sorted({min(2 ** e, n) for e in range(n.bit_length() + 1)} | {min(o, n) for o in odd})
+               for n in grid]
     per_query, per_tile = [{} for _ in grid], [{} for _ in grid]  # keys per query, rows per tile
     for i, n in enumerate(grid):
         for t in options[i]:
             segments, keys, _ = _axis_tiles(box, i, t)
             per_query[i][t] = sum(len(s) * len(k) for s, k in zip(segments, keys)) / n
             per_tile[i][t] = n / len(segments)
+    needed = math.prod(per_query[i][1] for i in range(len(grid)))  # one query per tile: its own keys
     best, best_cost = None, math.inf
-    for tile in itertools.product(*options):
-        rows = math.prod(per_tile[i][t] for i, t in enumerate(tile))
-        if rows > 4 * target_rows:
-            continue
-        cost = math.prod(per_query[i][t] for i, t in enumerate(tile)) * (1 + target_rows / rows)
-        if cost < best_cost:
-            best, best_cost = tile, cost
+    for strict in ((True, False) if max_excess is not None else (False,)):
+        for tile in itertools.product(*options):
+            rows = math.prod(per_tile[i][t] for i, t in enumerate(tile))
+            if rows > max_rows:
+                continue
+            keys = math.prod(per_query[i][t] for i, t in enumerate(tile))
+            if strict and keys > max_excess * needed:
+                continue
+            cost = keys * (1 + target_rows / rows)
+            if cost < best_cost:
+                best, best_cost = tile, cost
+        if best is not None:
+            break
     return best
 
 
@@ -953,7 +966,10 @@ class BlockSparseBackend(Backend):
                            group_rows=gr, window_slack=self.window_slack, **sizes)
         box = pattern.tiling_box() if self.tiles else None
         if box is not None and pattern.num_heads is None:
-            tile = self.tile if self.tile is not None and len(self.tile) == len(box.grid) else _choose_tile(box)
+            # the native kernel pays less per tile: smaller tiles, within twice the needed pairs
+            choose = dict(target_rows=8, max_excess=2.0, max_rows=64) if native else {}
+            tile = (self.tile if self.tile is not None and len(self.tile) == len(box.grid)
+                    else _choose_tile(box, **choose))
             # a group of up to 4 tiles whose logits stay within 2 MiB: joining tiles amortises the
             # per-group overhead (gathers, small products), larger groups fall out of cache
             tiled = _tiled_plan(pattern, box, req.device, tile=tile,

@@ -408,8 +408,10 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& q, const at::Tensor& k, 
   const int64_t threads = std::max(1, at::get_num_threads());
   want_pre = want_pre && pre.defined(), want_post = want_post && post.defined();
   const int64_t lvec = pre.defined() ? pre.size(1) : (post.defined() ? post.size(1) : 0);
-  auto dpre = at::zeros({want_pre ? threads : 0, g.H, lvec}, copt);
-  auto dpost = at::zeros({want_post ? threads : 0, g.H, lvec}, copt);
+  // the bias gradients sum dS over every pair at one relative position: accumulated in double
+  const auto dopt = q.options().dtype(at::kDouble);
+  auto dpre = at::zeros({want_pre ? threads : 0, g.H, lvec}, dopt);
+  auto dpost = at::zeros({want_post ? threads : 0, g.H, lvec}, dopt);
   Inputs<T> in{static_cast<T*>(q.data_ptr()), static_cast<T*>(k.data_ptr()), static_cast<T*>(v.data_ptr()), g, tab};
   Score<C> sc;
   if (pre.defined()) sc.pre = static_cast<C*>(pre.data_ptr()), sc.lvec = lvec;
@@ -432,8 +434,8 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& q, const at::Tensor& k, 
     const int64_t b = bk / g.Hkv, hk = bk % g.Hkv;
     C* dk_acc = dk_p + ((part * g.B + b) * g.Hkv + hk) * g.Lk * g.D;
     C* dv_acc = dv_p + ((part * g.B + b) * g.Hkv + hk) * g.Lk * g.Dv;
-    C* dpre_t = want_pre ? static_cast<C*>(dpre.data_ptr()) + at::get_thread_num() * g.H * lvec : nullptr;
-    C* dpost_t = want_post ? static_cast<C*>(dpost.data_ptr()) + at::get_thread_num() * g.H * lvec : nullptr;
+    double* dpre_t = want_pre ? static_cast<double*>(dpre.data_ptr()) + at::get_thread_num() * g.H * lvec : nullptr;
+    double* dpost_t = want_post ? static_cast<double*>(dpost.data_ptr()) + at::get_thread_num() * g.H * lvec : nullptr;
     const T* kbase = in.k + (b * g.Hkv + hk) * g.Lk * g.D;
     const T* vbase = in.v + (b * g.Hkv + hk) * g.Lk * g.Dv;
     const int64_t t_end = std::min(tab.T, (part + 1) * per_part);
@@ -499,7 +501,7 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& q, const at::Tensor& k, 
             const int64_t base = sc.qmax - w.qabs[i];
             const int64_t* kp = kpos + c0;
             if (dpost_t) {
-              C* dvec = dpost_t + w.heads[i] * lvec + base;
+              double* dvec = dpost_t + w.heads[i] * lvec + base;
               for (int64_t j = 0; j < n; ++j) dvec[kp[j]] += di[j];
             }
             if (sc.cap > 0) {
@@ -511,7 +513,7 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& q, const at::Tensor& k, 
               }
             }
             if (dpre_t) {
-              C* dvec = dpre_t + w.heads[i] * lvec + base;
+              double* dvec = dpre_t + w.heads[i] * lvec + base;
               for (int64_t j = 0; j < n; ++j) dvec[kp[j]] += di[j];
             }
           }
@@ -535,7 +537,9 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& q, const at::Tensor& k, 
   });
   at::Tensor dk_sum = parts == 1 ? dk[0] : dk.sum(0);
   at::Tensor dv_sum = parts == 1 ? dv[0] : dv.sum(0);
-  return {dq, dk_sum, dv_sum, want_pre ? dpre.sum(0) : at::Tensor(), want_post ? dpost.sum(0) : at::Tensor()};
+  const auto acc = c10::CppTypeToScalarType<C>::value;
+  return {dq, dk_sum, dv_sum, want_pre ? dpre.sum(0).to(acc) : at::Tensor(),
+          want_post ? dpost.sum(0).to(acc) : at::Tensor()};
 }
 
 void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
