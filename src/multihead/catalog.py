@@ -20,6 +20,7 @@ from .linear import Aaren, LightningAttention, LinearAttention, ManhattanSelfAtt
 from .nn import GatedPositionalAttention, MultiHeadAttention, RCMHA, RelativeAttention, SinkAttention
 from .heads.seer import SeerAttention
 from .nn.landmark import LandmarkAttention
+from .nn.recycled import RecycledAttention
 from .normalizers import GaussianAdaptive
 from .patterns import (BlockLocal, Causal, CrossShapedWindow, Dilated, Documents, GlobalTokens, Halo,
                        Neighborhood, PerHead, PrefixLM, Routing, ShiftedWindow, SlidingWindow, TopK,
@@ -355,6 +356,10 @@ _VARIANTS = [
             "a gate on pooled q/k picks 4 key blocks per query block, block-sparse on those (gate trained apart: gate_loss)",
             Paper("SeerAttention: Learning Intrinsic Sparse Attention in Your LLMs", 2024, "2410.13276"),
             lambda dim, heads, n: SeerAttention(dim, heads, block=max(1, min(64, n // 16)), top_k=4).freeze_gate()),
+    Variant("recycled", "pattern",
+            "decoding the second half: a full step every 8 tokens, the others read its top N/8 keys + newer ones",
+            Paper("Recycled Attention: Efficient inference for long-context language models", 2024, "2411.05787"),
+            lambda dim, heads, n: RecycledAttention(dim, heads, stride=8, top_k=max(1, min(128, n // 8)), prompt=0.5)),
 ]
 
 CATALOG: dict[str, Variant] = {v.name: v for v in _VARIANTS}

@@ -104,7 +104,8 @@ def landmark_request(q: Tensor, k: Tensor, block: int, *, top_k: int | None = No
     local = Causal() & NoLandmarkKeys(block)
     if top_k is None:
         # log Z_g(i) over the regular keys of every complete block
-        lse = torch.einsum("bhid,bhgjd->bhigj", q, regular).mul(scale).logsumexp(-1)
+        logits = torch.matmul(q, regular.reshape(batch, heads, -1, dim).transpose(-2, -1)) * scale
+        lse = logits.view(batch, heads, q_len, full, block - 1).logsumexp(-1)
         table = torch.cat([torch.where(earlier, land - lse, torch.zeros_like(land)), table[..., full:]], -1)
         return local, BlockBias(table, block, offset)
     keep = min(top_k, full)
@@ -117,7 +118,8 @@ def landmark_request(q: Tensor, k: Tensor, block: int, *, top_k: int | None = No
     b = torch.arange(batch, device=q.device).view(-1, 1, 1, 1)
     h = torch.arange(heads, device=q.device).view(1, -1, 1, 1)
     picked = regular[b, h, chosen]
-    lse = torch.einsum("bhid,bhiktd->bhikt", q, picked).mul(scale).logsumexp(-1)
+    lse = torch.matmul(picked.flatten(3, 4), q.unsqueeze(-1)).squeeze(-1).mul(scale)
+    lse = lse.view(batch, heads, q_len, keep, block - 1).logsumexp(-1)
     bias = torch.where(valid, land.gather(-1, chosen) - lse, torch.zeros_like(lse))
     table = table.scatter(-1, chosen, bias)
     pattern = (local & BlockLocal(block)) | BlockSelection(chosen, valid, block, kv_len, size=block - 1)
