@@ -20,6 +20,7 @@ from .linear import Aaren, LightningAttention, LinearAttention, ManhattanSelfAtt
 from .nn import GatedPositionalAttention, MultiHeadAttention, RCMHA, RelativeAttention, SinkAttention
 from .heads.seer import SeerAttention
 from .nn.landmark import LandmarkAttention
+from .nn.dynamic_mask import DynamicMaskAttention
 from .nn.recycled import RecycledAttention
 from .normalizers import GaussianAdaptive
 from .patterns import (BlockLocal, Causal, CrossShapedWindow, Dilated, Documents, GlobalTokens, Halo,
@@ -360,6 +361,10 @@ _VARIANTS = [
             "decoding the second half: a full step every 8 tokens, the others read its top N/8 keys + newer ones",
             Paper("Recycled Attention: Efficient inference for long-context language models", 2024, "2411.05787"),
             lambda dim, heads, n: RecycledAttention(dim, heads, stride=8, top_k=max(1, min(128, n // 8)), prompt=0.5)),
+    Variant("dynamic_mask", "pattern",
+            "each query keeps the N/4 earlier keys with the largest value-derived weight, added to their logits",
+            Paper("Trainable Dynamic Mask Sparse Attention", 2025, "2508.02124"),
+            lambda dim, heads, n: DynamicMaskAttention(dim, heads, window=max(1, n // 4))),
 ]
 
 CATALOG: dict[str, Variant] = {v.name: v for v in _VARIANTS}

@@ -34,3 +34,26 @@ class BlockBias(Score):
 
     def extra_repr(self) -> str:
         return f"table={tuple(self.table.shape)}, block={self.block}"
+
+
+class KeyBias(Score):
+    """Adds ``table[b, h, j]`` to the logit of every query with key ``j``: a bias that depends on the
+    key alone (Dynamic Mask Attention's value-derived mask). ``table`` is ``(B, H, kv_len)`` and may
+    require grad."""
+
+    additive = True
+    batch_dependent = True
+
+    def __init__(self, table: Tensor):
+        super().__init__()
+        if not isinstance(table, Tensor) or table.dim() != 3 or not table.is_floating_point():
+            raise ShapeError(f"KeyBias.table must be a float tensor (B, H, kv_len), got "
+                             f"{getattr(table, 'shape', type(table).__name__)}")
+        self.table = table
+        self.num_heads = table.shape[1]
+
+    def forward(self, score, b, h, q_idx, kv_idx):
+        return score + self.table[b, h, kv_idx].to(score.dtype)
+
+    def extra_repr(self) -> str:
+        return f"table={tuple(self.table.shape)}"
