@@ -9,9 +9,13 @@ attention function) and ``AttentionMaskInterface`` (the mask function), so that
 runs every attention layer through ``multihead.attention`` and its backends (``backend="auto"``
 unless ``use_pattern`` or ``use_multihead`` chose another), ``multihead.analysis.capture`` sees it,
 and ``use_pattern(model, SlidingWindow(...))`` swaps a pattern or score into the trained model. The
-mask function gives the boolean mask transformers' SDPA path builds; the attention function turns it
-back into a multihead pattern (``Causal``, ``KeyPadding``, both, or ``BooleanMask`` for anything else),
-so structured backends can serve it.
+mask function reads the layer's mask settings (causal, sliding window, padding) and hands the
+attention function a ``StructuredMask`` instead of an ``N x N`` tensor, which becomes ``Causal() &
+SlidingWindow(w - 1, 0) & KeyPadding``; the attention function adds ``softcap`` (a ``Softcap`` score)
+and gpt-oss's ``s_aux`` sinks (a zero key with a per-head logit), so ``backend="auto"`` can choose a
+structured backend (block-sparse) for a long prefill. Masks it does not recognise (packed
+sequences, chunked or custom mask functions, static caches) stay dense: ``Causal``, ``KeyPadding``
+or a ``BooleanMask``.
 """
 
 from __future__ import annotations
@@ -23,63 +27,15 @@ from torch import Tensor, nn
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
+from ..cache import BooleanMask
 from ..errors import PatternError, ShapeError
 from ..functional import attention
 from ..nn.attention import run_head_hooks
-from ..patterns import Causal, KeyPadding, Pattern, Spans
+from ..patterns import Causal, Full, KeyPadding, Pattern, Sinks, SlidingWindow, Spans
 from ..scores import Score, as_score
 from ..scores.softcap import Softcap
 
 NAME = "multihead"
-
-
-@dataclass(frozen=True, eq=False)
-class BooleanMask(Pattern):
-    """An explicit mask ``(batch, heads or 1, q_len, kv_len)``, True where a query may see a key:
-    what a Hugging Face mask becomes when it is not causal and/or key padding. Its spans are the
-    runs of True in each row."""
-
-    mask: Tensor = field(repr=False)
-
-    def __post_init__(self):
-        if not isinstance(self.mask, Tensor) or self.mask.dtype != torch.bool or self.mask.dim() != 4:
-            raise PatternError(f"mask must be a bool tensor (batch, heads or 1, q_len, kv_len), got "
-                               f"{getattr(self.mask, 'dtype', type(self.mask))} {tuple(getattr(self.mask, 'shape', ()))}")
-
-    @property
-    def batch_size(self) -> int:
-        return self.mask.shape[0]
-
-    @property
-    def num_heads(self) -> int | None:
-        return self.mask.shape[1] if self.mask.shape[1] > 1 else None
-
-    def __repr__(self):
-        return f"BooleanMask{tuple(self.mask.shape)}"
-
-    def check(self, q_len, kv_len):
-        if tuple(self.mask.shape[2:]) != (q_len, kv_len):
-            raise PatternError(f"{self!r} does not fit q_len={q_len}, kv_len={kv_len}")
-
-    def mask_mod(self, b, h, q_idx, kv_idx):
-        offset = self.mask.shape[3] - self.mask.shape[2]
-        h = h if self.mask.shape[1] > 1 else torch.zeros_like(h)
-        return self.mask.to(q_idx.device)[b, h, q_idx - offset, kv_idx]
-
-    def _spans(self, q_pos, kv_len):
-        keep = self.mask.to(q_pos.device).long()
-        rows = keep.flatten(0, 2)
-        zero = rows.new_zeros(rows.shape[0], 1)
-        edge = torch.diff(rows, dim=-1, prepend=zero, append=zero)  # +1 at a run's start, -1 after its end
-        runs = max(int((edge == 1).sum(-1).max()), 1)
-        starts = torch.full((rows.shape[0], runs), kv_len, device=rows.device)
-        ends = starts.clone()
-        for target, marker in ((starts, 1), (ends, -1)):
-            hit = edge == marker
-            row, col = hit.nonzero(as_tuple=True)
-            target[row, (hit.long().cumsum(-1) - 1)[row, col]] = col
-        shape = (*keep.shape[:3], runs)
-        return Spans(starts.view(shape), ends.view(shape), kv_len)
 
 
 def without_empty_rows(pattern: Pattern, batch: int, q_len: int, kv_len: int, device) -> Pattern:
@@ -134,35 +90,182 @@ def _settings(module: nn.Module) -> Settings:
     return module.__dict__.get("_multihead_settings") or Settings()
 
 
+@dataclass(frozen=True, eq=False)
+class QueryRows(Pattern):
+    """The queries marked in ``rows`` ``(batch, kv_len)`` (key frame) see every key: what a padded
+    query sees under left padding, so that its row is not empty (its output is never read)."""
+
+    rows: Tensor = field(repr=False)
+
+    @property
+    def batch_size(self) -> int:
+        return self.rows.shape[0]
+
+    def __repr__(self):
+        return f"QueryRows(batch={self.rows.shape[0]})"
+
+    def check(self, q_len, kv_len):
+        if self.rows.shape[1] != kv_len:
+            raise PatternError(f"{self!r} covers {self.rows.shape[1]} positions, not kv_len={kv_len}")
+
+    def mask_mod(self, b, h, q_idx, kv_idx):
+        return self.rows.to(q_idx.device)[b, q_idx] & (kv_idx >= 0)
+
+    def _spans(self, q_pos, kv_len):
+        marked = self.rows.to(q_pos.device)[:, q_pos]  # (B, q_len)
+        end = torch.where(marked, kv_len, 0)
+        return Spans.interval(torch.zeros_like(end).unsqueeze(1), end.unsqueeze(1), kv_len)
+
+
+@dataclass(frozen=True, eq=False)
+class StructuredMask:
+    """What ``multihead_mask`` gives transformers instead of a dense mask, when it recognises the
+    mask function: causal or not, a sliding window of ``window`` keys (transformers' convention:
+    the query and the ``window - 1`` keys before it), and the kept keys ``keep`` ``(batch, kv_len)``
+    (None: no padding). Queries are aligned with the last keys."""
+
+    causal: bool
+    window: int | None
+    keep: Tensor | None
+    q_length: int
+    kv_length: int
+
+    def pattern(self) -> Pattern | None:
+        parts = []
+        if self.causal:
+            parts.append(Causal())
+        if self.window is not None and self.window < self.kv_length:
+            parts.append(SlidingWindow(self.window - 1, 0 if self.causal else self.window - 1))
+        base = None
+        for part in parts:
+            base = part if base is None else base & part
+        if self.keep is None:
+            return base
+        keys = KeyPadding(~self.keep)
+        padded = keys if base is None else base & keys
+        empty = padded.key_counts(self.q_length, self.kv_length, self.keep.device)[:, 0] == 0  # (B, q_len)
+        if bool(empty.any()):  # padded queries (left padding) see keys, not nothing, as in transformers
+            rows = torch.zeros_like(self.keep)
+            rows[:, self.kv_length - self.q_length:] = empty
+            keys = keys | QueryRows(rows)
+        return keys if base is None else base & keys
+
+
+def _closure(function) -> dict:
+    cells = function.__closure__ or ()
+    return {name: cell.cell_contents for name, cell in zip(function.__code__.co_freevars, cells)}
+
+
+def parse_mask_function(function) -> tuple[bool, int | None] | None:
+    """``(causal, window)`` of a transformers mask function built from the causal, bidirectional
+    and sliding-window pieces of ``transformers.masking_utils`` (through ``and_masks``); None for
+    anything else (packed sequences, chunked attention, custom functions)."""
+    from transformers import masking_utils as mu
+
+    if function is mu.causal_mask_function:
+        return True, None
+    if function is mu.bidirectional_mask_function:
+        return False, None
+    name = getattr(function, "__qualname__", "")
+    if name == "and_masks.<locals>.and_mask":
+        causal, window = False, None
+        for part in _closure(function).get("mask_functions", ()):
+            parsed = parse_mask_function(part)
+            if parsed is None:
+                return None
+            causal, window = causal or parsed[0], parsed[1] if parsed[1] is not None else window
+        return causal, window
+    if name in ("sliding_window_overlay.<locals>.inner_mask", "sliding_window_bidirectional_overlay.<locals>.inner_mask"):
+        window = _closure(function).get("sliding_window")
+        return (False, window) if isinstance(window, int) and window > 0 else None
+    return None
+
+
+def multihead_mask(batch_size: int, q_length: int, kv_length: int, q_offset=0, kv_offset=0,
+                   mask_function=None, attention_mask: Tensor | None = None, use_vmap: bool = False, **kwargs):
+    """transformers' mask function signature. A causal, bidirectional or sliding-window mask whose
+    queries end with the keys (generation with or without a cache) becomes a ``StructuredMask``
+    (no ``N x N`` tensor), which ``multihead_attention_forward`` turns into ``Causal() &
+    SlidingWindow(w - 1, 0) & KeyPadding``; anything else is the boolean ``(B, 1, q_length,
+    kv_length)`` mask transformers' SDPA path builds (or None where SDPA would skip it)."""
+    from transformers import masking_utils as mu
+
+    mask_function = mu.causal_mask_function if mask_function is None else mask_function
+    dense = dict(q_offset=q_offset, kv_offset=kv_offset, mask_function=mask_function,
+                 attention_mask=attention_mask, use_vmap=use_vmap, **kwargs)
+    parsed = None if use_vmap else parse_mask_function(mask_function)
+    aligned = isinstance(q_offset, int) and isinstance(kv_offset, int) and q_offset + q_length == kv_offset + kv_length
+    if parsed is None or not aligned:
+        return sdpa_mask(batch_size, q_length, kv_length, **dense)
+    keep = mu.prepare_padding_mask(attention_mask, kv_length, kv_offset)
+    if keep is not None:
+        keep = keep[:, kv_offset: kv_offset + kv_length].bool()
+        if bool(keep.all()):
+            keep = None
+        elif keep.shape[0] != batch_size:
+            keep = keep.expand(batch_size, -1)
+    causal, window = parsed
+    return StructuredMask(causal, window, keep, q_length, kv_length)
+
+
+class SinkLogit(Score):
+    """gpt-oss's attention sinks (``s_aux``): a per-head logit ``s_h`` for an extra key at position
+    0 whose value is zero, so that a query can give weight to nothing (Xiao et al., 2023,
+    arXiv 2309.17453, in the learned-logit form of OpenAI's gpt-oss). Added to the logit of key 0
+    (a zero key, logit 0), so it is additive."""
+
+    additive = True
+
+    def __init__(self, logits: Tensor):
+        super().__init__()
+        self.logits = logits
+        self.num_heads = logits.shape[0]
+
+    def forward(self, score, b, h, q_idx, kv_idx):
+        return score + torch.where(kv_idx == 0, self.logits.to(score.device)[h], 0).to(score.dtype)
+
+
 def multihead_attention_forward(module: nn.Module, query: Tensor, key: Tensor, value: Tensor,
-                                attention_mask: Tensor | None, dropout: float = 0.0,
+                                attention_mask, dropout: float = 0.0,
                                 scaling: float | None = None, is_causal: bool | None = None, **kwargs):
     """transformers' attention function signature: ``query`` ``(B, H, Lq, D)``, ``key``/``value``
     ``(B, Hkv, Lk, D)`` (grouped-query attention is served natively, no repeat), returns
-    ``(output (B, Lq, H, D), None)``. ``softcap`` becomes a ``Softcap`` score; attention sinks
-    (``s_aux``) and position biases are refused."""
-    for unsupported in ("s_aux", "position_bias"):
-        if kwargs.get(unsupported) is not None:
-            raise ShapeError(f"{unsupported} is not supported by attn_implementation='multihead'; use 'eager'")
+    ``(output (B, Lq, H, D), None)``. The layer's settings become structure: a ``StructuredMask``
+    (from ``multihead_mask``) ``Causal() & SlidingWindow & KeyPadding``, ``softcap`` a ``Softcap``
+    score, ``s_aux`` sinks a zero key in front with a per-head ``SinkLogit`` (``Sinks(pattern, 1)``);
+    a dense mask a ``Causal``/``KeyPadding`` pattern or a ``BooleanMask``. Position biases are
+    refused."""
+    if kwargs.get("position_bias") is not None:
+        raise ShapeError("position_bias is not supported by attn_implementation='multihead'; use 'eager'")
     settings = _settings(module)
     causal = getattr(module, "is_causal", False) if is_causal is None else is_causal
-    pattern = pattern_from_mask(attention_mask, query.shape[2], key.shape[2], causal)
+    q_len, kv_len = query.shape[2], key.shape[2]
+    if isinstance(attention_mask, StructuredMask):
+        if (attention_mask.q_length, attention_mask.kv_length) != (q_len, kv_len):
+            raise ShapeError(f"the mask was made for q_len={attention_mask.q_length}, kv_len={attention_mask.kv_length}, "
+                             f"the attention has {q_len} and {kv_len}")
+        pattern = attention_mask.pattern()
+    else:
+        pattern = pattern_from_mask(attention_mask, q_len, kv_len, causal)
     if settings.pattern is not None:
         pattern = settings.pattern if pattern is None else pattern & settings.pattern
-        pattern = without_empty_rows(pattern, query.shape[0], query.shape[2], key.shape[2], query.device)
+        pattern = without_empty_rows(pattern, query.shape[0], q_len, kv_len, query.device)
     softcap = Softcap(kwargs["softcap"]) if kwargs.get("softcap") is not None else None
     scores = [s for s in (settings.score, softcap) if s is not None]
+    sinks = kwargs.get("s_aux")
+    if sinks is not None:
+        if settings.score is not None:
+            raise ShapeError("use_pattern's score cannot combine with attention sinks (s_aux): the sink key in front "
+                             "shifts the key positions the score would read")
+        batch, kv_heads, _, dim = key.shape
+        key = torch.cat([key.new_zeros(batch, kv_heads, 1, dim), key], dim=2)
+        value = torch.cat([value.new_zeros(batch, kv_heads, 1, value.shape[3]), value], dim=2)
+        pattern = Sinks(Full() if pattern is None else pattern, 1)
+        scores.append(SinkLogit(sinks.to(query.dtype)))
     options = dict(pattern=pattern, score=as_score(scores) if scores else None, scale=scaling, head_mix=None)
     out = attention(query, key, value, **options, dropout=dropout, backend=settings.backend)
     out = run_head_hooks(module, out, query, key, value, options)
     return out.transpose(1, 2).contiguous(), None
-
-
-def multihead_mask(batch_size: int, q_length: int, kv_length: int, **kwargs):
-    """transformers' mask function signature: the boolean ``(B, 1, q_length, kv_length)`` mask (or
-    None where SDPA would skip it: full without padding, or plain causal), which
-    ``multihead_attention_forward`` turns into a pattern."""
-    return sdpa_mask(batch_size, q_length, kv_length, **kwargs)
 
 
 def register() -> None:
