@@ -239,7 +239,11 @@ ROWS: tuple[Row, ...] = (
        "position and channel attention modules with the guiding loss between scales"),
     _m(3, "DCAL: Dual Cross-Attention Learning",
        "global-local cross-attention to high-response regions and pair-wise cross-attention"),
-    _m(3, "Pointer Networks", "attention weights as the output distribution over input positions"),
+    _i(3, "Pointer Networks", ["nn.pointer.PointerAttention"],
+       ["test_pointer.py::test_additive_pointer_is_the_papers_softmax_over_inputs_forward_and_gradients",
+        "test_pointer.py::test_pointer_network_learns_to_sort"],
+       "the pointing head (additive as in the paper, or dot); the LSTM encoder-decoder is left to the user "
+       "(the tests build one that sorts); an output head, so no catalog variant"),
     _i(3, "Efficient Probing (attentive probe)", ["nn.probe.AttentiveProbe"],
        ["test_probe.py::test_efficient_probe_is_multi_query_pooling_forward_and_gradients",
         "test_probe.py::test_one_efficient_query_is_exactly_a_one_head_standard_probe",
