@@ -10,7 +10,13 @@ and a window, the same number of keys), against
   the same first tokens beside it);
 * Hugging Face's ``generate`` on a random-init ``LlamaForCausalLM`` of about the same size (same
   width, depth, heads and vocabulary; SwiGLU MLP of ``2/3`` the width so the parameters match the
-  GELU MLP; RoPE instead of learned positions), with its ``DynamicCache`` and SDPA attention.
+  GELU MLP; RoPE instead of learned positions), with its ``DynamicCache``, through SDPA and through
+  ``attn_implementation="multihead"``.
+
+Then a ``--prefill``-token forward of a random-init Mistral with a sliding window of
+``--prefill-window``, transformers' SDPA path (a dense ``N x N`` mask) against
+``attn_implementation="multihead"`` (``Causal() & SlidingWindow``, which ``auto`` runs block-sparse):
+time and peak resident memory growth, each in a fresh process.
 
 Rounds run the variants interleaved; each step keeps its fastest round (interference from other
 work on a shared machine only adds time), Hugging Face's generate its fastest whole run. Prints a markdown table and
@@ -84,6 +90,57 @@ def hf_decode(model, prompt: torch.Tensor, tokens: int):
     return [seconds], held, out.sequences
 
 
+def _prefill_child(args, implementation: str, queue) -> None:
+    """In a fresh process: one forward of a ``--prefill``-token prompt through a random-init Mistral
+    with a sliding window; puts (seconds, peak RSS growth in bytes, the logits' checksum)."""
+    import multihead.integrations.hf  # noqa: F401  (registers "multihead")
+    import transformers
+
+    torch.set_num_threads(args.threads)
+    config = transformers.MistralConfig(
+        vocab_size=args.vocab, hidden_size=args.dim, intermediate_size=round(args.dim * 4 * 2 / 3),
+        num_hidden_layers=args.depth, num_attention_heads=args.heads, num_key_value_heads=max(1, args.heads // 4),
+        max_position_embeddings=args.prefill, sliding_window=args.prefill_window)
+    torch.manual_seed(0)
+    model = transformers.MistralForCausalLM(config).eval()
+    ids = torch.randint(0, args.vocab, (1, args.prefill), generator=torch.Generator().manual_seed(0))
+    times = []
+    with torch.no_grad():
+        for call in range(2):  # memory: the first call (the allocator holds nothing yet); time: the faster
+            rss = _rss("VmRSS")
+            Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM, the peak RSS
+            begin = time.perf_counter()
+            hidden = model.model(input_ids=ids).last_hidden_state
+            times.append(time.perf_counter() - begin)
+            if call == 0:
+                peak = _rss("VmHWM") - rss
+    queue.put((min(times), peak, float(hidden[0, -1].double().sum())))
+
+
+def _rss(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def prefill(args) -> list[dict]:
+    """Mistral's sliding-window prefill: transformers' sdpa path against attn_implementation='multihead'."""
+    import multiprocessing
+
+    context = multiprocessing.get_context("spawn")
+    rows = []
+    for implementation in ("sdpa", "multihead"):
+        queue = context.Queue()
+        child = context.Process(target=_prefill_child, args=(args, implementation, queue))
+        child.start()
+        seconds, peak, checksum = queue.get()
+        child.join()
+        rows.append(dict(implementation=implementation, tokens=args.prefill, window=args.prefill_window,
+                         seconds=seconds, peak_bytes=peak, checksum=checksum))
+    return rows
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tokens", type=int, default=2048)
@@ -98,11 +155,13 @@ def main(argv=None):
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1: batch-1 decoding is latency-bound)")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--no-hf", action="store_true", help="skip the Hugging Face rows")
+    parser.add_argument("--prefill", type=int, default=8192, help="tokens of the Mistral prefill (0: skip it)")
+    parser.add_argument("--prefill-window", type=int, default=512)
     parser.add_argument("--quick", action="store_true", help="256 tokens, 64 recomputed, one round")
     parser.add_argument("--out", default="results/decode")
     args = parser.parse_args(argv)
     if args.quick:
-        args.tokens, args.recompute_tokens, args.rounds = 256, 64, 1
+        args.tokens, args.recompute_tokens, args.rounds, args.prefill = 256, 64, 1, min(args.prefill, 2048)
     args.recompute_tokens = min(args.recompute_tokens, args.tokens)
     torch.set_num_threads(args.threads)
     prompt = torch.randint(0, args.vocab, (1, args.prompt), generator=torch.Generator().manual_seed(0))
@@ -115,7 +174,10 @@ def main(argv=None):
         "Causal, recompute every step": (build_lm(args, Causal()), False, args.recompute_tokens),
     }
     if not args.no_hf:
+        import multihead.integrations.hf  # noqa: F401  (registers "multihead")
+
         variants["HF Llama generate (sdpa, DynamicCache)"] = (hf_llama(args, "sdpa"), None, args.tokens)
+        variants["HF Llama generate (multihead, DynamicCache)"] = (hf_llama(args, "multihead"), None, args.tokens)
     for model, use_cache, _ in variants.values():  # warm up
         if use_cache is None:
             hf_decode(model, prompt, 8)
@@ -154,11 +216,21 @@ def main(argv=None):
               f"{row['tokens_per_s'] / causal['tokens_per_s']:.2f} | "
               + (f"{first:.1f} ({first / recompute['tokens_per_s']:.1f}x recompute)" if first else "-") + " | "
               + (f"{row['cache_bytes'] / 2 ** 20:.2f} MiB" if row["cache_bytes"] else "-") + " |")
+    prefill_rows = prefill(args) if args.prefill and not args.no_hf else []
+    if prefill_rows:
+        sdpa = prefill_rows[0]
+        print(f"\n# prefill: random-init Mistral (dim {args.dim}, depth {args.depth}, heads {args.heads}, kv heads "
+              f"{max(1, args.heads // 4)}), {args.prefill} tokens, sliding_window={args.prefill_window}, faster of 2 calls, memory of the first\n")
+        print("| attn_implementation | seconds | x sdpa | peak memory growth | final hidden state checksum |")
+        print("|---|---|---|---|---|")
+        for row in prefill_rows:
+            print(f"| {row['implementation']} | {row['seconds']:.2f} | {row['seconds'] / sdpa['seconds']:.2f} | "
+                  f"{row['peak_bytes'] / 2 ** 20:.0f} MiB | {row['checksum']:.4f} |")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     meta = dict(torch=torch.__version__, machine=platform.machine(), processor=platform.processor(),
                 settings={k: v for k, v in vars(args).items()})
-    (out / "decode.json").write_text(json.dumps(dict(meta=meta, rows=rows), indent=2))
+    (out / "decode.json").write_text(json.dumps(dict(meta=meta, rows=rows, prefill=prefill_rows), indent=2))
     print(f"\nwrote {out / 'decode.json'}")
 
 

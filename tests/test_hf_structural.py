@@ -142,8 +142,12 @@ def test_mask_functions_are_recognised_or_left_dense():
     chunked = mu.chunked_causal_mask_function(4, torch.zeros(1, dtype=torch.long))
     assert hf.parse_mask_function(chunked) is None
     assert hf.parse_mask_function(mu.and_masks(mu.causal_mask_function, lambda b, h, q, kv: q >= 0)) is None
-    structured = hf.multihead_mask(2, 1, 9, q_offset=8, kv_offset=0, mask_function=mu.sliding_window_causal_mask_function(4))
+    window = mu.sliding_window_causal_mask_function(4)
+    structured = hf.multihead_mask(2, 2, 9, q_offset=7, kv_offset=0, mask_function=window)
     assert isinstance(structured, hf.StructuredMask) and structured.pattern() == Causal() & SlidingWindow(3, 0)
+    step = hf.multihead_mask(2, 1, 9, q_offset=8, kv_offset=0, mask_function=window)
+    assert step.pattern() == SlidingWindow(3, 0)  # one query aligned with the last key: Causal adds nothing
+    assert hf.multihead_mask(2, 1, 4, q_offset=8, kv_offset=5, mask_function=window).pattern() is None
     dense = hf.multihead_mask(1, 4, 4, mask_function=chunked, allow_is_causal_skip=False)
     assert isinstance(dense, torch.Tensor) and dense.shape == (1, 1, 4, 4)
     static = hf.multihead_mask(1, 1, 16, q_offset=3, kv_offset=0, mask_function=mu.causal_mask_function,

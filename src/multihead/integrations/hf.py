@@ -132,7 +132,7 @@ class StructuredMask:
 
     def pattern(self) -> Pattern | None:
         parts = []
-        if self.causal:
+        if self.causal and self.q_length > 1:  # one query, aligned with the last key, sees every key
             parts.append(Causal())
         if self.window is not None and self.window < self.kv_length:
             parts.append(SlidingWindow(self.window - 1, 0 if self.causal else self.window - 1))
