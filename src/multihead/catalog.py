@@ -22,6 +22,7 @@ from .heads.seer import SeerAttention
 from .nn.landmark import LandmarkAttention
 from .nn.dynamic_mask import DynamicMaskAttention
 from .nn.recycled import RecycledAttention
+from .nn.sparsifiner import Sparsifiner
 from .normalizers import GaussianAdaptive
 from .patterns import (BlockLocal, Causal, CrossShapedWindow, Dilated, Documents, GlobalTokens, Halo,
                        Neighborhood, PerHead, PrefixLM, Routing, ShiftedWindow, SlidingWindow, TopK,
@@ -365,6 +366,11 @@ _VARIANTS = [
             "each query keeps the N/4 earlier keys with the largest value-derived weight, added to their logits",
             Paper("Trainable Dynamic Mask Sparse Attention", 2025, "2508.02124"),
             lambda dim, heads, n: DynamicMaskAttention(dim, heads, window=max(1, n // 4))),
+    Variant("sparsifiner", "pattern",
+            "a low-rank predictor picks each query's N/8 keys for this input (predictor trained apart)",
+            Paper("Sparsifiner: Learning Sparse Instance-Dependent Attention for Efficient Vision Transformers",
+                  2023, "2303.13755"),
+            lambda dim, heads, n: Sparsifiner(dim, heads, top_k=max(1, n // 8), rank=8).freeze_predictor()),
 ]
 
 CATALOG: dict[str, Variant] = {v.name: v for v in _VARIANTS}
