@@ -21,6 +21,7 @@ from .nn import GatedPositionalAttention, MultiHeadAttention, RCMHA, RelativeAtt
 from .heads.seer import SeerAttention
 from .nn.landmark import LandmarkAttention
 from .nn.dynamic_mask import DynamicMaskAttention
+from .nn.mesa import MesaAttention
 from .nn.recycled import RecycledAttention
 from .nn.sparsifiner import Sparsifiner
 from .normalizers import GaussianAdaptive
@@ -371,6 +372,10 @@ _VARIANTS = [
             Paper("Sparsifiner: Learning Sparse Instance-Dependent Attention for Efficient Vision Transformers",
                   2023, "2303.13755"),
             lambda dim, heads, n: Sparsifiner(dim, heads, top_k=max(1, n // 8), rank=8).freeze_predictor()),
+    Variant("mesa", "memory",
+            "causal attention computed exactly; backward from 8-bit per-head q, k, v (a quarter of their memory)",
+            Paper("Mesa: A Memory-saving Training Framework for Transformers", 2021, "2111.11124"),
+            lambda dim, heads, n: MesaAttention(dim, heads, pattern=Causal())),
 ]
 
 CATALOG: dict[str, Variant] = {v.name: v for v in _VARIANTS}
