@@ -100,9 +100,10 @@ def _prefill_child(args, implementation: str, queue) -> None:
     config = transformers.MistralConfig(
         vocab_size=args.vocab, hidden_size=args.dim, intermediate_size=round(args.dim * 4 * 2 / 3),
         num_hidden_layers=args.depth, num_attention_heads=args.heads, num_key_value_heads=max(1, args.heads // 4),
-        max_position_embeddings=args.prefill, sliding_window=args.prefill_window)
+        max_position_embeddings=args.prefill, sliding_window=args.prefill_window, attn_implementation=implementation)
     torch.manual_seed(0)
     model = transformers.MistralForCausalLM(config).eval()
+    assert model.config._attn_implementation == implementation
     ids = torch.randint(0, args.vocab, (1, args.prefill), generator=torch.Generator().manual_seed(0))
     times = []
     with torch.no_grad():
@@ -141,29 +142,8 @@ def prefill(args) -> list[dict]:
     return rows
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--tokens", type=int, default=2048)
-    parser.add_argument("--prompt", type=int, default=16)
-    parser.add_argument("--recompute-tokens", type=int, default=256)
-    parser.add_argument("--window", type=int, default=256)
-    parser.add_argument("--sinks", type=int, default=4)
-    parser.add_argument("--vocab", type=int, default=256)
-    parser.add_argument("--dim", type=int, default=256)
-    parser.add_argument("--depth", type=int, default=4)
-    parser.add_argument("--heads", type=int, default=8)
-    parser.add_argument("--threads", type=int, default=1, help="torch threads (1: batch-1 decoding is latency-bound)")
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--no-hf", action="store_true", help="skip the Hugging Face rows")
-    parser.add_argument("--prefill", type=int, default=8192, help="tokens of the Mistral prefill (0: skip it)")
-    parser.add_argument("--prefill-window", type=int, default=512)
-    parser.add_argument("--quick", action="store_true", help="256 tokens, 64 recomputed, one round")
-    parser.add_argument("--out", default="results/decode")
-    args = parser.parse_args(argv)
-    if args.quick:
-        args.tokens, args.recompute_tokens, args.rounds, args.prefill = 256, 64, 1, min(args.prefill, 2048)
-    args.recompute_tokens = min(args.recompute_tokens, args.tokens)
-    torch.set_num_threads(args.threads)
+def decode_table(args) -> list[dict]:
+    """The decoding rows (printed as a markdown table)."""
     prompt = torch.randint(0, args.vocab, (1, args.prompt), generator=torch.Generator().manual_seed(0))
     w, s = args.window, args.sinks
     variants = {
@@ -192,7 +172,6 @@ def main(argv=None):
                                       torch.tensor(best[name][0]).diff(prepend=torch.zeros(1, dtype=torch.float64)))
                 result = (steps.cumsum(0).tolist(), *result[1:])
             best[name] = result
-    cached_first = {}
     rows = []
     r = args.recompute_tokens
     for name, (model, use_cache, tokens) in variants.items():
@@ -202,7 +181,6 @@ def main(argv=None):
                    cache_bytes=held, params=params)
         if use_cache:
             row["first_tokens_per_s"] = r / times[r - 1]
-            cached_first[name] = row["first_tokens_per_s"]
         rows.append(row)
     recompute = next(row for row in rows if "recompute" in row["variant"])
     causal = rows[0]
@@ -216,6 +194,34 @@ def main(argv=None):
               f"{row['tokens_per_s'] / causal['tokens_per_s']:.2f} | "
               + (f"{first:.1f} ({first / recompute['tokens_per_s']:.1f}x recompute)" if first else "-") + " | "
               + (f"{row['cache_bytes'] / 2 ** 20:.2f} MiB" if row["cache_bytes"] else "-") + " |")
+    return rows
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--tokens", type=int, default=2048)
+    parser.add_argument("--prompt", type=int, default=16)
+    parser.add_argument("--recompute-tokens", type=int, default=256)
+    parser.add_argument("--window", type=int, default=256)
+    parser.add_argument("--sinks", type=int, default=4)
+    parser.add_argument("--vocab", type=int, default=256)
+    parser.add_argument("--dim", type=int, default=256)
+    parser.add_argument("--depth", type=int, default=4)
+    parser.add_argument("--heads", type=int, default=8)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (1: batch-1 decoding is latency-bound)")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--no-hf", action="store_true", help="skip the Hugging Face rows")
+    parser.add_argument("--prefill", type=int, default=8192, help="tokens of the Mistral prefill (0: skip it)")
+    parser.add_argument("--prefill-window", type=int, default=512)
+    parser.add_argument("--only-prefill", action="store_true", help="skip the decoding table")
+    parser.add_argument("--quick", action="store_true", help="256 tokens, 64 recomputed, one round")
+    parser.add_argument("--out", default="results/decode")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.tokens, args.recompute_tokens, args.rounds, args.prefill = 256, 64, 1, min(args.prefill, 2048)
+    args.recompute_tokens = min(args.recompute_tokens, args.tokens)
+    torch.set_num_threads(args.threads)
+    rows = [] if args.only_prefill else decode_table(args)
     prefill_rows = prefill(args) if args.prefill and not args.no_hf else []
     if prefill_rows:
         sdpa = prefill_rows[0]
