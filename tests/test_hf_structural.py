@@ -110,14 +110,24 @@ def test_greedy_generation_equals_transformers_with_and_without_its_cache(name, 
     assert any(isinstance(leaf, Sinks) for leaf in leaves) == (name == "gpt_oss")
 
 
-def test_decoding_steps_are_structured_too(calls):
+@pytest.mark.parametrize("name", ["mistral", "qwen2"])
+def test_every_mask_of_a_generation_is_structured(name, calls, monkeypatch):
+    """Prefill and decoding steps, sliding and full layers: the mask function never builds a
+    dense mask, and the attention never receives one."""
+    masks = []
+
+    def recording(*args, **kwargs):
+        masks.append(hf.multihead_mask(*args, **kwargs))
+        return masks[-1]
+
+    monkeypatch.setitem(mu.ALL_MASK_ATTENTION_FUNCTIONS._global_mapping, "multihead", recording)
     ids, mask = batch()
-    tiny("mistral", "multihead").generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False,
-                                          pad_token_id=0)
-    steps = [(pattern, q, k) for pattern, _, q, k in calls if q == 1]
-    assert steps and all(k <= 6 + 6 for _, _, k in steps)
-    late = [pattern for pattern, _, _, k in calls if k > 4]
-    assert all(SlidingWindow(3, 0) in parts(p) for p in late)
+    tiny(name, "multihead").generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False,
+                                     pad_token_id=0)
+    assert len(masks) >= 6 and all(isinstance(m, hf.StructuredMask) for m in masks)
+    assert {m.window for m in masks} == ({4} if name == "mistral" else {None, 4})
+    assert {m.q_length for m in masks} == {6, 1}
+    assert all(not isinstance(leaf, BooleanMask) for pattern, *_ in calls for leaf in parts(pattern))
 
 
 def test_sinks_equal_a_softmax_with_an_extra_logit():

@@ -263,7 +263,12 @@ def multihead_attention_forward(module: nn.Module, query: Tensor, key: Tensor, v
         pattern = Sinks(Full() if pattern is None else pattern, 1)
         scores.append(SinkLogit(sinks.to(query.dtype)))
     options = dict(pattern=pattern, score=as_score(scores) if scores else None, scale=scaling, head_mix=None)
-    out = attention(query, key, value, **options, dropout=dropout, backend=settings.backend)
+    if pattern is None and not scores and settings.backend == "auto" and q_len == 1:
+        # a decoding step that sees every key: what auto runs (SDPA, no mask), without the dispatch
+        out = torch.nn.functional.scaled_dot_product_attention(
+            query, key, value, dropout_p=dropout, scale=scaling, enable_gqa=query.shape[1] != key.shape[1])
+    else:
+        out = attention(query, key, value, **options, dropout=dropout, backend=settings.backend)
     out = run_head_hooks(module, out, query, key, value, options)
     return out.transpose(1, 2).contiguous(), None
 
