@@ -129,9 +129,14 @@ ROWS: tuple[Row, ...] = (
     _o(1, "Hiformer: heterogeneous self-attention for recommenders", "application",
        "a recommender layer whose attention form the abstract does not give"),
     # 2. Sparsity / locality pattern
-    _m(2, "MoA: Mixture of Sparse Attention",
-       "the per-head span search from a loss profile; its result would be a PerHead pattern",
-       ["patterns.PerHead", "patterns.SlidingWindow"]),
+    _i(2, "MoA: Mixture of Sparse Attention",
+       ["moa.search", "moa.profile", "moa.choose", "moa.influence", "moa.Span", "moa.MoAConfig", "patterns.PerHead"],
+       ["test_moa.py::test_influence_is_the_derivative_of_masking_and_renormalising",
+        "test_moa.py::test_window_costs_sum_the_entries_each_span_drops",
+        "test_moa.py::test_search_gives_the_local_head_a_short_window_and_the_far_head_a_long_one"],
+       "elastic causal windows per head and layer from a first-order loss profile on calibration batches "
+       "(any lengths), chosen under a mean-span budget by a Lagrangian sweep (the paper solves a MILP and "
+       "keeps initial tokens); a search tool, so no catalog variant"),
     _i(2, "Sparsifiner: learned instance-dependent sparse attention",
        ["nn.sparsifiner.Sparsifiner", "nn.sparsifiner.ConnectivityPredictor", "nn.sparsifiner.connectivity_loss",
         "variant:sparsifiner"],
