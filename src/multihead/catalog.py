@@ -21,6 +21,7 @@ from .nn import GatedPositionalAttention, MultiHeadAttention, RCMHA, RelativeAtt
 from .heads.seer import SeerAttention
 from .nn.landmark import LandmarkAttention
 from .nn.dynamic_mask import DynamicMaskAttention
+from .nn.group_pose import GroupPoseAttention
 from .nn.mesa import MesaAttention
 from .nn.recycled import RecycledAttention
 from .nn.sparsifiner import Sparsifiner
@@ -93,6 +94,15 @@ def landmark_block(seq_len: int) -> int:
     """Landmark Attention's block in the catalog: 64 tokens (63 and a landmark; the paper uses 50 + 1),
     smaller for short sequences (at least 4 blocks)."""
     return max(2, min(64, seq_len // 4))
+
+
+def pose_groups(seq_len: int) -> tuple[int, int]:
+    """Group Pose in the catalog: ``(instances, keypoints)`` with groups of up to 18 queries (COCO's 17
+    keypoints + the instance query) that divide ``seq_len``."""
+    group = max((g for g in range(2, 19) if seq_len % g == 0), default=None)
+    if group is None:
+        raise ValueError(f"Group Pose needs a query count with a divisor between 2 and 18, got {seq_len}")
+    return seq_len // group, group - 1
 
 
 def square_grid(seq_len: int) -> tuple[int, int]:
@@ -376,6 +386,10 @@ _VARIANTS = [
             "causal attention computed exactly; backward from 8-bit per-head q, k, v (a quarter of their memory)",
             Paper("Mesa: A Memory-saving Training Framework for Transformers", 2021, "2111.11124"),
             lambda dim, heads, n: MesaAttention(dim, heads, pattern=Causal())),
+    Variant("group_pose", "pattern",
+            "pose queries: attention within each instance's group, then across instances of one type",
+            Paper("Group Pose: A Simple Baseline for End-to-End Multi-person Pose Estimation", 2023, "2308.07313"),
+            lambda dim, heads, n: GroupPoseAttention(dim, heads, *pose_groups(n))),
 ]
 
 CATALOG: dict[str, Variant] = {v.name: v for v in _VARIANTS}
