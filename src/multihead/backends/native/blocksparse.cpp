@@ -34,6 +34,7 @@ void dgemm_(const char*, const char*, const int*, const int*, const int*, const 
 void cblas_gemm_bf16bf16f32(int layout, int transa, int transb, int m, int n, int k, float alpha,
                             const uint16_t* a, int lda, const uint16_t* b, int ldb, float beta,
                             float* c, int ldc) __attribute__((weak));
+int MKL_Set_Num_Threads_Local(int) __attribute__((weak));
 }
 
 namespace {
@@ -225,7 +226,7 @@ const T* key_rows(const T* base, int64_t D, const int64_t* idx, int64_t n, bool 
 template <typename T, typename C>
 void chunk_logits(const Inputs<T>& in, const Score<C>& sc, C scale, const T* qb, const T* kb,
                   int64_t M, int64_t n, int64_t rows, const int64_t* kpos, const int64_t* heads,
-                  const int64_t* qabs, const uint8_t* mask, int64_t mask_ld, C* s, C* raw) {
+                  const int64_t* qabs, const uint8_t* mask, int64_t mask_ld, bool key_major, C* s, C* raw) {
   const int64_t D = in.g.D;
   gemm(false, true, M, n, D, scale, qb, D, kb, D, C(0), s, n);
   const bool any_score = sc.pre || sc.post || sc.cap > 0;
@@ -246,13 +247,249 @@ void chunk_logits(const Inputs<T>& in, const Score<C>& sc, C scale, const T* qb,
       if (post)
         for (int64_t j = 0; j < n; ++j) si[j] += post[kpos[j]];
     }
-    if (mask) {
+    if (mask && !key_major) {
       const uint8_t* mi = mask + (i % rows) * mask_ld;
       for (int64_t j = 0; j < n; ++j)
         if (!mi[j]) si[j] = ninf;
+    } else if (mask) {  // (keys x rows), ``mask`` already offset to the chunk's first key
+      const uint8_t* mi = mask + (i % rows);
+      for (int64_t j = 0; j < n; ++j)
+        if (!mi[j * rows]) si[j] = ninf;
     }
   }
 }
+
+
+// ---------------------------------------------------------------------------------------------
+// Lane kernels, for tiles whose keys are gathered (grids, key lists): the keys are read in place
+// through their positions (no copy), and the rows of a tile are the vector lanes, so the softmax
+// of a row is elementwise work across keys. ``AT`` below is a (depth x lanes) transposed block.
+// ---------------------------------------------------------------------------------------------
+template <typename C>
+using Vec = at::vec::Vectorized<C>;
+
+inline Vec<float> vexp(const Vec<float>& x) { return x.exp_u20(); }
+inline Vec<double> vexp(const Vec<double>& x) { return x.exp(); }
+
+// ST[j][lane] = sum_d AT[d][lane] * B_j[d], B_j = base + idx[j] * ld
+template <typename C>
+void lanes_dot(const C* AT, int64_t depth, const C* base, const int64_t* idx, int64_t n, int64_t ld, C* ST) {
+  using V = Vec<C>;
+  constexpr int64_t L = V::size();
+  int64_t j = 0;
+  for (; j + 4 <= n; j += 4) {
+    const C *b0 = base + idx[j] * ld, *b1 = base + idx[j + 1] * ld, *b2 = base + idx[j + 2] * ld,
+            *b3 = base + idx[j + 3] * ld;
+    V a0(C(0)), a1(C(0)), a2(C(0)), a3(C(0));
+    for (int64_t d = 0; d < depth; ++d) {
+      const V a = V::loadu(AT + d * L);
+      a0 = at::vec::fmadd(a, V(b0[d]), a0);
+      a1 = at::vec::fmadd(a, V(b1[d]), a1);
+      a2 = at::vec::fmadd(a, V(b2[d]), a2);
+      a3 = at::vec::fmadd(a, V(b3[d]), a3);
+    }
+    a0.store(ST + j * L), a1.store(ST + (j + 1) * L), a2.store(ST + (j + 2) * L), a3.store(ST + (j + 3) * L);
+  }
+  for (; j < n; ++j) {
+    const C* b0 = base + idx[j] * ld;
+    V a0(C(0));
+    for (int64_t d = 0; d < depth; ++d) a0 = at::vec::fmadd(V::loadu(AT + d * L), V(b0[d]), a0);
+    a0.store(ST + j * L);
+  }
+}
+
+// OT[d][lane] = sum_j PT[j][lane] * B_j[d] (+ OT when accumulating), for d < width
+template <typename C>
+void lanes_combine(const C* PT, const C* base, const int64_t* idx, int64_t n, int64_t ld, int64_t width,
+                   C* OT, bool accumulate) {
+  using V = Vec<C>;
+  constexpr int64_t L = V::size();
+  constexpr int64_t DB = 8;
+  int64_t d0 = 0;
+  for (; d0 + DB <= width; d0 += DB) {
+    V acc[DB];
+#pragma GCC unroll 8
+    for (int64_t t = 0; t < DB; ++t) acc[t] = accumulate ? V::loadu(OT + (d0 + t) * L) : V(C(0));
+    for (int64_t j = 0; j < n; ++j) {
+      const V p = V::loadu(PT + j * L);
+      const C* b = base + idx[j] * ld + d0;
+#pragma GCC unroll 8
+      for (int64_t t = 0; t < DB; ++t) acc[t] = at::vec::fmadd(p, V(b[t]), acc[t]);
+    }
+#pragma GCC unroll 8
+    for (int64_t t = 0; t < DB; ++t) acc[t].store(OT + (d0 + t) * L);
+  }
+  for (; d0 < width; ++d0) {
+    V acc = accumulate ? V::loadu(OT + d0 * L) : V(C(0));
+    for (int64_t j = 0; j < n; ++j) acc = at::vec::fmadd(V::loadu(PT + j * L), V(base[idx[j] * ld + d0]), acc);
+    acc.store(OT + d0 * L);
+  }
+}
+
+// rows r0 .. r0 + nl of ``x`` (row-major, ``width`` wide) as a transposed (width x lanes) block,
+// times ``alpha``; lanes past nl are 0
+template <typename C>
+void transpose_in(const C* x, int64_t nl, int64_t width, C alpha, C* XT) {
+  constexpr int64_t L = Vec<C>::size();
+  std::fill(XT, XT + width * L, C(0));
+  for (int64_t l = 0; l < nl; ++l)
+    for (int64_t d = 0; d < width; ++d) XT[d * L + l] = alpha * x[l * width + d];
+}
+
+// The lane block's logits (keys x lanes): QT K^T, then the score and the key-major mask.
+// ``raw`` (when not null) receives the pre-softcap values.
+template <typename C>
+void lanes_logits(const Score<C>& sc, const C* QT, int64_t D, const C* kbase, const int64_t* kpos, int64_t W,
+                  int64_t nl, int64_t first, int64_t rows, const int64_t* heads, const int64_t* qabs,
+                  const uint8_t* mask, C* ST, C* raw) {
+  constexpr int64_t L = Vec<C>::size();
+  lanes_dot(QT, D, kbase, kpos, W, D, ST);
+  const C ninf = -std::numeric_limits<C>::infinity();
+  if (sc.pre || sc.post || sc.cap > 0) {
+    for (int64_t l = 0; l < nl; ++l) {
+      const int64_t i = first + l, base = sc.qmax - qabs[i];
+      const C* pre = sc.pre ? sc.pre + heads[i] * sc.lvec + base : nullptr;
+      const C* post = sc.post ? sc.post + heads[i] * sc.lvec + base : nullptr;
+      for (int64_t j = 0; j < W; ++j) {
+        C x = ST[j * L + l];
+        if (pre) x += pre[kpos[j]];
+        if (sc.cap > 0) {
+          if (raw) raw[j * L + l] = x;
+          x = sc.cap * std::tanh(x / sc.cap);
+        }
+        if (post) x += post[kpos[j]];
+        ST[j * L + l] = x;
+      }
+    }
+  }
+  if (mask) {
+    const int64_t r0 = first % rows;
+    if (r0 + nl <= rows) {  // the lanes are consecutive rows of one head: contiguous mask bytes
+      for (int64_t j = 0; j < W; ++j) {
+        const uint8_t* mj = mask + j * rows + r0;
+        C* sj = ST + j * L;
+        for (int64_t l = 0; l < nl; ++l) sj[l] = mj[l] ? sj[l] : ninf;
+      }
+    } else {
+      for (int64_t j = 0; j < W; ++j)
+        for (int64_t l = 0; l < nl; ++l)
+          if (!mask[j * rows + (first + l) % rows]) ST[j * L + l] = ninf;
+    }
+  }
+}
+
+// Forward of one tile on lanes: w.o (M x Dv) normalised output, lse (M,)
+template <typename C>
+void lanes_forward(const Geometry& g, const Score<C>& sc, C scale, Scratch<C, C>& w, int64_t M, int64_t rows,
+                   const C* kbase, const C* vbase, const int64_t* kpos, int64_t W, const uint8_t* mask, C* lse) {
+  using V = Vec<C>;
+  constexpr int64_t L = V::size();
+  const C ninf = -std::numeric_limits<C>::infinity();
+  w.o.resize(M * g.Dv);
+  w.dq.resize(g.D * L), w.s.resize(W * L), w.dk.resize(g.Dv * L);
+  C *QT = w.dq.data(), *ST = w.s.data(), *OT = w.dk.data();
+  for (int64_t first = 0; first < M; first += L) {
+    const int64_t nl = std::min(L, M - first);
+    transpose_in(w.q.data() + first * g.D, nl, g.D, scale, QT);
+    lanes_logits(sc, QT, g.D, kbase, kpos, W, nl, first, rows, w.heads.data(), w.qabs.data(), mask, ST,
+                 static_cast<C*>(nullptr));
+    V m(ninf);
+    for (int64_t j = 0; j < W; ++j) m = at::vec::maximum(m, V::loadu(ST + j * L));
+    // rows that see no key: exp against 0 gives 0 weights everywhere (-inf logits)
+    const V safe = V::blendv(m, V(C(0)), m == V(ninf));
+    V sum(C(0));
+    for (int64_t j = 0; j < W; ++j) {
+      const V e = vexp(V::loadu(ST + j * L) - safe);
+      e.store(ST + j * L);
+      sum = sum + e;
+    }
+    lanes_combine(ST, vbase, kpos, W, g.Dv, g.Dv, OT, false);
+    C ms[L], ss[L];
+    safe.store(ms), sum.store(ss);
+    for (int64_t l = 0; l < nl; ++l) {
+      const C inv = ss[l] > C(0) ? C(1) / ss[l] : C(0);
+      C* o = w.o.data() + (first + l) * g.Dv;
+      for (int64_t d = 0; d < g.Dv; ++d) o[d] = OT[d * L + l] * inv;
+      lse[first + l] = ss[l] > C(0) ? ms[l] + std::log(ss[l]) : std::numeric_limits<C>::infinity();
+    }
+  }
+}
+
+// Backward of one tile on lanes: w.dq (M x D) gets dQ; dK and dV rows are accumulated in place.
+template <typename C>
+void lanes_backward(const Geometry& g, const Score<C>& sc, C scale, Scratch<C, C>& w, int64_t M, int64_t rows,
+                    const C* kbase, const C* vbase, const int64_t* kpos, int64_t W, const uint8_t* mask,
+                    const C* dob, C* dk_acc, C* dv_acc, double* dpre, double* dpost) {
+  using V = Vec<C>;
+  constexpr int64_t L = V::size();
+  w.dq.assign(M * g.D, C(0));
+  w.k.resize(g.D * L), w.v.resize(g.Dv * L), w.s.resize(W * L), w.dp.resize(W * L), w.o.resize(g.D * L);
+  if (sc.cap > 0) w.raw.resize(W * L);
+  C *QT = w.k.data(), *DOT = w.v.data(), *ST = w.s.data(), *DPT = w.dp.data(), *DQT = w.o.data();
+  for (int64_t first = 0; first < M; first += L) {
+    const int64_t nl = std::min(L, M - first);
+    transpose_in(w.q.data() + first * g.D, nl, g.D, scale, QT);
+    transpose_in(dob + first * g.Dv, nl, g.Dv, C(1), DOT);
+    lanes_logits(sc, QT, g.D, kbase, kpos, W, nl, first, rows, w.heads.data(), w.qabs.data(), mask, ST,
+                 sc.cap > 0 ? w.raw.data() : nullptr);
+    C lse_l[L], delta_l[L];
+    for (int64_t l = 0; l < L; ++l) {
+      lse_l[l] = l < nl ? w.m[first + l] : std::numeric_limits<C>::infinity();
+      delta_l[l] = l < nl ? w.l[first + l] : C(0);
+    }
+    // rows with lse = +inf (no key) get P = 0: subtract a finite value and zero them after
+    const V lse = V::loadu(lse_l), delta = V::loadu(delta_l);
+    const V empty = lse == V(std::numeric_limits<C>::infinity());
+    const V lse_safe = V::blendv(lse, V(C(0)), empty);
+    for (int64_t j = 0; j < W; ++j) {
+      const V p = V::blendv(vexp(V::loadu(ST + j * L) - lse_safe), V(C(0)), empty);
+      p.store(ST + j * L);
+    }
+    lanes_dot(DOT, g.Dv, vbase, kpos, W, g.Dv, DPT);  // dP
+    // dV_j += sum_lanes P[j][l] dO_l ; dS = P (dP - delta)
+    for (int64_t j = 0; j < W; ++j) {
+      C* dv = dv_acc + kpos[j] * g.Dv;
+      for (int64_t l = 0; l < nl; ++l) {
+        const C p = ST[j * L + l];
+        if (p == C(0)) continue;
+        const C* d_o = dob + (first + l) * g.Dv;
+        for (int64_t d = 0; d < g.Dv; ++d) dv[d] += p * d_o[d];
+      }
+      const V ds = V::loadu(ST + j * L) * (V::loadu(DPT + j * L) - delta);
+      ds.store(DPT + j * L);
+    }
+    if (dpre || dpost || sc.cap > 0) {  // through the score, lane by lane
+      for (int64_t l = 0; l < nl; ++l) {
+        const int64_t i = first + l, base = sc.qmax - w.qabs[i];
+        for (int64_t j = 0; j < W; ++j) {
+          C ds = DPT[j * L + l];
+          if (dpost) dpost[w.heads[i] * sc.lvec + base + kpos[j]] += ds;
+          if (sc.cap > 0) {
+            const C th = std::tanh(w.raw[j * L + l] / sc.cap);
+            ds *= C(1) - th * th;
+          }
+          if (dpre) dpre[w.heads[i] * sc.lvec + base + kpos[j]] += ds;
+          DPT[j * L + l] = ds;
+        }
+      }
+    }
+    // dK_j += scale sum_lanes dS[j][l] q_l ; dQ = scale dS K
+    for (int64_t j = 0; j < W; ++j) {
+      C* dk = dk_acc + kpos[j] * g.D;
+      for (int64_t l = 0; l < nl; ++l) {
+        const C ds = DPT[j * L + l] * scale;
+        if (ds == C(0)) continue;
+        const C* qr = w.q.data() + (first + l) * g.D;
+        for (int64_t d = 0; d < g.D; ++d) dk[d] += ds * qr[d];
+      }
+    }
+    lanes_combine(DPT, kbase, kpos, W, g.D, g.D, DQT, false);
+    for (int64_t l = 0; l < nl; ++l)
+      for (int64_t d = 0; d < g.D; ++d) w.dq[(first + l) * g.D + d] = scale * DQT[d * L + l];
+  }
+}
+
+template <typename T> constexpr bool kLanes = std::is_same_v<T, float> || std::is_same_v<T, double>;
 
 // Gather the tile's query rows of ``x`` (B, H, L, E) for heads ``h0 .. h0 + nh`` into ``dst``.
 template <typename T>
@@ -297,8 +534,11 @@ void for_each_unit(int64_t n, const F& f) {
   std::atomic<int64_t> next{0};
   const int64_t threads = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), n));
   at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
+    // the products of a tile are small: one BLAS thread each (no nested pool)
+    const int saved = MKL_Set_Num_Threads_Local ? MKL_Set_Num_Threads_Local(1) : 0;
     int64_t i;
     while ((i = next.fetch_add(1)) < n) f(i);
+    if (MKL_Set_Num_Threads_Local) MKL_Set_Num_Threads_Local(saved);
   });
 }
 
@@ -341,19 +581,28 @@ std::vector<at::Tensor> forward_impl(const at::Tensor& q, const at::Tensor& k, c
     gather_rows(in.q, g, g.D, g.Lq, b, h0, nh, qrows, rows, w.q.data());
     w.qabs.resize(M), w.heads.resize(M);
     for (int64_t i = 0; i < M; ++i) w.qabs[i] = qrows[i % rows] + g.offset, w.heads[i] = h0 + i / rows;
+    const T* kbase = in.k + (b * g.Hkv + hk) * g.Lk * g.D;
+    const T* vbase = in.v + (b * g.Hkv + hk) * g.Lk * g.Dv;
+    const bool contig = tab.k_contig[t];
+    if constexpr (kLanes<T>) {
+      if (!contig && 2 * M >= Vec<T>::size()) {  // gathered keys: read in place, rows on the lanes
+        w.m.resize(M);
+        lanes_forward(g, sc, scale, w, M, rows, kbase, vbase, kpos, W, mask, w.m.data());
+        for (int64_t i = 0; i < M; ++i) lse_p[(b * g.H + w.heads[i]) * g.Lq + qrows[i % rows]] = w.m[i];
+        store_rows(out_p, g, g.Dv, g.Lq, b, h0, nh, qrows, rows, w.o.data());
+        return;
+      }
+    }
     const int64_t n0 = std::min(W, kChunk);
     w.s.resize(M * n0), w.o.assign(M * g.Dv, C(0)), w.m.assign(M, -std::numeric_limits<C>::infinity()),
         w.l.assign(M, C(0));
-    const T* kbase = in.k + (b * g.Hkv + hk) * g.Lk * g.D;
-    const T* vbase = in.v + (b * g.Hkv + hk) * g.Lk * g.Dv;
     for (int64_t c0 = 0; c0 < W; c0 += kChunk) {
       const int64_t n = std::min(kChunk, W - c0);
-      const bool contig = tab.k_contig[t];
       const T* kb = key_rows(kbase, g.D, kpos + c0, n, contig, w.k);
       const T* vb = key_rows(vbase, g.Dv, kpos + c0, n, contig, w.v);
       C* s = w.s.data();
       chunk_logits(in, sc, scale, w.q.data(), kb, M, n, rows, kpos + c0, w.heads.data(), w.qabs.data(),
-                   mask ? mask + c0 : nullptr, W, s, static_cast<C*>(nullptr));
+                   mask ? mask + (contig ? c0 : c0 * rows) : nullptr, W, !contig, s, static_cast<C*>(nullptr));
       // online softmax
       for (int64_t i = 0; i < M; ++i) {
         C* si = s + i * n;
@@ -460,6 +709,14 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& q, const at::Tensor& k, 
           const int64_t at = (b * g.H + w.heads[i]) * g.Lq + qrows[i % rows];
           w.m[i] = lse_p[at], w.l[i] = delta_p[at];
         }
+        if constexpr (kLanes<T>) {
+          if (!contig && 2 * M >= Vec<T>::size()) {
+            lanes_backward(g, sc, scale, w, M, rows, kbase, vbase, kpos, W, mask, dob.data(), dk_acc, dv_acc,
+                           dpre_t, dpost_t);
+            store_rows(dq_p, g, g.D, g.Lq, b, h0, nh, qrows, rows, w.dq.data());
+            continue;
+          }
+        }
         w.dq.assign(M * g.D, C(0));
         for (int64_t c0 = 0; c0 < W; c0 += kChunk) {
           const int64_t n = std::min(kChunk, W - c0);
@@ -469,7 +726,8 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& q, const at::Tensor& k, 
           if (sc.cap > 0) w.raw.resize(M * n);
           C* s = w.s.data();
           chunk_logits(in, sc, scale, w.q.data(), kb, M, n, rows, kpos + c0, w.heads.data(), w.qabs.data(),
-                       mask ? mask + c0 : nullptr, W, s, sc.cap > 0 ? w.raw.data() : nullptr);
+                       mask ? mask + (contig ? c0 : c0 * rows) : nullptr, W, !contig, s,
+                       sc.cap > 0 ? w.raw.data() : nullptr);
           for (int64_t i = 0; i < M; ++i) {  // P = exp(s - lse)
             C* si = s + i * n;
             const C m = w.m[i];
