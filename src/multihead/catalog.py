@@ -33,6 +33,7 @@ from .scores import ALiBi, ComplexRotation, RelativePositionBias, RoPE, Softcap
 from .vision import (ChannelGroupAttention, CrossShapedWindowAttention, HaloAttention, LocalGlobalAttention,
                      MultiScaleHeadAttention, NeighborhoodAttention2d, SparseGlobalAttention, WindowAttention)
 from .vision.builders import TwoBranchBuild, VisionBuild
+from .vision.conv_projection import ConvProjectionAttention
 
 
 @dataclass(frozen=True)
@@ -390,6 +391,10 @@ _VARIANTS = [
             "pose queries: attention within each instance's group, then across instances of one type",
             Paper("Group Pose: A Simple Baseline for End-to-End Multi-person Pose Estimation", 2023, "2308.07313"),
             lambda dim, heads, n: GroupPoseAttention(dim, heads, *pose_groups(n))),
+    Variant("cvt_block", "vision",
+            "q, k, v from depthwise 3x3 conv + batch norm of the map; keys and values at stride 2 (4x fewer)",
+            Paper("CvT: Introducing Convolutions to Vision Transformers", 2021, "2103.15808"),
+            VisionBuild(lambda dim, h, grid, layer: ConvProjectionAttention(dim, h), hierarchical=True)),
 ]
 
 CATALOG: dict[str, Variant] = {v.name: v for v in _VARIANTS}

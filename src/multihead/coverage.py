@@ -464,8 +464,11 @@ ROWS: tuple[Row, ...] = (
     _o(10, "Activator: GLU MLP instead of attention", "not-attention", "a GLU MLP replaces attention"),
     _o(10, "AsCAN: asymmetric convolution-attention network", "architecture",
        "the layout of conv and transformer blocks"),
-    _m(10, "CvT: Convolutions in ViT",
-       "convolutional (strided depthwise) projections of q, k, v on the 2-D map"),
+    _i(10, "CvT: Convolutions in ViT", ["vision.conv_projection.ConvProjectionAttention", "variant:cvt_block"],
+       ["test_cvt.py::test_conv_projection_attention_is_cvts_formula_forward_and_gradients",
+        "test_cvt.py::test_cvt_block_learns_oriented_gratings"],
+       "the convolutional projection (depthwise conv + BN, strided keys and values); the convolutional "
+       "token embedding between stages is a model design (VisionTransformer merges patches instead)"),
     _o(10, "Tokens-to-Token ViT (T2T)", "architecture", "token merging between layers; attention unchanged"),
     _o(10, "Multi-Dimensional Hyena (Hyena N-D)", "not-attention", "an attention-free long convolution"),
     _o(10, "EfficientFormer", "architecture", "latency-driven slimming of a ViT"),
