@@ -32,7 +32,7 @@ from .scores import Score, as_score
 #: Rows of a pattern's intervals computed at once while decoding (amortises the tensor work).
 PLAN_ROWS = 64
 #: Keys beyond the last one that a step's intervals are asked about, to catch future keys.
-HORIZON = 1 << 30
+HORIZON = 1 << 20
 
 
 class CacheError(MultiheadError):
