@@ -162,10 +162,13 @@ ROWS: tuple[Row, ...] = (
     _i(2, "Routing Transformer", ["patterns.Routing", "variant:routing"],
        ["test_patterns_dynamic.py::test_routing_equals_dense_transcription_forward_and_gradients",
         "test_patterns_dynamic.py::test_routing_assigns_each_token_to_the_centroid_nearest_its_query_and_key"]),
-    _m(2, "Block Transformer: global-to-local LM",
-       "the global-to-local model (block embeddings attended coarsely, then local decoding); only its "
-       "local pattern exists",
-       ["patterns.BlockLocal", "variant:block_local"]),
+    _i(2, "Block Transformer: global-to-local LM",
+       ["models.block_lm.BlockTransformerLM", "patterns.BlockLocal", "variant:block_local"],
+       ["test_block_lm.py::test_every_prediction_sees_only_earlier_tokens",
+        "test_block_lm.py::test_token_decoder_attends_within_blocks_and_block_decoder_between_blocks",
+        "test_block_lm.py::test_block_transformer_learns_a_task_that_needs_both_levels"],
+       "embedder, causal block decoder over block embeddings, token decoder local to each block; trained "
+       "by its tests, not by `multihead arena` (whose runner builds TransformerLM), and no cached decoding"),
     _i(2, "DaViT: Dual Attention ViT",
        ["vision.ChannelGroupAttention", "vision.WindowAttention", "variant:davit_block"],
        ["test_vision.py::test_channel_group_attention_is_davit"]),
