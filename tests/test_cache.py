@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import multihead.cache as cache_module
-from multihead.cache import CacheError, KVCache, Retention, retention
+from multihead.cache import CacheError, HeadSplitCache, KVCache, Retention, retention
 from multihead.heads import CompressedAttention, LatentCache, MultiHeadLatentAttention, TalkingHeadsAttention
 from multihead.nn import MultiHeadAttention, RelativeAttention
 from multihead.normalizers import Sigmoid
@@ -154,6 +154,30 @@ def test_rolling_window_memory_is_bounded_by_the_window():
     assert sizes[30] == sizes[120] == 2 * 2 * 12 * (DIM // HEADS) * 8 * 2  # k and v, float64
     latent = MultiHeadLatentAttention(DIM, HEADS, pattern=SlidingWindow(7)).new_cache()
     assert isinstance(latent, LatentCache) and latent.window == 8
+
+
+def test_per_head_windows_keep_a_window_per_run_of_heads():
+    """MoA-style spans: heads 0-1 see 3 keys, heads 2-3 see 10; each run of key/value heads keeps
+    its own ring, and decoding still equals recomputing (ALiBi reads each run's own heads)."""
+    pattern = PerHead([SlidingWindow(2)] * 2 + [SlidingWindow(9)] * 2) & Causal()
+    torch.manual_seed(0)
+    module = MultiHeadAttention(DIM, HEADS, kv_heads=2, pattern=pattern, position=RoPE(DIM // HEADS),
+                                score=ALiBi(HEADS)).double().eval()
+    cache = module.new_cache()
+    assert isinstance(cache, HeadSplitCache) and [run[-1].window for run in cache.runs] == [3, 10]
+    x = torch.randn(2, N, DIM, dtype=torch.float64, generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        torch.testing.assert_close(decode(module, x, cache), module(x), atol=1e-12, rtol=1e-10)
+    head_dim = DIM // HEADS
+    assert cache.bytes() == 2 * 2 * (3 + 10) * head_dim * 8  # k and v, batch 2, one kv head per run
+    shared = KVCache.for_pattern(pattern)
+    with torch.no_grad():
+        decode(module, x, shared)
+    assert shared.bytes() == 2 * 2 * 2 * 10 * head_dim * 8 > cache.bytes()
+    grouped = MultiHeadAttention(DIM, HEADS, kv_heads=1, pattern=pattern).double()
+    assert isinstance(grouped.new_cache(), KVCache)  # runs that split a key/value head share one ring
+    with pytest.raises(CacheError, match="built for"):
+        MultiHeadAttention(DIM, HEADS, kv_heads=2, pattern=Causal()).double()(x[:, :3], cache=module.new_cache())
 
 
 def test_ring_keeps_the_sinks_and_the_last_window_in_order():

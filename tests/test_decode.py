@@ -8,12 +8,12 @@ import pytest
 import torch
 
 from multihead import catalog
-from multihead.cache import CacheError, KVCache, ModelCache
+from multihead.cache import CacheError, HeadSplitCache, KVCache, ModelCache
 from multihead.errors import MultiheadError, ShapeError
 from multihead.models import TransformerLM
 from multihead.models.lm import sample
 from multihead.nn import MultiHeadAttention
-from multihead.patterns import Causal, Sinks, SlidingWindow
+from multihead.patterns import Causal, PerHead, Sinks, SlidingWindow
 
 VOCAB = 13
 
@@ -44,10 +44,13 @@ def test_every_catalog_variant_decodes_exactly_or_says_why_not(name):
     assert cache.length == 64
 
 
-@pytest.mark.parametrize("pattern", [Causal(), SlidingWindow(6), Sinks(SlidingWindow(5), 2)],
-                         ids=["causal", "window", "sinks_window"])
+@pytest.mark.parametrize("pattern", [Causal(), SlidingWindow(6), Sinks(SlidingWindow(5), 2),
+                                     PerHead([SlidingWindow(2)] * 2 + [SlidingWindow(9)] * 2)],
+                         ids=["causal", "window", "sinks_window", "per_head_windows"])
 def test_generate_with_the_cache_equals_recomputing(pattern):
     model = lm(pattern)
+    if isinstance(pattern, PerHead):
+        assert all(isinstance(cache, HeadSplitCache) for cache in model.make_cache())
     prompt = torch.randint(0, VOCAB, (3, 7), generator=torch.Generator().manual_seed(2))
     greedy = model.generate(prompt, 40, temperature=0)
     assert greedy.shape == (3, 47) and torch.equal(greedy[:, :7], prompt)

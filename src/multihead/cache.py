@@ -132,9 +132,20 @@ class KVCache:
         self._plans: dict = {}
 
     @classmethod
-    def for_pattern(cls, pattern: Pattern | None, *, capacity: int | None = None) -> "KVCache":
+    def for_pattern(cls, pattern: Pattern | None, *, capacity: int | None = None, heads: int | None = None,
+                    kv_heads: int | None = None):
         """A cache that keeps what ``pattern`` needs (``retention``): a rolling window with its
-        sinks for local patterns, every key (up to ``capacity``) otherwise."""
+        sinks for local patterns, every key (up to ``capacity``) otherwise.
+
+        Given the module's ``heads`` and ``kv_heads``, a pattern whose runs of heads keep different
+        windows (``PerHead``; ``Pattern.head_groups``) that fall on whole groups of key/value heads
+        gets a ``HeadSplitCache``: one cache per run, each bounded by its own window (MoA's
+        heterogeneous spans, Fu et al., 2024, arXiv 2406.14909) instead of the widest one."""
+        if heads is not None and kv_heads is not None and pattern is not None:
+            split = _head_runs(pattern, heads, kv_heads)
+            if split is not None:
+                return HeadSplitCache(pattern, [(q0, q1, kv0, kv1, part, cls.for_pattern(part, capacity=capacity))
+                                                for q0, q1, kv0, kv1, part in split])
         kept = retention(pattern)
         if kept.bounded:
             return cls(window=max(kept.window, 1), sinks=kept.sinks)
@@ -293,6 +304,63 @@ class KVCache:
                     self._v[:, :, r0:r1] = v[:, :, at:at + r1 - r0]
                 at += r1 - r0
         self.length = end
+
+
+def _head_runs(pattern: Pattern, heads: int, kv_heads: int):
+    """``(q0, q1, kv0, kv1, pattern)`` runs of query heads with one head-independent pattern each,
+    on whole key/value groups, when their retentions differ; None otherwise."""
+    dynamic, static = split_dynamic(pattern)
+    if dynamic is not None or static.num_heads != heads or kv_heads < 1 or heads % kv_heads:
+        return None
+    runs = static.head_groups()
+    group = heads // kv_heads
+    if not runs or len(runs) < 2 or any(h0 % group or h1 % group for h0, h1, _ in runs):
+        return None
+    if len({retention(p) for _, _, p in runs}) < 2:
+        return None
+    return [(h0, h1, h0 // group, h1 // group, p) for h0, h1, p in runs]
+
+
+class HeadSplitCache:
+    """One ``KVCache`` per run of heads whose pattern keeps its own window (``PerHead`` with
+    different spans): memory per run bounded by that run's window. Built by
+    ``KVCache.for_pattern(pattern, heads=..., kv_heads=...)`` for that pattern only."""
+
+    def __init__(self, pattern: Pattern, runs: list):
+        self.pattern = pattern
+        self.runs = runs  # (q0, q1, kv0, kv1, pattern of the run, its KVCache)
+
+    def __len__(self) -> int:
+        lengths = {len(run[-1]) for run in self.runs}
+        return lengths.pop() if len(lengths) == 1 else max(lengths)
+
+    def __repr__(self) -> str:
+        parts = ", ".join(f"heads {q0}-{q1 - 1}: {cache!r}" for q0, q1, _, _, _, cache in self.runs)
+        return f"HeadSplitCache({parts})"
+
+    def bytes(self) -> int:
+        return sum(run[-1].bytes() for run in self.runs)
+
+    def reset(self) -> None:
+        for run in self.runs:
+            run[-1].reset()
+
+
+class _HeadSlice(Score):
+    """A score over heads ``[h0, h1)`` of the module, called with heads numbered from 0."""
+
+    def __init__(self, score: Score, h0: int, h1: int):
+        super().__init__()
+        self.inner, self.h0 = score, h0
+        self.additive, self.batch_dependent = score.additive, score.batch_dependent
+        self.num_heads = None if score.num_heads is None else h1 - h0
+
+    def check(self, heads):
+        if self.num_heads is not None and heads != self.num_heads:
+            raise CacheError(f"a score over {self.num_heads} heads got {heads}")
+
+    def forward(self, score, b, h, q_idx, kv_idx):
+        return self.inner(score, b, h + self.h0, q_idx, kv_idx)
 
 
 class ModelCache(list):
@@ -492,6 +560,21 @@ def cached_attention(cache: KVCache, q: Tensor, k: Tensor, v: Tensor, *, pattern
     """
     from .functional import attention
 
+    if isinstance(cache, HeadSplitCache):
+        same = pattern is cache.pattern or (type(pattern) is type(cache.pattern) and pattern == cache.pattern)
+        if not same:
+            raise CacheError(f"this HeadSplitCache was built for {cache.pattern!r}, not {pattern!r}; build one with "
+                             f"KVCache.for_pattern(pattern, heads=..., kv_heads=...) for each module")
+        if head_mix is not None:
+            raise CacheError("talking heads mix every head; use one KVCache for all heads, not a HeadSplitCache")
+        score = as_score(score)
+        outs = []
+        for q0, q1, kv0, kv1, part, sub in cache.runs:
+            outs.append(cached_attention(
+                sub, q[:, q0:q1], k[:, kv0:kv1], v[:, kv0:kv1], pattern=part,
+                score=None if score is None else _HeadSlice(score, q0, q1), scale=scale, normalizer=normalizer,
+                dropout=dropout, backend=backend, key_padding_mask=key_padding_mask))
+        return torch.cat(outs, 1)
     if not isinstance(cache, KVCache):
         raise CacheError(f"cache must be a multihead.cache.KVCache, got {type(cache).__name__}")
     normalizer = as_normalizer(normalizer)

@@ -8,7 +8,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
-from ..cache import CacheError, KVCache, ModelCache
+from ..cache import CacheError, ModelCache
 from ..errors import ShapeError
 from ..patterns import Causal
 from .block import TransformerBlock
@@ -177,18 +177,15 @@ def sample(logits: Tensor, temperature: float, top_k: int | None,
 
 
 def cache_for(module: nn.Module, capacity: int | None = None):
-    """The decoding cache of one attention module: ``module.new_cache()`` where it defines one,
-    ``KVCache.for_pattern(module.pattern)`` for ``MultiHeadAttention`` and its topologies."""
-    from ..nn import MultiHeadAttention
-
-    if hasattr(module, "new_cache"):
-        return module.new_cache(capacity=capacity)
+    """The decoding cache of one attention module: ``module.new_cache()`` (``KVCache.for_pattern``
+    of its pattern for ``MultiHeadAttention`` and its topologies, ``LatentCache`` for MLA), after
+    ``module.cache_refusal()`` said nothing against it."""
     parameters = inspect.signature(module.forward).parameters.values()
     takes_cache = any(p.name == "cache" or p.kind is p.VAR_KEYWORD for p in parameters)
-    if isinstance(module, MultiHeadAttention) and takes_cache:
+    reason = None if takes_cache else "its forward takes no cache"
+    if reason is None and hasattr(module, "cache_refusal"):
         reason = module.cache_refusal()
-        if reason is None:
-            return KVCache.for_pattern(module.pattern, capacity=capacity)
-    else:
-        reason = "its forward takes no cache"
+    if reason is None and hasattr(module, "new_cache"):
+        return module.new_cache(capacity=capacity)
+    reason = reason or "it defines no decoding cache (new_cache)"
     raise CacheError(f"{type(module).__name__} cannot decode with a cache: {reason}; generate with use_cache=False")

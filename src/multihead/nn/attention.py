@@ -234,6 +234,16 @@ class MultiHeadAttention(nn.Module):
             return "head hooks (multihead.analysis) are attached; remove them to decode"
         return refusal(self.pattern, self.normalizer)
 
+    def new_cache(self, capacity: int | None = None):
+        """A decoding cache for this module: ``KVCache.for_pattern`` of its pattern (a rolling
+        window for local patterns; one per run of heads for per-head windows)."""
+        from ..cache import CacheError, KVCache
+
+        reason = self.cache_refusal()
+        if reason is not None:
+            raise CacheError(f"{type(self).__name__} cannot decode with a cache: {reason}")
+        return KVCache.for_pattern(self.pattern, capacity=capacity, heads=self.heads, kv_heads=self.kv_heads)
+
     def _forward_cached(self, x, context, cache, key_padding_mask, need_weights, cu_seqlens):
         from ..cache import CacheError, cached_attention
 
