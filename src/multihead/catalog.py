@@ -24,6 +24,7 @@ from .nn.dynamic_mask import DynamicMaskAttention
 from .nn.group_pose import GroupPoseAttention
 from .nn.mesa import MesaAttention
 from .nn.recycled import RecycledAttention
+from .nn.sorted_groups import FlattenedWindowAttention, HistogramAttention
 from .nn.sparsifiner import Sparsifiner
 from .normalizers import GaussianAdaptive
 from .patterns import (BlockLocal, Causal, CrossShapedWindow, Dilated, Documents, GlobalTokens, Halo,
@@ -395,6 +396,15 @@ _VARIANTS = [
             "q, k, v from depthwise 3x3 conv + batch norm of the map; keys and values at stride 2 (4x fewer)",
             Paper("CvT: Introducing Convolutions to Vision Transformers", 2021, "2103.15808"),
             VisionBuild(lambda dim, h, grid, layer: ConvProjectionAttention(dim, h), hierarchical=True)),
+    Variant("flatformer", "pattern",
+            "tokens sorted window by window (8 x 8 windows), cut into equal groups of 64 that attend inside (2-D)",
+            Paper("FlatFormer: Flattened Window Attention for Efficient Point Cloud Transformer", 2023, "2301.08739"),
+            lambda dim, heads, n: FlattenedWindowAttention(dim, heads, group=min(64, n), window=8.0,
+                                                           grid=square_grid(n))),
+    Variant("histoformer", "pattern",
+            "tokens sorted by intensity into bins of N/4: half the heads attend within a bin, half across bins",
+            Paper("Restoring Images in Adverse Weather Conditions via Histogram Transformer", 2024, "2407.10172"),
+            lambda dim, heads, n: HistogramAttention(dim, max(2, heads), group=max(1, n // 4))),
 ]
 
 CATALOG: dict[str, Variant] = {v.name: v for v in _VARIANTS}
