@@ -11,7 +11,8 @@ import torch
 
 import multihead.cache as cache_module
 from multihead.cache import CacheError, HeadSplitCache, KVCache, Retention, retention
-from multihead.heads import CompressedAttention, LatentCache, MultiHeadLatentAttention, TalkingHeadsAttention
+from multihead.heads import (CompressedAttention, LatentCache, LowRankAttention, MultiHeadLatentAttention,
+                             SingleHeadAttention, TalkingHeadsAttention)
 from multihead.nn import MultiHeadAttention, RelativeAttention
 from multihead.normalizers import Sigmoid
 from multihead.patterns import (BlockLocal, Causal, Dilated, Documents, Full, GlobalTokens, PerHead, PrefixLM,
@@ -223,11 +224,28 @@ def test_what_cannot_decode_at_all_says_why():
     cases = [(MultiHeadAttention(DIM, HEADS, pattern=Routing(2) & Causal()), "content"),
              (MultiHeadAttention(DIM, HEADS, pattern=Causal(), normalizer="sigmoid"), "bias"),
              (RelativeAttention(DIM, HEADS, max_distance=4, pattern=Causal()), "score from the queries"),
-             (CompressedAttention(DIM, HEADS, compression=2, pattern=Causal()), "convolutions")]
+             (LowRankAttention(DIM, HEADS, pattern=Causal()), "pooling form")]
     for module, reason in cases:
         assert reason in module.cache_refusal()
         with pytest.raises(CacheError, match=reason):
             module(x, cache=KVCache())
+    assert "GroupNorm" in SingleHeadAttention(DIM).cache_refusal()
+
+
+@pytest.mark.parametrize("kv_heads", [HEADS, 2])
+def test_compressed_attention_decodes_with_its_convolution_state(kv_heads):
+    """CCA's causal convolutions over tokens continue from the last inputs of each stage."""
+    torch.manual_seed(0)
+    module = CompressedAttention(DIM, HEADS, kv_heads, compression=2, conv_kernel=3, pattern=SlidingWindow(7)).double().eval()
+    with torch.no_grad():
+        for stage in (*module.q_conv, *module.k_conv):
+            stage.conv.weight.normal_(0, 0.5)  # not the identity they start as
+    x = torch.randn(2, N, DIM, dtype=torch.float64, generator=torch.Generator().manual_seed(7))
+    cache = module.new_cache()
+    with torch.no_grad():
+        torch.testing.assert_close(decode(module, x, cache), module(x), atol=1e-12, rtol=1e-10)
+        cache.reset()  # a new sequence starts from zero states
+        torch.testing.assert_close(decode(module, x.flip(1), cache), module(x.flip(1)), atol=1e-12, rtol=1e-10)
 
 
 def test_a_cache_refuses_inputs_it_does_not_fit():

@@ -44,6 +44,15 @@ def test_every_catalog_variant_decodes_exactly_or_says_why_not(name):
     assert cache.length == 64
 
 
+def test_the_topologies_and_causal_patterns_of_the_catalog_decode():
+    """The variants expected to decode do (the test above would also accept a refusal)."""
+    decoding = ["mha", "gqa", "mqa", "moh", "sqa", "mla", "cca", "ccgqa", "low_rank", "talking_heads", "causal",
+                "sliding_window", "prefix_lm", "documents", "dilated_window", "global_local", "block_local", "topk",
+                "alibi", "softcap", "t5_relative_bias", "rope", "complex_rotation", "neighborhood", "swin", "cswin"]
+    for name in decoding:
+        TransformerLM(VOCAB, 16, 1, 2, attention=name, max_len=64).make_cache()
+
+
 @pytest.mark.parametrize("pattern", [Causal(), SlidingWindow(6), Sinks(SlidingWindow(5), 2),
                                      PerHead([SlidingWindow(2)] * 2 + [SlidingWindow(9)] * 2)],
                          ids=["causal", "window", "sinks_window", "per_head_windows"])

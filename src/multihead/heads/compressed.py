@@ -57,8 +57,8 @@ class CompressedAttention(Topology):
     With ``compression=1``, ``conv_kernel=0`` and ``qk_mean=False`` it is multi-head attention.
     Convolutions and the q-k mean need self-attention (``context`` is refused then), and the
     convolutions mix tokens before the attention, so ``key_padding_mask`` hides padded keys but
-    neighbouring tokens still see their content. No decoding cache here (the convolutions would need
-    their own state).
+    neighbouring tokens still see their content. Decoding with a ``KVCache`` keeps the convolutions'
+    last ``conv_kernel - 1`` inputs per stage beside the keys and values.
     """
 
     def __init__(self, dim: int, heads: int, kv_heads: int | None = None, *, compression: int = 4,
@@ -95,16 +95,40 @@ class CompressedAttention(Topology):
                              "pass no context, or build it with conv_kernel=0, qk_mean=False")
         return super().forward(x, context, **kwargs)
 
-    def cache_refusal(self) -> str | None:
-        if self.conv_kernel:
-            return (f"its convolutions over tokens (conv_kernel={self.conv_kernel}) would need the last "
-                    f"{2 * (self.conv_kernel - 1)} projected tokens as a state of their own; build it with conv_kernel=0")
-        return super().cache_refusal()
+    def _forward_cached(self, x, context, cache, key_padding_mask, need_weights, cu_seqlens):
+        """Decoding: the convolutions continue from the last ``conv_kernel - 1`` inputs of each of
+        their two stages, kept beside the keys and values (``cache.conv_state``)."""
+        self._decoding = cache
+        try:
+            return super()._forward_cached(x, context, cache, key_padding_mask, need_weights, cu_seqlens)
+        finally:
+            self._decoding = None
+
+    def _convolve(self, name: str, stages: nn.Sequential, x: Tensor) -> Tensor:
+        cache = getattr(self, "_decoding", None)
+        if cache is None:
+            return stages(x)
+        states = cache.__dict__.setdefault("conv_state", {})
+        if len(cache) == 0:
+            states.pop(name, None)  # a new sequence
+        previous = states.get(name) or [x.new_zeros(x.shape[0], stage.kernel - 1, x.shape[2]) for stage in stages]
+        kept = []
+        for stage, state in zip(stages, previous):
+            if state.shape[0] != x.shape[0] or state.dtype != x.dtype:
+                from ..cache import CacheError
+
+                raise CacheError(f"the cache's convolution state holds batch {state.shape[0]} ({state.dtype}), the "
+                                 f"new tokens have batch {x.shape[0]} ({x.dtype}); start a new cache")
+            extended = torch.cat([state, x], dim=1)
+            kept.append(extended[:, extended.shape[1] - (stage.kernel - 1):])
+            x = stage.conv(extended.transpose(1, 2)).transpose(1, 2)  # no padding: the state is the past
+        states[name] = kept
+        return x
 
     def mix_qk(self, q: Tensor, k: Tensor) -> tuple[Tensor, Tensor]:
         q_pre, k_pre = q, k
         if self.conv_kernel:
-            q, k = self.q_conv(q), self.k_conv(k)
+            q, k = self._convolve("q", self.q_conv, q), self._convolve("k", self.k_conv, k)
         if self.qk_mean:
             batch, tokens, _ = q.shape
             groups = self.heads // self.kv_heads

@@ -70,7 +70,25 @@ class LowRankAttention(Costs, nn.Module):
         shape = (self.heads, self.rank, self.dim)
         return self.p.weight.view(shape).transpose(1, 2), self.q.weight.view(shape).transpose(1, 2)
 
-    def forward(self, x: Tensor, *, key_padding_mask: Tensor | None = None, need_weights: bool = False):
+    def cache_refusal(self) -> str | None:
+        """Why this module cannot decode with a cache (None: it can)."""
+        from ..cache import refusal
+
+        if not self.per_token:
+            return "the pooling form gives one embedding of the whole sequence, not one output per token"
+        return refusal(self.pattern)
+
+    def new_cache(self, capacity: int | None = None):
+        """A ``KVCache`` for the per-token form: the keys ``Q^T h_t`` and the states ``h_t`` (one
+        key/value head per head; the states repeat)."""
+        from ..cache import KVCache
+
+        return KVCache.for_pattern(self.pattern, capacity=capacity)
+
+    def forward(self, x: Tensor, *, key_padding_mask: Tensor | None = None, need_weights: bool = False,
+                cache=None):
+        """``cache`` (``new_cache()``, per-token form): ``x`` holds the next tokens, whose queries
+        attend over the cached keys and states under the pattern (``multihead.cache``)."""
         check_inputs(x, None, self.dim)
         batch, tokens, _ = x.shape
         queries = tokens if self.per_token else 1
@@ -78,6 +96,15 @@ class LowRankAttention(Costs, nn.Module):
         q = query.expand(batch, -1, queries, -1)
         k = self.q(x).view(batch, tokens, self.heads, self.rank).transpose(1, 2)
         v = x.unsqueeze(1).expand(-1, self.heads, -1, -1)  # the states themselves
+        if cache is not None:
+            from ..cache import CacheError, cached_attention
+
+            reason = self.cache_refusal()
+            if reason is not None or need_weights:
+                raise CacheError(f"LowRankAttention cannot decode with a cache: {reason or 'need_weights is not served'}")
+            out = cached_attention(cache, q, k, v, pattern=self.pattern, score=self.score, backend=self.backend,
+                                   dropout=self.dropout if self.training else 0.0, key_padding_mask=key_padding_mask)
+            return self.out_proj(out.transpose(1, 2).reshape(batch, tokens, self.heads * self.dim))
         out, weights = attend(self, q, k, v, key_padding_mask=key_padding_mask, need_weights=need_weights)
         if self.per_token:
             out = self.out_proj(out.transpose(1, 2).reshape(batch, tokens, self.heads * self.dim))

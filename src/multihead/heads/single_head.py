@@ -52,6 +52,11 @@ class SingleHeadAttention(Costs, nn.Module):
         self.qkv = nn.Linear(partial_dim, 2 * qk_dim + partial_dim)
         self.proj = nn.Sequential(nn.ReLU(), nn.Linear(dim, dim))
 
+    def cache_refusal(self) -> str:
+        """SHViT cannot decode token by token."""
+        return ("its GroupNorm normalises over all tokens of the sequence, so a new token changes the "
+                "outputs of the earlier ones")
+
     def forward(self, x: Tensor, *, key_padding_mask: Tensor | None = None, need_weights: bool = False):
         check_inputs(x, None, self.dim)
         attended, passed = x.split([self.partial_dim, self.dim - self.partial_dim], dim=-1)

@@ -182,9 +182,9 @@ def cache_for(module: nn.Module, capacity: int | None = None):
     ``module.cache_refusal()`` said nothing against it."""
     parameters = inspect.signature(module.forward).parameters.values()
     takes_cache = any(p.name == "cache" or p.kind is p.VAR_KEYWORD for p in parameters)
-    reason = None if takes_cache else "its forward takes no cache"
-    if reason is None and hasattr(module, "cache_refusal"):
-        reason = module.cache_refusal()
+    reason = module.cache_refusal() if hasattr(module, "cache_refusal") else None
+    if reason is None and not takes_cache:
+        reason = "its forward takes no cache"
     if reason is None and hasattr(module, "new_cache"):
         return module.new_cache(capacity=capacity)
     reason = reason or "it defines no decoding cache (new_cache)"
