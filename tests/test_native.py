@@ -238,6 +238,7 @@ def test_corrupt_tile_tables_are_rejected():
     for changes, message in [
         (dict(k_idx=good.k_idx + 16), "key index out of range"),
         (dict(q_rows=good.q_rows - 1), "query row out of range"),
+        (dict(q_rows=good.q_rows.clamp(max=14)), "appears twice"),
         (dict(tile_m=good.tile_m.clamp(min=0) + good.mask.shape[1]), "mask runs past"),
         (dict(tile_k=good.tile_k * 1000), "offsets out of range"),
         (dict(lh=3), "layout slot"),

@@ -950,8 +950,8 @@ class BlockSparseBackend(Backend):
 
     def choose_native_blocks(self, q_len: int, kv_len: int) -> tuple[int, int, int]:
         """``(q_block, kv_block, group_rows)`` of a row-major plan for the native kernel: the given
-        ones, else 64-row tiles over 32-key blocks."""
-        qb = min(self.q_block or 64, q_len)
+        ones, else 32-row tiles over 32-key blocks (benchmarks/tune_blocksparse.py --native)."""
+        qb = min(self.q_block or 32, q_len)
         return qb, min(self.kv_block or 32, kv_len), qb
 
     def _new_plan(self, req: Request, qb: int, kb: int, gr: int, native: bool = False) -> _Plan:

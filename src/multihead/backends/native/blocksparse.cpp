@@ -136,8 +136,12 @@ inline double exp_sum(double* x, int64_t n, double m) {
 }
 template <typename C>
 inline C row_max(const C* x, int64_t n) {
-  C m = -std::numeric_limits<C>::infinity();
-  for (int64_t i = 0; i < n; ++i) m = std::max(m, x[i]);
+  using V = at::vec::Vectorized<C>;
+  V acc(-std::numeric_limits<C>::infinity());
+  int64_t i = 0;
+  for (; i + V::size() <= n; i += V::size()) acc = at::vec::maximum(acc, V::loadu(x + i));
+  C m = at::vec::vec_reduce_all<C>([](V& a, V& b) { return at::vec::maximum(a, b); }, acc);
+  for (; i < n; ++i) m = std::max(m, x[i]);
   return m;
 }
 
@@ -277,18 +281,19 @@ void lanes_dot(const C* AT, int64_t depth, const C* base, const int64_t* idx, in
   using V = Vec<C>;
   constexpr int64_t L = V::size();
   int64_t j = 0;
-  for (; j + 4 <= n; j += 4) {
-    const C *b0 = base + idx[j] * ld, *b1 = base + idx[j + 1] * ld, *b2 = base + idx[j + 2] * ld,
-            *b3 = base + idx[j + 3] * ld;
-    V a0(C(0)), a1(C(0)), a2(C(0)), a3(C(0));
+  constexpr int64_t KB = 8;  // keys per pass: one load of AT feeds KB products
+  for (; j + KB <= n; j += KB) {
+    const C* b[KB];
+    V acc[KB];
+#pragma GCC unroll 8
+    for (int64_t t = 0; t < KB; ++t) b[t] = base + idx[j + t] * ld, acc[t] = V(C(0));
     for (int64_t d = 0; d < depth; ++d) {
       const V a = V::loadu(AT + d * L);
-      a0 = at::vec::fmadd(a, V(b0[d]), a0);
-      a1 = at::vec::fmadd(a, V(b1[d]), a1);
-      a2 = at::vec::fmadd(a, V(b2[d]), a2);
-      a3 = at::vec::fmadd(a, V(b3[d]), a3);
+#pragma GCC unroll 8
+      for (int64_t t = 0; t < KB; ++t) acc[t] = at::vec::fmadd(a, V(b[t][d]), acc[t]);
     }
-    a0.store(ST + j * L), a1.store(ST + (j + 1) * L), a2.store(ST + (j + 2) * L), a3.store(ST + (j + 3) * L);
+#pragma GCC unroll 8
+    for (int64_t t = 0; t < KB; ++t) acc[t].store(ST + (j + t) * L);
   }
   for (; j < n; ++j) {
     const C* b0 = base + idx[j] * ld;
@@ -331,9 +336,11 @@ void lanes_combine(const C* PT, const C* base, const int64_t* idx, int64_t n, in
 template <typename C>
 void transpose_in(const C* x, int64_t nl, int64_t width, C alpha, C* XT) {
   constexpr int64_t L = Vec<C>::size();
-  std::fill(XT, XT + width * L, C(0));
-  for (int64_t l = 0; l < nl; ++l)
-    for (int64_t d = 0; d < width; ++d) XT[d * L + l] = alpha * x[l * width + d];
+  if (nl < L) std::fill(XT, XT + width * L, C(0));
+  for (int64_t l = 0; l < nl; ++l) {
+    const C* xr = x + l * width;
+    for (int64_t d = 0; d < width; ++d) XT[d * L + l] = alpha * xr[d];
+  }
 }
 
 // The lane block's logits (keys x lanes): QT K^T, then the score and the key-major mask.
@@ -549,9 +556,14 @@ std::vector<at::Tensor> forward_impl(const at::Tensor& q, const at::Tensor& k, c
   using C = typename Acc<T>::type;
   Geometry g{q.size(0), q.size(1), k.size(1), q.size(2), k.size(2), q.size(3), v.size(3),
              q.size(1) / k.size(1), k.size(2) - q.size(2)};
-  auto out = at::zeros({g.B, g.H, g.Lq, g.Dv}, q.options());
-  auto lse = at::full({g.B, g.H, g.Lq}, std::numeric_limits<double>::infinity(),
-                      q.options().dtype(c10::CppTypeToScalarType<C>::value));
+  // every query row written by some tile: no need to clear the output first (a fresh 32 MiB
+  // tensor costs its page faults once, a cleared one twice)
+  bool covers = tab.tile_q[tab.T] == g.Lq;
+  for (int64_t t = 0; covers && t < tab.T; ++t) covers = tab.tile_k[t + 1] > tab.tile_k[t];
+  const auto lopt = q.options().dtype(c10::CppTypeToScalarType<C>::value);
+  auto out = covers ? at::empty({g.B, g.H, g.Lq, g.Dv}, q.options()) : at::zeros({g.B, g.H, g.Lq, g.Dv}, q.options());
+  auto lse = covers ? at::empty({g.B, g.H, g.Lq}, lopt)
+                    : at::full({g.B, g.H, g.Lq}, std::numeric_limits<double>::infinity(), lopt);
   Inputs<T> in{static_cast<T*>(q.data_ptr()), static_cast<T*>(k.data_ptr()), static_cast<T*>(v.data_ptr()), g, tab};
   Score<C> sc;
   if (pre.defined()) sc.pre = static_cast<C*>(pre.data_ptr()), sc.lvec = pre.size(1);
@@ -813,8 +825,12 @@ void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v)
 void check_keys(const Table& t, int64_t Lk, int64_t Lq) {
   const int64_t n = t.lb * t.lh * t.K;
   for (int64_t i = 0; i < n; ++i) TORCH_CHECK(t.k_idx[i] >= 0 && t.k_idx[i] < Lk, "tile table: key index out of range");
-  for (int64_t i = 0; i < t.tile_q[t.T]; ++i)
+  std::vector<bool> seen(Lq, false);  // each query row in one tile at most (outputs are written once)
+  for (int64_t i = 0; i < t.tile_q[t.T]; ++i) {
     TORCH_CHECK(t.q_rows[i] >= 0 && t.q_rows[i] < Lq, "tile table: query row out of range");
+    TORCH_CHECK(!seen[t.q_rows[i]], "tile table: a query row appears twice");
+    seen[t.q_rows[i]] = true;
+  }
 }
 
 void check_score(const at::Tensor& vec, const at::Tensor& q, int64_t qmax, int64_t Lq, int64_t Lk, at::ScalarType acc) {
