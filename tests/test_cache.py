@@ -231,6 +231,16 @@ def test_what_cannot_decode_at_all_says_why():
             module(x, cache=KVCache())
     assert "GroupNorm" in SingleHeadAttention(DIM).cache_refusal()
 
+    class Shifted(MultiHeadAttention):  # mixes tokens in project: decoding would silently differ
+        def project(self, x, context, **kwargs):
+            q, k, v = super().project(x, context, **kwargs)
+            return q, k.roll(1, 2), v
+
+    with pytest.raises(CacheError, match="overrides project.*decodes_with_cache"):
+        Shifted(DIM, HEADS, pattern=Causal())(x, cache=KVCache())
+    Shifted.decodes_with_cache = True  # the subclass's word, which the catalog test checks for its variants
+    Shifted(DIM, HEADS, pattern=Causal())(x, cache=KVCache())
+
 
 @pytest.mark.parametrize("kv_heads", [HEADS, 2])
 def test_compressed_attention_decodes_with_its_convolution_state(kv_heads):

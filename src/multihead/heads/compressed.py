@@ -61,6 +61,8 @@ class CompressedAttention(Topology):
     last ``conv_kernel - 1`` inputs per stage beside the keys and values.
     """
 
+    decodes_with_cache = True  # the convolutions keep their state in the cache (_forward_cached)
+
     def __init__(self, dim: int, heads: int, kv_heads: int | None = None, *, compression: int = 4,
                  conv_kernel: int = 3, qk_mean: bool = True, head_dim: int | None = None, **options):
         if isinstance(compression, bool) or not isinstance(compression, int) or compression < 1:

@@ -44,6 +44,8 @@ class MixtureOfHeads(Topology):
     routed heads active per token (default: 75% of the heads active in all, at least 1 routed).
     """
 
+    decodes_with_cache = True  # the router weights each token's own heads
+
     def __init__(self, dim: int, heads: int, kv_heads: int | None = None, *, shared_heads: int | None = None,
                  top_k: int | None = None, **options):
         super().__init__(dim, heads, kv_heads, **options)

@@ -25,6 +25,8 @@ class TalkingHeadsAttention(Topology):
     weights ``U`` (rows need not sum to 1).
     """
 
+    decodes_with_cache = True  # the head mixes act within each query row
+
     def __init__(self, dim: int, heads: int, kv_heads: int | None = None, *, mix_pre: bool = True,
                  mix_post: bool = True, **options):
         super().__init__(dim, heads, kv_heads, **options)

@@ -135,6 +135,10 @@ class MultiHeadAttention(nn.Module):
     #: Whether ``pattern`` governs all the token mixing, so that ``pattern & Causal()`` makes the
     #: module causal (``multihead.models.make_causal``); False where the pattern is not the one used.
     pattern_restricts_mixing: bool = True
+    #: Whether a subclass that overrides ``project``, ``mix_qk``, ``attention_options`` or ``combine``
+    #: still decodes exactly with a ``KVCache`` (those steps act token by token, or keep their own
+    #: state in the cache); unset, ``cache_refusal`` says why it cannot.
+    decodes_with_cache: bool = False
 
     def __init__(self, dim: int, heads: int, kv_heads: int | None = None, head_dim: int | None = None,
                  pattern: Pattern | None = None, score=None, position: nn.Module | None = None,
@@ -228,6 +232,12 @@ class MultiHeadAttention(nn.Module):
 
         if type(self).score_for is not MultiHeadAttention.score_for:
             return f"{type(self).__name__} makes its score from the queries of the whole call"
+        steps = [name for name in ("project", "mix_qk", "attention_options", "combine")
+                 if getattr(type(self), name) is not getattr(MultiHeadAttention, name)]
+        if steps and not self.decodes_with_cache:
+            return (f"{type(self).__name__} overrides {', '.join(steps)}, which may mix tokens; a subclass "
+                    f"that acts token by token declares decodes_with_cache = True (tested: decoding equals "
+                    f"recomputing)")
         if self.context_parallel is not None:
             return "context_parallel splits one sequence over ranks; decode on one rank"
         if self._head_hooks:
