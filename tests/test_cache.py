@@ -29,6 +29,8 @@ PATTERNS = {
     "global_tokens": lambda: (GlobalTokens(2) | SlidingWindow(4)) & Causal(),
     "block_local": lambda: BlockLocal(6) & Causal(),
     "documents": lambda: Documents(torch.tensor([0, 7, 20, 33, N])) & Causal(),
+    "documents_per_row": lambda: Documents(doc_ids=torch.tensor([[0] * 10 + [1] * 22 + [2] * 8,
+                                                                 [0] * 4 + [1] * 30 + [2] * 6])) & Causal(),
     "topk": lambda: TopK(4) & Causal(),
     "topk_window": lambda: TopK(3) & SlidingWindow(8),
     "sinks": lambda: Sinks(SlidingWindow(4), 3),
@@ -66,7 +68,7 @@ def test_decoding_equals_recomputing(name, kind):
     assert len(cache) == N
 
 
-@pytest.mark.parametrize("name", ["causal", "sliding_window", "sinks", "per_head", "documents"])
+@pytest.mark.parametrize("name", ["causal", "sliding_window", "sinks", "per_head", "documents", "documents_per_row"])
 def test_position_scores_see_the_absolute_positions_of_the_gathered_keys(name):
     """ALiBi reads key positions: with a rolling ring the slots are out of order."""
     module, cache = build("gqa", PATTERNS[name](), score=ALiBi(HEADS))
