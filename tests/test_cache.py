@@ -290,6 +290,9 @@ def test_a_cache_refuses_inputs_it_does_not_fit():
             run = KVCache()
             docs(x[:, :8], cache=run)
             docs(x[:, 8:9], cache=run)
+        with pytest.raises(CacheError, match="defined for head count 2, but the queries have 4"):
+            mismatched = MultiHeadAttention(DIM, HEADS, pattern=PerHead([Causal(), SlidingWindow(2)])).double()
+            mismatched(x[:, :1], cache=KVCache())
         with pytest.raises(CacheError, match="LatentCache"):
             MultiHeadLatentAttention(DIM, HEADS).double()(x[:, :2], cache=KVCache())
     for bad in (dict(window=0), dict(sinks=2), dict(window=4, capacity=8), dict(capacity=-1)):

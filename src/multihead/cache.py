@@ -594,6 +594,11 @@ def cached_attention(cache: KVCache, q: Tensor, k: Tensor, v: Tensor, *, pattern
         raise CacheError(f"q must be (batch, heads, tokens, dim) with the batch and tokens of k, got "
                          f"{tuple(getattr(q, 'shape', ()))} and k {tuple(k.shape)}")
     batch, heads, n, _ = q.shape
+    if getattr(plan, "shape", None) != (batch, heads):
+        for name, have, got in (("batch size", static.batch_size, batch), ("head count", static.num_heads, heads)):
+            if have not in (None, 1, got):
+                raise CacheError(f"{pattern!r} is defined for {name} {have}, but the queries have {got}")
+        plan.shape = (batch, heads)
     start = len(cache)
     if key_padding_mask is not None and (key_padding_mask.dtype != torch.bool or
                                          tuple(key_padding_mask.shape) != (batch, start + n)):
