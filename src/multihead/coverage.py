@@ -294,7 +294,11 @@ ROWS: tuple[Row, ...] = (
     _i(3, "MAFormer: Multi-scale Attention Fusion", ["vision.LocalGlobalAttention", "variant:maformer"],
        ["test_vision.py::test_local_global_attention_is_a_window_path_and_a_pooled_path",
         "test_vision.py::test_local_global_presets_and_bad_arguments"]),
-    _m(3, "TNT: Transformer in Transformer", "inner attention over sub-patches inside each patch, outer over patches"),
+    _i(3, "TNT: Transformer in Transformer", ["vision.tnt.TNTBlock", "patterns.BlockLocal"],
+       ["test_tnt.py::test_tnt_block_is_inner_attention_per_patch_then_outer_attention",
+        "test_tnt.py::test_tiny_tnt_learns_oriented_gratings"],
+       "the two-stream block (inner attention over words per patch, folded into the sentences, outer "
+       "attention); it takes two streams, so no catalog variant"),
     _m(3, "FcaFormer: Forward Cross Attention",
        "tokens of earlier blocks reused as extra keys, with learnable scale factors"),
     _m(3, "kMaX-DeepLab: k-means cross-attention",
