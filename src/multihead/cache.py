@@ -24,7 +24,7 @@ from torch import Tensor
 
 from .errors import MultiheadError, PatternError
 from .normalizers import Sigmoid, Softmax, as_normalizer
-from .patterns import (BlockLocal, Causal, Dilated, Full, GlobalTokens, Halo, Intersection, KeyPadding,
+from .patterns import (BlockLocal, Dilated, Full, GlobalTokens, Halo, Intersection, KeyPadding,
                        Pattern, PerHead, SlidingWindow, Sinks, Spans, TopK, Union)
 from .patterns.dynamic import split_dynamic
 from .scores import Score, as_score
@@ -464,7 +464,7 @@ class PositionedScore(Score):
 # -- the decoding step ------------------------------------------------------------------------------
 
 
-def _without_padding(pattern: Pattern | None) -> Pattern:
+def _or_full(pattern: Pattern | None) -> Pattern:
     return Full() if pattern is None else pattern
 
 
@@ -578,7 +578,7 @@ def cached_attention(cache: KVCache, q: Tensor, k: Tensor, v: Tensor, *, pattern
     if not isinstance(cache, KVCache):
         raise CacheError(f"cache must be a multihead.cache.KVCache, got {type(cache).__name__}")
     normalizer = as_normalizer(normalizer)
-    pattern = _without_padding(pattern)
+    pattern = _or_full(pattern)
     plan = cache._plans.get(id(pattern))
     if plan is None or plan.source is not pattern or plan.normalizer != normalizer:
         reason = refusal(pattern, normalizer)
