@@ -125,7 +125,7 @@ def test_every_mask_of_a_generation_is_structured(name, calls, monkeypatch):
     tiny(name, "multihead").generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False,
                                      pad_token_id=0)
     assert len(masks) >= 6 and all(isinstance(m, hf.StructuredMask) for m in masks)
-    assert {m.window for m in masks} == ({4} if name == "mistral" else {None, 4})
+    assert {m.left for m in masks} == ({3} if name == "mistral" else {None, 3})
     assert {m.q_length for m in masks} == {6, 1}
     assert all(not isinstance(leaf, BooleanMask) for pattern, *_ in calls for leaf in parts(pattern))
 
@@ -146,9 +146,13 @@ def test_sinks_equal_a_softmax_with_an_extra_logit():
 
 
 def test_mask_functions_are_recognised_or_left_dense():
-    assert hf.parse_mask_function(mu.causal_mask_function) == (True, None)
-    assert hf.parse_mask_function(mu.bidirectional_mask_function) == (False, None)
-    assert hf.parse_mask_function(mu.sliding_window_causal_mask_function(7)) == (True, 7)
+    assert hf.parse_mask_function(mu.causal_mask_function) == (True, None, None)
+    assert hf.parse_mask_function(mu.bidirectional_mask_function) == (False, None, None)
+    assert hf.parse_mask_function(mu.sliding_window_causal_mask_function(7)) == (True, 6, None)
+    bidirectional = mu.sliding_window_bidirectional_mask_function(2)
+    assert hf.parse_mask_function(bidirectional) == (False, 2, 2)
+    got = hf.multihead_mask(1, 7, 7, mask_function=bidirectional).pattern().dense_mask(7, 7)
+    assert torch.equal(got[0], mu.sdpa_mask(1, 7, 7, mask_function=bidirectional, allow_is_causal_skip=False)[0])
     chunked = mu.chunked_causal_mask_function(4, torch.zeros(1, dtype=torch.long))
     assert hf.parse_mask_function(chunked) is None
     assert hf.parse_mask_function(mu.and_masks(mu.causal_mask_function, lambda b, h, q, kv: q >= 0)) is None

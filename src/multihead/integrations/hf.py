@@ -120,12 +120,13 @@ class QueryRows(Pattern):
 @dataclass(frozen=True, eq=False)
 class StructuredMask:
     """What ``multihead_mask`` gives transformers instead of a dense mask, when it recognises the
-    mask function: causal or not, a sliding window of ``window`` keys (transformers' convention:
-    the query and the ``window - 1`` keys before it), and the kept keys ``keep`` ``(batch, kv_len)``
-    (None: no padding). Queries are aligned with the last keys."""
+    mask function: causal or not, how far a query may look back (``left`` keys) and ahead
+    (``right``; None: no bound), and the kept keys ``keep`` ``(batch, kv_len)`` (None: no padding).
+    Queries are aligned with the last keys."""
 
     causal: bool
-    window: int | None
+    left: int | None
+    right: int | None
     keep: Tensor | None
     q_length: int
     kv_length: int
@@ -134,8 +135,11 @@ class StructuredMask:
         parts = []
         if self.causal and self.q_length > 1:  # one query, aligned with the last key, sees every key
             parts.append(Causal())
-        if self.window is not None and self.window < self.kv_length:
-            parts.append(SlidingWindow(self.window - 1, 0 if self.causal else self.window - 1))
+        reach = self.kv_length - 1  # a bound at least this far constrains nothing
+        left = reach if self.left is None else min(self.left, reach)
+        right = 0 if self.causal else (reach if self.right is None else min(self.right, reach))
+        if left < reach or (right < reach and not self.causal):
+            parts.append(SlidingWindow(left, right))
         base = None
         for part in parts:
             base = part if base is None else base & part
@@ -156,28 +160,39 @@ def _closure(function) -> dict:
     return {name: cell.cell_contents for name, cell in zip(function.__code__.co_freevars, cells)}
 
 
-def parse_mask_function(function) -> tuple[bool, int | None] | None:
-    """``(causal, window)`` of a transformers mask function built from the causal, bidirectional
-    and sliding-window pieces of ``transformers.masking_utils`` (through ``and_masks``); None for
-    anything else (packed sequences, chunked attention, custom functions)."""
+def _tighter(a: int | None, b: int | None) -> int | None:
+    return b if a is None else a if b is None else min(a, b)
+
+
+def parse_mask_function(function) -> tuple[bool, int | None, int | None] | None:
+    """``(causal, left, right)`` of a transformers mask function built from the causal,
+    bidirectional and sliding-window pieces of ``transformers.masking_utils`` (through
+    ``and_masks``): key ``j`` is allowed for query ``i`` when ``i - left <= j <= i + right`` (None:
+    unbounded) and, if causal, ``j <= i``. transformers' causal window of ``w`` keeps ``j > i - w``
+    (``left = w - 1``), its bidirectional one ``|i - j| <= w``. None for anything else (packed
+    sequences, chunked attention, custom functions)."""
     from transformers import masking_utils as mu
 
     if function is mu.causal_mask_function:
-        return True, None
+        return True, None, None
     if function is mu.bidirectional_mask_function:
-        return False, None
+        return False, None, None
     name = getattr(function, "__qualname__", "")
     if name == "and_masks.<locals>.and_mask":
-        causal, window = False, None
+        causal, left, right = False, None, None
         for part in _closure(function).get("mask_functions", ()):
             parsed = parse_mask_function(part)
             if parsed is None:
                 return None
-            causal, window = causal or parsed[0], parsed[1] if parsed[1] is not None else window
-        return causal, window
-    if name in ("sliding_window_overlay.<locals>.inner_mask", "sliding_window_bidirectional_overlay.<locals>.inner_mask"):
-        window = _closure(function).get("sliding_window")
-        return (False, window) if isinstance(window, int) and window > 0 else None
+            causal, left, right = causal or parsed[0], _tighter(left, parsed[1]), _tighter(right, parsed[2])
+        return causal, left, right
+    window = _closure(function).get("sliding_window")
+    if not isinstance(window, int) or isinstance(window, bool) or window < 1:
+        return None
+    if name == "sliding_window_overlay.<locals>.inner_mask":
+        return False, window - 1, None
+    if name == "sliding_window_bidirectional_overlay.<locals>.inner_mask":
+        return False, window, window
     return None
 
 
@@ -204,8 +219,7 @@ def multihead_mask(batch_size: int, q_length: int, kv_length: int, q_offset=0, k
             keep = None
         elif keep.shape[0] != batch_size:
             keep = keep.expand(batch_size, -1)
-    causal, window = parsed
-    return StructuredMask(causal, window, keep, q_length, kv_length)
+    return StructuredMask(*parsed, keep, q_length, kv_length)
 
 
 class SinkLogit(Score):
