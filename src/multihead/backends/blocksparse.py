@@ -801,7 +801,8 @@ class _BlockSparseFunction(torch.autograd.Function):
         dk = torch.zeros_like(k)
         dv = torch.zeros_like(v)
         want = [t for t in leaves if t.requires_grad]
-        dleaves = [torch.zeros_like(t) for t in want]
+        # a score's gradient sums over every group: accumulated in float64, then cast back
+        dleaves = [torch.zeros_like(t, dtype=torch.float64) for t in want]
         score = call.score
         track = score is not None and (bool(want) or not score.additive)
         ws = _Workspace(q.dtype, q.device)
@@ -843,7 +844,7 @@ class _BlockSparseFunction(torch.autograd.Function):
             dqg.baddbmm_(ds, kg, beta=0.0, alpha=call.scale)
             call.rows_out(dqf, dqg, g, hk, gq)
             call.keys_mm(dkf, ds.transpose(-2, -1), qg, g, hk, ws, call.scale)
-        it = iter(dleaves)
+        it = iter(d.to(t.dtype) for d, t in zip(dleaves, want))
         grads_leaves = [next(it) if t.requires_grad else None for t in leaves]
         return (None, dq, dk, dv, *grads_leaves)
 
