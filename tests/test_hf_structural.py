@@ -174,3 +174,25 @@ def test_mask_functions_are_recognised_or_left_dense():
     real = padding.bool()[:, None, :, None]  # rows of real queries; padded ones only need a key
     got = left.pattern().dense_mask(5, 5).expand(2, 1, 5, 5)
     assert torch.equal(got & real, want & real) and bool(got.any(-1).all())
+
+
+def test_a_long_sliding_window_prefill_runs_block_sparse(calls):
+    """Mistral's window over 1024 tokens reaches multihead as a pattern that auto runs block-sparse,
+    with the output of transformers' SDPA path."""
+    import multihead
+
+    config = transformers.MistralConfig(**{**COMMON, "num_hidden_layers": 1, "max_position_embeddings": 1024},
+                                        sliding_window=64)
+    ids = torch.randint(1, 50, (1, 1024), generator=torch.Generator().manual_seed(3))
+    hidden = {}
+    for implementation in ("sdpa", "multihead"):
+        torch.manual_seed(0)
+        model = transformers.MistralModel(config).eval()
+        model.set_attn_implementation(implementation)
+        with torch.no_grad():
+            hidden[implementation] = model(input_ids=ids).last_hidden_state
+    torch.testing.assert_close(hidden["multihead"], hidden["sdpa"], atol=2e-5, rtol=1e-4)
+    (pattern, score, q_len, kv_len), = calls
+    assert pattern == Causal() & SlidingWindow(63, 0) and (q_len, kv_len) == (1024, 1024)
+    q, k = torch.randn(1, 4, 1024, 8), torch.randn(1, 2, 1024, 8)
+    assert multihead.explain(q, k, k, pattern=pattern, show=False).backend == "blocksparse"
