@@ -21,6 +21,7 @@ from .nn import GatedPositionalAttention, MultiHeadAttention, RCMHA, RelativeAtt
 from .heads.seer import SeerAttention
 from .nn.landmark import LandmarkAttention
 from .nn.dynamic_mask import DynamicMaskAttention
+from .nn.forward_cross import FcaStage
 from .nn.group_pose import GroupPoseAttention
 from .nn.mesa import MesaAttention
 from .nn.recycled import RecycledAttention
@@ -405,6 +406,10 @@ _VARIANTS = [
             "tokens sorted by intensity into bins of N/4: half the heads attend within a bin, half across bins",
             Paper("Restoring Images in Adverse Weather Conditions via Histogram Transformer", 2024, "2407.10172"),
             lambda dim, heads, n: HistogramAttention(dim, max(2, heads), group=max(1, n // 4))),
+    Variant("fcaformer", "cross",
+            "a 2-block stage: block 2 also attends to block 1's tokens, merged 4x and scaled per channel",
+            Paper("FcaFormer: Forward Cross Attention in Hybrid Vision Transformer", 2022, "2211.07198"),
+            lambda dim, heads, n: FcaStage(dim, heads, depth=2, merge=4)),
 ]
 
 CATALOG: dict[str, Variant] = {v.name: v for v in _VARIANTS}

@@ -299,8 +299,14 @@ ROWS: tuple[Row, ...] = (
         "test_tnt.py::test_tiny_tnt_learns_oriented_gratings"],
        "the two-stream block (inner attention over words per patch, folded into the sentences, outer "
        "attention); it takes two streams, so no catalog variant"),
-    _m(3, "FcaFormer: Forward Cross Attention",
-       "tokens of earlier blocks reused as extra keys, with learnable scale factors"),
+    _i(3, "FcaFormer: Forward Cross Attention",
+       ["nn.forward_cross.ForwardCrossAttention", "nn.forward_cross.FcaStage", "nn.forward_cross.TokenMerge",
+        "variant:fcaformer"],
+       ["test_forward_cross.py::test_forward_cross_attention_attends_to_own_and_scaled_earlier_tokens",
+        "test_forward_cross.py::test_stage_blocks_read_the_merged_outputs_of_earlier_blocks",
+        "test_forward_cross.py::test_fca_stage_trains"],
+       "earlier blocks' tokens as extra keys with per-channel learnable scales; the token merge is 1-D "
+       "(average + depthwise conv), not the paper's 2-D strided convolutions"),
     _m(3, "kMaX-DeepLab: k-means cross-attention",
        "cross-attention as a k-means step: argmax over queries instead of a softmax over pixels"),
     _o(3, "GNMT: Google's Neural Machine Translation", "architecture",
