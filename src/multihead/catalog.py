@@ -24,6 +24,7 @@ from .nn.dynamic_mask import DynamicMaskAttention
 from .nn.forward_cross import FcaStage
 from .nn.group_pose import GroupPoseAttention
 from .nn.mesa import MesaAttention
+from .nn.minimal import MinimalAttention
 from .nn.recycled import RecycledAttention
 from .nn.sorted_groups import FlattenedWindowAttention, HistogramAttention
 from .nn.sparsifiner import Sparsifiner
@@ -410,6 +411,10 @@ _VARIANTS = [
             "a 2-block stage: block 2 also attends to block 1's tokens, merged 4x and scaled per channel",
             Paper("FcaFormer: Forward Cross Attention in Hybrid Vision Transformer", 2022, "2211.07198"),
             lambda dim, heads, n: FcaStage(dim, heads, depth=2, merge=4)),
+    Variant("minimal_attention", "topology-ablation",
+            "one symmetric q = k projection per head, no W_V or W_O: heads mix their input slices (causal)",
+            Paper("Reducing the Transformer Architecture to a Minimum", 2024),
+            lambda dim, heads, n: MinimalAttention(dim, heads, qk="symmetric", values=False, pattern=Causal())),
 ]
 
 CATALOG: dict[str, Variant] = {v.name: v for v in _VARIANTS}
