@@ -496,6 +496,108 @@ void lanes_backward(const Geometry& g, const Score<C>& sc, C scale, Scratch<C, C
   }
 }
 
+
+// Row kernels, for gathered tiles of a few rows (key lists: one query, its own keys): each row's
+// dot products with its keys read in place, its softmax, and the weighted sum of the values.
+template <typename C>
+inline C dot(const C* a, const C* b, int64_t n) {
+  using V = Vec<C>;
+  V acc(C(0));
+  int64_t d = 0;
+  for (; d + V::size() <= n; d += V::size()) acc = at::vec::fmadd(V::loadu(a + d), V::loadu(b + d), acc);
+  C s = at::vec::vec_reduce_all<C>([](V& x, V& y) { return x + y; }, acc);
+  for (; d < n; ++d) s += a[d] * b[d];
+  return s;
+}
+
+template <typename C>
+inline void axpy(C alpha, const C* x, C* y, int64_t n) {  // y += alpha x
+  using V = Vec<C>;
+  const V va(alpha);
+  int64_t d = 0;
+  for (; d + V::size() <= n; d += V::size()) at::vec::fmadd(va, V::loadu(x + d), V::loadu(y + d)).store(y + d);
+  for (; d < n; ++d) y[d] += alpha * x[d];
+}
+
+// The logits of one row against its W keys, with the score (the mask is the caller's), into s.
+template <typename C>
+void row_logits(const Score<C>& sc, C scale, const C* qrow, int64_t D, const C* kbase, const int64_t* kpos,
+                int64_t W, int64_t head, int64_t qabs, C* s, C* raw) {
+  const int64_t base = sc.qmax - qabs;
+  const C* pre = sc.pre ? sc.pre + head * sc.lvec + base : nullptr;
+  const C* post = sc.post ? sc.post + head * sc.lvec + base : nullptr;
+  for (int64_t j = 0; j < W; ++j) {
+    C x = scale * dot(qrow, kbase + kpos[j] * D, D);
+    if (pre) x += pre[kpos[j]];
+    if (sc.cap > 0) {
+      if (raw) raw[j] = x;
+      x = sc.cap * std::tanh(x / sc.cap);
+    }
+    if (post) x += post[kpos[j]];
+    s[j] = x;
+  }
+}
+
+template <typename C>
+void rows_forward(const Geometry& g, const Score<C>& sc, C scale, Scratch<C, C>& w, int64_t M, int64_t rows,
+                  const C* kbase, const C* vbase, const int64_t* kpos, int64_t W, const uint8_t* mask, C* lse) {
+  w.o.assign(M * g.Dv, C(0));
+  w.s.resize(W);
+  C* s = w.s.data();
+  for (int64_t i = 0; i < M; ++i) {
+    const int64_t r = i % rows;
+    row_logits(sc, scale, w.q.data() + i * g.D, g.D, kbase, kpos, W, w.heads[i], w.qabs[i], s,
+               static_cast<C*>(nullptr));
+    if (mask)  // gathered tiles keep a key-major mask: row r of a (W x rows) block, stride rows
+      for (int64_t j = 0; j < W; ++j)
+        if (!mask[j * rows + r]) s[j] = -std::numeric_limits<C>::infinity();
+    const C m = row_max(s, W);
+    if (m == -std::numeric_limits<C>::infinity()) {
+      lse[i] = std::numeric_limits<C>::infinity();
+      continue;
+    }
+    const C sum = exp_sum(s, W, m);
+    C* o = w.o.data() + i * g.Dv;
+    for (int64_t j = 0; j < W; ++j) axpy(s[j] / sum, vbase + kpos[j] * g.Dv, o, g.Dv);
+    lse[i] = m + std::log(sum);
+  }
+}
+
+template <typename C>
+void rows_backward(const Geometry& g, const Score<C>& sc, C scale, Scratch<C, C>& w, int64_t M, int64_t rows,
+                   const C* kbase, const C* vbase, const int64_t* kpos, int64_t W, const uint8_t* mask,
+                   const C* dob, C* dk_acc, C* dv_acc, double* dpre, double* dpost) {
+  w.dq.assign(M * g.D, C(0));
+  w.s.resize(W);
+  if (sc.cap > 0) w.raw.resize(W);
+  C* s = w.s.data();
+  for (int64_t i = 0; i < M; ++i) {
+    const int64_t r = i % rows;
+    const C lse = w.m[i], delta = w.l[i];
+    if (lse == std::numeric_limits<C>::infinity()) continue;  // a row that sees no key
+    const C* qrow = w.q.data() + i * g.D;
+    const C* d_o = dob + i * g.Dv;
+    row_logits(sc, scale, qrow, g.D, kbase, kpos, W, w.heads[i], w.qabs[i], s, sc.cap > 0 ? w.raw.data() : nullptr);
+    const int64_t base = sc.qmax - w.qabs[i];
+    C* dq = w.dq.data() + i * g.D;
+    for (int64_t j = 0; j < W; ++j) {
+      if (mask && !mask[j * rows + r]) continue;
+      const C p = std::exp(s[j] - lse);
+      const C* vj = vbase + kpos[j] * g.Dv;
+      axpy(p, d_o, dv_acc + kpos[j] * g.Dv, g.Dv);
+      C ds = p * (dot(d_o, vj, g.Dv) - delta);
+      if (dpost) dpost[w.heads[i] * sc.lvec + base + kpos[j]] += ds;
+      if (sc.cap > 0) {
+        const C th = std::tanh(w.raw[j] / sc.cap);
+        ds *= C(1) - th * th;
+      }
+      if (dpre) dpre[w.heads[i] * sc.lvec + base + kpos[j]] += ds;
+      axpy(ds * scale, kbase + kpos[j] * g.D, dq, g.D);
+      axpy(ds * scale, qrow, dk_acc + kpos[j] * g.D, g.D);
+    }
+  }
+}
+
 template <typename T> constexpr bool kLanes = std::is_same_v<T, float> || std::is_same_v<T, double>;
 
 // Gather the tile's query rows of ``x`` (B, H, L, E) for heads ``h0 .. h0 + nh`` into ``dst``.
@@ -597,9 +699,10 @@ std::vector<at::Tensor> forward_impl(const at::Tensor& q, const at::Tensor& k, c
     const T* vbase = in.v + (b * g.Hkv + hk) * g.Lk * g.Dv;
     const bool contig = tab.k_contig[t];
     if constexpr (kLanes<T>) {
-      if (!contig && 2 * M >= Vec<T>::size()) {  // gathered keys: read in place, rows on the lanes
+      if (!contig) {  // gathered keys: read in place, rows on the vector lanes (or one at a time)
         w.m.resize(M);
-        lanes_forward(g, sc, scale, w, M, rows, kbase, vbase, kpos, W, mask, w.m.data());
+        if (2 * M >= Vec<T>::size()) lanes_forward(g, sc, scale, w, M, rows, kbase, vbase, kpos, W, mask, w.m.data());
+        else rows_forward(g, sc, scale, w, M, rows, kbase, vbase, kpos, W, mask, w.m.data());
         for (int64_t i = 0; i < M; ++i) lse_p[(b * g.H + w.heads[i]) * g.Lq + qrows[i % rows]] = w.m[i];
         store_rows(out_p, g, g.Dv, g.Lq, b, h0, nh, qrows, rows, w.o.data());
         return;
@@ -722,9 +825,13 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& q, const at::Tensor& k, 
           w.m[i] = lse_p[at], w.l[i] = delta_p[at];
         }
         if constexpr (kLanes<T>) {
-          if (!contig && 2 * M >= Vec<T>::size()) {
-            lanes_backward(g, sc, scale, w, M, rows, kbase, vbase, kpos, W, mask, dob.data(), dk_acc, dv_acc,
-                           dpre_t, dpost_t);
+          if (!contig) {
+            if (2 * M >= Vec<T>::size())
+              lanes_backward(g, sc, scale, w, M, rows, kbase, vbase, kpos, W, mask, dob.data(), dk_acc, dv_acc,
+                             dpre_t, dpost_t);
+            else
+              rows_backward(g, sc, scale, w, M, rows, kbase, vbase, kpos, W, mask, dob.data(), dk_acc, dv_acc,
+                            dpre_t, dpost_t);
             store_rows(dq_p, g, g.D, g.Lq, b, h0, nh, qrows, rows, w.dq.data());
             continue;
           }
