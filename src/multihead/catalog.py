@@ -28,6 +28,7 @@ from .nn.minimal import MinimalAttention
 from .nn.recycled import RecycledAttention
 from .nn.sorted_groups import FlattenedWindowAttention, HistogramAttention
 from .nn.sparsifiner import Sparsifiner
+from .nn.two_pass import LongRangeGroupingAttention, SharedAxisAttention
 from .normalizers import GaussianAdaptive
 from .patterns import (BlockLocal, Causal, CrossShapedWindow, Dilated, Documents, GlobalTokens, Halo,
                        Neighborhood, PerHead, PrefixLM, Routing, ShiftedWindow, SlidingWindow, TopK,
@@ -107,6 +108,14 @@ def pose_groups(seq_len: int) -> tuple[int, int]:
     if group is None:
         raise ValueError(f"Group Pose needs a query count with a divisor between 2 and 18, got {seq_len}")
     return seq_len // group, group - 1
+
+
+def view_groups(seq_len: int, views: int = 4, groups: int = 8) -> tuple[int, int, int]:
+    """LRGT in the catalog: ``(views, tokens per view, groups)``, the most views up to ``views`` and the
+    most groups up to ``groups`` that divide the sequence and each view."""
+    views = max(v for v in range(1, views + 1) if seq_len % v == 0)
+    per_view = seq_len // views
+    return views, per_view, max(g for g in range(1, groups + 1) if per_view % g == 0)
 
 
 def square_grid(seq_len: int) -> tuple[int, int]:
@@ -415,6 +424,15 @@ _VARIANTS = [
             "one symmetric q = k projection per head, no W_V or W_O: heads mix their input slices (causal)",
             Paper("Reducing the Transformer Architecture to a Minimum", 2024),
             lambda dim, heads, n: MinimalAttention(dim, heads, qk="symmetric", values=False, pattern=Causal())),
+    Variant("shared_axes", "pattern",
+            "attention along time, then along frequency, with one shared set of weights (2-D: rows x columns)",
+            Paper("MambAttention: Mamba with Multi-Head Attention for Generalizable Single-Channel Speech "
+                  "Enhancement", 2025),
+            lambda dim, heads, n: SharedAxisAttention(dim, heads, square_grid(n))),
+    Variant("lrgt", "pattern",
+            "4 views: attention within each view, then in 8 groups that take every 8th token of every view",
+            Paper("Long-Range Grouping Transformer for Multi-View 3D Reconstruction", 2023),
+            lambda dim, heads, n: LongRangeGroupingAttention(dim, heads, *view_groups(n))),
 ]
 
 CATALOG: dict[str, Variant] = {v.name: v for v in _VARIANTS}

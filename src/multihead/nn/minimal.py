@@ -1,5 +1,5 @@
-"""The attention ablations of "Reducing the Transformer Architecture to a Minimum" (Bermeitinger et
-al., 2024): how much of a head's parametrisation can go.
+"""The attention ablations of "Reducing the Transformer Architecture to a Minimum" (2024): how much
+of a head's parametrisation can go.
 
 Against standard multi-head attention (separate ``W_Q``, ``W_K``, ``W_V`` and ``W_O``):
 
