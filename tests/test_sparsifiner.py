@@ -102,9 +102,10 @@ def test_module_causality_follows_its_flag():
         make_causal(Sparsifiner(32, 4, top_k=3))
 
 
-def test_predictor_learns_by_distillation_and_keeps_more_attention_mass():
+@pytest.mark.parametrize("tokens", [None, 96])
+def test_predictor_learns_by_distillation_and_keeps_more_attention_mass(tokens):
     torch.manual_seed(0)
-    module = Sparsifiner(32, 4, top_k=16, rank=4)
+    module = Sparsifiner(32, 4, top_k=16, rank=4 if tokens is None else 16, tokens=tokens)
     centers = torch.randn(4, 32, generator=torch.Generator().manual_seed(7)) * 2
 
     def data(gen, batch=8, length=96):
@@ -149,3 +150,31 @@ def test_sparsifiner_errors_name_the_argument():
         Sparsifiner(32, 4, rank=0)
     with pytest.raises(ShapeError, match="pattern"):
         Sparsifiner(32, 4, pattern=object())
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_token_low_rank_predictor_is_q_times_projected_keys_times_the_up_basis(causal):
+    from multihead.nn.sparsifiner import TokenConnectivityPredictor
+
+    q, k, _ = _qkv()
+    predictor = TokenConnectivityPredictor(4, 2, 8, 3, 14, causal).double()
+    leaves = [t.clone().requires_grad_() for t in (q, k)]
+    got = predictor(*leaves)
+    mine = [t.clone().requires_grad_() for t in (q, k, predictor.down.detach(), predictor.up.detach())]
+    q2, k2, down, up = mine
+    summary = torch.einsum("rn,bhnd->bhrd", down, k2).repeat_interleave(2, 1)  # E k: rank summary keys
+    c = (q2 @ summary.transpose(-2, -1) / math.sqrt(8)) @ up  # back to every key by W_up
+    if causal:
+        c = c.masked_fill(~torch.ones(14, 14, dtype=torch.bool).tril(), float("-inf"))
+    want = c.softmax(-1)
+    torch.testing.assert_close(got, want)
+    dout = torch.randn_like(want)
+    got.backward(dout)
+    want.backward(dout)
+    for a, b in zip([*leaves, predictor.down, predictor.up], mine):
+        torch.testing.assert_close(a.grad, b.grad)
+    module = Sparsifiner(32, 4, 2, top_k=3, rank=4, tokens=14)
+    assert isinstance(module.predictor, TokenConnectivityPredictor)
+    assert module(torch.randn(2, 14, 32)).shape == (2, 14, 32)
+    with pytest.raises(ShapeError, match="14 tokens"):
+        module(torch.randn(2, 12, 32))

@@ -142,13 +142,15 @@ ROWS: tuple[Row, ...] = (
        "(any lengths), chosen under a mean-span budget by a Lagrangian sweep (the paper solves a MILP and "
        "keeps initial tokens); a search tool, so no catalog variant"),
     _i(2, "Sparsifiner: learned instance-dependent sparse attention",
-       ["nn.sparsifiner.Sparsifiner", "nn.sparsifiner.ConnectivityPredictor", "nn.sparsifiner.connectivity_loss",
-        "variant:sparsifiner"],
+       ["nn.sparsifiner.Sparsifiner", "nn.sparsifiner.TokenConnectivityPredictor",
+        "nn.sparsifiner.ConnectivityPredictor", "nn.sparsifiner.connectivity_loss", "variant:sparsifiner"],
        ["test_sparsifiner.py::test_predictor_is_the_low_rank_approximate_map_forward_and_gradients",
+        "test_sparsifiner.py::test_token_low_rank_predictor_is_q_times_projected_keys_times_the_up_basis",
         "test_sparsifiner.py::test_attention_on_the_binarised_top_k_mask_forward_and_gradients",
         "test_sparsifiner.py::test_predictor_learns_by_distillation_and_keeps_more_attention_mass"],
-       "low-rank connectivity predictor, binarised top-k mask, distillation from the dense map; the "
-       "predictor's exact form and loss weights are not in the abstract, and token sparsity is not built"),
+       "connectivity predictor low-rank along the tokens (the paper's form, fixed length) or along the "
+       "channels (any length; the catalog's), binarised top-k mask, KL distillation from the dense map; the "
+       "sparse up-projection basis, the paper's loss weights and token sparsity are not built"),
     _m(2, "TiC: MSA-Conv (self-attention inside convolution windows)",
        "the windows are Neighborhood(kernel, dilation); the cyclic shifts and inter-pooling are not built",
        ["patterns.Neighborhood"]),

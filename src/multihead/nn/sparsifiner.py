@@ -9,9 +9,10 @@ softmax over ``c`` is its approximate attention map, run by ``multihead.attentio
 tokens); binarising each row's ``top_k`` scores gives an unstructured, instance-dependent mask (a
 ``KeySelection``) for the real attention. The predictor learns by distillation: the KL divergence of
 its approximate map from the full attention map of the same q and k (``connectivity_loss``); the
-binarised choice carries no gradient. The paper's exact predictor parametrisation and loss weights
-are not in its abstract; this follows its description (low-rank connectivity predictor, binarised
-top-k mask, distilled from dense attention).
+binarised choice carries no gradient. ``TokenConnectivityPredictor`` is the paper's form, low rank
+along the tokens (its figure: keys projected to a few summary tokens, a learned up-projection basis
+back to all keys); ``ConnectivityPredictor`` is low rank along the head channels and serves any
+length. The loss weights and the sparsity of the up-projection basis are not built.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from torch import Tensor, nn
 from ..errors import ShapeError
 from ..functional import attention
 from ..patterns import Causal, KeySelection
+from ..scores.blocks import BlockBias
 from .attention import MultiHeadAttention, attend, check_inputs
 
 
@@ -82,6 +84,39 @@ class ConnectivityPredictor(nn.Module):
         return f"heads={self.heads}, kv_heads={self.kv_heads}, head_dim={self.head_dim}, rank={self.rank}"
 
 
+class TokenConnectivityPredictor(ConnectivityPredictor):
+    """The predictor low-rank along the tokens, as in the paper's figure (Linformer's projection): the
+    keys are projected to ``rank`` summary tokens ``E k`` (``E`` learned, ``(rank, tokens)``), every query
+    scores them, ``q (E k)^T / sqrt(head_dim)``, and a learned up-projection basis ``W_up``
+    ``(rank, tokens)`` maps the scores back to every key: ``c = q (E k)^T W_up / sqrt(head_dim)``. Built
+    for a fixed number of ``tokens``; the approximate map is ``softmax(c)``."""
+
+    def __init__(self, heads: int, kv_heads: int, head_dim: int, rank: int, tokens: int, causal: bool = False):
+        super().__init__(heads, kv_heads, head_dim, rank, causal)
+        self.tokens = _positive_int("tokens", tokens)
+        del self.q_weight, self.k_weight
+        self.down = nn.Parameter(torch.randn(rank, tokens) / math.sqrt(tokens))
+        self.up = nn.Parameter(torch.randn(rank, tokens) / math.sqrt(rank))
+
+    def project(self, q: Tensor, k: Tensor):
+        if (not isinstance(q, Tensor) or not isinstance(k, Tensor) or q.dim() != 4 or k.dim() != 4
+                or q.shape[1] != self.heads or k.shape[1] != self.kv_heads or k.shape[2] != self.tokens
+                or q.shape[2] != self.tokens):
+            raise ShapeError(f"the predictor was built for {self.tokens} tokens, {self.heads} heads and {self.kv_heads} "
+                             f"kv heads; got q {getattr(q, 'shape', q)!r}, k {getattr(k, 'shape', k)!r}")
+        return q, torch.einsum("rn,bhnd->bhrd", self.down.to(k.dtype), k)
+
+    def forward(self, q: Tensor, k: Tensor) -> Tensor:
+        q, summary = self.project(q, k)
+        group = self.heads // self.kv_heads
+        summary = summary.repeat_interleave(group, 1) if group > 1 else summary
+        c = torch.matmul(torch.matmul(q, summary.transpose(-2, -1)) / math.sqrt(q.shape[-1]), self.up.to(q.dtype))
+        zeros = q.new_zeros(*q.shape[:3], 1)
+        _, weights = attention(zeros, zeros[:, :1], zeros[:, :1], pattern=Causal() if self.causal else None,
+                               score=BlockBias(c, 1), scale=1.0, backend="reference", return_weights=True)
+        return weights
+
+
 def connectivity_loss(approx: Tensor, q: Tensor, k: Tensor, *, causal: bool = False, scale: float | None = None) -> Tensor:
     """KL(full attention map of q, k || the predictor's approximate map), summed over keys, averaged
     over batch, heads and queries; the full map is the (detached) target."""
@@ -99,7 +134,9 @@ def connectivity_loss(approx: Tensor, q: Tensor, k: Tensor, *, causal: bool = Fa
 
 class Sparsifiner(MultiHeadAttention):
     """Attention on the ``top_k`` keys per query that a low-rank connectivity predictor picks for
-    this input (module docstring). ``connectivity_loss(x)`` trains the predictor by distillation
+    this input (module docstring); with ``tokens`` the predictor is low-rank along the tokens (the
+    paper's form, ``TokenConnectivityPredictor``), otherwise along the head channels
+    (``ConnectivityPredictor``). ``connectivity_loss(x)`` trains the predictor by distillation
     (the attention's projections are detached in it). ``causal`` restricts the scores and the choice
     to earlier keys (then the module is token-causal). Takes the topology options of
     ``MultiHeadAttention`` except ``pattern``, ``score`` and ``normalizer``."""
@@ -108,13 +145,15 @@ class Sparsifiner(MultiHeadAttention):
     pattern_restricts_mixing = False
 
     def __init__(self, dim: int, heads: int, kv_heads: int | None = None, *, top_k: int = 32, rank: int = 8,
-                 causal: bool = False, **options):
+                 causal: bool = False, tokens: int | None = None, **options):
         for name in ("pattern", "score", "normalizer", "kv_dim", "context_parallel"):
             if options.get(name) is not None:
                 raise ShapeError(f"Sparsifiner sets its own {name}; drop {name}=")
         super().__init__(dim, heads, kv_heads, **options)
         self.top_k, self.causal = _positive_int("top_k", top_k), bool(causal)
-        self.predictor = ConnectivityPredictor(self.heads, self.kv_heads, self.head_dim, rank, self.causal)
+        self.predictor = (ConnectivityPredictor(self.heads, self.kv_heads, self.head_dim, rank, self.causal)
+                          if tokens is None else
+                          TokenConnectivityPredictor(self.heads, self.kv_heads, self.head_dim, rank, tokens, self.causal))
 
     def freeze_predictor(self) -> "Sparsifiner":
         """Stop the predictor's parameters from training (the output gives them no gradient; they
