@@ -438,10 +438,13 @@ ROWS: tuple[Row, ...] = (
     _o(6, "LLM.int8()", "not-attention",
        "int8 matmuls with outlier decomposition for the linear layers, not the attention"),
     # 7. Analysis, interpretability and theory
-    _m(7, "VHD / VHR: Vision-aware Head Divergence",
-       "the per-head divergence metric and the boost of vision-aware heads (head scaling exists: "
-       "analysis.head_mask)",
-       ["analysis.head_mask"]),
+    _i(7, "VHD / VHR: Vision-aware Head Divergence",
+       ["head_divergence.context_divergence", "head_divergence.reinforcement_mask", "analysis.head_mask"],
+       ["test_head_divergence.py::test_divergence_of_one_layer_is_the_mean_distance_of_head_outputs",
+        "test_head_divergence.py::test_a_head_that_reads_the_context_diverges_and_a_local_one_does_not",
+        "test_head_divergence.py::test_reinforcement_scales_the_top_heads"],
+       "per-head output shift with the context's keys hidden (the paper drops the image from the prompt) "
+       "and the top-k boost through head_mask; not evaluated on a vision-language model"),
     _o(7, "In-Context Linear Regression Demystified (multi-head softmax)", "theory",
        "training dynamics of multi-head softmax attention on linear regression"),
     _i(7, "How Does Attention Work in ViTs? (visual analytics)",
