@@ -228,8 +228,11 @@ ROWS: tuple[Row, ...] = (
         "test_sorted_groups.py::test_flattened_window_groups_are_equal_sized_runs_of_the_window_order",
         "test_sorted_groups.py::test_sorted_group_modules_learn_their_group_means"],
        "window sort, equal-size groups, axis and shift per layer (2-D coordinates); no point-cloud backbone"),
-    _m(2, "Gateformer: variate-wise attention with gating",
-       "attention across variates of embedded series, gated"),
+    _i(2, "Gateformer: variate-wise attention with gating", ["nn.variate.VariateAttention"],
+       ["test_variate.py::test_variate_attention_is_gated_attention_across_variate_tokens",
+        "test_variate.py::test_forecaster_learns_a_value_shared_across_variates"],
+       "variate tokens (each series embedded alone), attention across them, gates on both stages; the "
+       "gates' exact form is this library's reading of the abstract; no forecasting model"),
     _m(2, "AxFormer: pruning + selective sparse hard attention",
        "sparse hard attention in chosen layers (pruning exists as analysis.prune)",
        ["analysis.prune"]),
