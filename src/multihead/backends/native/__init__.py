@@ -56,7 +56,8 @@ def _cache_root() -> Path:
 def build_flags(debug: str = "") -> list[str]:
     """Compiler flags; ``debug``: "" (release), "assert" (bounds-checked standard containers) or
     "asan" (also AddressSanitizer: run Python with libasan preloaded, see ``make test-native-asan``)."""
-    flags = ["-O3", "-std=c++17", *_vector_flags(cpu_flags())]
+    # -fopenmp: ATen's parallel_for is inlined here, its OpenMP pragma runs serially without it
+    flags = ["-O3", "-std=c++17", "-fopenmp", *_vector_flags(cpu_flags())]
     if debug:
         flags += ["-g", "-D_GLIBCXX_ASSERTIONS", "-fno-omit-frame-pointer"]
     if debug == "asan":
@@ -74,7 +75,7 @@ def _build(debug: str):
     from torch.utils import cpp_extension
 
     return cpp_extension.load(name=name, sources=[str(_SOURCE)], extra_cflags=flags,
-                              extra_ldflags=["-fsanitize=address"] if debug == "asan" else [],
+                              extra_ldflags=["-fopenmp"] + (["-fsanitize=address"] if debug == "asan" else []),
                               build_directory=str(folder), verbose=False)
 
 
