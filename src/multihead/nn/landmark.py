@@ -20,6 +20,11 @@ scores ``s_{i, l_g}`` (a choice without gradient) and the same grouped softmax o
 current block; the pattern is a ``BlockSelection``, so the block-sparse backend computes only the
 chosen blocks (the bias needs the chosen blocks' keys only). With ``top_k`` at least the number of
 earlier blocks it equals the training form.
+
+Backend: the bias depends on q and k, which the block-sparse backend differentiates by plain
+autograd over its tiles (5-10x slower than SDPA at 1024 tokens on CPU), so ``backend="auto"`` runs
+SDPA with the bias as a dense float mask up to ``DENSE_LIMIT`` logits and the usual choice beyond;
+name a backend to force it.
 """
 
 from __future__ import annotations
@@ -114,16 +119,34 @@ def landmark_request(q: Tensor, k: Tensor, block: int, *, top_k: int | None = No
     with torch.no_grad():
         top = land.masked_fill(~earlier, float("-inf")).topk(keep, dim=-1)
     chosen, valid = top.indices, top.values > float("-inf")
-    # keys of the chosen blocks only: (B, H, Lq, keep, block - 1, D)
-    b = torch.arange(batch, device=q.device).view(-1, 1, 1, 1)
-    h = torch.arange(heads, device=q.device).view(1, -1, 1, 1)
-    picked = regular[b, h, chosen]
-    lse = torch.matmul(picked.flatten(3, 4), q.unsqueeze(-1)).squeeze(-1).mul(scale)
-    lse = lse.view(batch, heads, q_len, keep, block - 1).logsumexp(-1)
+    if keep * dim < full:
+        # keys of the chosen blocks only: (B, H, Lq, keep, block - 1, D), cheaper for long contexts
+        b = torch.arange(batch, device=q.device).view(-1, 1, 1, 1)
+        h = torch.arange(heads, device=q.device).view(1, -1, 1, 1)
+        picked = regular[b, h, chosen]
+        lse = torch.matmul(picked.flatten(3, 4), q.unsqueeze(-1)).squeeze(-1).mul(scale)
+        lse = lse.view(batch, heads, q_len, keep, block - 1).logsumexp(-1)
+    else:  # every block's log-sum-exp from one product, then the chosen ones
+        logits = torch.matmul(q, regular.reshape(batch, heads, -1, dim).transpose(-2, -1)) * scale
+        lse = logits.view(batch, heads, q_len, full, block - 1).logsumexp(-1).gather(-1, chosen)
     bias = torch.where(valid, land.gather(-1, chosen) - lse, torch.zeros_like(lse))
     table = table.scatter(-1, chosen, bias)
     pattern = (local & BlockLocal(block)) | BlockSelection(chosen, valid, block, kv_len, size=block - 1)
     return pattern, BlockBias(table, block, offset)
+
+
+#: Up to this many logits (batch x heads x queries x keys), ``backend="auto"`` runs Landmark Attention
+#: on SDPA with the bias as a dense float mask: the block-sparse backend differentiates a bias that
+#: depends on q and k by plain autograd over its tiles, 5-10x slower than SDPA at 1024 tokens (CPU).
+DENSE_LIMIT = 1 << 25
+
+
+def choose_backend(backend: str, q: Tensor, k: Tensor, weights: bool = False) -> str:
+    """``backend``, or for ``"auto"`` without weights: ``"sdpa"`` up to ``DENSE_LIMIT`` logits,
+    ``"auto"`` beyond."""
+    if backend != "auto" or weights:
+        return backend
+    return "sdpa" if q.shape[0] * q.shape[1] * q.shape[2] * k.shape[2] <= DENSE_LIMIT else "auto"
 
 
 def landmark_attention(q: Tensor, k: Tensor, v: Tensor, block: int, *, top_k: int | None = None,
@@ -134,7 +157,8 @@ def landmark_attention(q: Tensor, k: Tensor, v: Tensor, block: int, *, top_k: in
     or with ``top_k`` the retrieval form. Returns what ``multihead.attention`` returns; landmark
     keys get weight 0."""
     pattern, score = landmark_request(q, k, block, top_k=top_k, scale=scale)
-    return attention(q, k, v, pattern=pattern, score=score, scale=scale, dropout=dropout, backend=backend,
+    return attention(q, k, v, pattern=pattern, score=score, scale=scale, dropout=dropout,
+                     backend=choose_backend(backend, q, k, return_weights),
                      return_weights=return_weights)
 
 
@@ -168,7 +192,12 @@ class LandmarkAttention(MultiHeadAttention):
         check_inputs(x, None, self.dim)
         q, k, v = self.project(x, x)
         pattern, score = landmark_request(q, k, self.block, top_k=self.top_k)
-        out, weights = attend(self, q, k, v, need_weights=need_weights, pattern=pattern, score=score)
+        chosen = self.backend
+        self.backend = choose_backend(chosen, q, k, need_weights)
+        try:
+            out, weights = attend(self, q, k, v, need_weights=need_weights, pattern=pattern, score=score)
+        finally:
+            self.backend = chosen
         y = self.combine(out, x)
         return (y, weights) if need_weights else y
 
