@@ -701,6 +701,20 @@ def markdown(rows=ROWS) -> str:
         "",
         counts_table(rows),
         "",
+        "How the mechanisms added for the seed papers are built (issue 17): each is a composition of the "
+        "library's pieces, never attention math of its own. A choice made from q and k (Landmark's retrieved "
+        "blocks, SeerAttention's gate, Sparsifiner's predictor, DMA's top-window keys, recycled keys) is "
+        "computed without gradient and handed to `multihead.attention` as a static pattern "
+        "(`patterns.blocks.BlockSelection` for blocks, `patterns.KeySelection` for keys), so every backend "
+        "runs it and the block-sparse one computes only what was chosen. A term that depends on q, k or v "
+        "but is constant over a block or a key (Landmark's log block weights, DMA's key weights, a pointer "
+        "network's scores) is a score (`scores.blocks.BlockBias`, `scores.blocks.KeyBias`) that backends "
+        "differentiate. Groupings made by sorting (FlatFormer, Histoformer) or by a fixed layout (Group Pose, "
+        "LRGT, TNT) are a gather into the grouped order, `BlockLocal` or `Dilated` there, and a scatter back. "
+        "Learned selectors (SeerAttention's gate, Sparsifiner's predictor) train by distillation from the "
+        "dense map (`gate_loss`, `connectivity_loss`); their catalog entries freeze them, since the output "
+        "gives them no gradient.",
+        "",
         "Reasons for leaving a paper out:",
         "",
         *[f"- `{k}`: {v}" for k, v in REASONS.items()],
