@@ -21,6 +21,7 @@ from .nn import GatedPositionalAttention, MultiHeadAttention, RCMHA, RelativeAtt
 from .heads.seer import SeerAttention
 from .nn.landmark import LandmarkAttention
 from .nn.dynamic_mask import DynamicMaskAttention
+from .nn.fit import FITBlock
 from .nn.forward_cross import FcaStage
 from .nn.group_pose import GroupPoseAttention
 from .nn.mesa import MesaAttention
@@ -433,6 +434,11 @@ _VARIANTS = [
             "4 views: attention within each view, then in 8 groups that take every 8th token of every view",
             Paper("Long-Range Grouping Transformer for Multi-View 3D Reconstruction", 2023),
             lambda dim, heads, n: LongRangeGroupingAttention(dim, heads, *view_groups(n))),
+    Variant("fit", "pattern",
+            "groups of 64 attend inside; 4 latents per group write, attend globally, and are read back",
+            Paper("FIT: Far-reaching Interleaved Transformers", 2023, "2305.12689"),
+            lambda dim, heads, n: FITBlock(dim, heads, group=max(g for g in (64, 32, 16, 8, 4, 2, 1) if n % g == 0),
+                                           latents=4, max_groups=n)),
 ]
 
 CATALOG: dict[str, Variant] = {v.name: v for v in _VARIANTS}
