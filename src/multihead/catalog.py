@@ -39,6 +39,7 @@ from .vision import (ChannelGroupAttention, CrossShapedWindowAttention, HaloAtte
                      MultiScaleHeadAttention, NeighborhoodAttention2d, SparseGlobalAttention, WindowAttention)
 from .vision.builders import TwoBranchBuild, VisionBuild
 from .vision.conv_projection import ConvProjectionAttention
+from .vision.slots import SlotAttention2d
 
 
 @dataclass(frozen=True)
@@ -439,6 +440,10 @@ _VARIANTS = [
             Paper("FIT: Far-reaching Interleaved Transformers", 2023, "2305.12689"),
             lambda dim, heads, n: FITBlock(dim, heads, group=max(g for g in (64, 32, 16, 8, 4, 2, 1) if n % g == 0),
                                            latents=4, max_groups=n)),
+    Variant("glmix_block", "vision",
+            "3x3 depthwise conv on the grid + attention over 16 soft-clustered semantic slots, dispatched back",
+            Paper("Revisiting the Integration of Convolution and Attention for Vision Backbone", 2024, "2411.14429"),
+            VisionBuild(lambda dim, h, grid, layer: SlotAttention2d(dim, h, slots=16), hierarchical=True)),
 ]
 
 CATALOG: dict[str, Variant] = {v.name: v for v in _VARIANTS}

@@ -200,8 +200,11 @@ ROWS: tuple[Row, ...] = (
        ["test_group_pose.py::test_two_masked_attentions_in_sequence_forward_and_gradients",
         "test_group_pose.py::test_group_pose_trains_to_pass_instance_and_type_information"],
        "the two grouped self-attentions of the decoder; the pose decoder itself is not built"),
-    _m(2, "GLMix: conv on grid, MHSA on semantic slots",
-       "soft clustering into slots, attention over the slots, dispatch back to the grid"),
+    _i(2, "GLMix: conv on grid, MHSA on semantic slots", ["vision.slots.SlotAttention2d", "variant:glmix_block"],
+       ["test_slots.py::test_slot_attention_clusters_attends_over_slots_and_dispatches",
+        "test_slots.py::test_glmix_block_learns_oriented_gratings"],
+       "depthwise conv on the grid, attention over soft-clustered slots, dispatch back; the clustering and "
+       "dispatch modules are this library's reading of the abstract, not the paper's exact ones"),
     _i(2, "Dynamic Mask Attention (DMA)",
        ["nn.dynamic_mask.DynamicMaskAttention", "nn.dynamic_mask.dynamic_mask_attention", "scores.blocks.KeyBias",
         "patterns.KeySelection", "variant:dynamic_mask"],
