@@ -20,6 +20,7 @@ from .linear import Aaren, LightningAttention, LinearAttention, ManhattanSelfAtt
 from .nn import GatedPositionalAttention, MultiHeadAttention, RCMHA, RelativeAttention, SinkAttention
 from .heads.seer import SeerAttention
 from .nn.landmark import LandmarkAttention
+from .nn.combiner import CombinerAttention
 from .nn.dynamic_mask import DynamicMaskAttention
 from .nn.fit import FITBlock
 from .nn.forward_cross import FcaStage
@@ -444,6 +445,10 @@ _VARIANTS = [
             "3x3 depthwise conv on the grid + attention over 16 soft-clustered semantic slots, dispatched back",
             Paper("Revisiting the Integration of Convolution and Attention for Vision Backbone", 2024, "2411.14429"),
             VisionBuild(lambda dim, h, grid, layer: SlotAttention2d(dim, h, slots=16), hierarchical=True)),
+    Variant("combiner", "pattern",
+            "own block of sqrt(N) tokens directly, each earlier block through one summary token (causal)",
+            Paper("Combiner: Full Attention Transformer with Sparse Computation Cost", 2021, "2107.05768"),
+            lambda dim, heads, n: CombinerAttention(dim, heads, block=max(1, math.isqrt(n)))),
 ]
 
 CATALOG: dict[str, Variant] = {v.name: v for v in _VARIANTS}

@@ -184,8 +184,13 @@ ROWS: tuple[Row, ...] = (
     _i(2, "DaViT: Dual Attention ViT",
        ["vision.ChannelGroupAttention", "vision.WindowAttention", "variant:davit_block"],
        ["test_vision.py::test_channel_group_attention_is_davit"]),
-    _m(2, "Combiner: full attention with sparse cost",
-       "direct attention to some keys plus attention to region abstractions, as one factorised softmax"),
+    _i(2, "Combiner: full attention with sparse cost", ["nn.combiner.CombinerAttention", "variant:combiner"],
+       ["test_combiner.py::test_combiner_is_the_factorised_expectation_forward_and_gradients",
+        "test_combiner.py::test_combiner_is_causal",
+        "test_combiner.py::test_combiner_learns_to_copy_from_far_back"],
+       "Combiner-Fixed (causal): own block directly, earlier blocks through summary tokens in one softmax; "
+       "the summary key (mean) and the in-region distribution (softmax of w.k) are this library's choice; "
+       "the axial and logsparse partitions are not built"),
     _i(2, "Histoformer: histogram self-attention",
        ["nn.sorted_groups.HistogramAttention", "nn.sorted_groups.sorted_group_attention", "variant:histoformer"],
        ["test_sorted_groups.py::test_sorted_group_attention_is_attention_inside_sorted_groups",
