@@ -331,15 +331,47 @@ void lanes_combine(const C* PT, const C* base, const int64_t* idx, int64_t n, in
   }
 }
 
+// dst (cols x rows) = src (rows x cols)^T; 16 x 16 blocks in registers where ATen has them
+template <typename C>
+void transpose_block(const C* src, int64_t ld_src, C* dst, int64_t ld_dst, int64_t rows, int64_t cols) {
+#if defined(CPU_CAPABILITY_AVX512)
+  if constexpr (std::is_same_v<C, float>) {
+    for (int64_t r0 = 0; r0 < rows; r0 += 16)
+      for (int64_t c0 = 0; c0 < cols; c0 += 16)
+        at::vec::transpose_mxn<float>(src + r0 * ld_src + c0, ld_src, dst + c0 * ld_dst + r0, ld_dst,
+                                      static_cast<int>(std::min<int64_t>(16, rows - r0)),
+                                      static_cast<int>(std::min<int64_t>(16, cols - c0)));
+    return;
+  }
+#endif
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t c = 0; c < cols; ++c) dst[c * ld_dst + r] = src[r * ld_src + c];
+}
+
 // rows r0 .. r0 + nl of ``x`` (row-major, ``width`` wide) as a transposed (width x lanes) block,
 // times ``alpha``; lanes past nl are 0
 template <typename C>
 void transpose_in(const C* x, int64_t nl, int64_t width, C alpha, C* XT) {
-  constexpr int64_t L = Vec<C>::size();
+  using V = Vec<C>;
+  constexpr int64_t L = V::size();
   if (nl < L) std::fill(XT, XT + width * L, C(0));
+  transpose_block(x, width, XT, L, nl, width);
+  if (alpha != C(1))
+    for (int64_t d = 0; d < width; ++d) (V::loadu(XT + d * L) * V(alpha)).store(XT + d * L);
+}
+
+// the first nl lanes of a (width x lanes) block as rows (nl x width), row l times scale[l]
+template <typename C>
+void transpose_out(const C* XT, int64_t nl, int64_t width, const C* scale, C* x) {
+  constexpr int64_t L = Vec<C>::size();
+  transpose_block(XT, L, x, width, width, nl);
   for (int64_t l = 0; l < nl; ++l) {
-    const C* xr = x + l * width;
-    for (int64_t d = 0; d < width; ++d) XT[d * L + l] = alpha * xr[d];
+    using V = Vec<C>;
+    C* row = x + l * width;
+    const V f(scale[l]);
+    int64_t d = 0;
+    for (; d + V::size() <= width; d += V::size()) (V::loadu(row + d) * f).store(row + d);
+    for (; d < width; ++d) row[d] *= scale[l];
   }
 }
 
@@ -411,14 +443,13 @@ void lanes_forward(const Geometry& g, const Score<C>& sc, C scale, Scratch<C, C>
       sum = sum + e;
     }
     lanes_combine(ST, vbase, kpos, W, g.Dv, g.Dv, OT, false);
-    C ms[L], ss[L];
+    C ms[L], ss[L], inv[L];
     safe.store(ms), sum.store(ss);
     for (int64_t l = 0; l < nl; ++l) {
-      const C inv = ss[l] > C(0) ? C(1) / ss[l] : C(0);
-      C* o = w.o.data() + (first + l) * g.Dv;
-      for (int64_t d = 0; d < g.Dv; ++d) o[d] = OT[d * L + l] * inv;
+      inv[l] = ss[l] > C(0) ? C(1) / ss[l] : C(0);
       lse[first + l] = ss[l] > C(0) ? ms[l] + std::log(ss[l]) : std::numeric_limits<C>::infinity();
     }
+    transpose_out(OT, nl, g.Dv, inv, w.o.data() + first * g.Dv);
   }
 }
 
@@ -491,8 +522,9 @@ void lanes_backward(const Geometry& g, const Score<C>& sc, C scale, Scratch<C, C
       }
     }
     lanes_combine(DPT, kbase, kpos, W, g.D, g.D, DQT, false);
-    for (int64_t l = 0; l < nl; ++l)
-      for (int64_t d = 0; d < g.D; ++d) w.dq[(first + l) * g.D + d] = scale * DQT[d * L + l];
+    C scales[L];
+    std::fill(scales, scales + L, scale);
+    transpose_out(DQT, nl, g.D, scales, w.dq.data() + first * g.D);
   }
 }
 
