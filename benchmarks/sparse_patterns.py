@@ -34,6 +34,7 @@ from rich.table import Table
 
 import multihead as mh
 from multihead.backends import BACKENDS
+from multihead.backends.head_groups import head_split
 from multihead.bench.measure import peak_memory, time_call, time_interleaved
 from multihead.backends.native import describe as native_status, tiles
 from multihead.patterns import (Axial, Causal, CrossShapedWindow, Documents, Full, Neighborhood, Pattern, Routing,
@@ -130,7 +131,7 @@ def measure_case(case: Case, heads: int, head_dim: int, repeats: int, dense_limi
         if auto != "blocksparse":
             timed[("forward_s", "auto_torch_tiles")] = torch_tiles(forward(auto, case.pattern))
         low = tuple(t.bfloat16() for t in (q, k, v))
-        timed[("bf16_forward_s", "blocksparse")] = forward("blocksparse", case.pattern, low)
+        timed[("bf16_forward_s", kernel_of(auto))] = forward(kernel_of(auto), case.pattern, low)
     if isinstance(case.pattern, TopK):  # the key-list attention alone, and the same pairs dense
         kept = case.pattern.k
         timed[("lists_forward_s", "blocksparse")] = forward("blocksparse", resolved)
@@ -170,20 +171,36 @@ def measure_case(case: Case, heads: int, head_dim: int, repeats: int, dense_limi
     return row
 
 
-def computed_pairs(req) -> int | None:
-    """The (query, key) pairs per (batch, head) that the native kernel computes for ``req``."""
+def kernel_of(auto: str) -> str:
+    """The backend whose figures the kernel's row reports: block-sparse, or the per-head split
+    (``heads``) that runs each run of heads through it."""
+    return "heads" if auto == "heads" else "blocksparse"
+
+
+def computed_pairs(req) -> float:
+    """The (query, key) pairs per (batch, head) that the native kernel computes for ``req`` (for a
+    pattern that differs per head, as the ``heads`` split runs it: each run of heads on its own)."""
     lists = req.pattern.key_lists()
     if lists is not None:
         return tiles.from_key_lists(*lists).pairs
+    runs = head_split(req)
+    if runs is not None:
+        total = 0.0
+        for h0, h1, pattern in runs:
+            part = make_request(req.q[:, h0:h1], req.k[:, h0:h1], req.v[:, h0:h1], pattern=pattern)
+            total += (h1 - h0) / req.heads * computed_pairs(part)
+        return total
     return BACKENDS["blocksparse"].plan(req, native=True).table.pairs
 
 
 def ratios(rows: list[dict]) -> list[dict]:
-    """The issue's targets as ratios within this run, for the block-sparse kernel."""
+    """The issue's targets as ratios within this run, for the block-sparse kernel (for a pattern
+    that differs per head: the ``heads`` split that runs it)."""
     out = []
     for r in rows:
-        ours = r["backends"].get("blocksparse", {})
-        old = r["backends"].get("torch_tiles", {})
+        per_head = kernel_of(r.get("auto", "blocksparse")) == "heads"
+        ours = r["backends"].get("heads" if per_head else "blocksparse", {})
+        old = r["backends"].get("auto_torch_tiles" if per_head else "torch_tiles", {})
         flex = r["backends"].get("flex", {})
         auto = r["backends"].get(r.get("auto", "blocksparse"), {})
         n = r["tokens"]
@@ -203,7 +220,7 @@ def ratios(rows: list[dict]) -> list[dict]:
         item["computed_over_needed"] = computed / r["density"] if computed else None
         item["train_over_forward"] = _paired(ours, "forward_backward", ours, "forward")
         item["fp32_over_bf16"] = _paired(ours, "forward", ours, "bf16_forward")
-        if r.get("auto", "blocksparse") != "blocksparse":
+        if r.get("auto", "blocksparse") not in ("blocksparse", "heads"):
             item["auto_vs_old"] = _paired(auto, "forward", r["backends"].get("auto_torch_tiles", {}), "forward")
         lists, same = ours.get("lists_forward_s"), r["backends"].get("dense_same_pairs", {})
         if lists:

@@ -50,6 +50,11 @@ which keeps every group's weights (more memory, slower, but supports double back
 masks are drawn per group from a seed taken from torch's global generator, so backward regenerates
 the same mask and ``torch.manual_seed`` makes a call reproducible.
 
+On CPU the tiles of a plan run in the native kernel (``backends/native``: a tile table built from
+the plan, one C++ pass per tile with an online softmax, forward and backward) whenever it is built
+and serves the request (``BlockSparseBackend.native_unsupported`` says why not); what follows is
+the PyTorch path, which serves everything else (dropout, sigmoid, other scores, CUDA).
+
 Measured on 2 CPU threads (fp32, B=1, H=8, D=64, ``SlidingWindow(128, 128)``, N=16384; see
 ``benchmarks/tune_blocksparse.py``): forward 0.11 s against 4.1 s for dense SDPA (0.86x the target
 of twice the attended fraction times SDPA), forward+backward 3.2-3.4x the forward; recomputing beats
@@ -951,7 +956,8 @@ class BlockSparseBackend(Backend):
 
     def choose_native_blocks(self, q_len: int, kv_len: int) -> tuple[int, int, int]:
         """``(q_block, kv_block, group_rows)`` of a row-major plan for the native kernel: the given
-        ones, else 32-row tiles over 32-key blocks (benchmarks/tune_blocksparse.py --native)."""
+        ones, else 32-row tiles over 32-key blocks: the fastest of 32 to 128 rows over 16 or 32
+        keys for a 128-key window at 16k tokens (``docs/performance.md``)."""
         qb = min(self.q_block or 32, q_len)
         return qb, min(self.kv_block or 32, kv_len), qb
 
