@@ -20,6 +20,7 @@ from .linear import Aaren, LightningAttention, LinearAttention, ManhattanSelfAtt
 from .nn import GatedPositionalAttention, MultiHeadAttention, RCMHA, RelativeAttention, SinkAttention
 from .heads.seer import SeerAttention
 from .nn.landmark import LandmarkAttention
+from .nn.long_short_query import LongShortQueryAttention
 from .nn.combiner import CombinerAttention
 from .nn.dynamic_mask import DynamicMaskAttention
 from .nn.fit import FITBlock
@@ -449,6 +450,11 @@ _VARIANTS = [
             "own block of sqrt(N) tokens directly, each earlier block through one summary token (causal)",
             Paper("Combiner: Full Attention Transformer with Sparse Computation Cost", 2021, "2107.05768"),
             lambda dim, heads, n: CombinerAttention(dim, heads, block=max(1, math.isqrt(n)))),
+    Variant("long_short_query", "pattern",
+            "two queries per position, its token and the mean of its last 8, over the same causal keys, mixed",
+            Paper("Multi-Query Self-Attention with Transition-Aware Embedding Distillation for Sequential "
+                  "Recommendation", 2023),
+            lambda dim, heads, n: LongShortQueryAttention(dim, heads, window=8)),
 ]
 
 CATALOG: dict[str, Variant] = {v.name: v for v in _VARIANTS}
