@@ -565,8 +565,13 @@ ROWS: tuple[Row, ...] = (
     # 13. Compression, adaptation and merging
     _o(13, "ConTraCon: convolutional re-weighting of Q/K/V", "recipe",
        "continual-learning re-weighting of the projection weights per task"),
-    _m(13, "Transformer Fusion with Optimal Transport",
-       "merging two models by optimal-transport alignment of heads and other components"),
+    _i(13, "Transformer Fusion with Optimal Transport",
+       ["fusion.fuse", "fusion.head_transport", "fusion.sinkhorn"],
+       ["test_fusion.py::test_a_head_permuted_copy_is_aligned_and_fused_back_exactly",
+        "test_fusion.py::test_aligned_fusion_keeps_the_function_where_plain_averaging_does_not",
+        "test_fusion.py::test_sinkhorn_plan_has_uniform_marginals"],
+       "OT (Sinkhorn) alignment of the heads of two attention layers of one shape, then averaging; the "
+       "other components (LayerNorm, MLP, residual stream) and fusion across widths are not built"),
     _m(13, "NViT: Hessian-aware global ViT pruning",
        "Hessian-based saliency across components (head pruning exists: analysis.prune)",
        ["analysis.prune", "analysis.gradient_importance"]),
