@@ -211,7 +211,7 @@ struct Inputs {
 template <typename T, typename C>
 struct Scratch {
   std::vector<T> q, k, v, p16, d16, ds16;  // gathered rows (T), weights in T for the products
-  std::vector<C> s, o, m, l, dq, dk, dv, dp, raw;
+  std::vector<C> s, o, m, l, dq, dk, dv, dp, raw, b1, b2, qf, dof;  // qf, dof: rows as C
   std::vector<int64_t> qabs, heads;
 };
 
@@ -275,37 +275,37 @@ using Vec = at::vec::Vectorized<C>;
 inline Vec<float> vexp(const Vec<float>& x) { return x.exp_u20(); }
 inline Vec<double> vexp(const Vec<double>& x) { return x.exp(); }
 
-// ST[j][lane] = sum_d AT[d][lane] * B_j[d], B_j = base + idx[j] * ld
-template <typename C>
-void lanes_dot(const C* AT, int64_t depth, const C* base, const int64_t* idx, int64_t n, int64_t ld, C* ST) {
+// ST[j][lane] = sum_d AT[d][lane] * B_j[d], B_j = base + idx[j] * ld (keys of type K: C or bf16)
+template <typename C, typename K>
+void lanes_dot(const C* AT, int64_t depth, const K* base, const int64_t* idx, int64_t n, int64_t ld, C* ST) {
   using V = Vec<C>;
   constexpr int64_t L = V::size();
   int64_t j = 0;
   constexpr int64_t KB = 8;  // keys per pass: one load of AT feeds KB products
   for (; j + KB <= n; j += KB) {
-    const C* b[KB];
+    const K* b[KB];
     V acc[KB];
 #pragma GCC unroll 8
     for (int64_t t = 0; t < KB; ++t) b[t] = base + idx[j + t] * ld, acc[t] = V(C(0));
     for (int64_t d = 0; d < depth; ++d) {
       const V a = V::loadu(AT + d * L);
 #pragma GCC unroll 8
-      for (int64_t t = 0; t < KB; ++t) acc[t] = at::vec::fmadd(a, V(b[t][d]), acc[t]);
+      for (int64_t t = 0; t < KB; ++t) acc[t] = at::vec::fmadd(a, V(static_cast<C>(b[t][d])), acc[t]);
     }
 #pragma GCC unroll 8
     for (int64_t t = 0; t < KB; ++t) acc[t].store(ST + (j + t) * L);
   }
   for (; j < n; ++j) {
-    const C* b0 = base + idx[j] * ld;
+    const K* b0 = base + idx[j] * ld;
     V a0(C(0));
-    for (int64_t d = 0; d < depth; ++d) a0 = at::vec::fmadd(V::loadu(AT + d * L), V(b0[d]), a0);
+    for (int64_t d = 0; d < depth; ++d) a0 = at::vec::fmadd(V::loadu(AT + d * L), V(static_cast<C>(b0[d])), a0);
     a0.store(ST + j * L);
   }
 }
 
 // OT[d][lane] = sum_j PT[j][lane] * B_j[d] (+ OT when accumulating), for d < width
-template <typename C>
-void lanes_combine(const C* PT, const C* base, const int64_t* idx, int64_t n, int64_t ld, int64_t width,
+template <typename C, typename K>
+void lanes_combine(const C* PT, const K* base, const int64_t* idx, int64_t n, int64_t ld, int64_t width,
                    C* OT, bool accumulate) {
   using V = Vec<C>;
   constexpr int64_t L = V::size();
@@ -317,16 +317,17 @@ void lanes_combine(const C* PT, const C* base, const int64_t* idx, int64_t n, in
     for (int64_t t = 0; t < DB; ++t) acc[t] = accumulate ? V::loadu(OT + (d0 + t) * L) : V(C(0));
     for (int64_t j = 0; j < n; ++j) {
       const V p = V::loadu(PT + j * L);
-      const C* b = base + idx[j] * ld + d0;
+      const K* b = base + idx[j] * ld + d0;
 #pragma GCC unroll 8
-      for (int64_t t = 0; t < DB; ++t) acc[t] = at::vec::fmadd(p, V(b[t]), acc[t]);
+      for (int64_t t = 0; t < DB; ++t) acc[t] = at::vec::fmadd(p, V(static_cast<C>(b[t])), acc[t]);
     }
 #pragma GCC unroll 8
     for (int64_t t = 0; t < DB; ++t) acc[t].store(OT + (d0 + t) * L);
   }
   for (; d0 < width; ++d0) {
     V acc = accumulate ? V::loadu(OT + d0 * L) : V(C(0));
-    for (int64_t j = 0; j < n; ++j) acc = at::vec::fmadd(V::loadu(PT + j * L), V(base[idx[j] * ld + d0]), acc);
+    for (int64_t j = 0; j < n; ++j)
+      acc = at::vec::fmadd(V::loadu(PT + j * L), V(static_cast<C>(base[idx[j] * ld + d0])), acc);
     acc.store(OT + d0 * L);
   }
 }
@@ -377,8 +378,8 @@ void transpose_out(const C* XT, int64_t nl, int64_t width, const C* scale, C* x)
 
 // The lane block's logits (keys x lanes): QT K^T, then the score and the key-major mask.
 // ``raw`` (when not null) receives the pre-softcap values.
-template <typename C>
-void lanes_logits(const Score<C>& sc, const C* QT, int64_t D, const C* kbase, const int64_t* kpos, int64_t W,
+template <typename C, typename K>
+void lanes_logits(const Score<C>& sc, const C* QT, int64_t D, const K* kbase, const int64_t* kpos, int64_t W,
                   int64_t nl, int64_t first, int64_t rows, const int64_t* heads, const int64_t* qabs,
                   const uint8_t* mask, C* ST, C* raw) {
   constexpr int64_t L = Vec<C>::size();
@@ -417,10 +418,12 @@ void lanes_logits(const Score<C>& sc, const C* QT, int64_t D, const C* kbase, co
   }
 }
 
-// Forward of one tile on lanes: w.o (M x Dv) normalised output, lse (M,)
-template <typename C>
-void lanes_forward(const Geometry& g, const Score<C>& sc, C scale, Scratch<C, C>& w, int64_t M, int64_t rows,
-                   const C* kbase, const C* vbase, const int64_t* kpos, int64_t W, const uint8_t* mask, C* lse) {
+// Forward of one tile on lanes: w.o (M x Dv) normalised output, lse (M,); ``qf``: the tile's query
+// rows in the compute type
+template <typename T, typename C>
+void lanes_forward(const Geometry& g, const Score<C>& sc, C scale, Scratch<T, C>& w, const C* qf, int64_t M,
+                   int64_t rows, const T* kbase, const T* vbase, const int64_t* kpos, int64_t W, const uint8_t* mask,
+                   C* lse) {
   using V = Vec<C>;
   constexpr int64_t L = V::size();
   const C ninf = -std::numeric_limits<C>::infinity();
@@ -429,7 +432,7 @@ void lanes_forward(const Geometry& g, const Score<C>& sc, C scale, Scratch<C, C>
   C *QT = w.dq.data(), *ST = w.s.data(), *OT = w.dk.data();
   for (int64_t first = 0; first < M; first += L) {
     const int64_t nl = std::min(L, M - first);
-    transpose_in(w.q.data() + first * g.D, nl, g.D, scale, QT);
+    transpose_in(qf + first * g.D, nl, g.D, scale, QT);
     lanes_logits(sc, QT, g.D, kbase, kpos, W, nl, first, rows, w.heads.data(), w.qabs.data(), mask, ST,
                  static_cast<C*>(nullptr));
     V m(ninf);
@@ -454,19 +457,20 @@ void lanes_forward(const Geometry& g, const Score<C>& sc, C scale, Scratch<C, C>
 }
 
 // Backward of one tile on lanes: w.dq (M x D) gets dQ; dK and dV rows are accumulated in place.
-template <typename C>
-void lanes_backward(const Geometry& g, const Score<C>& sc, C scale, Scratch<C, C>& w, int64_t M, int64_t rows,
-                    const C* kbase, const C* vbase, const int64_t* kpos, int64_t W, const uint8_t* mask,
-                    const C* dob, C* dk_acc, C* dv_acc, double* dpre, double* dpost) {
+// ``qf`` and ``dob``: the tile's query and output-gradient rows in the compute type
+template <typename T, typename C>
+void lanes_backward(const Geometry& g, const Score<C>& sc, C scale, Scratch<T, C>& w, const C* qf, int64_t M,
+                    int64_t rows, const T* kbase, const T* vbase, const int64_t* kpos, int64_t W,
+                    const uint8_t* mask, const C* dob, C* dk_acc, C* dv_acc, double* dpre, double* dpost) {
   using V = Vec<C>;
   constexpr int64_t L = V::size();
   w.dq.assign(M * g.D, C(0));
-  w.k.resize(g.D * L), w.v.resize(g.Dv * L), w.s.resize(W * L), w.dp.resize(W * L), w.o.resize(g.D * L);
+  w.b1.resize(g.D * L), w.b2.resize(g.Dv * L), w.s.resize(W * L), w.dp.resize(W * L), w.o.resize(g.D * L);
   if (sc.cap > 0) w.raw.resize(W * L);
-  C *QT = w.k.data(), *DOT = w.v.data(), *ST = w.s.data(), *DPT = w.dp.data(), *DQT = w.o.data();
+  C *QT = w.b1.data(), *DOT = w.b2.data(), *ST = w.s.data(), *DPT = w.dp.data(), *DQT = w.o.data();
   for (int64_t first = 0; first < M; first += L) {
     const int64_t nl = std::min(L, M - first);
-    transpose_in(w.q.data() + first * g.D, nl, g.D, scale, QT);
+    transpose_in(qf + first * g.D, nl, g.D, scale, QT);
     transpose_in(dob + first * g.Dv, nl, g.Dv, C(1), DOT);
     lanes_logits(sc, QT, g.D, kbase, kpos, W, nl, first, rows, w.heads.data(), w.qabs.data(), mask, ST,
                  sc.cap > 0 ? w.raw.data() : nullptr);
@@ -517,7 +521,7 @@ void lanes_backward(const Geometry& g, const Score<C>& sc, C scale, Scratch<C, C
       for (int64_t l = 0; l < nl; ++l) {
         const C ds = DPT[j * L + l] * scale;
         if (ds == C(0)) continue;
-        const C* qr = w.q.data() + (first + l) * g.D;
+        const C* qr = qf + (first + l) * g.D;
         for (int64_t d = 0; d < g.D; ++d) dk[d] += ds * qr[d];
       }
     }
@@ -630,7 +634,19 @@ void rows_backward(const Geometry& g, const Score<C>& sc, C scale, Scratch<C, C>
   }
 }
 
-template <typename T> constexpr bool kLanes = std::is_same_v<T, float> || std::is_same_v<T, double>;
+template <typename T> constexpr bool kRows = std::is_same_v<T, float> || std::is_same_v<T, double>;
+
+// The tile's rows of ``x`` (T) in the compute type: the rows themselves, or a converted copy.
+template <typename T, typename C>
+const C* as_compute(const std::vector<T>& x, std::vector<C>& buf) {
+  if constexpr (std::is_same_v<T, C>) {
+    return x.data();
+  } else {
+    buf.resize(x.size());
+    convert(x.data(), buf.data(), static_cast<int64_t>(x.size()));
+    return buf.data();
+  }
+}
 
 // Gather the tile's query rows of ``x`` (B, H, L, E) for heads ``h0 .. h0 + nh`` into ``dst``.
 template <typename T>
@@ -730,15 +746,20 @@ std::vector<at::Tensor> forward_impl(const at::Tensor& q, const at::Tensor& k, c
     const T* kbase = in.k + (b * g.Hkv + hk) * g.Lk * g.D;
     const T* vbase = in.v + (b * g.Hkv + hk) * g.Lk * g.Dv;
     const bool contig = tab.k_contig[t];
-    if constexpr (kLanes<T>) {
-      if (!contig) {  // gathered keys: read in place, rows on the vector lanes (or one at a time)
-        w.m.resize(M);
-        if (2 * M >= Vec<T>::size()) lanes_forward(g, sc, scale, w, M, rows, kbase, vbase, kpos, W, mask, w.m.data());
-        else rows_forward(g, sc, scale, w, M, rows, kbase, vbase, kpos, W, mask, w.m.data());
-        for (int64_t i = 0; i < M; ++i) lse_p[(b * g.H + w.heads[i]) * g.Lq + qrows[i % rows]] = w.m[i];
-        store_rows(out_p, g, g.Dv, g.Lq, b, h0, nh, qrows, rows, w.o.data());
-        return;
+    // gathered keys: read in place, rows on the vector lanes (or, few rows, one at a time)
+    const bool lanes = !contig && 2 * M >= Vec<C>::size();
+    bool row_path = false;
+    if constexpr (kRows<T>) row_path = !contig && !lanes;
+    if (lanes || row_path) {
+      w.m.resize(M);
+      if (lanes) {
+        lanes_forward(g, sc, scale, w, as_compute(w.q, w.qf), M, rows, kbase, vbase, kpos, W, mask, w.m.data());
+      } else if constexpr (kRows<T>) {
+        rows_forward(g, sc, scale, w, M, rows, kbase, vbase, kpos, W, mask, w.m.data());
       }
+      for (int64_t i = 0; i < M; ++i) lse_p[(b * g.H + w.heads[i]) * g.Lq + qrows[i % rows]] = w.m[i];
+      store_rows(out_p, g, g.Dv, g.Lq, b, h0, nh, qrows, rows, w.o.data());
+      return;
     }
     const int64_t n0 = std::min(W, kChunk);
     w.s.resize(M * n0), w.o.assign(M * g.Dv, C(0)), w.m.assign(M, -std::numeric_limits<C>::infinity()),
@@ -856,17 +877,19 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& q, const at::Tensor& k, 
           const int64_t at = (b * g.H + w.heads[i]) * g.Lq + qrows[i % rows];
           w.m[i] = lse_p[at], w.l[i] = delta_p[at];
         }
-        if constexpr (kLanes<T>) {
-          if (!contig) {
-            if (2 * M >= Vec<T>::size())
-              lanes_backward(g, sc, scale, w, M, rows, kbase, vbase, kpos, W, mask, dob.data(), dk_acc, dv_acc,
-                             dpre_t, dpost_t);
-            else
-              rows_backward(g, sc, scale, w, M, rows, kbase, vbase, kpos, W, mask, dob.data(), dk_acc, dv_acc,
-                            dpre_t, dpost_t);
-            store_rows(dq_p, g, g.D, g.Lq, b, h0, nh, qrows, rows, w.dq.data());
-            continue;
+        const bool lanes = !contig && 2 * M >= Vec<C>::size();
+        bool row_path = false;
+        if constexpr (kRows<T>) row_path = !contig && !lanes;
+        if (lanes || row_path) {
+          if (lanes) {
+            lanes_backward(g, sc, scale, w, as_compute(w.q, w.qf), M, rows, kbase, vbase, kpos, W, mask,
+                           as_compute(dob, w.dof), dk_acc, dv_acc, dpre_t, dpost_t);
+          } else if constexpr (kRows<T>) {
+            rows_backward(g, sc, scale, w, M, rows, kbase, vbase, kpos, W, mask, dob.data(), dk_acc, dv_acc,
+                          dpre_t, dpost_t);
           }
+          store_rows(dq_p, g, g.D, g.Lq, b, h0, nh, qrows, rows, w.dq.data());
+          continue;
         }
         w.dq.assign(M * g.D, C(0));
         for (int64_t c0 = 0; c0 < W; c0 += kChunk) {
