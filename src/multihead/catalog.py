@@ -36,6 +36,7 @@ from .normalizers import GaussianAdaptive
 from .patterns import (BlockLocal, Causal, CrossShapedWindow, Dilated, Documents, GlobalTokens, Halo,
                        Neighborhood, PerHead, PrefixLM, Routing, ShiftedWindow, SlidingWindow, TopK,
                        Axial)
+from .models.recursive import SlicedRecursiveBlock
 from .scores import ALiBi, ComplexRotation, RelativePositionBias, RoPE, Softcap
 from .vision import (ChannelGroupAttention, CrossShapedWindowAttention, HaloAttention, LocalGlobalAttention,
                      MultiScaleHeadAttention, NeighborhoodAttention2d, SparseGlobalAttention, WindowAttention)
@@ -455,6 +456,10 @@ _VARIANTS = [
             Paper("Multi-Query Self-Attention with Transition-Aware Embedding Distillation for Sequential "
                   "Recommendation", 2023),
             lambda dim, heads, n: LongShortQueryAttention(dim, heads, window=8)),
+    Variant("sret", "pattern",
+            "one block applied twice (shared weights): full attention, then attention in 4 token slices",
+            Paper("Sliced Recursive Transformer", 2021, "2111.05297"),
+            lambda dim, heads, n: SlicedRecursiveBlock(dim, heads, groups=(1, 4))),
 ]
 
 CATALOG: dict[str, Variant] = {v.name: v for v in _VARIANTS}
