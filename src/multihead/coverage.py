@@ -349,8 +349,14 @@ ROWS: tuple[Row, ...] = (
         "test_forward_cross.py::test_fca_stage_trains"],
        "earlier blocks' tokens as extra keys with per-channel learnable scales; the token merge is 1-D "
        "(average + depthwise conv), not the paper's 2-D strided convolutions"),
-    _m(3, "kMaX-DeepLab: k-means cross-attention",
-       "cross-attention as a k-means step: argmax over queries instead of a softmax over pixels"),
+    _i(3, "kMaX-DeepLab: k-means cross-attention",
+       ["nn.kmeans_cross.KMeansCrossAttention", "nn.kmeans_cross.ClusterArgmax"],
+       ["test_kmeans_cross.py::test_kmeans_cross_attention_is_the_hard_assignment_update_forward_and_gradients",
+        "test_kmeans_cross.py::test_cluster_argmax_is_one_hot_over_the_queries",
+        "test_kmeans_cross.py::test_centres_learn_their_clusters_sums"],
+       "the cluster-wise argmax as a normaliser (reference backend), centres updated with their pixels' "
+       "values; the mask losses (deep supervision) and the segmentation model are not built; it updates "
+       "cluster centres from pixels, so no catalog variant"),
     _o(3, "GNMT: Google's Neural Machine Translation", "architecture",
        "an LSTM translation system; its attention is plain encoder-decoder attention"),
     # 4. Score / position modifiers
