@@ -39,7 +39,7 @@ def _head_params(m: MultiHeadAttention) -> Tensor:
     return torch.cat(parts, 1)
 
 
-def sinkhorn(cost: Tensor, reg: float = 0.05, iterations: int = 10000, tol: float = 1e-10) -> Tensor:
+def sinkhorn(cost: Tensor, reg: float = 0.1, iterations: int = 50000, tol: float = 1e-10) -> Tensor:
     """Entropic OT plan with uniform marginals for ``cost`` ``(n, n)`` (rows and columns sum to 1/n,
     to ``tol``, within ``iterations``); ``reg`` is relative to the mean cost."""
     if cost.dim() != 2 or cost.shape[0] != cost.shape[1]:
@@ -49,7 +49,7 @@ def sinkhorn(cost: Tensor, reg: float = 0.05, iterations: int = 10000, tol: floa
     log_k = -cost / (reg * scale)
     log_u = torch.zeros(n, dtype=cost.dtype)
     log_v = torch.zeros(n, dtype=cost.dtype)
-    log_mass = torch.full((n,), -torch.log(torch.tensor(float(n), dtype=cost.dtype)))
+    log_mass = torch.full((n,), -torch.log(torch.tensor(float(n), dtype=cost.dtype)).item(), dtype=cost.dtype)
     for step in range(iterations):
         log_u = log_mass - torch.logsumexp(log_k + log_v[None, :], 1)
         log_v = log_mass - torch.logsumexp(log_k + log_u[:, None], 0)
@@ -60,7 +60,7 @@ def sinkhorn(cost: Tensor, reg: float = 0.05, iterations: int = 10000, tol: floa
     return torch.exp(log_u[:, None] + log_k + log_v[None, :])
 
 
-def head_transport(a: MultiHeadAttention, b: MultiHeadAttention, reg: float = 0.05) -> Tensor:
+def head_transport(a: MultiHeadAttention, b: MultiHeadAttention, reg: float = 0.1) -> Tensor:
     """``T`` ``(heads, heads)``: row ``i`` the convex combination of ``b``'s heads matched to head ``i``
     of ``a`` (the Sinkhorn plan scaled by the head count)."""
     with torch.no_grad():
@@ -71,7 +71,7 @@ def head_transport(a: MultiHeadAttention, b: MultiHeadAttention, reg: float = 0.
         return sinkhorn(cost, reg) * a.heads
 
 
-def fuse(a: MultiHeadAttention, b: MultiHeadAttention, weight: float = 0.5, reg: float = 0.05) -> MultiHeadAttention:
+def fuse(a: MultiHeadAttention, b: MultiHeadAttention, weight: float = 0.5, reg: float = 0.1) -> MultiHeadAttention:
     """A new layer whose heads average ``a``'s with ``b``'s heads transported onto them (module
     docstring); the output bias is averaged as it is. ``weight`` is ``b``'s share."""
     if not 0.0 <= weight <= 1.0:
