@@ -156,6 +156,7 @@ def test_sparsifiner_errors_name_the_argument():
 def test_token_low_rank_predictor_is_q_times_projected_keys_times_the_up_basis(causal):
     from multihead.nn.sparsifiner import TokenConnectivityPredictor
 
+    torch.manual_seed(0)
     q, k, _ = _qkv()
     predictor = TokenConnectivityPredictor(4, 2, 8, 3, 14, causal).double()
     leaves = [t.clone().requires_grad_() for t in (q, k)]
