@@ -456,6 +456,34 @@ void lanes_forward(const Geometry& g, const Score<C>& sc, C scale, Scratch<T, C>
   }
 }
 
+
+// dst[d] += sum_l coeff[l] * rows[l][d] (d < width, l < nl), dst kept in registers across rows
+template <typename C>
+void accumulate_rows(C* dst, const C* coeff, const C* rows, int64_t nl, int64_t width) {
+  using V = Vec<C>;
+  constexpr int64_t L = V::size(), RB = 4;
+  int64_t d0 = 0;
+  for (; d0 + RB * L <= width; d0 += RB * L) {
+    V acc[RB];
+#pragma GCC unroll 4
+    for (int64_t t = 0; t < RB; ++t) acc[t] = V::loadu(dst + d0 + t * L);
+    for (int64_t l = 0; l < nl; ++l) {
+      if (coeff[l] == C(0)) continue;
+      const V c(coeff[l]);
+      const C* r = rows + l * width + d0;
+#pragma GCC unroll 4
+      for (int64_t t = 0; t < RB; ++t) acc[t] = at::vec::fmadd(c, V::loadu(r + t * L), acc[t]);
+    }
+#pragma GCC unroll 4
+    for (int64_t t = 0; t < RB; ++t) acc[t].store(dst + d0 + t * L);
+  }
+  for (; d0 < width; ++d0) {
+    C acc = dst[d0];
+    for (int64_t l = 0; l < nl; ++l) acc += coeff[l] * rows[l * width + d0];
+    dst[d0] = acc;
+  }
+}
+
 // Backward of one tile on lanes: w.dq (M x D) gets dQ; dK and dV rows are accumulated in place.
 // ``qf`` and ``dob``: the tile's query and output-gradient rows in the compute type
 template <typename T, typename C>
@@ -490,13 +518,7 @@ void lanes_backward(const Geometry& g, const Score<C>& sc, C scale, Scratch<T, C
     lanes_dot(DOT, g.Dv, vbase, kpos, W, g.Dv, DPT);  // dP
     // dV_j += sum_lanes P[j][l] dO_l ; dS = P (dP - delta)
     for (int64_t j = 0; j < W; ++j) {
-      C* dv = dv_acc + kpos[j] * g.Dv;
-      for (int64_t l = 0; l < nl; ++l) {
-        const C p = ST[j * L + l];
-        if (p == C(0)) continue;
-        const C* d_o = dob + (first + l) * g.Dv;
-        for (int64_t d = 0; d < g.Dv; ++d) dv[d] += p * d_o[d];
-      }
+      accumulate_rows(dv_acc + kpos[j] * g.Dv, ST + j * L, dob + first * g.Dv, nl, g.Dv);
       const V ds = V::loadu(ST + j * L) * (V::loadu(DPT + j * L) - delta);
       ds.store(DPT + j * L);
     }
@@ -517,13 +539,9 @@ void lanes_backward(const Geometry& g, const Score<C>& sc, C scale, Scratch<T, C
     }
     // dK_j += scale sum_lanes dS[j][l] q_l ; dQ = scale dS K
     for (int64_t j = 0; j < W; ++j) {
-      C* dk = dk_acc + kpos[j] * g.D;
-      for (int64_t l = 0; l < nl; ++l) {
-        const C ds = DPT[j * L + l] * scale;
-        if (ds == C(0)) continue;
-        const C* qr = qf + (first + l) * g.D;
-        for (int64_t d = 0; d < g.D; ++d) dk[d] += ds * qr[d];
-      }
+      C coeff[L];
+      (V::loadu(DPT + j * L) * V(scale)).store(coeff);
+      accumulate_rows(dk_acc + kpos[j] * g.D, coeff, qf + first * g.D, nl, g.D);
     }
     lanes_combine(DPT, kbase, kpos, W, g.D, g.D, DQT, false);
     C scales[L];
@@ -811,7 +829,7 @@ std::vector<at::Tensor> forward_impl(const at::Tensor& q, const at::Tensor& k, c
 
 template <typename T>
 std::vector<at::Tensor> backward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                      const at::Tensor& dout, const at::Tensor& lse, const at::Tensor& delta,
+                                      const at::Tensor& out, const at::Tensor& dout, const at::Tensor& lse,
                                       const Table& tab, double scale_d, const at::Tensor& pre,
                                       const at::Tensor& post, double cap, int64_t qmax, int64_t parts,
                                       bool want_pre, bool want_post) {
@@ -819,7 +837,9 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& q, const at::Tensor& k, 
   Geometry g{q.size(0), q.size(1), k.size(1), q.size(2), k.size(2), q.size(3), v.size(3),
              q.size(1) / k.size(1), k.size(2) - q.size(2)};
   const auto copt = q.options().dtype(c10::CppTypeToScalarType<C>::value);
-  auto dq = at::zeros({g.B, g.H, g.Lq, g.D}, copt);
+  bool covers = tab.tile_q[tab.T] == g.Lq;  // every row's dq written by its tile (see forward)
+  for (int64_t t = 0; covers && t < tab.T; ++t) covers = tab.tile_k[t + 1] > tab.tile_k[t];
+  auto dq = covers ? at::empty({g.B, g.H, g.Lq, g.D}, copt) : at::zeros({g.B, g.H, g.Lq, g.D}, copt);
   auto dk = at::zeros({parts, g.B, g.Hkv, g.Lk, g.D}, copt);
   auto dv = at::zeros({parts, g.B, g.Hkv, g.Lk, g.Dv}, copt);
   const int64_t threads = std::max(1, at::get_num_threads());
@@ -838,7 +858,7 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& q, const at::Tensor& k, 
   const C scale = static_cast<C>(scale_d);
   const T* do_p = static_cast<T*>(dout.data_ptr());
   const C* lse_p = static_cast<C*>(lse.data_ptr());
-  const C* delta_p = static_cast<C*>(delta.data_ptr());
+  const T* out_p = static_cast<T*>(out.data_ptr());
   C *dq_p = static_cast<C*>(dq.data_ptr()), *dk_p = static_cast<C*>(dk.data_ptr()), *dv_p = static_cast<C*>(dv.data_ptr());
   const Units u = units_of(g, tab);
   const int64_t per_part = (tab.T + parts - 1) / parts;
@@ -871,11 +891,16 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& q, const at::Tensor& k, 
         std::vector<T>& dob = w.d16;  // dO rows
         dob.resize(M * g.Dv);
         gather_rows(do_p, g, g.Dv, g.Lq, b, h0, nh, qrows, rows, dob.data());
+        w.p16.resize(M * g.Dv);  // the output rows, for delta = rowsum(dO * O)
+        gather_rows(out_p, g, g.Dv, g.Lq, b, h0, nh, qrows, rows, w.p16.data());
         w.qabs.resize(M), w.heads.resize(M), w.m.resize(M), w.l.resize(M);
         for (int64_t i = 0; i < M; ++i) {
           w.qabs[i] = qrows[i % rows] + g.offset, w.heads[i] = h0 + i / rows;
-          const int64_t at = (b * g.H + w.heads[i]) * g.Lq + qrows[i % rows];
-          w.m[i] = lse_p[at], w.l[i] = delta_p[at];
+          w.m[i] = lse_p[(b * g.H + w.heads[i]) * g.Lq + qrows[i % rows]];
+          C delta = 0;
+          const T *o = w.p16.data() + i * g.Dv, *d_o = dob.data() + i * g.Dv;
+          for (int64_t d = 0; d < g.Dv; ++d) delta += static_cast<C>(o[d]) * static_cast<C>(d_o[d]);
+          w.l[i] = delta;
         }
         const bool lanes = !contig && 2 * M >= Vec<C>::size();
         bool row_path = false;
@@ -1029,7 +1054,7 @@ std::vector<at::Tensor> forward(const at::Tensor& q, const at::Tensor& k, const 
 }
 
 std::vector<at::Tensor> backward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                 const at::Tensor& dout, const at::Tensor& lse, const at::Tensor& delta,
+                                 const at::Tensor& out, const at::Tensor& dout, const at::Tensor& lse,
                                  const at::Tensor& q_rows, const at::Tensor& tile_q, const at::Tensor& tile_k,
                                  const at::Tensor& k_idx, const at::Tensor& k_contig, const at::Tensor& tile_m,
                                  const at::Tensor& mask, int64_t lb, int64_t lh, double scale,
@@ -1042,17 +1067,18 @@ std::vector<at::Tensor> backward(const at::Tensor& q, const at::Tensor& k, const
   TORCH_CHECK(dout.scalar_type() == q.scalar_type() && dout.is_contiguous() && dout.dim() == 4 &&
               dout.size(0) == q.size(0) && dout.size(1) == q.size(1) && dout.size(2) == q.size(2) &&
               dout.size(3) == v.size(3), "native kernel: dout must be a contiguous (B, H, Lq, Dv) tensor");
-  TORCH_CHECK(lse.scalar_type() == acc && delta.scalar_type() == acc && lse.is_contiguous() && delta.is_contiguous() &&
-              lse.numel() == q.size(0) * q.size(1) * q.size(2) && delta.numel() == lse.numel(),
-              "native kernel: lse and delta must be (B, H, Lq) tensors of the compute dtype");
+  TORCH_CHECK(lse.scalar_type() == acc && lse.is_contiguous() && lse.numel() == q.size(0) * q.size(1) * q.size(2),
+              "native kernel: lse must be a (B, H, Lq) tensor of the compute dtype");
+  TORCH_CHECK(out.scalar_type() == q.scalar_type() && out.is_contiguous() && out.sizes() == dout.sizes(),
+              "native kernel: out must be the forward's (B, H, Lq, Dv) output");
   TORCH_CHECK(parts >= 1, "native kernel: parts >= 1");
   at::Tensor pr = pre.value_or(at::Tensor()), po = post.value_or(at::Tensor());
   check_score(pr, q, qmax, q.size(2), k.size(2), acc);
   check_score(po, q, qmax, q.size(2), k.size(2), acc);
   switch (q.scalar_type()) {
-    case at::kFloat: return backward_impl<float>(q, k, v, dout, lse, delta, tab, scale, pr, po, cap, qmax, parts, want_pre, want_post);
-    case at::kDouble: return backward_impl<double>(q, k, v, dout, lse, delta, tab, scale, pr, po, cap, qmax, parts, want_pre, want_post);
-    case at::kBFloat16: return backward_impl<BFloat16>(q, k, v, dout, lse, delta, tab, scale, pr, po, cap, qmax, parts, want_pre, want_post);
+    case at::kFloat: return backward_impl<float>(q, k, v, out, dout, lse, tab, scale, pr, po, cap, qmax, parts, want_pre, want_post);
+    case at::kDouble: return backward_impl<double>(q, k, v, out, dout, lse, tab, scale, pr, po, cap, qmax, parts, want_pre, want_post);
+    case at::kBFloat16: return backward_impl<BFloat16>(q, k, v, out, dout, lse, tab, scale, pr, po, cap, qmax, parts, want_pre, want_post);
     default: TORCH_CHECK(false, "native kernel: float32, float64 or bfloat16, not ", q.scalar_type());
   }
 }

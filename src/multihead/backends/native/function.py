@@ -93,12 +93,11 @@ class NativeBlockSparse(torch.autograd.Function):
     def backward(ctx, dout):
         q, k, v, out, lse, pre, post = ctx.saved_tensors
         dout = dout.contiguous()
-        delta = (dout.to(lse.dtype) * out.to(lse.dtype)).sum(-1)
         parts = partitions(q.shape[0], k.shape[1], ctx.table.tile_q.numel() - 1)
         want_pre = pre is not None and ctx.needs_input_grad[6]
         want_post = post is not None and ctx.needs_input_grad[7]
         dq, dk, dv, dpre, dpost = kernel().backward(
-            q, k, v, dout, lse, delta, *ctx.table.arrays(), ctx.scale, pre, post, ctx.cap, k.shape[2] - 1,
+            q, k, v, out, dout, lse, *ctx.table.arrays(), ctx.scale, pre, post, ctx.cap, k.shape[2] - 1,
             parts, want_pre, want_post)
         return (None, None, None, dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype),
                 dpre if want_pre else None, dpost if want_post else None)
