@@ -738,7 +738,10 @@ def markdown(rows=ROWS) -> str:
         counts_table(rows),
         "",
         "How the mechanisms added for the seed papers are built (issue 17): each is a composition of the "
-        "library's pieces, never attention math of its own. A choice made from q and k (Landmark's retrieved "
+        "library's pieces - the attention itself (the normalised weights over a query's keys and the weighted "
+        "sum of values) runs through `multihead.attention`, and a module computes only its own terms (scores, "
+        "selections, summaries); the one exception is VAR, which edits recomputed weights and applies them to "
+        "the values in a head hook, since editing weights is the method. A choice made from q and k (Landmark's retrieved "
         "blocks, SeerAttention's gate, Sparsifiner's predictor, DMA's top-window keys, recycled keys) is "
         "computed without gradient and handed to `multihead.attention` as a static pattern "
         "(`patterns.blocks.BlockSelection` for blocks, `patterns.KeySelection` for keys), so every backend "
