@@ -1,11 +1,12 @@
 """Tune and measure the block-sparse backend against dense SDPA on CPU.
 
     PYTHONPATH=src python benchmarks/tune_blocksparse.py tune --n 16384
+    PYTHONPATH=src python benchmarks/tune_blocksparse.py tune --native --q-block 32 64 128 --kv-block 16 32
     PYTHONPATH=src python benchmarks/tune_blocksparse.py compare --n 4096 16384 65536
 
 ``tune`` times forward and forward+backward of a grid of (q_block, kv_block, group_rows,
-window_slack) side by side in one process (interleaved repeats, best of them, since the machine is
-shared). ``compare`` times blocksparse and dense SDPA (dense boolean mask, as the ``sdpa`` backend
+window_slack) of the PyTorch tiles side by side in one process (interleaved repeats, best of them,
+since the machine is shared); with ``--native``, the native kernel's (q_block, kv_block) tiles. ``compare`` times blocksparse and dense SDPA (dense boolean mask, as the ``sdpa`` backend
 runs it) forward and forward+backward, and measures the peak resident memory (VmHWM) of one
 forward+backward in a fresh subprocess per case. Setting: fp32, B=1, H=8, D=64,
 SlidingWindow(128, 128), 2 threads.
@@ -120,9 +121,11 @@ def measure_memory(case: str, n: int, kwargs: dict) -> dict:
 
 def tune(args):
     configs = []
+    if args.native:  # one tile per query block: group_rows does not apply
+        configs = [dict(q_block=qb, kv_block=kb) for qb, kb in itertools.product(args.q_block, args.kv_block)]
     for qb, kb, gr, ws in itertools.product(args.q_block, args.kv_block, args.group_rows, args.slack):
-        if gr >= qb:
-            configs.append(dict(q_block=qb, kv_block=kb, group_rows=gr, window_slack=ws))
+        if gr >= qb and not args.native:
+            configs.append(dict(q_block=qb, kv_block=kb, group_rows=gr, window_slack=ws, native=False))
     fwd = {json.dumps(c): blocksparse_fn(BlockSparseBackend(**c), args.n[0], False) for c in configs}
     both = {json.dumps(c): blocksparse_fn(BlockSparseBackend(**c), args.n[0], True) for c in configs}
     tf = best_times(fwd, args.repeats)
@@ -166,7 +169,6 @@ def compare(args):
 
 
 def main():
-    torch.set_num_threads(2)
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("mode", choices=["tune", "compare"])
@@ -178,7 +180,10 @@ def main():
     parser.add_argument("--slack", type=float, nargs="+", default=[0.25, -1.0])
     parser.add_argument("--config", default="{}", help="BlockSparseBackend kwargs (JSON) for compare")
     parser.add_argument("--max-dense", type=int, default=16384, help="largest N to run dense SDPA at")
+    parser.add_argument("--native", action="store_true", help="tune the native kernel's tiles")
+    parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
     tune(args) if args.mode == "tune" else compare(args)
 
 

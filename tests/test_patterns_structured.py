@@ -17,6 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from multihead.errors import PatternError
+from multihead.patterns.base import Pattern
 from multihead.patterns import (
     Axial, BlockLayout, BlockLocal, Causal, CrossShapedWindow, Dilated, Documents, GlobalTokens,
     Halo, Neighborhood, PerHead, ShiftedWindow, SlidingWindow,
@@ -663,3 +664,15 @@ def test_mask_mods_run_under_vmap():
         got = flex.create_mask(lambda b, h, q, kv: p.mask_mod(b, h, q, kv), 1, heads, n, n,
                                device="cpu")
         assert torch.equal(got, p.dense_mask(n, n).expand(1, heads, n, n)), p
+
+
+@pytest.mark.parametrize("pattern", [
+    Neighborhood(7, grid=(20, 30)), Neighborhood((3, 5), dilation=(2, 1), causal=(True, False), grid=(12, 14)),
+    Neighborhood(3, grid=(4, 5, 6)), Neighborhood(5, stride=2, grid=(11, 13)), ShiftedWindow(4, shift=2, grid=(12, 16)),
+    Axial((12, 14), axis=1), Axial((4, 5, 6), axis=0), BlockLocal((3, 5), grid=(12, 14)), Halo(4, 2, grid=(12, 16)),
+    CrossShapedWindow(3, (12, 14), heads=4)], ids=repr)
+def test_box_key_counts_equal_the_spans_counts(pattern):
+    """Grid patterns count a query's keys as the product of per-axis counts (no spans built):
+    the same numbers as counting their spans."""
+    n = math.prod(pattern.grid)
+    assert torch.equal(pattern.key_counts(n, n), Pattern.key_counts(pattern, n, n))

@@ -165,6 +165,18 @@ class BoxPattern(Pattern):
         ranges = [self.axis_range(i, x) for i, x in enumerate(coords(q_pos, self.grid))]
         return box_spans(self.grid, ranges, kv_len)
 
+    def key_counts(self, q_len, kv_len, device=None):
+        """A box holds the product of its per-axis counts: no spans built (a box has one interval
+        per line of keys, 128 per query for a column of a 128 x 128 grid)."""
+        if self.grid is None:
+            return super().key_counts(q_len, kv_len, device)
+        self._checked(q_len, kv_len)
+        q_pos = torch.arange(q_len, device=device) + (kv_len - q_len)
+        counts = torch.ones(q_len, dtype=torch.long, device=device)
+        for i, x in enumerate(coords(q_pos, self.grid)):
+            counts = counts * self.axis_range(i, x).count
+        return counts.view(1, 1, q_len)
+
 
 # -- neighborhood attention ---------------------------------------------------------------------
 

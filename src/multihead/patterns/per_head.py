@@ -144,6 +144,13 @@ class CrossShapedWindow(Pattern):
         return Spans(stacked.start.repeat_interleave(half, 1), stacked.end.repeat_interleave(half, 1),
                      kv_len)
 
+    def key_counts(self, q_len, kv_len, device=None):
+        """Each half's stripe counts (boxes), without building the stacked spans."""
+        self._checked(q_len, kv_len)
+        half = self.heads // 2
+        counts = [p.key_counts(q_len, kv_len, device).expand(1, half, q_len) for p in self._stripes()]
+        return torch.cat(counts, 1)
+
     def head_groups(self):
         half = self.heads // 2
         horizontal, vertical = self._stripes()

@@ -68,23 +68,26 @@ void naive_gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, C alpha, cons
   }
 }
 
-inline void gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, float alpha, const float* a,
-                 int64_t lda, const float* b, int64_t ldb, float beta, float* c, int64_t ldc) {
+// Through a Fortran BLAS (sgemm_ / dgemm_, column-major), or plain loops when it is missing.
+template <typename C, typename F>
+inline void fortran_gemm(F* fn, bool ta, bool tb, int64_t m, int64_t n, int64_t k, C alpha, const C* a,
+                         int64_t lda, const C* b, int64_t ldb, C beta, C* c, int64_t ldc) {
   if (m == 0 || n == 0) return;
-  if (sgemm_ == nullptr || k == 0) return naive_gemm(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+  if (fn == nullptr || k == 0) return naive_gemm(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
   // row-major C = op(A) op(B)  <=>  column-major C^T = op(B)^T op(A)^T
   const char oa = tb ? 'T' : 'N', ob = ta ? 'T' : 'N';
   const int M = n, N = m, K = k, LA = ldb, LB = lda, LC = ldc;
-  sgemm_(&oa, &ob, &M, &N, &K, &alpha, b, &LA, a, &LB, &beta, c, &LC);
+  fn(&oa, &ob, &M, &N, &K, &alpha, b, &LA, a, &LB, &beta, c, &LC);
+}
+
+inline void gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, float alpha, const float* a,
+                 int64_t lda, const float* b, int64_t ldb, float beta, float* c, int64_t ldc) {
+  fortran_gemm(sgemm_, ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
 }
 
 inline void gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, double alpha, const double* a,
                  int64_t lda, const double* b, int64_t ldb, double beta, double* c, int64_t ldc) {
-  if (m == 0 || n == 0) return;
-  if (dgemm_ == nullptr || k == 0) return naive_gemm(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
-  const char oa = tb ? 'T' : 'N', ob = ta ? 'T' : 'N';
-  const int M = n, N = m, K = k, LA = ldb, LB = lda, LC = ldc;
-  dgemm_(&oa, &ob, &M, &N, &K, &alpha, b, &LA, a, &LB, &beta, c, &LC);
+  fortran_gemm(dgemm_, ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
 }
 
 inline void gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, float alpha, const BFloat16* a,
