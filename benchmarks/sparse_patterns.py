@@ -34,12 +34,17 @@ from rich.table import Table
 
 import multihead as mh
 from multihead.backends import BACKENDS
+from multihead.backends.blocksparse import BlockSparseBackend
 from multihead.backends.head_groups import head_split
 from multihead.bench.measure import peak_memory, time_call, time_interleaved
 from multihead.backends.native import describe as native_status, tiles
 from multihead.patterns import (Axial, Causal, CrossShapedWindow, Documents, Full, Neighborhood, Pattern, Routing,
                                 ShiftedWindow, SlidingWindow, TopK)
 from multihead.request import make_request
+
+
+KERNEL = BACKENDS["blocksparse"]
+TORCH_TILES = BlockSparseBackend(native=False)
 
 
 @dataclass(frozen=True)
@@ -86,6 +91,10 @@ def measure_case(case: Case, heads: int, head_dim: int, repeats: int, dense_limi
     auto = mh.explain(q, k, v, pattern=case.pattern, show=False).backend  # what the library runs by default
     row: dict = {"family": case.family, "size": case.size, "tokens": case.tokens, "auto": auto,
                  "density": resolved.density(case.tokens, case.tokens), "backends": {}}
+    if auto == "heads":  # block-sparse on the whole per-head pattern gathers per head: its plans
+        # (hundreds of MiB of masks) would evict the halves' plans from the same bounded cache
+        train_backends = [b for b in train_backends if b != "blocksparse"]
+        forward_backends = [b for b in forward_backends if b != "blocksparse"]
     train_backends = train_backends + [auto] * (auto not in train_backends)
     forward_backends = forward_backends + [auto] * (auto not in forward_backends)
 
@@ -95,16 +104,15 @@ def measure_case(case: Case, heads: int, head_dim: int, repeats: int, dense_limi
                 mh.attention(*inputs, pattern=pattern, backend=backend)
         return run
 
-    kernel_backend = BACKENDS["blocksparse"]
-
     def torch_tiles(fn):
-        """``fn`` with the block-sparse backend on its PyTorch tiles (the path before the kernel)."""
+        """``fn`` with the block-sparse backend on its PyTorch tiles (the path before the kernel): a
+        backend instance of its own, so the two paths' plans do not evict each other's."""
         def run():
-            kernel_backend.native = False
+            BACKENDS["blocksparse"] = TORCH_TILES
             try:
                 return fn()
             finally:
-                kernel_backend.native = True
+                BACKENDS["blocksparse"] = KERNEL
         return run
 
     row["computed_pairs"] = computed_pairs(make_request(q, k, v, pattern=resolved))
@@ -127,8 +135,8 @@ def measure_case(case: Case, heads: int, head_dim: int, repeats: int, dense_limi
         if _able(backend, q, k, v, case.pattern):
             timed[("forward_s", backend)] = forward(backend, case.pattern)
     if device == "cpu":
-        timed[("forward_s", "torch_tiles")] = torch_tiles(forward("blocksparse", case.pattern))
-        if auto != "blocksparse":
+        timed[("forward_s", "torch_tiles")] = torch_tiles(forward(kernel_of(auto), case.pattern))
+        if auto not in ("blocksparse", "heads"):
             timed[("forward_s", "auto_torch_tiles")] = torch_tiles(forward(auto, case.pattern))
         low = tuple(t.bfloat16() for t in (q, k, v))
         timed[("bf16_forward_s", kernel_of(auto))] = forward(kernel_of(auto), case.pattern, low)
@@ -150,7 +158,7 @@ def measure_case(case: Case, heads: int, head_dim: int, repeats: int, dense_limi
             mh.attention(*leaves, pattern=case.pattern, backend=backend).backward(grad)
 
         trainers[backend] = timed[("forward_backward_s", backend)] = train
-        if backend == "blocksparse" and device == "cpu":
+        if backend == kernel_of(auto) and device == "cpu":
             timed[("forward_backward_s", "torch_tiles")] = torch_tiles(train)
             trainers["torch_tiles"] = torch_tiles(train)
     timings = time_interleaved(timed, repeats=repeats, warmup=1, budget_s=60)
@@ -165,7 +173,7 @@ def measure_case(case: Case, heads: int, head_dim: int, repeats: int, dense_limi
     for backend, train in trainers.items():
         entry = row["backends"][backend]
         entry["forward_backward_peak_bytes"] = peak_memory(train, device)
-        run = torch_tiles(forward("blocksparse", case.pattern)) if backend == "torch_tiles" \
+        run = torch_tiles(forward(kernel_of(auto), case.pattern)) if backend == "torch_tiles" \
             else forward(backend, case.pattern)
         entry["forward_peak_bytes"] = peak_memory(run, device)
     return row
@@ -200,7 +208,7 @@ def ratios(rows: list[dict]) -> list[dict]:
     for r in rows:
         per_head = kernel_of(r.get("auto", "blocksparse")) == "heads"
         ours = r["backends"].get("heads" if per_head else "blocksparse", {})
-        old = r["backends"].get("auto_torch_tiles" if per_head else "torch_tiles", {})
+        old = r["backends"].get("torch_tiles", {})
         flex = r["backends"].get("flex", {})
         auto = r["backends"].get(r.get("auto", "blocksparse"), {})
         n = r["tokens"]
