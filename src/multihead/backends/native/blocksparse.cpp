@@ -706,6 +706,28 @@ inline int64_t slot_of(const Table& t, int64_t b, int64_t h) {
   return (t.lb > 1 ? b : 0) * t.lh + (t.lh > 1 ? h : 0);
 }
 
+// One tile seen from one head set: its rows, keys and mask in the table.
+struct Tile {
+  int64_t h0, nh, rows, W, M;
+  const int64_t* qrows;
+  const int64_t* kpos;
+  const uint8_t* mask;
+  bool contig;
+};
+inline Tile tile_of(const Table& tab, const Geometry& g, const Units& u, int64_t b, int64_t hk, int64_t set,
+                    int64_t t) {
+  Tile x;
+  x.h0 = hk * g.gq + set * u.per_set, x.nh = u.per_set;
+  x.rows = tab.tile_q[t + 1] - tab.tile_q[t], x.W = tab.tile_k[t + 1] - tab.tile_k[t];
+  x.M = x.nh * x.rows;
+  const int64_t slot = slot_of(tab, b, x.h0);
+  x.qrows = tab.q_rows + tab.tile_q[t];
+  x.kpos = tab.k_idx + slot * tab.K + tab.tile_k[t];
+  x.mask = tab.tile_m[t] < 0 ? nullptr : tab.mask + slot * tab.Mtot + tab.tile_m[t];
+  x.contig = tab.k_contig[t];
+  return x;
+}
+
 // Dynamic scheduling: each thread pulls the next unit from a shared counter.
 template <typename F>
 void for_each_unit(int64_t n, const F& f) {
@@ -753,20 +775,18 @@ std::vector<at::Tensor> forward_impl(const at::Tensor& q, const at::Tensor& k, c
     const int64_t t = unit % tab.T, rest = unit / tab.T;
     const int64_t set = rest % u.sets, bk = rest / u.sets;
     const int64_t b = bk / g.Hkv, hk = bk % g.Hkv;
-    const int64_t h0 = hk * g.gq + set * u.per_set, nh = u.per_set;
-    const int64_t rows = tab.tile_q[t + 1] - tab.tile_q[t], W = tab.tile_k[t + 1] - tab.tile_k[t];
+    const Tile x = tile_of(tab, g, u, b, hk, set, t);
+    const int64_t h0 = x.h0, nh = x.nh, rows = x.rows, W = x.W, M = x.M;
+    const int64_t *qrows = x.qrows, *kpos = x.kpos;
+    const uint8_t* mask = x.mask;
     if (rows == 0 || W == 0) return;
-    const int64_t M = nh * rows, slot = slot_of(tab, b, h0);
-    const int64_t* qrows = tab.q_rows + tab.tile_q[t];
-    const int64_t* kpos = tab.k_idx + slot * tab.K + tab.tile_k[t];
-    const uint8_t* mask = tab.tile_m[t] < 0 ? nullptr : tab.mask + slot * tab.Mtot + tab.tile_m[t];
     w.q.resize(M * g.D);
     gather_rows(in.q, g, g.D, g.Lq, b, h0, nh, qrows, rows, w.q.data());
     w.qabs.resize(M), w.heads.resize(M);
     for (int64_t i = 0; i < M; ++i) w.qabs[i] = qrows[i % rows] + g.offset, w.heads[i] = h0 + i / rows;
     const T* kbase = in.k + (b * g.Hkv + hk) * g.Lk * g.D;
     const T* vbase = in.v + (b * g.Hkv + hk) * g.Lk * g.Dv;
-    const bool contig = tab.k_contig[t];
+    const bool contig = x.contig;
     // gathered keys: read in place, rows on the vector lanes (or, few rows, one at a time)
     const bool lanes = !contig && 2 * M >= Vec<C>::size();
     bool row_path = false;
@@ -881,14 +901,12 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& q, const at::Tensor& k, 
     const int64_t t_end = std::min(tab.T, (part + 1) * per_part);
     for (int64_t t = part * per_part; t < t_end; ++t)
       for (int64_t set = 0; set < u.sets; ++set) {
-        const int64_t h0 = hk * g.gq + set * u.per_set, nh = u.per_set;
-        const int64_t rows = tab.tile_q[t + 1] - tab.tile_q[t], W = tab.tile_k[t + 1] - tab.tile_k[t];
+        const Tile x = tile_of(tab, g, u, b, hk, set, t);
+        const int64_t h0 = x.h0, nh = x.nh, rows = x.rows, W = x.W, M = x.M;
+        const int64_t *qrows = x.qrows, *kpos = x.kpos;
+        const uint8_t* mask = x.mask;
+        const bool contig = x.contig;
         if (rows == 0 || W == 0) continue;
-        const int64_t M = nh * rows, slot = slot_of(tab, b, h0);
-        const int64_t* qrows = tab.q_rows + tab.tile_q[t];
-        const int64_t* kpos = tab.k_idx + slot * tab.K + tab.tile_k[t];
-        const uint8_t* mask = tab.tile_m[t] < 0 ? nullptr : tab.mask + slot * tab.Mtot + tab.tile_m[t];
-        const bool contig = tab.k_contig[t];
         w.q.resize(M * g.D);
         gather_rows(in.q, g, g.D, g.Lq, b, h0, nh, qrows, rows, w.q.data());
         std::vector<T>& dob = w.d16;  // dO rows
