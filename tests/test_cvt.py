@@ -13,6 +13,8 @@ from multihead.errors import ShapeError
 from multihead.models import VisionTransformer
 from multihead.vision.conv_projection import ConvProjectionAttention
 
+from conftest import gratings_losses
+
 
 def _conv_bn(x, seq, stride):
     conv, bn = seq
@@ -50,21 +52,8 @@ def test_conv_projection_attention_is_cvts_formula_forward_and_gradients(backend
 
 def test_cvt_block_learns_oriented_gratings():
     torch.manual_seed(0)
-    gen = torch.Generator().manual_seed(1)
     model = VisionTransformer(16, 2, 32, 2, 4, attention="cvt_block", in_channels=1, num_classes=4)
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    y, x = torch.meshgrid(torch.arange(16.0), torch.arange(16.0), indexing="ij")
-    losses = []
-    for _ in range(40):
-        labels = torch.randint(0, 4, (32,), generator=gen)
-        angle = labels.float() * math.pi / 4
-        images = torch.sin(2 * math.pi * (x * angle.cos()[:, None, None] + y * angle.sin()[:, None, None]) / 4)
-        images = (images + 0.3 * torch.randn(32, 16, 16, generator=gen)).unsqueeze(1)
-        loss = F.cross_entropy(model(images), labels)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+    losses = gratings_losses(model, 40)
     start, end = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
     assert end < 0.5 * start, f"loss {start:.3f} -> {end:.3f}"
 

@@ -12,6 +12,8 @@ from multihead.errors import ShapeError
 from multihead.models import VisionTransformer
 from multihead.vision.slots import SlotAttention2d
 
+from conftest import gratings_losses
+
 
 @pytest.mark.parametrize("backend", ["reference", "blocksparse", "sdpa", "auto"])
 def test_slot_attention_clusters_attends_over_slots_and_dispatches(backend):
@@ -39,21 +41,8 @@ def test_slot_attention_clusters_attends_over_slots_and_dispatches(backend):
 
 def test_glmix_block_learns_oriented_gratings():
     torch.manual_seed(0)
-    gen = torch.Generator().manual_seed(1)
     model = VisionTransformer(16, 2, 32, 2, 4, attention="glmix_block", in_channels=1, num_classes=4)
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    y, x = torch.meshgrid(torch.arange(16.0), torch.arange(16.0), indexing="ij")
-    losses = []
-    for _ in range(40):
-        labels = torch.randint(0, 4, (32,), generator=gen)
-        angle = labels.float() * math.pi / 4
-        images = torch.sin(2 * math.pi * (x * angle.cos()[:, None, None] + y * angle.sin()[:, None, None]) / 4)
-        images = (images + 0.3 * torch.randn(32, 16, 16, generator=gen)).unsqueeze(1)
-        loss = F.cross_entropy(model(images), labels)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+    losses = gratings_losses(model, 40)
     assert sum(losses[-5:]) / 5 < 0.5 * sum(losses[:5]) / 5
 
 

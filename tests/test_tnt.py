@@ -7,11 +7,12 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from multihead.errors import ShapeError
 from multihead.vision.tnt import TNTBlock
+
+from conftest import gratings_losses
 
 
 @pytest.mark.parametrize("backend", ["reference", "blocksparse", "sdpa", "auto"])
@@ -71,20 +72,7 @@ class TinyTNT(nn.Module):
 def test_tiny_tnt_learns_oriented_gratings():
     torch.manual_seed(0)
     model = TinyTNT()
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    gen = torch.Generator().manual_seed(1)
-    y, x = torch.meshgrid(torch.arange(16.0), torch.arange(16.0), indexing="ij")
-    losses = []
-    for _ in range(60):
-        labels = torch.randint(0, 4, (32,), generator=gen)
-        angle = labels.float() * math.pi / 4
-        images = torch.sin(2 * math.pi * (x * angle.cos()[:, None, None] + y * angle.sin()[:, None, None]) / 4)
-        images = images + 0.3 * torch.randn(32, 16, 16, generator=gen)
-        loss = F.cross_entropy(model(images), labels)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+    losses = gratings_losses(model, 60, channels=False)
     start, end = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
     assert end < 0.5 * start, f"loss {start:.3f} -> {end:.3f}"
 

@@ -189,6 +189,13 @@ Table table_of(const at::Tensor& q_rows, const at::Tensor& tile_q, const at::Ten
   return t;
 }
 
+// Whether the tiles write every query row (once: check_keys), so outputs need no clearing first.
+inline bool covers_every_row(const Table& tab, int64_t Lq) {
+  bool covers = tab.tile_q[tab.T] == Lq;
+  for (int64_t t = 0; covers && t < tab.T; ++t) covers = tab.tile_k[t + 1] > tab.tile_k[t];
+  return covers;
+}
+
 struct Geometry {
   int64_t B, H, Hkv, Lq, Lk, D, Dv, gq, offset;
 };
@@ -202,6 +209,16 @@ struct Score {
   int64_t lvec = 0, qmax = 0;
   C cap = 0;
 };
+
+template <typename C>
+Score<C> score_of(const at::Tensor& pre, const at::Tensor& post, double cap, int64_t qmax) {
+  Score<C> sc;
+  if (pre.defined()) sc.pre = static_cast<C*>(pre.data_ptr()), sc.lvec = pre.size(1);
+  if (post.defined()) sc.post = static_cast<C*>(post.data_ptr()), sc.lvec = post.size(1);
+  sc.cap = static_cast<C>(cap);
+  sc.qmax = qmax;
+  return sc;
+}
 
 template <typename T>
 struct Inputs {
@@ -751,18 +768,13 @@ std::vector<at::Tensor> forward_impl(const at::Tensor& q, const at::Tensor& k, c
              q.size(1) / k.size(1), k.size(2) - q.size(2)};
   // every query row written by some tile: no need to clear the output first (a fresh 32 MiB
   // tensor costs its page faults once, a cleared one twice)
-  bool covers = tab.tile_q[tab.T] == g.Lq;
-  for (int64_t t = 0; covers && t < tab.T; ++t) covers = tab.tile_k[t + 1] > tab.tile_k[t];
+  const bool covers = covers_every_row(tab, g.Lq);
   const auto lopt = q.options().dtype(c10::CppTypeToScalarType<C>::value);
   auto out = covers ? at::empty({g.B, g.H, g.Lq, g.Dv}, q.options()) : at::zeros({g.B, g.H, g.Lq, g.Dv}, q.options());
   auto lse = covers ? at::empty({g.B, g.H, g.Lq}, lopt)
                     : at::full({g.B, g.H, g.Lq}, std::numeric_limits<double>::infinity(), lopt);
   Inputs<T> in{static_cast<T*>(q.data_ptr()), static_cast<T*>(k.data_ptr()), static_cast<T*>(v.data_ptr()), g, tab};
-  Score<C> sc;
-  if (pre.defined()) sc.pre = static_cast<C*>(pre.data_ptr()), sc.lvec = pre.size(1);
-  if (post.defined()) sc.post = static_cast<C*>(post.data_ptr()), sc.lvec = post.size(1);
-  sc.cap = static_cast<C>(cap);
-  sc.qmax = qmax;
+  const Score<C> sc = score_of<C>(pre, post, cap, qmax);
   const C scale = static_cast<C>(scale_d);
   T* out_p = static_cast<T*>(out.data_ptr());
   C* lse_p = static_cast<C*>(lse.data_ptr());
@@ -860,8 +872,7 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& q, const at::Tensor& k, 
   Geometry g{q.size(0), q.size(1), k.size(1), q.size(2), k.size(2), q.size(3), v.size(3),
              q.size(1) / k.size(1), k.size(2) - q.size(2)};
   const auto copt = q.options().dtype(c10::CppTypeToScalarType<C>::value);
-  bool covers = tab.tile_q[tab.T] == g.Lq;  // every row's dq written by its tile (see forward)
-  for (int64_t t = 0; covers && t < tab.T; ++t) covers = tab.tile_k[t + 1] > tab.tile_k[t];
+  const bool covers = covers_every_row(tab, g.Lq);  // every row's dq written by its tile
   auto dq = covers ? at::empty({g.B, g.H, g.Lq, g.D}, copt) : at::zeros({g.B, g.H, g.Lq, g.D}, copt);
   auto dk = at::zeros({parts, g.B, g.Hkv, g.Lk, g.D}, copt);
   auto dv = at::zeros({parts, g.B, g.Hkv, g.Lk, g.Dv}, copt);
@@ -873,11 +884,7 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& q, const at::Tensor& k, 
   auto dpre = at::zeros({want_pre ? threads : 0, g.H, lvec}, dopt);
   auto dpost = at::zeros({want_post ? threads : 0, g.H, lvec}, dopt);
   Inputs<T> in{static_cast<T*>(q.data_ptr()), static_cast<T*>(k.data_ptr()), static_cast<T*>(v.data_ptr()), g, tab};
-  Score<C> sc;
-  if (pre.defined()) sc.pre = static_cast<C*>(pre.data_ptr()), sc.lvec = lvec;
-  if (post.defined()) sc.post = static_cast<C*>(post.data_ptr()), sc.lvec = lvec;
-  sc.cap = static_cast<C>(cap);
-  sc.qmax = qmax;
+  const Score<C> sc = score_of<C>(pre, post, cap, qmax);
   const C scale = static_cast<C>(scale_d);
   const T* do_p = static_cast<T*>(dout.data_ptr());
   const C* lse_p = static_cast<C*>(lse.data_ptr());
