@@ -21,6 +21,7 @@ from .nn import GatedPositionalAttention, MultiHeadAttention, RCMHA, RelativeAtt
 from .heads.seer import SeerAttention
 from .nn.landmark import LandmarkAttention
 from .nn.long_short_query import LongShortQueryAttention
+from .nn.soft_causal import SoftCausalAttention
 from .nn.combiner import CombinerAttention
 from .nn.dynamic_mask import DynamicMaskAttention
 from .nn.fit import FITBlock
@@ -456,6 +457,10 @@ _VARIANTS = [
             Paper("Multi-Query Self-Attention with Transition-Aware Embedding Distillation for Sequential "
                   "Recommendation", 2023),
             lambda dim, heads, n: LongShortQueryAttention(dim, heads, window=8)),
+    Variant("illama", "score",
+            "causal attention eased in by a soft mask: future keys weighted by a rate decayed 1 -> 0 (here 0)",
+            Paper("Adapting LLaMA Decoder to Vision Transformer", 2024, "2404.06773"),
+            lambda dim, heads, n: SoftCausalAttention(dim, heads)),
     Variant("sret", "pattern",
             "one block applied twice (shared weights): full attention, then attention in 4 token slices",
             Paper("Sliced Recursive Transformer", 2021, "2111.05297"),

@@ -375,9 +375,16 @@ ROWS: tuple[Row, ...] = (
        ["nn.GatedPositionalAttention", "variant:gpsa"],
        ["test_gpsa.py::test_gpsa_matches_the_formula_on_every_backend",
         "test_gpsa.py::test_positional_init_mimics_a_convolution"]),
-    _m(4, "iLLaMA: causal attention for ViT",
-       "causal ViT with the class token after the image tokens and the soft causal mask schedule",
-       ["patterns.Causal"]),
+    _i(4, "iLLaMA: causal attention for ViT",
+       ["nn.soft_causal.SoftCausalAttention", "scores.SoftCausal", "nn.soft_causal.soft_mask_rate",
+        "nn.soft_causal.set_soft_mask_rate", "models.VisionTransformer", "variant:illama"],
+       ["test_soft_causal.py::test_soft_causal_attention_is_the_blended_mask_on_every_backend",
+        "test_soft_causal.py::test_post_class_token_reads_every_image_token_under_causal_attention",
+        "test_soft_causal.py::test_illama_vit_trains_through_the_soft_mask_schedule"],
+       "causal attention with the soft mask M = rate + (1 - rate) tril on exp(logits) (rate decayed linearly "
+       "to 0, the authors' schedule) and the post-sequence class token (`VisionTransformer(class_token="
+       "'post')`); the authors' code applies M after the softmax without renormalising, which is not "
+       "reproduced; RMSNorm, SwiGLU and RoPE (the LLaMA parts) are left to the model"),
     _i(4, "Music Transformer: memory-efficient relative attention",
        ["nn.RelativeAttention", "scores.RelativeEmbedding", "scores.skew", "variant:music_relative"],
        ["test_relative_attention.py::test_relative_embedding_matches_the_naive_form_forward_and_gradients",

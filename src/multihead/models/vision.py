@@ -78,11 +78,18 @@ class VisionTransformer(nn.Module):
     * ``crossvit`` runs CrossViT's two branches, patches of ``patch`` and ``2 * patch`` with a CLS
       token each, fused by cross-attention at every layer; the logits are the mean of the two
       branches' classifiers.
+
+    ``class_token="post"`` (one-stage models only) appends a learned class token after the image
+    tokens and classifies from it instead of the mean: iLLaMA's post-sequence class token, with which
+    a causal attention (``illama``) still lets the class token read the whole image.
     """
 
     def __init__(self, image_size, patch, dim: int, depth: int, heads: int, attention="mha", *,
-                 in_channels: int = 3, num_classes: int = 10, mlp_ratio: float = 4.0, dropout: float = 0.0):
+                 in_channels: int = 3, num_classes: int = 10, mlp_ratio: float = 4.0, dropout: float = 0.0,
+                 class_token: str | None = None):
         super().__init__()
+        if class_token not in (None, "post"):
+            raise ShapeError(f"VisionTransformer.class_token must be None (mean pooling) or 'post', got {class_token!r}")
         self.image_size, self.patch = _pair("image_size", image_size), _pair("patch", patch)
         for name, value in (("dim", dim), ("depth", depth), ("heads", heads), ("in_channels", in_channels),
                             ("num_classes", num_classes)):
@@ -95,12 +102,16 @@ class VisionTransformer(nn.Module):
                 raise ShapeError(f"VisionTransformer.patch {p} must divide image_size {self.image_size}"
                                  + (" (CrossViT's second branch uses patches twice as large)" if self.two_branch
                                     else ""))
+        if class_token is not None and isinstance(build, (VisionBuild, TwoBranchBuild)):
+            raise ShapeError("VisionTransformer.class_token='post' needs a token variant (vision blocks lay "
+                             "their tokens out on the grid; CrossViT has a class token per branch)")
         self.grids = [tuple(n // q for n, q in zip(self.image_size, p)) for p in patches]
         self.embeds = nn.ModuleList(nn.Conv2d(in_channels, dim, p, stride=p) for p in patches)
-        extra = 1 if self.two_branch else 0
+        extra = 1 if self.two_branch or class_token else 0
         self.positions = nn.ParameterList(
             nn.Parameter(torch.randn(1, extra + g[0] * g[1], dim) * 0.02) for g in self.grids)
         self.cls = nn.ParameterList(nn.Parameter(torch.randn(1, 1, dim) * 0.02) for _ in patches[:extra * 2])
+        self.class_token = class_token
         self.blocks, self.merges = nn.ModuleList(), nn.ModuleList()
         layered = isinstance(build, (VisionBuild, TwoBranchBuild))
         width, count, grid = dim, heads, self.grids[0]
@@ -120,7 +131,7 @@ class VisionTransformer(nn.Module):
                 elif layered:
                     module = build(width, count, grid[0] * grid[1], layer=layer, grid=grid)
                 else:
-                    module = build(width, count, grid[0] * grid[1])
+                    module = build(width, count, grid[0] * grid[1] + extra)
                 stage_blocks.append(TransformerBlock(width, module, mlp_ratio, dropout))
                 layer += 1
             self.blocks.append(stage_blocks)
@@ -136,6 +147,8 @@ class VisionTransformer(nn.Module):
         branches = [embed(images).flatten(2).transpose(1, 2) for embed in self.embeds]
         if self.two_branch:
             branches = [torch.cat([cls.expand(len(images), -1, -1), x], dim=1) for cls, x in zip(self.cls, branches)]
+        elif self.class_token == "post":
+            branches = [torch.cat([branches[0], self.cls[0].expand(len(images), -1, -1)], dim=1)]
         x = torch.cat([b + pos for b, pos in zip(branches, self.positions)], dim=1)
         grid = self.grids[0]
         for merge, stage in zip(self.merges, self.blocks):
@@ -147,4 +160,4 @@ class VisionTransformer(nn.Module):
         if self.two_branch:
             split = branches[0].shape[1]
             return (self.classifiers[0](x[:, 0]) + self.classifiers[1](x[:, split])) / 2
-        return self.classifiers[0](x.mean(dim=1))
+        return self.classifiers[0](x[:, -1] if self.class_token == "post" else x.mean(dim=1))
