@@ -41,6 +41,7 @@ from .models.recursive import SlicedRecursiveBlock
 from .scores import ALiBi, ComplexRotation, RelativePositionBias, RoPE, Softcap
 from .vision import (ChannelGroupAttention, CrossShapedWindowAttention, HaloAttention, LocalGlobalAttention,
                      MultiScaleHeadAttention, NeighborhoodAttention2d, SparseGlobalAttention, WindowAttention)
+from .vision.aggregated import AggregatedAttention
 from .vision.builders import TwoBranchBuild, VisionBuild
 from .vision.conv_projection import ConvProjectionAttention
 from .vision.slots import SlotAttention2d
@@ -372,9 +373,10 @@ _VARIANTS = [
             Paper("DuoFormer: Leveraging Hierarchical Representations by Local and Global Attention Vision "
                   "Transformer", 2024),
             VisionBuild(lambda dim, h, grid, layer: LocalGlobalAttention.duoformer(dim, h), hierarchical=True)),
-    Variant("transnext", "vision", "a 3x3 sliding neighborhood plus keys pooled 4x, the two outputs added",
+    Variant("transnext", "vision",
+            "one softmax over a 3x3 sliding neighborhood and keys pooled 4x, cosine logits, learnable tokens",
             Paper("TransNeXt: Robust Foveal Visual Perception for Vision Transformers", 2023, "2311.17132"),
-            VisionBuild(lambda dim, h, grid, layer: LocalGlobalAttention.transnext(dim, h), hierarchical=True)),
+            VisionBuild(lambda dim, h, grid, layer: AggregatedAttention(dim, h, window=3, pool=4), hierarchical=True)),
     # issue 17: the seed papers' missing mechanisms
     Variant("landmark", "pattern",
             "every 64th token is a landmark; earlier blocks weighted by their landmark, softmax inside each (causal)",

@@ -161,10 +161,15 @@ ROWS: tuple[Row, ...] = (
     _m(2, "TiC: MSA-Conv (self-attention inside convolution windows)",
        "the windows are Neighborhood(kernel, dilation); the cyclic shifts and inter-pooling are not built",
        ["patterns.Neighborhood"]),
-    _m(2, "TransNeXt: Aggregated Attention",
-       "one softmax over a sliding neighborhood and pooled keys, with learnable tokens and query "
-       "embedding; the catalog's `transnext` preset is a simplification (two softmaxes added)",
-       ["vision.LocalGlobalAttention", "variant:transnext"]),
+    _i(2, "TransNeXt: Aggregated Attention",
+       ["vision.AggregatedAttention", "vision.aggregated.PooledAndLocalBias", "patterns.Sinks", "patterns.Halo",
+        "variant:transnext"],
+       ["test_aggregated.py::test_aggregated_attention_is_the_authors_formula_on_every_backend",
+        "test_aggregated.py::test_pooled_offsets_are_the_authors_log_spaced_table",
+        "test_aggregated.py::test_transnext_vit_trains"],
+       "the authors' AggregatedAttention: one softmax over a zero-padded sliding neighborhood and pooled keys, "
+       "cosine logits with query embedding and length-scaled temperature, window and continuous position "
+       "biases, learnable tokens; the Convolutional GLU channel mixer and the TransNeXt backbone are not built"),
     _o(2, "SMITH: hierarchical encoder for long documents", "architecture",
        "a sentence-block encoder then a document encoder, each standard attention"),
     _i(2, "LRGT: Long-Range Grouping Attention",

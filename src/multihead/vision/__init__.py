@@ -4,6 +4,7 @@ Each block is built from the shared patterns, scores and ``multihead.attention``
 none has attention math of its own; ``docs/vision.md`` says which paper each follows and how.
 """
 
+from .aggregated import AggregatedAttention
 from .base import GridAttention, OnTokens, check_feature_map
 from .channel import ChannelGroupAttention
 from .cross_shaped import CrossShapedWindowAttention
@@ -18,4 +19,4 @@ from .window import WindowAttention, swin_pair
 __all__ = ["GridAttention", "OnTokens", "check_feature_map", "WindowAttention", "swin_pair",
            "NeighborhoodAttention2d", "CrossShapedWindowAttention", "HaloAttention", "ChannelGroupAttention",
            "MultiScaleHeadAttention", "SparseGlobalAttention", "dlgsa_pair", "LocalGlobalAttention",
-           "CrossAttentionFusion", "CrossViTAttention"]
+           "CrossAttentionFusion", "CrossViTAttention", "AggregatedAttention"]

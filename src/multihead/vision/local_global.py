@@ -65,8 +65,9 @@ class LocalGlobalAttention(GridAttention):
 
     @classmethod
     def transnext(cls, dim: int, heads: int, **options) -> "LocalGlobalAttention":
-        """TransNeXt's aggregated attention: a 3x3 sliding neighborhood (foveal) plus pooled
-        global keys for every token; the two outputs add (TransNeXt uses one softmax over both)."""
+        """A simplification of TransNeXt's aggregated attention: a 3x3 sliding neighborhood plus pooled
+        global keys for every token, the two outputs added (the paper's form, one softmax over both
+        with its logits and learnable tokens, is ``vision.AggregatedAttention``, catalog ``transnext``)."""
         return cls(dim, heads, window=3, pool=4, pooling="avg", mix="sum", local="neighborhood", **options)
 
     def pattern_for(self, grid):
