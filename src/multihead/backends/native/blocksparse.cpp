@@ -157,7 +157,7 @@ struct Table {
   const int64_t* tile_k;   // (T + 1,) offsets into a slot's key list
   const int64_t* k_idx;    // (S, K) key positions, per layout slot
   const uint8_t* k_contig; // (T,) the tile's keys are one ascending run in every slot
-  const int64_t* tile_m;   // (T,) offset of the tile's (rows x keys) mask in a slot, -1: none
+  const int64_t* tile_m;   // (T,) offset of the tile's (keys x rows) mask in a slot, -1: none
   const uint8_t* mask;     // (S, Mtot) 1 = allowed
   int64_t T, K, Mtot, lb, lh;
 };
@@ -250,7 +250,7 @@ const T* key_rows(const T* base, int64_t D, const int64_t* idx, int64_t n, bool 
 template <typename T, typename C>
 void chunk_logits(const Inputs<T>& in, const Score<C>& sc, C scale, const T* qb, const T* kb,
                   int64_t M, int64_t n, int64_t rows, const int64_t* kpos, const int64_t* heads,
-                  const int64_t* qabs, const uint8_t* mask, int64_t mask_ld, bool key_major, C* s, C* raw) {
+                  const int64_t* qabs, const uint8_t* mask, C* s, C* raw) {
   const int64_t D = in.g.D;
   gemm(false, true, M, n, D, scale, qb, D, kb, D, C(0), s, n);
   const bool any_score = sc.pre || sc.post || sc.cap > 0;
@@ -271,11 +271,7 @@ void chunk_logits(const Inputs<T>& in, const Score<C>& sc, C scale, const T* qb,
       if (post)
         for (int64_t j = 0; j < n; ++j) si[j] += post[kpos[j]];
     }
-    if (mask && !key_major) {
-      const uint8_t* mi = mask + (i % rows) * mask_ld;
-      for (int64_t j = 0; j < n; ++j)
-        if (!mi[j]) si[j] = ninf;
-    } else if (mask) {  // (keys x rows), ``mask`` already offset to the chunk's first key
+    if (mask) {  // (keys x rows), ``mask`` already offset to the chunk's first key
       const uint8_t* mi = mask + (i % rows);
       for (int64_t j = 0; j < n; ++j)
         if (!mi[j * rows]) si[j] = ninf;
@@ -396,6 +392,23 @@ void transpose_out(const C* XT, int64_t nl, int64_t width, const C* scale, C* x)
   }
 }
 
+// Lanes l < nl of ``s`` whose byte m[l] is 0 become -inf.
+template <typename C>
+inline void mask_lanes(C* s, const uint8_t* m, int64_t nl) {
+#if defined(CPU_CAPABILITY_AVX512)
+  if constexpr (std::is_same_v<C, float>) {
+    if (nl == 16) {
+      const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(m));
+      const __mmask16 off = _mm_testn_epi8_mask(bytes, bytes);
+      _mm512_storeu_ps(s, _mm512_mask_mov_ps(_mm512_loadu_ps(s), off,
+                                             _mm512_set1_ps(-std::numeric_limits<float>::infinity())));
+      return;
+    }
+  }
+#endif
+  for (int64_t l = 0; l < nl; ++l) s[l] = m[l] ? s[l] : -std::numeric_limits<C>::infinity();
+}
+
 // The lane block's logits (keys x lanes): QT K^T, then the score and the key-major mask.
 // ``raw`` (when not null) receives the pre-softcap values.
 template <typename C, typename K>
@@ -425,11 +438,7 @@ void lanes_logits(const Score<C>& sc, const C* QT, int64_t D, const K* kbase, co
   if (mask) {
     const int64_t r0 = first % rows;
     if (r0 + nl <= rows) {  // the lanes are consecutive rows of one head: contiguous mask bytes
-      for (int64_t j = 0; j < W; ++j) {
-        const uint8_t* mj = mask + j * rows + r0;
-        C* sj = ST + j * L;
-        for (int64_t l = 0; l < nl; ++l) sj[l] = mj[l] ? sj[l] : ninf;
-      }
+      for (int64_t j = 0; j < W; ++j) mask_lanes(ST + j * L, mask + j * rows + r0, nl);
     } else {
       for (int64_t j = 0; j < W; ++j)
         for (int64_t l = 0; l < nl; ++l)
@@ -477,30 +486,70 @@ void lanes_forward(const Geometry& g, const Score<C>& sc, C scale, Scratch<T, C>
 }
 
 
-// dst[d] += sum_l coeff[l] * rows[l][d] (d < width, l < nl), dst kept in registers across rows
-template <typename C>
-void accumulate_rows(C* dst, const C* coeff, const C* rows, int64_t nl, int64_t width) {
+// dst[t][d] += sum_l coeffT[t][l] * rows[l][d] for KB keys t and DB vectors of d from d0: the
+// keys' rows stay in registers while the lanes stream by (coeffT: keys x lanes).
+template <typename C, int KB, int DB>
+inline void scatter_block(C* const* dst, const C* coeffT, const C* rows, int64_t nl, int64_t width, int64_t d0) {
   using V = Vec<C>;
-  constexpr int64_t L = V::size(), RB = 4;
-  int64_t d0 = 0;
-  for (; d0 + RB * L <= width; d0 += RB * L) {
-    V acc[RB];
+  constexpr int64_t L = V::size();
+  V acc[KB][DB];
 #pragma GCC unroll 4
-    for (int64_t t = 0; t < RB; ++t) acc[t] = V::loadu(dst + d0 + t * L);
-    for (int64_t l = 0; l < nl; ++l) {
-      if (coeff[l] == C(0)) continue;
-      const V c(coeff[l]);
-      const C* r = rows + l * width + d0;
+  for (int t = 0; t < KB; ++t)
 #pragma GCC unroll 4
-      for (int64_t t = 0; t < RB; ++t) acc[t] = at::vec::fmadd(c, V::loadu(r + t * L), acc[t]);
+    for (int u = 0; u < DB; ++u) acc[t][u] = V::loadu(dst[t] + d0 + u * L);
+  for (int64_t l = 0; l < nl; ++l) {
+    V r[DB];
+#pragma GCC unroll 4
+    for (int u = 0; u < DB; ++u) r[u] = V::loadu(rows + l * width + d0 + u * L);
+#pragma GCC unroll 4
+    for (int t = 0; t < KB; ++t) {
+      const V c(coeffT[t * L + l]);
+#pragma GCC unroll 4
+      for (int u = 0; u < DB; ++u) acc[t][u] = at::vec::fmadd(c, r[u], acc[t][u]);
     }
-#pragma GCC unroll 4
-    for (int64_t t = 0; t < RB; ++t) acc[t].store(dst + d0 + t * L);
   }
-  for (; d0 < width; ++d0) {
-    C acc = dst[d0];
-    for (int64_t l = 0; l < nl; ++l) acc += coeff[l] * rows[l * width + d0];
-    dst[d0] = acc;
+#pragma GCC unroll 4
+  for (int t = 0; t < KB; ++t)
+#pragma GCC unroll 4
+    for (int u = 0; u < DB; ++u) acc[t][u].store(dst[t] + d0 + u * L);
+}
+
+template <typename C, int KB>
+inline void scatter_keys(C* const* dst, const C* coeffT, const C* rows, int64_t nl, int64_t width) {
+  constexpr int64_t L = Vec<C>::size();
+  int64_t d0 = 0;
+  for (; d0 + 4 * L <= width; d0 += 4 * L) scatter_block<C, KB, 4>(dst, coeffT, rows, nl, width, d0);
+  for (; d0 + L <= width; d0 += L) scatter_block<C, KB, 1>(dst, coeffT, rows, nl, width, d0);
+  for (; d0 < width; ++d0)
+    for (int t = 0; t < KB; ++t) {
+      C a = dst[t][d0];
+      for (int64_t l = 0; l < nl; ++l) a += coeffT[t * L + l] * rows[l * width + d0];
+      dst[t][d0] = a;
+    }
+}
+
+// Key rows base + kpos[j] * width += sum_l coeffT[j][l] * rows[l] for the W keys of a lane block
+// (dK from dS and the queries, dV from P and dO): four distinct keys at a time.
+template <typename C>
+void lanes_scatter(C* base, const int64_t* kpos, int64_t W, const C* coeffT, const C* rows, int64_t nl,
+                   int64_t width) {
+  constexpr int64_t L = Vec<C>::size();
+  int64_t j = 0;
+  for (; j + 4 <= W; j += 4) {
+    const int64_t* k = kpos + j;
+    C* dst[4] = {base + k[0] * width, base + k[1] * width, base + k[2] * width, base + k[3] * width};
+    // a padded key list may name one key twice: then one at a time (each update sees the last)
+    const bool distinct = k[0] != k[1] && k[0] != k[2] && k[0] != k[3] && k[1] != k[2] && k[1] != k[3] &&
+                          k[2] != k[3];
+    if (distinct) {
+      scatter_keys<C, 4>(dst, coeffT + j * L, rows, nl, width);
+    } else {
+      for (int t = 0; t < 4; ++t) scatter_keys<C, 1>(dst + t, coeffT + (j + t) * L, rows, nl, width);
+    }
+  }
+  for (; j < W; ++j) {
+    C* dst[1] = {base + kpos[j] * width};
+    scatter_keys<C, 1>(dst, coeffT + j * L, rows, nl, width);
   }
 }
 
@@ -537,8 +586,8 @@ void lanes_backward(const Geometry& g, const Score<C>& sc, C scale, Scratch<T, C
     }
     lanes_dot(DOT, g.Dv, vbase, kpos, W, g.Dv, DPT);  // dP
     // dV_j += sum_lanes P[j][l] dO_l ; dS = P (dP - delta)
+    lanes_scatter(dv_acc, kpos, W, ST, dob + first * g.Dv, nl, g.Dv);
     for (int64_t j = 0; j < W; ++j) {
-      accumulate_rows(dv_acc + kpos[j] * g.Dv, ST + j * L, dob + first * g.Dv, nl, g.Dv);
       const V ds = V::loadu(ST + j * L) * (V::loadu(DPT + j * L) - delta);
       ds.store(DPT + j * L);
     }
@@ -558,15 +607,12 @@ void lanes_backward(const Geometry& g, const Score<C>& sc, C scale, Scratch<T, C
       }
     }
     // dK_j += scale sum_lanes dS[j][l] q_l ; dQ = scale dS K
-    for (int64_t j = 0; j < W; ++j) {
-      C coeff[L];
-      (V::loadu(DPT + j * L) * V(scale)).store(coeff);
-      accumulate_rows(dk_acc + kpos[j] * g.D, coeff, qf + first * g.D, nl, g.D);
-    }
+    for (int64_t j = 0; j < W; ++j) (V::loadu(DPT + j * L) * V(scale)).store(DPT + j * L);
+    lanes_scatter(dk_acc, kpos, W, DPT, qf + first * g.D, nl, g.D);
     lanes_combine(DPT, kbase, kpos, W, g.D, g.D, DQT, false);
-    C scales[L];
-    std::fill(scales, scales + L, scale);
-    transpose_out(DQT, nl, g.D, scales, w.dq.data() + first * g.D);
+    C ones[L];
+    std::fill(ones, ones + L, C(1));
+    transpose_out(DQT, nl, g.D, ones, w.dq.data() + first * g.D);
   }
 }
 
@@ -673,6 +719,13 @@ void rows_backward(const Geometry& g, const Score<C>& sc, C scale, Scratch<C, C>
 }
 
 template <typename T> constexpr bool kRows = std::is_same_v<T, float> || std::is_same_v<T, double>;
+
+// Rows on lanes when a tile fills at least half the lanes: every float32 / float64 tile, and for
+// bfloat16 the gathered ones (a run of bfloat16 keys goes to the BLAS's bf16 product).
+template <typename T>
+inline bool use_lanes(bool contig, int64_t M) {
+  return (kRows<T> || !contig) && 2 * M >= Vec<typename Acc<T>::type>::size();
+}
 
 // The tile's rows of ``x`` (T) in the compute type: the rows themselves, or a converted copy.
 template <typename T, typename C>
@@ -800,7 +853,7 @@ std::vector<at::Tensor> forward_impl(const at::Tensor& q, const at::Tensor& k, c
     const T* vbase = in.v + (b * g.Hkv + hk) * g.Lk * g.Dv;
     const bool contig = x.contig;
     // gathered keys: read in place, rows on the vector lanes (or, few rows, one at a time)
-    const bool lanes = !contig && 2 * M >= Vec<C>::size();
+    const bool lanes = use_lanes<T>(contig, M);
     bool row_path = false;
     if constexpr (kRows<T>) row_path = !contig && !lanes;
     if (lanes || row_path) {
@@ -823,7 +876,7 @@ std::vector<at::Tensor> forward_impl(const at::Tensor& q, const at::Tensor& k, c
       const T* vb = key_rows(vbase, g.Dv, kpos + c0, n, contig, w.v);
       C* s = w.s.data();
       chunk_logits(in, sc, scale, w.q.data(), kb, M, n, rows, kpos + c0, w.heads.data(), w.qabs.data(),
-                   mask ? mask + (contig ? c0 : c0 * rows) : nullptr, W, !contig, s, static_cast<C*>(nullptr));
+                   mask ? mask + c0 * rows : nullptr, s, static_cast<C*>(nullptr));
       // online softmax
       for (int64_t i = 0; i < M; ++i) {
         C* si = s + i * n;
@@ -930,7 +983,7 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& q, const at::Tensor& k, 
           for (int64_t d = 0; d < g.Dv; ++d) delta += static_cast<C>(o[d]) * static_cast<C>(d_o[d]);
           w.l[i] = delta;
         }
-        const bool lanes = !contig && 2 * M >= Vec<C>::size();
+        const bool lanes = use_lanes<T>(contig, M);
         bool row_path = false;
         if constexpr (kRows<T>) row_path = !contig && !lanes;
         if (lanes || row_path) {
@@ -953,8 +1006,7 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& q, const at::Tensor& k, 
           if (sc.cap > 0) w.raw.resize(M * n);
           C* s = w.s.data();
           chunk_logits(in, sc, scale, w.q.data(), kb, M, n, rows, kpos + c0, w.heads.data(), w.qabs.data(),
-                       mask ? mask + (contig ? c0 : c0 * rows) : nullptr, W, !contig, s,
-                       sc.cap > 0 ? w.raw.data() : nullptr);
+                       mask ? mask + c0 * rows : nullptr, s, sc.cap > 0 ? w.raw.data() : nullptr);
           for (int64_t i = 0; i < M; ++i) {  // P = exp(s - lse)
             C* si = s + i * n;
             const C m = w.m[i];

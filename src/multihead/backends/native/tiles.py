@@ -10,8 +10,8 @@ computes the tile's logits against exactly those keys. The arrays (all on the CP
   (``lb`` x ``lh`` slots: 1 unless the pattern differs per batch element or per query head);
 * ``k_contig (T,)`` uint8: the tile's keys are one ascending run in every slot (read in place);
 * ``tile_m (T,)`` int64 and ``mask (S, M)`` uint8: the offset of the tile's mask (1 = allowed),
-  or -1 when every listed key is allowed for every row; ``rows x keys`` when the keys are one run,
-  ``keys x rows`` when they are gathered (the kernel puts a gathered tile's rows on vector lanes).
+  or -1 when every listed key is allowed for every row; ``keys x rows`` (the kernel puts a tile's
+  rows on vector lanes, so one key's bytes for consecutive rows are adjacent).
 """
 
 from __future__ import annotations
@@ -89,9 +89,8 @@ def from_plan(plan, pattern, q_len: int, kv_len: int) -> TileTable:
             tile_k.append(k_total)
             tile_q.append(tile_q[-1] + rows)
             contig.append(run)
-            if need:  # row-major for a run of keys, key-major (keys x rows) for gathered keys
-                block = allowed[:, :, j] if run else allowed[:, :, j].transpose(-1, -2)
-                masks.append(block.reshape(slots, rows * width))
+            if need:  # key-major: keys x rows
+                masks.append(allowed[:, :, j].transpose(-1, -2).reshape(slots, rows * width))
                 tile_m.append(m_total)
                 m_total += rows * width
             else:
