@@ -536,10 +536,17 @@ ROWS: tuple[Row, ...] = (
     _o(7, "Dynamical Systems Framework: attention vs SSM vs RNN", "theory",
        "a common representation of attention, SSMs and RNNs"),
     # 8. Benchmarks
-    _m(8, "Long Range Arena (LRA)",
-       "the suite: only ListOps is built (`multihead arena --task listops`); text, retrieval, image and "
-       "pathfinder are not",
-       ["arena.ListOps"]),
+    _i(8, "Long Range Arena (LRA)",
+       ["arena.ListOps", "arena.lra.LRAText", "arena.lra.LRARetrieval", "arena.lra.LRAImage", "arena.lra.Pathfinder"],
+       ["test_lra.py::test_text_label_is_the_majority_of_sentiment_words",
+        "test_lra.py::test_retrieval_label_says_whether_the_two_documents_share_a_topic",
+        "test_lra.py::test_image_is_the_quantised_shapes_row_by_row",
+        "test_lra.py::test_pathfinder_dots_are_joined_exactly_when_one_curve_links_them",
+        "test_lra.py::test_a_model_learns_the_text_task_and_the_arena_runs_a_row"],
+       "the five tasks, generated (no download): `multihead arena --task listops,lra_text,lra_retrieval,"
+       "lra_image,pathfinder`; text and retrieval over a generated lexicon instead of IMDb and the ACL "
+       "Anthology, retrieval's two documents in one sequence (not a two-tower model), images of generated "
+       "shapes instead of CIFAR-10, Path-X and the LRA's 1K-16K lengths left to `--length` and the sizes"),
     _i(8, "Long-Context Attention Benchmark (kernels + context parallelism)",
        ["bench.run_bench", "cli.main"],
        ["test_bench.py::test_bench_covers_every_catalog_variant",

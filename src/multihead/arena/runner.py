@@ -13,7 +13,7 @@ import contextlib
 import math
 import statistics
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 import torch
@@ -79,7 +79,8 @@ QUICK = ArenaSettings(tasks=["mqar", "selective_copy", "listops", "image"],
 
 def make_task(name: str, length: int | None):
     task = TASKS[name]()
-    return task if length is None or isinstance(task, Image) else replace(task, length=length)
+    sized_by_length = "length" in {f.name for f in fields(task)}  # not the images, whose size sets it
+    return replace(task, length=length) if length is not None and sized_by_length else task
 
 
 def build_model(task, variant: str, settings: ArenaSettings) -> nn.Module:

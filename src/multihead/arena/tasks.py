@@ -305,4 +305,6 @@ class Image(Task):
         return self.source.datasets(train, test, seed)
 
 
-TASKS = {"mqar": MQAR, "listops": ListOps, "selective_copy": SelectiveCopy, "image": Image}
+from .lra import LRA_TASKS  # noqa: E402  (the Long Range Arena's other tasks build on Shapes and Task above)
+
+TASKS = {"mqar": MQAR, "listops": ListOps, "selective_copy": SelectiveCopy, "image": Image, **LRA_TASKS}
