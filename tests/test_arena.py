@@ -161,3 +161,33 @@ def test_mqar_full_attention_recalls_and_a_short_window_does_not(tmp_path):
     rows = {r["variant"]: r for r in run_arena(settings, tmp_path)["rows"]}
     assert rows["mha"]["accuracy_mean"] > 4 * rows["mha"]["chance"]
     assert rows["sliding_window"]["accuracy_mean"] < 2 * rows["sliding_window"]["chance"]
+
+
+def test_block_transformer_reads_its_own_position_and_nothing_later():
+    from multihead.arena.models import ReadsThrough
+    from multihead.models.block_lm import BlockTransformerLM
+
+    torch.manual_seed(0)
+    inner = BlockTransformerLM(12, 16, 2, block=4, max_len=16)
+    model = ReadsThrough(inner, 4)
+    tokens = torch.randint(0, 12, (1, 10))
+    padded = torch.cat([tokens, torch.zeros(1, 2, dtype=torch.long)], 1)  # 10 + 1, up to a multiple of 4
+    torch.testing.assert_close(model(tokens), inner(padded)[:, 1:11])
+    changed = tokens.clone()
+    changed[0, 5] = (changed[0, 5] + 1) % 12
+    moved = (model(changed) - model(tokens)).abs().amax(-1)[0]
+    assert moved[:5].max() == 0 and moved[5] > 0  # position 5 reads token 5, earlier ones do not
+
+
+def test_arena_trains_the_models_beside_the_variants(tmp_path):
+    settings = ArenaSettings(tasks=["mqar", "image"], variants=["full", "block_transformer", "wide_attention"],
+                             steps=3, seeds=1, train_size=64, test_size=32, dim=16, heads=2)
+    result = run_arena(settings, out_dir=tmp_path)
+    trained = {(r["task"], r["variant"]) for r in result["rows"]}
+    assert {("mqar", "block_transformer"), ("mqar", "wide_attention"), ("image", "mha")} <= trained
+    assert {s["variant"] for s in result["skipped"]} == {"block_transformer", "wide_attention"}
+    wide = next(r for r in result["rows"] if r["variant"] == "wide_attention")
+    deep = next(r for r in result["rows"] if r["variant"] == "mha" and r["task"] == "mqar")
+    assert wide["parameters"] < deep["parameters"]  # same heads, one MLP instead of two
+    with pytest.raises(MultiheadError, match="block_transformer"):
+        ArenaSettings(variants=["block_transformerz"]).validate()

@@ -172,6 +172,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="results/inspect", help="folder for the plots and index.html")
     p.set_defaults(run=_inspect)
     from .arena import QUICK, ArenaSettings
+    from .arena.models import MODELS
     from .arena.tasks import TASKS
 
     defaults = ArenaSettings()
@@ -182,7 +183,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--task", type=_csv(str), default=None,
                    help=f"comma-separated, from {','.join(TASKS)} (default {','.join(defaults.tasks)})")
     p.add_argument("--variants", type=_csv(str), default=None,
-                   help=f"comma-separated catalog names (full = mha; default {','.join(defaults.variants)})")
+                   help=f"comma-separated catalog names (full = mha) or the models {','.join(MODELS)} "
+                        f"(default {','.join(defaults.variants)})")
     p.add_argument("--steps", type=int, default=None, help="training steps per model (default: the task's own: "
                         + ", ".join(f"{name} {task.steps}" for name, task in TASKS.items()) + ")")
     p.add_argument("--seeds", type=int, default=None, help=f"seeds per variant (default {defaults.seeds})")

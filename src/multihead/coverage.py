@@ -126,11 +126,14 @@ ROWS: tuple[Row, ...] = (
        "MLA's latent and head input dims sharded over ranks, per-shard attention, all-reduce",
        ["heads.MultiHeadLatentAttention"]),
     _m(1, "DHVT: Dynamic Hybrid ViT (head token)", "the head token that recalibrates channel groups"),
-    _i(1, "Wide Attention Is The Way Forward For Transformers?", ["models.wide.wide_lm", "models.TransformerLM"],
+    _i(1, "Wide Attention Is The Way Forward For Transformers?",
+       ["models.wide.wide_lm", "models.TransformerLM", "arena.models.wide_attention"],
        ["test_wide.py::test_every_depth_has_the_same_heads_and_attention_parameters",
-        "test_wide.py::test_wide_and_deep_models_train"],
-       "the builder (a fixed total of heads over 1..n layers); the paper's comparison across attention "
-       "types and tasks is a study, not built"),
+        "test_wide.py::test_wide_and_deep_models_train",
+        "test_arena.py::test_arena_trains_the_models_beside_the_variants"],
+       "the builder (a fixed total of heads over 1..n layers), in the arena as `wide_attention` (every "
+       "head in one layer) against the deep `mha`; the paper's comparison across attention types and tasks "
+       "is a study, not built"),
     _i(1, "Reducing the Transformer Architecture to a Minimum",
        ["nn.minimal.MinimalAttention", "variant:minimal_attention"],
        ["test_minimal.py::test_minimal_forms_are_their_formulas_forward_and_gradients",
@@ -185,12 +188,15 @@ ROWS: tuple[Row, ...] = (
        ["test_patterns_dynamic.py::test_routing_equals_dense_transcription_forward_and_gradients",
         "test_patterns_dynamic.py::test_routing_assigns_each_token_to_the_centroid_nearest_its_query_and_key"]),
     _i(2, "Block Transformer: global-to-local LM",
-       ["models.block_lm.BlockTransformerLM", "patterns.BlockLocal", "variant:block_local"],
+       ["models.block_lm.BlockTransformerLM", "patterns.BlockLocal", "variant:block_local",
+        "arena.models.block_transformer"],
        ["test_block_lm.py::test_every_prediction_sees_only_earlier_tokens",
         "test_block_lm.py::test_token_decoder_attends_within_blocks_and_block_decoder_between_blocks",
-        "test_block_lm.py::test_block_transformer_learns_a_task_that_needs_both_levels"],
-       "embedder, causal block decoder over block embeddings, token decoder local to each block; trained "
-       "by its tests, not by `multihead arena` (whose runner builds TransformerLM), and no cached decoding"),
+        "test_block_lm.py::test_block_transformer_learns_a_task_that_needs_both_levels",
+        "test_arena.py::test_block_transformer_reads_its_own_position_and_nothing_later",
+        "test_arena.py::test_arena_trains_the_models_beside_the_variants"],
+       "embedder, causal block decoder over block embeddings, token decoder local to each block; "
+       "`multihead arena --variants block_transformer` trains it on the sequence tasks; no cached decoding"),
     _i(2, "DaViT: Dual Attention ViT",
        ["vision.ChannelGroupAttention", "vision.WindowAttention", "variant:davit_block"],
        ["test_vision.py::test_channel_group_attention_is_davit"]),

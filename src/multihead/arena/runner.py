@@ -26,6 +26,7 @@ from ..bench.measure import peak_memory
 from ..bench.runner import machine, versions
 from ..errors import MultiheadError
 from ..models.vision import VisionTransformer
+from .models import MODELS, build_arena_model
 from .tasks import IGNORE, TASKS, Image
 
 #: Names the arena accepts besides the catalog's.
@@ -52,10 +53,10 @@ class ArenaSettings:
 
     def resolved_variants(self) -> list[str]:
         names = [ALIASES.get(v, v) for v in self.variants]
-        unknown = [v for v, n in zip(self.variants, names) if n not in catalog.CATALOG]
+        unknown = [v for v, n in zip(self.variants, names) if n not in catalog.CATALOG and n not in MODELS]
         if unknown:
-            raise MultiheadError(f"--variants: unknown {unknown}; choose from {list(catalog.CATALOG)} "
-                                 f"(or {', '.join(f'{a} = {n}' for a, n in ALIASES.items())})")
+            raise MultiheadError(f"--variants: unknown {unknown}; choose from {list(catalog.CATALOG)}, the "
+                                 f"models {list(MODELS)} (or {', '.join(f'{a} = {n}' for a, n in ALIASES.items())})")
         return names
 
     def validate(self) -> None:
@@ -84,6 +85,8 @@ def make_task(name: str, length: int | None):
 
 
 def build_model(task, variant: str, settings: ArenaSettings) -> nn.Module:
+    if variant in MODELS:
+        return build_arena_model(variant, task, settings)
     if isinstance(task, Image):
         source = task.source
         return VisionTransformer(source.size, task.patch, settings.dim, settings.depth, settings.heads,
