@@ -13,6 +13,7 @@ from multihead import catalog
 from multihead.backends import BACKENDS
 from multihead.bench.implementations import TORCH_DENSE, backends_used, default_peers, with_backend
 from multihead.bench.measure import matmul_gflops, time_and_peak, time_interleaved
+from multihead.bench.readouts import READOUTS
 from multihead.bench.report import markdown
 from multihead.bench.runner import TORCH_VARIANT, BenchSettings, attended_flops, pattern_density
 from multihead.cli import main
@@ -37,10 +38,19 @@ def test_bench_covers_every_catalog_variant(tiny_bench):
     _, result = tiny_bench
     measured = {r["variant"] for r in result["rows"] if r["implementation"] == "auto"}
     skipped = {s["variant"] for s in result["skipped"]}
-    assert measured | skipped == set(catalog.CATALOG)
+    assert measured | skipped == set(catalog.CATALOG) | set(READOUTS)
     assert len(measured) >= len(catalog.CATALOG) // 2, result["skipped"]
     for s in result["skipped"]:  # only a grid that does not fit may keep a variant out
         assert s["length"] == 64 and s["reason"]
+
+
+def test_bench_measures_the_readout_and_cross_modules_forward_and_backward(tiny_bench):
+    _, result = tiny_bench
+    auto = {r["variant"]: r for r in result["rows"] if r["implementation"] == "auto"}
+    for name in READOUTS:  # their outputs are not (batch, N, dim): a gradient of their own shape
+        assert auto[name]["forward_s"] and auto[name]["forward_backward_s"], auto[name]["note"]
+    assert auto["kmax"]["backends"] == ["reference"]  # the cluster argmax normaliser: reference only
+    assert BenchSettings(only=["readout"]).readouts() == [READOUTS["attentive_probe"], READOUTS["pointer"]]
 
 
 def test_bench_schema(tiny_bench):

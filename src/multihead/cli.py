@@ -143,7 +143,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--grids", type=_csv(int), default=[],
                    help="comma-separated grid sides: side x side tokens, added to --lengths")
     p.add_argument("--only", type=_csv(str), default=[],
-                   help="comma-separated variant names or families (default: the whole catalog)")
+                   help="comma-separated variant names or families, or the read-out and cross modules "
+                        "attentive_probe, pointer, tnt, dcal_glca, dcal_pwca, kmax (default: all of them)")
     p.add_argument("--peers", type=_csv(str), default=defaults.peers,
                    help=f"comma-separated, from {','.join(known_peers())} (default {','.join(defaults.peers)}; "
                         f"flex compiles per shape and runs forward only on CPU)")

@@ -311,24 +311,30 @@ ROWS: tuple[Row, ...] = (
     _m(3, "Multi-scale self-guided attention",
        "position and channel attention modules with the guiding loss between scales"),
     _i(3, "DCAL: Dual Cross-Attention Learning",
-       ["nn.dcal.GlobalLocalCrossAttention", "nn.dcal.PairWiseCrossAttention", "nn.dcal.attention_rollout"],
+       ["nn.dcal.GlobalLocalCrossAttention", "nn.dcal.PairWiseCrossAttention", "nn.dcal.attention_rollout",
+        "bench.readouts.TopTokensQueryAll", "bench.readouts.WithDistractor"],
        ["test_dcal.py::test_rollout_multiplies_the_half_identity_mixed_maps_from_the_first_layer",
         "test_dcal.py::test_glca_lets_the_top_tokens_query_every_token",
         "test_dcal.py::test_pwca_spreads_the_softmax_over_both_images",
-        "test_dcal.py::test_glca_probe_learns_from_the_high_scoring_tokens"],
+        "test_dcal.py::test_glca_probe_learns_from_the_high_scoring_tokens",
+        "test_bench.py::test_bench_measures_the_readout_and_cross_modules_forward_and_backward"],
        "GLCA (top-R rollout tokens query all), PWCA (keys of an image pair) and the rollout; they take extra "
-       "inputs (scores, a distractor), so no catalog variant; the re-ID training schedule is not built"),
-    _i(3, "Pointer Networks", ["nn.pointer.PointerAttention"],
+       "inputs (scores, a distractor), so no catalog variant; the re-ID training schedule is not built; "
+       "`multihead bench --only dcal_glca,dcal_pwca` measures them"),
+    _i(3, "Pointer Networks", ["nn.pointer.PointerAttention", "bench.readouts.Pointing"],
        ["test_pointer.py::test_additive_pointer_is_the_papers_softmax_over_inputs_forward_and_gradients",
-        "test_pointer.py::test_pointer_network_learns_to_sort"],
+        "test_pointer.py::test_pointer_network_learns_to_sort",
+        "test_bench.py::test_bench_measures_the_readout_and_cross_modules_forward_and_backward"],
        "the pointing head (additive as in the paper, or dot); the LSTM encoder-decoder is left to the user "
-       "(the tests build one that sorts); an output head, so no catalog variant"),
-    _i(3, "Efficient Probing (attentive probe)", ["nn.probe.AttentiveProbe"],
+       "(the tests build one that sorts); an output head, so no catalog variant; `multihead bench --only "
+       "pointer` measures it"),
+    _i(3, "Efficient Probing (attentive probe)", ["nn.probe.AttentiveProbe", "bench.readouts.READOUTS"],
        ["test_probe.py::test_efficient_probe_is_multi_query_pooling_forward_and_gradients",
         "test_probe.py::test_one_efficient_query_is_exactly_a_one_head_standard_probe",
-        "test_probe.py::test_probe_learns_to_read_the_flagged_token"],
+        "test_probe.py::test_probe_learns_to_read_the_flagged_token",
+        "test_bench.py::test_bench_measures_the_readout_and_cross_modules_forward_and_backward"],
        "Efficient Probing and the standard attentive probe; a classifier head, not a token mixer, so it has no "
-       "catalog variant"),
+       "catalog variant; `multihead bench --only attentive_probe` measures it"),
     _i(3, "DuoFormer: scale-wise + patch-wise attention",
        ["vision.LocalGlobalAttention", "variant:duoformer"],
        ["test_vision.py::test_local_global_attention_is_a_window_path_and_a_pooled_path",
@@ -347,11 +353,14 @@ ROWS: tuple[Row, ...] = (
     _i(3, "MAFormer: Multi-scale Attention Fusion", ["vision.LocalGlobalAttention", "variant:maformer"],
        ["test_vision.py::test_local_global_attention_is_a_window_path_and_a_pooled_path",
         "test_vision.py::test_local_global_presets_and_bad_arguments"]),
-    _i(3, "TNT: Transformer in Transformer", ["vision.tnt.TNTBlock", "patterns.BlockLocal"],
+    _i(3, "TNT: Transformer in Transformer",
+       ["vision.tnt.TNTBlock", "patterns.BlockLocal", "bench.readouts.WordsAndSentences"],
        ["test_tnt.py::test_tnt_block_is_inner_attention_per_patch_then_outer_attention",
-        "test_tnt.py::test_tiny_tnt_learns_oriented_gratings"],
+        "test_tnt.py::test_tiny_tnt_learns_oriented_gratings",
+        "test_bench.py::test_bench_measures_the_readout_and_cross_modules_forward_and_backward"],
        "the two-stream block (inner attention over words per patch, folded into the sentences, outer "
-       "attention); it takes two streams, so no catalog variant"),
+       "attention); it takes two streams, so no catalog variant; `multihead bench --only tnt` measures "
+       "it"),
     _i(3, "FcaFormer: Forward Cross Attention",
        ["nn.forward_cross.ForwardCrossAttention", "nn.forward_cross.FcaStage", "nn.forward_cross.TokenMerge",
         "variant:fcaformer"],
@@ -361,13 +370,16 @@ ROWS: tuple[Row, ...] = (
        "earlier blocks' tokens as extra keys with per-channel learnable scales; the token merge is 1-D "
        "(average + depthwise conv), not the paper's 2-D strided convolutions"),
     _i(3, "kMaX-DeepLab: k-means cross-attention",
-       ["nn.kmeans_cross.KMeansCrossAttention", "nn.kmeans_cross.ClusterArgmax"],
+       ["nn.kmeans_cross.KMeansCrossAttention", "nn.kmeans_cross.ClusterArgmax",
+        "bench.readouts.ClusterCentres"],
        ["test_kmeans_cross.py::test_kmeans_cross_attention_is_the_hard_assignment_update_forward_and_gradients",
         "test_kmeans_cross.py::test_cluster_argmax_is_one_hot_over_the_queries",
-        "test_kmeans_cross.py::test_centres_learn_their_clusters_sums"],
+        "test_kmeans_cross.py::test_centres_learn_their_clusters_sums",
+        "test_bench.py::test_bench_measures_the_readout_and_cross_modules_forward_and_backward"],
        "the cluster-wise argmax as a normaliser (reference backend), centres updated with their pixels' "
        "values; the mask losses (deep supervision) and the segmentation model are not built; it updates "
-       "cluster centres from pixels, so no catalog variant"),
+       "cluster centres from pixels, so no catalog variant; `multihead bench --only kmax` measures "
+       "it"),
     _o(3, "GNMT: Google's Neural Machine Translation", "architecture",
        "an LSTM translation system; its attention is plain encoder-decoder attention"),
     # 4. Score / position modifiers

@@ -28,6 +28,7 @@ from ..errors import MultiheadError
 from ..patterns.base import Pattern
 from .implementations import LABELS, TORCH_DENSE, TorchDense, backends_used, default_peers, known, with_backend
 from .measure import matmul_gflops, time_and_peak
+from .readouts import READOUTS, Readout
 
 #: Forward+backward FLOPs per forward FLOP: the backward runs two matmuls per forward matmul.
 BACKWARD_FACTOR = 3
@@ -57,12 +58,17 @@ class BenchSettings:
 
     def variants(self) -> list[catalog.Variant]:
         """The catalog variants selected by ``only`` (names or families), in catalog order."""
-        families = {v.family for v in catalog.CATALOG.values()}
-        unknown = [n for n in self.only if n not in catalog.CATALOG and n not in families]
+        families = {v.family for v in (*catalog.CATALOG.values(), *READOUTS.values())}
+        unknown = [n for n in self.only if n not in catalog.CATALOG and n not in READOUTS and n not in families]
         if unknown:
             raise MultiheadError(f"--only: unknown variants or families {unknown}; choose from the variants "
-                                 f"{list(catalog.CATALOG)} or the families {sorted(families)}")
+                                 f"{list(catalog.CATALOG)}, the read-out and cross modules {list(READOUTS)} or "
+                                 f"the families {sorted(families)}")
         return [v for v in catalog.CATALOG.values() if not self.only or v.name in self.only or v.family in self.only]
+
+    def readouts(self) -> list[Readout]:
+        """The read-out and cross modules selected by ``only`` (``bench.readouts``; all without it)."""
+        return [r for r in READOUTS.values() if not self.only or r.name in self.only or r.family in self.only]
 
     def validate(self) -> None:
         self.variants()
@@ -140,6 +146,7 @@ class _Case:
         self.x = torch.randn(shape, generator=gen, dtype=dtype).to(self.device)
         self.grad = torch.randn(shape, generator=gen, dtype=dtype).to(self.device)
         self.x_leaf = self.x.clone().requires_grad_()
+        self.seed = settings.seed
 
     def forward(self):
         with torch.no_grad():
@@ -148,7 +155,11 @@ class _Case:
     def forward_backward(self):
         self.module.zero_grad(set_to_none=True)
         self.x_leaf.grad = None
-        self.module(self.x_leaf).backward(self.grad)
+        out = self.module(self.x_leaf)
+        if out.shape != self.grad.shape:  # a read-out module: a gradient of its own output's shape, once
+            gen = torch.Generator().manual_seed(self.seed + 1)
+            self.grad = torch.randn(out.shape, generator=gen, dtype=out.dtype).to(self.device)
+        out.backward(self.grad)
 
 
 def _measure(case: _Case, settings: BenchSettings) -> dict:
@@ -179,7 +190,7 @@ def _cases(settings: BenchSettings):
     for length in settings.lengths:
         if TORCH_DENSE in settings.peers:
             yield TORCH_VARIANT, "peer", length, lambda n: TorchDense(settings.dim, settings.heads)
-        for v in settings.variants():
+        for v in (*settings.variants(), *settings.readouts()):
             yield v.name, v.family, length, lambda n, v=v: v.build(settings.dim, settings.heads, n)
 
 
