@@ -22,6 +22,7 @@ from .heads.seer import SeerAttention
 from .nn.landmark import LandmarkAttention
 from .nn.long_short_query import LongShortQueryAttention
 from .nn.soft_causal import SoftCausalAttention
+from .nn.head_token import HeadTokenAttention
 from .nn.combiner import CombinerAttention
 from .nn.dynamic_mask import DynamicMaskAttention
 from .nn.fit import FITBlock
@@ -459,6 +460,11 @@ _VARIANTS = [
             Paper("Multi-Query Self-Attention with Transition-Aware Embedding Distillation for Sequential "
                   "Recommendation", 2023),
             lambda dim, heads, n: LongShortQueryAttention(dim, heads, window=8)),
+    Variant("dhvt_head_tokens", "topology",
+            "one token per head summarising its channel group joins the attention, then merges into token 0",
+            Paper("Bridging the Gap Between Vision Transformers and Convolutional Neural Networks on Small "
+                  "Datasets", 2022, "2210.05958"),
+            lambda dim, heads, n: HeadTokenAttention(dim, heads)),
     Variant("illama", "score",
             "causal attention eased in by a soft mask: future keys weighted by a rate decayed 1 -> 0 (here 0)",
             Paper("Adapting LLaMA Decoder to Vision Transformer", 2024, "2404.06773"),

@@ -125,7 +125,14 @@ ROWS: tuple[Row, ...] = (
     _m(1, "TPLA: Tensor-Parallel Latent Attention",
        "MLA's latent and head input dims sharded over ranks, per-shard attention, all-reduce",
        ["heads.MultiHeadLatentAttention"]),
-    _m(1, "DHVT: Dynamic Hybrid ViT (head token)", "the head token that recalibrates channel groups"),
+    _i(1, "DHVT: Dynamic Hybrid ViT (head token)",
+       ["nn.head_token.HeadTokenAttention", "variant:dhvt_head_tokens"],
+       ["test_head_token.py::test_head_tokens_are_the_authors_hi_mhsa_on_every_backend",
+        "test_head_token.py::test_head_tokens_merge_into_the_chosen_class_token",
+        "test_head_token.py::test_head_token_vit_trains"],
+       "HI-MHSA after the authors' code: a head token per channel group joins the attention and merges into "
+       "the class token; the convolutional patch embedding (SOPE) and the DAFF MLP are not attention and "
+       "are not built"),
     _i(1, "Wide Attention Is The Way Forward For Transformers?",
        ["models.wide.wide_lm", "models.TransformerLM", "arena.models.wide_attention"],
        ["test_wide.py::test_every_depth_has_the_same_heads_and_attention_parameters",
