@@ -17,6 +17,7 @@ import multihead as mh
 from multihead.backends import native
 from multihead.backends.blocksparse import BlockSparseBackend
 from multihead.backends.native import tiles
+from multihead.backends.native.function import native_attention
 from multihead.patterns import (Axial, Causal, CrossShapedWindow, Dilated, Documents, Full, Neighborhood,
                                 PerHead, PrefixLM, ShiftedWindow, SlidingWindow, TopK)
 from multihead.request import make_request
@@ -142,6 +143,52 @@ def test_grid_patterns_match_reference(pattern_name, dtype):
     backend = BlockSparseBackend()
     assert backend.native_unsupported(req) is None
     _check_against_reference(pattern, None, q, k, v, dout, dtype)
+
+
+@needs_kernel
+@pytest.mark.parametrize("d", [64, 40, 15], ids=["d64", "d40", "d15_odd"])
+@pytest.mark.parametrize("pattern_name", ["window", "documents"])
+def test_bfloat16_widths_match_reference(pattern_name, d):
+    """bfloat16 at the widths that take each branch of the pair products (AVX-512 BF16): whole
+    32-wide value chunks, a chunk and a tail, and an odd width that keeps the fp32 products."""
+    n = 131
+    q, k, v, dout = _inputs(n, 2, torch.float64, seed=d, d=d)
+    _check_against_reference(PATTERNS[pattern_name](n), None, q, k, v, dout, torch.bfloat16)
+
+
+def test_bfloat16_pair_products_are_built_where_the_cpu_has_them():
+    """On a CPU with AVX-512 BF16 the kernel multiplies bfloat16 in pairs (and says so)."""
+    if DISABLED:
+        pytest.skip("MULTIHEAD_NATIVE=0: the kernel is disabled")
+    flags = native.cpu_flags()
+    expected = {"avx512f", "avx512bw", "avx512vl", "avx512dq", "fma", "avx512_bf16"} <= flags
+    assert native.kernel().bf16_pairs() == expected
+    assert ("bf16 pair products" in native.describe()) == expected
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+def test_a_key_listed_twice_keeps_every_gradient_update(dtype):
+    """A gathered tile may name one key twice (padding, masked out): the key and value gradients
+    of that key, accumulated a few keys at a time, must keep every update."""
+    rows, d = 16, 8
+    keys = torch.tensor([3, 0, 5, 0, 0, 7, 3, 9])  # 0 and 3 repeated, the repeats masked
+    allowed = torch.ones(len(keys), rows, dtype=torch.uint8)  # keys x rows
+    allowed[[3, 4, 6]] = 0
+    table = tiles.TileTable(q_rows=torch.arange(rows), tile_q=torch.tensor([0, rows]),
+                            tile_k=torch.tensor([0, len(keys)]), k_idx=keys.view(1, -1),
+                            k_contig=torch.zeros(1, dtype=torch.uint8), tile_m=torch.zeros(1, dtype=torch.long),
+                            mask=allowed.reshape(1, -1), lb=1, lh=1, pairs=rows * len(keys))
+    gen = torch.Generator().manual_seed(2)
+    q, k, v, dout = (torch.randn(1, 1, rows, d, generator=gen, dtype=torch.float64) for _ in range(4))
+    dense = torch.zeros(rows, rows, dtype=torch.bool)
+    dense[:, keys.unique()] = True
+    leaves = [t.to(dtype).detach().requires_grad_() for t in (q, k, v)]
+    native_attention(table, *leaves, 0.5, None).backward(dout.to(dtype))
+    ref = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+    torch.nn.functional.scaled_dot_product_attention(*ref, attn_mask=dense, scale=0.5).backward(dout)
+    for name, got, want in zip("qkv", leaves, ref):
+        assert max_error(got.grad, want.grad) <= FLOOR[dtype], f"d{name}"
 
 
 @needs_kernel

@@ -41,7 +41,8 @@ def cpu_flags() -> set[str]:
 def _vector_flags(flags: set[str]) -> list[str]:
     """Compiler flags for ATen's vector types at the widest width this CPU runs."""
     if {"avx512f", "avx512bw", "avx512vl", "avx512dq", "fma"} <= flags:
-        return ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx2", "-mfma",
+        bf16 = ["-mavx512bf16"] if "avx512_bf16" in flags else []  # bf16 pair products (vdpbf16ps)
+        return ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx2", "-mfma", *bf16,
                 "-DCPU_CAPABILITY=AVX512", "-DCPU_CAPABILITY_AVX512"]
     if {"avx2", "fma"} <= flags:
         return ["-mavx2", "-mfma", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"]
@@ -127,7 +128,9 @@ def describe() -> str:
     sgemm, dgemm, bf16 = module.blas()
     found = [n for n, ok in (("sgemm", sgemm), ("dgemm", dgemm), ("bf16 gemm", bf16)) if ok]
     cpu = sorted(f for f in cpu_flags() if f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16"))
-    return f"native kernel available (BLAS: {', '.join(found) or 'none: plain loops'}; CPU: {', '.join(cpu) or 'baseline'})"
+    pairs = "; bf16 pair products (AVX-512 BF16)" if module.bf16_pairs() else ""
+    return (f"native kernel available (BLAS: {', '.join(found) or 'none: plain loops'}; "
+            f"CPU: {', '.join(cpu) or 'baseline'}{pairs})")
 
 
 def main() -> int:

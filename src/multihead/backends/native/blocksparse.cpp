@@ -111,6 +111,18 @@ inline void convert(const float* src, BFloat16* dst, int64_t n) {
 }
 inline void convert(const BFloat16* src, float* dst, int64_t n) { at::vec::convert(src, dst, n); }
 
+// The tile's rows of ``x`` (T) in the compute type: the rows themselves, or a converted copy.
+template <typename T, typename C>
+const C* as_compute(const std::vector<T>& x, std::vector<C>& buf) {
+  if constexpr (std::is_same_v<T, C>) {
+    return x.data();
+  } else {
+    buf.resize(x.size());
+    convert(x.data(), buf.data(), static_cast<int64_t>(x.size()));
+    return buf.data();
+  }
+}
+
 // x[i] = exp(x[i] - m), returns the sum
 inline float exp_sum(float* x, int64_t n, float m) {
   using V = at::vec::Vectorized<float>;
@@ -409,14 +421,12 @@ inline void mask_lanes(C* s, const uint8_t* m, int64_t nl) {
   for (int64_t l = 0; l < nl; ++l) s[l] = m[l] ? s[l] : -std::numeric_limits<C>::infinity();
 }
 
-// The lane block's logits (keys x lanes): QT K^T, then the score and the key-major mask.
+// The score and the key-major mask on a lane block's products ST (keys x lanes).
 // ``raw`` (when not null) receives the pre-softcap values.
-template <typename C, typename K>
-void lanes_logits(const Score<C>& sc, const C* QT, int64_t D, const K* kbase, const int64_t* kpos, int64_t W,
-                  int64_t nl, int64_t first, int64_t rows, const int64_t* heads, const int64_t* qabs,
-                  const uint8_t* mask, C* ST, C* raw) {
+template <typename C>
+void lanes_logits(const Score<C>& sc, const int64_t* kpos, int64_t W, int64_t nl, int64_t first, int64_t rows,
+                  const int64_t* heads, const int64_t* qabs, const uint8_t* mask, C* ST, C* raw) {
   constexpr int64_t L = Vec<C>::size();
-  lanes_dot(QT, D, kbase, kpos, W, D, ST);
   const C ninf = -std::numeric_limits<C>::infinity();
   if (sc.pre || sc.post || sc.cap > 0) {
     for (int64_t l = 0; l < nl; ++l) {
@@ -447,23 +457,161 @@ void lanes_logits(const Score<C>& sc, const C* QT, int64_t D, const K* kbase, co
   }
 }
 
-// Forward of one tile on lanes: w.o (M x Dv) normalised output, lse (M,); ``qf``: the tile's query
-// rows in the compute type
+// ---------------------------------------------------------------------------------------------
+// bfloat16 products on AVX-512 BF16 (vdpbf16ps: two bf16 products summed into each fp32 lane,
+// twice the products of an fp32 FMA per instruction). Pairs run along the depth for Q K^T (a lane
+// block's queries as pairs of d on lanes, a key's pair of d broadcast) and along the keys for P V
+// (two keys' weights per lane, the two keys' values at d broadcast as one pair).
+// ---------------------------------------------------------------------------------------------
+#if defined(CPU_CAPABILITY_AVX512) && defined(__AVX512BF16__)
+constexpr bool kBf16Pairs = true;
+typedef uint32_t pair_t __attribute__((may_alias));  // two bf16, the first in the low half
+
+inline __m512bh as_bh(__m512i x) { return reinterpret_cast<__m512bh&>(x); }
+
+// QT2 (D/2 x 16, pairs): rows 0 .. nl of x (bf16, D wide; D even) with their d pairs on the lanes
+inline void pairs_in(const BFloat16* x, int64_t nl, int64_t D, pair_t* QT2) {
+  const int64_t P = D / 2;
+  if (nl < 16) std::fill(QT2, QT2 + P * 16, 0u);
+  // a pair is 32 bits: the float transpose moves them unchanged
+  transpose_block(reinterpret_cast<const float*>(x), P, reinterpret_cast<float*>(QT2), 16, nl, P);
+}
+
+// ST[j][lane] = scale sum_p QT2[p][lane] . K_j[pair p] (keys read in place, rows ld apart)
+inline void lanes_dot_pairs(const pair_t* QT2, int64_t P, const BFloat16* base, const int64_t* idx, int64_t n,
+                            int64_t ld, float scale, float* ST) {
+  constexpr int64_t KB = 8;
+  const __m512 vs = _mm512_set1_ps(scale);
+  int64_t j = 0;
+  for (; j + KB <= n; j += KB) {
+    const pair_t* b[KB];
+    __m512 acc[KB];
+#pragma GCC unroll 8
+    for (int64_t t = 0; t < KB; ++t)
+      b[t] = reinterpret_cast<const pair_t*>(base + idx[j + t] * ld), acc[t] = _mm512_setzero_ps();
+    for (int64_t p = 0; p < P; ++p) {
+      const __m512bh a = as_bh(_mm512_loadu_si512(QT2 + p * 16));
+#pragma GCC unroll 8
+      for (int64_t t = 0; t < KB; ++t) acc[t] = _mm512_dpbf16_ps(acc[t], a, as_bh(_mm512_set1_epi32(b[t][p])));
+    }
+#pragma GCC unroll 8
+    for (int64_t t = 0; t < KB; ++t) _mm512_storeu_ps(ST + (j + t) * 16, _mm512_mul_ps(acc[t], vs));
+  }
+  for (; j < n; ++j) {
+    const pair_t* b0 = reinterpret_cast<const pair_t*>(base + idx[j] * ld);
+    __m512 acc = _mm512_setzero_ps();
+    for (int64_t p = 0; p < P; ++p)
+      acc = _mm512_dpbf16_ps(acc, as_bh(_mm512_loadu_si512(QT2 + p * 16)), as_bh(_mm512_set1_epi32(b0[p])));
+    _mm512_storeu_ps(ST + j * 16, _mm512_mul_ps(acc, vs));
+  }
+}
+
+// VP[jp][d] = (V[idx[2 jp]][d], V[idx[2 jp + 1]][d]) for d < width (the second 0 past n)
+inline void pack_value_pairs(const BFloat16* base, const int64_t* idx, int64_t n, int64_t ld, int64_t width,
+                             pair_t* VP) {
+  alignas(64) static const uint16_t kLo[32] = {0, 32, 1, 33, 2, 34, 3, 35, 4, 36, 5, 37, 6, 38, 7, 39,
+                                               8, 40, 9, 41, 10, 42, 11, 43, 12, 44, 13, 45, 14, 46, 15, 47};
+  const __m512i lo = _mm512_load_si512(kLo), hi = _mm512_add_epi16(lo, _mm512_set1_epi16(16));
+  for (int64_t jp = 0; 2 * jp < n; ++jp) {
+    const uint16_t* r0 = reinterpret_cast<const uint16_t*>(base + idx[2 * jp] * ld);
+    const uint16_t* r1 = 2 * jp + 1 < n ? reinterpret_cast<const uint16_t*>(base + idx[2 * jp + 1] * ld) : nullptr;
+    pair_t* dst = VP + jp * width;
+    int64_t d = 0;
+    for (; d + 32 <= width; d += 32) {
+      const __m512i a = _mm512_loadu_si512(r0 + d), b = r1 ? _mm512_loadu_si512(r1 + d) : _mm512_setzero_si512();
+      _mm512_storeu_si512(dst + d, _mm512_permutex2var_epi16(a, lo, b));
+      _mm512_storeu_si512(dst + d + 16, _mm512_permutex2var_epi16(a, hi, b));
+    }
+    for (; d < width; ++d) dst[d] = uint32_t(r0[d]) | (r1 ? uint32_t(r1[d]) << 16 : 0u);
+  }
+}
+
+// PT2[jp][lane] = (P[2 jp][lane], P[2 jp + 1][lane]) in bf16, from P (n keys x 16 lanes, fp32)
+inline void pack_weight_pairs(const float* PT, int64_t n, pair_t* PT2) {
+  alignas(64) static const uint16_t kInterleave[32] = {0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23,
+                                                       8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31};
+  const __m512i il = _mm512_load_si512(kInterleave);
+  for (int64_t jp = 0; 2 * jp < n; ++jp) {
+    const __m512 p0 = _mm512_loadu_ps(PT + 2 * jp * 16);
+    const __m512 p1 = 2 * jp + 1 < n ? _mm512_loadu_ps(PT + (2 * jp + 1) * 16) : _mm512_setzero_ps();
+    const __m512bh both = _mm512_cvtne2ps_pbh(p1, p0);  // p0 in elements 0..15, p1 in 16..31
+    _mm512_storeu_si512(PT2 + jp * 16, _mm512_permutexvar_epi16(il, reinterpret_cast<const __m512i&>(both)));
+  }
+}
+
+// OT[d][lane] = sum_jp PT2[jp][lane] . VP[jp][d], for d < width
+inline void lanes_combine_pairs(const pair_t* PT2, const pair_t* VP, int64_t np, int64_t width, float* OT) {
+  constexpr int64_t DB = 8;
+  int64_t d0 = 0;
+  for (; d0 + DB <= width; d0 += DB) {
+    __m512 acc[DB];
+#pragma GCC unroll 8
+    for (int64_t t = 0; t < DB; ++t) acc[t] = _mm512_setzero_ps();
+    for (int64_t jp = 0; jp < np; ++jp) {
+      const __m512bh p = as_bh(_mm512_loadu_si512(PT2 + jp * 16));
+      const pair_t* v = VP + jp * width + d0;
+#pragma GCC unroll 8
+      for (int64_t t = 0; t < DB; ++t) acc[t] = _mm512_dpbf16_ps(acc[t], p, as_bh(_mm512_set1_epi32(v[t])));
+    }
+#pragma GCC unroll 8
+    for (int64_t t = 0; t < DB; ++t) _mm512_storeu_ps(OT + (d0 + t) * 16, acc[t]);
+  }
+  for (; d0 < width; ++d0) {
+    __m512 acc = _mm512_setzero_ps();
+    for (int64_t jp = 0; jp < np; ++jp)
+      acc = _mm512_dpbf16_ps(acc, as_bh(_mm512_loadu_si512(PT2 + jp * 16)), as_bh(_mm512_set1_epi32(VP[jp * width + d0])));
+    _mm512_storeu_ps(OT + d0 * 16, acc);
+  }
+}
+#else
+constexpr bool kBf16Pairs = false;
+#endif
+
+// Whether a tile of T runs its products as bf16 pairs (bfloat16 on AVX-512 BF16, even widths).
+template <typename T>
+inline bool pair_products(const Geometry& g) {
+  return kBf16Pairs && std::is_same_v<T, BFloat16> && g.D % 2 == 0 && g.Dv % 2 == 0;
+}
+
+// Forward of one tile on lanes: w.o (M x Dv) normalised output, lse (M,). The tile's query rows
+// are w.q (T); the products run in the compute type, or as bf16 pairs (``pair_products``).
 template <typename T, typename C>
-void lanes_forward(const Geometry& g, const Score<C>& sc, C scale, Scratch<T, C>& w, const C* qf, int64_t M,
-                   int64_t rows, const T* kbase, const T* vbase, const int64_t* kpos, int64_t W, const uint8_t* mask,
-                   C* lse) {
+void lanes_forward(const Geometry& g, const Score<C>& sc, C scale, Scratch<T, C>& w, int64_t M, int64_t rows,
+                   const T* kbase, const T* vbase, const int64_t* kpos, int64_t W, const uint8_t* mask, C* lse) {
   using V = Vec<C>;
   constexpr int64_t L = V::size();
   const C ninf = -std::numeric_limits<C>::infinity();
+  const bool pairs = pair_products<T>(g);
+  const C* qf = pairs ? nullptr : as_compute(w.q, w.qf);
   w.o.resize(M * g.Dv);
   w.dq.resize(g.D * L), w.s.resize(W * L), w.dk.resize(g.Dv * L);
   C *QT = w.dq.data(), *ST = w.s.data(), *OT = w.dk.data();
+#if defined(CPU_CAPABILITY_AVX512) && defined(__AVX512BF16__)
+  pair_t *VP = nullptr, *PT2 = nullptr;
+  if constexpr (std::is_same_v<T, BFloat16>) {
+    if (pairs) {  // the values as pairs of keys once per tile; QT holds the query pairs
+      const int64_t np = (W + 1) / 2;
+      w.dv.resize(np * g.Dv + np * 16);
+      VP = reinterpret_cast<pair_t*>(w.dv.data()), PT2 = VP + np * g.Dv;
+      pack_value_pairs(vbase, kpos, W, g.Dv, g.Dv, VP);
+    }
+  }
+#endif
   for (int64_t first = 0; first < M; first += L) {
     const int64_t nl = std::min(L, M - first);
-    transpose_in(qf + first * g.D, nl, g.D, scale, QT);
-    lanes_logits(sc, QT, g.D, kbase, kpos, W, nl, first, rows, w.heads.data(), w.qabs.data(), mask, ST,
-                 static_cast<C*>(nullptr));
+#if defined(CPU_CAPABILITY_AVX512) && defined(__AVX512BF16__)
+    if constexpr (std::is_same_v<T, BFloat16>) {
+      if (pairs) {
+        pairs_in(w.q.data() + first * g.D, nl, g.D, reinterpret_cast<pair_t*>(QT));
+        lanes_dot_pairs(reinterpret_cast<pair_t*>(QT), g.D / 2, kbase, kpos, W, g.D, scale, ST);
+      }
+    }
+#endif
+    if (!pairs) {
+      transpose_in(qf + first * g.D, nl, g.D, scale, QT);
+      lanes_dot(QT, g.D, kbase, kpos, W, g.D, ST);
+    }
+    lanes_logits(sc, kpos, W, nl, first, rows, w.heads.data(), w.qabs.data(), mask, ST, static_cast<C*>(nullptr));
     V m(ninf);
     for (int64_t j = 0; j < W; ++j) m = at::vec::maximum(m, V::loadu(ST + j * L));
     // rows that see no key: exp against 0 gives 0 weights everywhere (-inf logits)
@@ -474,7 +622,15 @@ void lanes_forward(const Geometry& g, const Score<C>& sc, C scale, Scratch<T, C>
       e.store(ST + j * L);
       sum = sum + e;
     }
-    lanes_combine(ST, vbase, kpos, W, g.Dv, g.Dv, OT, false);
+#if defined(CPU_CAPABILITY_AVX512) && defined(__AVX512BF16__)
+    if constexpr (std::is_same_v<T, BFloat16>) {
+      if (pairs) {
+        pack_weight_pairs(ST, W, PT2);
+        lanes_combine_pairs(PT2, VP, (W + 1) / 2, g.Dv, OT);
+      }
+    }
+#endif
+    if (!pairs) lanes_combine(ST, vbase, kpos, W, g.Dv, g.Dv, OT, false);
     C ms[L], ss[L], inv[L];
     safe.store(ms), sum.store(ss);
     for (int64_t l = 0; l < nl; ++l) {
@@ -569,7 +725,8 @@ void lanes_backward(const Geometry& g, const Score<C>& sc, C scale, Scratch<T, C
     const int64_t nl = std::min(L, M - first);
     transpose_in(qf + first * g.D, nl, g.D, scale, QT);
     transpose_in(dob + first * g.Dv, nl, g.Dv, C(1), DOT);
-    lanes_logits(sc, QT, g.D, kbase, kpos, W, nl, first, rows, w.heads.data(), w.qabs.data(), mask, ST,
+    lanes_dot(QT, g.D, kbase, kpos, W, g.D, ST);
+    lanes_logits(sc, kpos, W, nl, first, rows, w.heads.data(), w.qabs.data(), mask, ST,
                  sc.cap > 0 ? w.raw.data() : nullptr);
     C lse_l[L], delta_l[L];
     for (int64_t l = 0; l < L; ++l) {
@@ -721,22 +878,11 @@ void rows_backward(const Geometry& g, const Score<C>& sc, C scale, Scratch<C, C>
 template <typename T> constexpr bool kRows = std::is_same_v<T, float> || std::is_same_v<T, double>;
 
 // Rows on lanes when a tile fills at least half the lanes: every float32 / float64 tile, and for
-// bfloat16 the gathered ones (a run of bfloat16 keys goes to the BLAS's bf16 product).
+// bfloat16 the gathered ones, or every one with ``pairs`` (a run of bfloat16 keys otherwise goes
+// to the BLAS's bf16 product).
 template <typename T>
-inline bool use_lanes(bool contig, int64_t M) {
-  return (kRows<T> || !contig) && 2 * M >= Vec<typename Acc<T>::type>::size();
-}
-
-// The tile's rows of ``x`` (T) in the compute type: the rows themselves, or a converted copy.
-template <typename T, typename C>
-const C* as_compute(const std::vector<T>& x, std::vector<C>& buf) {
-  if constexpr (std::is_same_v<T, C>) {
-    return x.data();
-  } else {
-    buf.resize(x.size());
-    convert(x.data(), buf.data(), static_cast<int64_t>(x.size()));
-    return buf.data();
-  }
+inline bool use_lanes(bool contig, int64_t M, bool pairs) {
+  return (kRows<T> || pairs || !contig) && 2 * M >= Vec<typename Acc<T>::type>::size();
 }
 
 // Gather the tile's query rows of ``x`` (B, H, L, E) for heads ``h0 .. h0 + nh`` into ``dst``.
@@ -853,13 +999,13 @@ std::vector<at::Tensor> forward_impl(const at::Tensor& q, const at::Tensor& k, c
     const T* vbase = in.v + (b * g.Hkv + hk) * g.Lk * g.Dv;
     const bool contig = x.contig;
     // gathered keys: read in place, rows on the vector lanes (or, few rows, one at a time)
-    const bool lanes = use_lanes<T>(contig, M);
+    const bool lanes = use_lanes<T>(contig, M, pair_products<T>(g));
     bool row_path = false;
     if constexpr (kRows<T>) row_path = !contig && !lanes;
     if (lanes || row_path) {
       w.m.resize(M);
       if (lanes) {
-        lanes_forward(g, sc, scale, w, as_compute(w.q, w.qf), M, rows, kbase, vbase, kpos, W, mask, w.m.data());
+        lanes_forward(g, sc, scale, w, M, rows, kbase, vbase, kpos, W, mask, w.m.data());
       } else if constexpr (kRows<T>) {
         rows_forward(g, sc, scale, w, M, rows, kbase, vbase, kpos, W, mask, w.m.data());
       }
@@ -983,7 +1129,7 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& q, const at::Tensor& k, 
           for (int64_t d = 0; d < g.Dv; ++d) delta += static_cast<C>(o[d]) * static_cast<C>(d_o[d]);
           w.l[i] = delta;
         }
-        const bool lanes = use_lanes<T>(contig, M);
+        const bool lanes = use_lanes<T>(contig, M, false);
         bool row_path = false;
         if constexpr (kRows<T>) row_path = !contig && !lanes;
         if (lanes || row_path) {
@@ -1173,4 +1319,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("forward", &forward, "block-sparse attention forward: (out, lse)");
   m.def("backward", &backward, "block-sparse attention backward: (dq, dk, dv, dpre, dpost)");
   m.def("blas", &blas, "which BLAS products were found: (sgemm, dgemm, bf16 gemm)");
+  m.def("bf16_pairs", [] { return kBf16Pairs; }, "whether bfloat16 tiles multiply in pairs (AVX-512 BF16)");
 }
