@@ -351,7 +351,17 @@ ROWS: tuple[Row, ...] = (
        ["vision.CrossAttentionFusion", "vision.CrossViTAttention", "variant:crossvit"],
        ["test_vision.py::test_cross_attention_fusion_is_crossvit",
         "test_vision.py::test_crossvit_attention_keeps_branches_apart_and_fuses_their_cls_tokens"]),
-    _m(3, "PEM: prototype-based cross-attention", "cross-attention restricted to prototypes of the features"),
+    _i(3, "PEM: prototype-based cross-attention",
+       ["nn.prototype_cross.PrototypeCrossAttention", "nn.prototype_cross.KeyArgmax",
+        "nn.prototype_cross.LocalRepresentation", "bench.readouts.Prototypes"],
+       ["test_prototype_cross.py::test_prototype_cross_attention_is_the_authors_pem_ca",
+        "test_prototype_cross.py::test_key_argmax_is_one_hot_on_the_best_allowed_key",
+        "test_prototype_cross.py::test_pem_queries_learn_to_read_gratings",
+        "test_bench.py::test_bench_measures_the_readout_and_cross_modules_forward_and_backward"],
+       "PEM_CA after the authors' code: per head each query's most similar pixel (the KeyArgmax normaliser, "
+       "reference backend) under the previous mask, then the prototype update; an empty mask sees every "
+       "pixel (Mask2Former's rule, not the authors' pixel 0); the efficient FPN pixel decoder and the "
+       "segmentation model are not built; `multihead bench --only pem` measures it"),
     _i(3, "CrossFormer: cross-scale embedding + LSDA + DPB",
        ["scores.DynamicPositionBias", "vision.NeighborhoodAttention2d", "variant:crossformer_block"],
        ["test_scores_relative2d.py::test_dynamic_position_bias_is_an_mlp_of_each_offset",

@@ -1,5 +1,5 @@
 """Attention modules the benchmark measures beside the catalog's token mixers: heads that read out,
-point or cross two streams, which are not ``(batch, N, dim) -> (batch, N, dim)`` variants. Each is
+point or cross two streams (probe, pointer, TNT, DCAL, kMaX, PEM), which are not ``(batch, N, dim) -> (batch, N, dim)`` variants. Each is
 wrapped to take the benchmark's input ``x`` ``(batch, N, dim)``; what the wrapper derives from ``x``
 (the second stream, the scores, the centres) is said in its summary. Their outputs have their own
 shapes; the benchmark back-propagates a random gradient of that shape."""
@@ -16,6 +16,7 @@ from ..nn.dcal import GlobalLocalCrossAttention, PairWiseCrossAttention
 from ..nn.kmeans_cross import KMeansCrossAttention
 from ..nn.pointer import PointerAttention
 from ..nn.probe import AttentiveProbe
+from ..nn.prototype_cross import PrototypeCrossAttention
 from ..vision.tnt import TNTBlock
 
 
@@ -92,6 +93,23 @@ class ClusterCentres(nn.Module):
         return self.update(self.centres.to(x.dtype).expand(x.shape[0], -1, -1), x)
 
 
+class Prototypes(nn.Module):
+    """PEM: ``queries`` learned object queries, each taking one prototype pixel per head from the tokens
+    laid out on their square grid."""
+
+    def __init__(self, dim: int, heads: int, seq_len: int, queries: int = 16):
+        super().__init__()
+        from ..catalog import square_grid
+
+        self.grid = square_grid(seq_len)
+        self.queries = nn.Parameter(torch.randn(queries, dim) * dim ** -0.5)
+        self.pem = PrototypeCrossAttention(dim, heads)
+
+    def forward(self, x: Tensor) -> Tensor:
+        features = x.view(x.shape[0], *self.grid, x.shape[-1])
+        return self.pem(self.queries.to(x.dtype).expand(x.shape[0], -1, -1), features)
+
+
 READOUTS: dict[str, Readout] = {r.name: r for r in (
     Readout("attentive_probe", "readout", "Efficient Probing: 4 learned queries over the tokens, pooled, classified",
             lambda dim, heads, n: AttentiveProbe(dim, 10, heads=heads, queries=4)),
@@ -105,4 +123,6 @@ READOUTS: dict[str, Readout] = {r.name: r for r in (
             lambda dim, heads, n: WithDistractor(dim, heads)),
     Readout("kmax", "cross", "kMaX k-means cross-attention: 16 centres, each pixel to its best centre",
             lambda dim, heads, n: ClusterCentres(dim, heads)),
+    Readout("pem", "cross", "PEM prototype cross-attention: 16 queries, each one pixel per head (square grid)",
+            lambda dim, heads, n: Prototypes(dim, heads, n)),
 )}
