@@ -315,8 +315,14 @@ ROWS: tuple[Row, ...] = (
     _m(3, "MemMC-MAE: memory-augmented SA + multi-level cross-attention",
        "the memory of normal patterns and its update rule (learned key/value slots exist as SinkAttention)",
        ["nn.SinkAttention"]),
-    _m(3, "Multi-scale self-guided attention",
-       "position and channel attention modules with the guiding loss between scales"),
+    _i(3, "Multi-scale self-guided attention",
+       ["vision.dual_attention.PositionAttention", "vision.dual_attention.ChannelAttention"],
+       ["test_dual_attention.py::test_dual_attention_modules_are_the_authors_on_every_backend",
+        "test_dual_attention.py::test_dual_attention_starts_as_the_identity_and_trains"],
+       "the position and channel attention modules (DANet's, after the authors' PAM_Module and CAM_Module: "
+       "unscaled one-head attention over positions with dim/8 queries and keys; channels as tokens with "
+       "softmax(max - energy) = the queries -X over the keys X), each entering the residual through gamma; the "
+       "multi-scale network, its semantic encoder-decoder and the guiding losses are not built"),
     _i(3, "DCAL: Dual Cross-Attention Learning",
        ["nn.dcal.GlobalLocalCrossAttention", "nn.dcal.PairWiseCrossAttention", "nn.dcal.attention_rollout",
         "bench.readouts.TopTokensQueryAll", "bench.readouts.WithDistractor"],
