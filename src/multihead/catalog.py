@@ -23,6 +23,7 @@ from .nn.landmark import LandmarkAttention
 from .nn.long_short_query import LongShortQueryAttention
 from .nn.soft_causal import SoftCausalAttention
 from .nn.head_token import HeadTokenAttention
+from .nn.titans import TitansGatedAttention
 from .nn.combiner import CombinerAttention
 from .nn.dynamic_mask import DynamicMaskAttention
 from .nn.fit import FITBlock
@@ -465,6 +466,10 @@ _VARIANTS = [
             Paper("Bridging the Gap Between Vision Transformers and Convolutional Neural Networks on Small "
                   "Datasets", 2022, "2210.05958"),
             lambda dim, heads, n: HeadTokenAttention(dim, heads)),
+    Variant("titans_mag", "memory",
+            "a causal window plus a neural memory trained while reading (gradient steps with momentum), gated",
+            Paper("Titans: Learning to Memorize at Test Time", 2024, "2501.00663"),
+            lambda dim, heads, n: TitansGatedAttention(dim, heads, window=default_window(n), persistent=4)),
     Variant("illama", "score",
             "causal attention eased in by a soft mask: future keys weighted by a rate decayed 1 -> 0 (here 0)",
             Paper("Adapting LLaMA Decoder to Vision Transformer", 2024, "2404.06773"),

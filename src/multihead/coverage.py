@@ -467,8 +467,17 @@ ROWS: tuple[Row, ...] = (
     _i(5, "Attention as an RNN (Aaren)", ["linear.Aaren", "linear.chunked_prefix_attention", "variant:aaren"],
        ["test_linear.py::test_prefix_scan_equals_softmax_attention_over_each_prefix",
         "test_linear.py::test_chunked_prefix_attention_equals_the_rnn"]),
-    _m(5, "Titans: neural long-term memory",
-       "a memory MLP updated by gradient steps at test time, combined with windowed attention"),
+    _i(5, "Titans: neural long-term memory",
+       ["nn.titans.NeuralMemory", "nn.titans.TitansGatedAttention", "nn.titans.decay_products",
+        "variant:titans_mag"],
+       ["test_titans.py::test_memory_is_the_papers_recurrence",
+        "test_titans.py::test_memory_learns_an_association_at_test_time",
+        "test_titans.py::test_mag_layer_is_window_attention_gated_by_memory_on_every_backend",
+        "test_titans.py::test_titans_is_causal_and_trains"],
+       "the neural memory (matrix or 2-layer MLP per head; surprise with momentum, forgetting, the chunked "
+       "mini-batch form, learned initial memory) and MAG (persistent tokens, causal window attention, "
+       "memory, gated); gates as sigmoids of linear maps; the depthwise convolutions and the MAC / MAL "
+       "variants are not built"),
     _i(5, "TransNormerLLM + Lightning Attention",
        ["linear.LightningAttention", "linear.chunked_linear_attention", "variant:lightning"],
        ["test_linear.py::test_causal_decayed_linear_attention_equals_the_dense_parallel_form",
