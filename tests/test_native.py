@@ -177,7 +177,7 @@ def test_a_key_listed_twice_keeps_every_gradient_update(dtype):
     allowed[[3, 4, 6]] = 0
     table = tiles.TileTable(q_rows=torch.arange(rows), tile_q=torch.tensor([0, rows]),
                             tile_k=torch.tensor([0, len(keys)]), k_idx=keys.view(1, -1),
-                            k_contig=torch.zeros(1, dtype=torch.uint8), tile_m=torch.zeros(1, dtype=torch.long),
+                            tile_m=torch.zeros(1, dtype=torch.long),
                             mask=allowed.reshape(1, -1), lb=1, lh=1, pairs=rows * len(keys))
     gen = torch.Generator().manual_seed(2)
     q, k, v, dout = (torch.randn(1, 1, rows, d, generator=gen, dtype=torch.float64) for _ in range(4))
@@ -276,7 +276,7 @@ def test_corrupt_tile_tables_are_rejected():
     ext = native.kernel()
 
     def run(**changes):
-        arrays = dict(zip(["q_rows", "tile_q", "tile_k", "k_idx", "k_contig", "tile_m", "mask", "lb", "lh"],
+        arrays = dict(zip(["q_rows", "tile_q", "tile_k", "k_idx", "tile_m", "mask", "lb", "lh"],
                           good.arrays()))
         arrays.update(changes)
         return ext.forward(q, q, q, *arrays.values(), 0.35, None, None, 0.0, 15)

@@ -121,16 +121,13 @@ def kernel():
 
 
 def describe() -> str:
-    """One line on the kernel: available (and which BLAS products it found) or why not."""
+    """One line on the kernel: available (with the CPU features it uses) or why not."""
     module, why = status()
     if module is None:
         return f"native kernel unavailable: {why}"
-    sgemm, dgemm, bf16 = module.blas()
-    found = [n for n, ok in (("sgemm", sgemm), ("dgemm", dgemm), ("bf16 gemm", bf16)) if ok]
     cpu = sorted(f for f in cpu_flags() if f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16"))
     pairs = "; bf16 pair products (AVX-512 BF16)" if module.bf16_pairs() else ""
-    return (f"native kernel available (BLAS: {', '.join(found) or 'none: plain loops'}; "
-            f"CPU: {', '.join(cpu) or 'baseline'}{pairs})")
+    return f"native kernel available (CPU: {', '.join(cpu) or 'baseline'}{pairs})"
 
 
 def main() -> int:

@@ -3,15 +3,16 @@
 // native/__init__.py says what each array holds).
 //
 // A tile is a set of query rows (gathered from anywhere in the sequence) and a list of key
-// positions (a contiguous run, read in place, or gathered). Its logits are computed a chunk of keys
-// at a time into a small buffer: scale, the score (relative biases and a softcap), the mask, then
-// the online softmax and the product with the values. Query heads that share a key head (GQA) and
-// the same key list are stacked as rows of one product, so keys are never repeated. Forward keeps
-// the log-sum-exp of every row; backward recomputes each tile's weights from it (FlashAttention-2's
-// scheme). Key and value gradients are accumulated without atomics: the tiles of one
-// (batch, key head) are split into a few partitions, each with its own accumulator, summed at the
-// end. The products go to the BLAS that torch links (MKL's sgemm / dgemm, and its bf16 x bf16 ->
-// fp32 gemm for bfloat16), looked up weakly; a plain loop serves when a symbol is missing.
+// positions; the keys are read in place through their positions. Query heads that share a key head
+// (GQA) and the same key list are stacked as rows of one tile, so keys are never repeated. A tile of
+// eight rows or more puts its rows on the vector lanes (lane kernels: a key's logits for sixteen rows
+// are one vector, the softmax is elementwise work across keys); a smaller one runs a row at a time
+// (row kernels). Logits: scale, the score (relative biases and a softcap), the mask; then the softmax
+// and the product with the values. bfloat16 multiplies in bf16 pairs where the CPU has AVX-512 BF16.
+// Forward keeps the log-sum-exp of every row; backward recomputes each tile's weights from it
+// (FlashAttention-2's scheme). Key and value gradients are accumulated without atomics: the tiles of
+// one (batch, key head) are split into a few partitions, each with its own accumulator, summed at
+// the end.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/vec.h>
@@ -26,80 +27,12 @@
 #include <limits>
 #include <vector>
 
-extern "C" {
-void sgemm_(const char*, const char*, const int*, const int*, const int*, const float*, const float*,
-            const int*, const float*, const int*, const float*, float*, const int*) __attribute__((weak));
-void dgemm_(const char*, const char*, const int*, const int*, const int*, const double*, const double*,
-            const int*, const double*, const int*, const double*, double*, const int*) __attribute__((weak));
-void cblas_gemm_bf16bf16f32(int layout, int transa, int transb, int m, int n, int k, float alpha,
-                            const uint16_t* a, int lda, const uint16_t* b, int ldb, float beta,
-                            float* c, int ldc) __attribute__((weak));
-int MKL_Set_Num_Threads_Local(int) __attribute__((weak));
-}
-
 namespace {
 
 using at::BFloat16;
 
 template <typename T> struct Acc { using type = float; };
 template <> struct Acc<double> { using type = double; };
-
-// ---------------------------------------------------------------------------------------------
-// Row-major products C (m x n) = alpha * op(A) op(B) + beta * C, op(A) m x k, op(B) k x n.
-// ---------------------------------------------------------------------------------------------
-template <typename T, typename C>
-void naive_gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, C alpha, const T* a, int64_t lda,
-                const T* b, int64_t ldb, C beta, C* c, int64_t ldc) {
-  std::vector<C> row(n);
-  for (int64_t i = 0; i < m; ++i) {
-    std::fill(row.begin(), row.end(), C(0));
-    for (int64_t p = 0; p < k; ++p) {
-      C av = static_cast<C>(ta ? a[p * lda + i] : a[i * lda + p]);
-      if (av == C(0)) continue;
-      if (tb) {
-        for (int64_t j = 0; j < n; ++j) row[j] += av * static_cast<C>(b[j * ldb + p]);
-      } else {
-        const T* bp = b + p * ldb;
-        for (int64_t j = 0; j < n; ++j) row[j] += av * static_cast<C>(bp[j]);
-      }
-    }
-    C* cr = c + i * ldc;
-    for (int64_t j = 0; j < n; ++j) cr[j] = alpha * row[j] + (beta == C(0) ? C(0) : beta * cr[j]);
-  }
-}
-
-// Through a Fortran BLAS (sgemm_ / dgemm_, column-major), or plain loops when it is missing.
-template <typename C, typename F>
-inline void fortran_gemm(F* fn, bool ta, bool tb, int64_t m, int64_t n, int64_t k, C alpha, const C* a,
-                         int64_t lda, const C* b, int64_t ldb, C beta, C* c, int64_t ldc) {
-  if (m == 0 || n == 0) return;
-  if (fn == nullptr || k == 0) return naive_gemm(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
-  // row-major C = op(A) op(B)  <=>  column-major C^T = op(B)^T op(A)^T
-  const char oa = tb ? 'T' : 'N', ob = ta ? 'T' : 'N';
-  const int M = n, N = m, K = k, LA = ldb, LB = lda, LC = ldc;
-  fn(&oa, &ob, &M, &N, &K, &alpha, b, &LA, a, &LB, &beta, c, &LC);
-}
-
-inline void gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, float alpha, const float* a,
-                 int64_t lda, const float* b, int64_t ldb, float beta, float* c, int64_t ldc) {
-  fortran_gemm(sgemm_, ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
-}
-
-inline void gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, double alpha, const double* a,
-                 int64_t lda, const double* b, int64_t ldb, double beta, double* c, int64_t ldc) {
-  fortran_gemm(dgemm_, ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
-}
-
-inline void gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, float alpha, const BFloat16* a,
-                 int64_t lda, const BFloat16* b, int64_t ldb, float beta, float* c, int64_t ldc) {
-  if (m == 0 || n == 0) return;
-  if (cblas_gemm_bf16bf16f32 == nullptr || k == 0)
-    return naive_gemm(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
-  constexpr int kRowMajor = 101, kNoTrans = 111, kTrans = 112;
-  cblas_gemm_bf16bf16f32(kRowMajor, ta ? kTrans : kNoTrans, tb ? kTrans : kNoTrans, m, n, k, alpha,
-                         reinterpret_cast<const uint16_t*>(a), lda, reinterpret_cast<const uint16_t*>(b),
-                         ldb, beta, c, ldc);
-}
 
 // ---------------------------------------------------------------------------------------------
 // Small vector helpers.
@@ -168,27 +101,25 @@ struct Table {
   const int64_t* tile_q;   // (T + 1,) offsets into q_rows
   const int64_t* tile_k;   // (T + 1,) offsets into a slot's key list
   const int64_t* k_idx;    // (S, K) key positions, per layout slot
-  const uint8_t* k_contig; // (T,) the tile's keys are one ascending run in every slot
   const int64_t* tile_m;   // (T,) offset of the tile's (keys x rows) mask in a slot, -1: none
   const uint8_t* mask;     // (S, Mtot) 1 = allowed
   int64_t T, K, Mtot, lb, lh;
 };
 
 Table table_of(const at::Tensor& q_rows, const at::Tensor& tile_q, const at::Tensor& tile_k,
-               const at::Tensor& k_idx, const at::Tensor& k_contig, const at::Tensor& tile_m,
-               const at::Tensor& mask, int64_t lb, int64_t lh) {
+               const at::Tensor& k_idx, const at::Tensor& tile_m, const at::Tensor& mask, int64_t lb,
+               int64_t lh) {
   for (const auto* t : {&q_rows, &tile_q, &tile_k, &k_idx, &tile_m})
     TORCH_CHECK(t->scalar_type() == at::kLong && t->is_contiguous() && t->device().is_cpu(),
                 "tile table: index arrays must be contiguous int64 CPU tensors");
-  TORCH_CHECK(k_contig.scalar_type() == at::kByte && mask.scalar_type() == at::kByte &&
-              k_contig.is_contiguous() && mask.is_contiguous(), "tile table: flags must be uint8");
+  TORCH_CHECK(mask.scalar_type() == at::kByte && mask.is_contiguous(), "tile table: the mask must be uint8");
   const int64_t T = tile_q.numel() - 1;
-  TORCH_CHECK(T >= 0 && tile_k.numel() == T + 1 && k_contig.numel() == T && tile_m.numel() == T,
+  TORCH_CHECK(T >= 0 && tile_k.numel() == T + 1 && tile_m.numel() == T,
               "tile table: inconsistent tile counts");
   TORCH_CHECK(k_idx.dim() == 2 && k_idx.size(0) == lb * lh && mask.dim() == 2 && mask.size(0) == lb * lh,
               "tile table: key and mask arrays need one row per layout slot");
   Table t{q_rows.data_ptr<int64_t>(), tile_q.data_ptr<int64_t>(), tile_k.data_ptr<int64_t>(),
-          k_idx.data_ptr<int64_t>(), k_contig.data_ptr<uint8_t>(), tile_m.data_ptr<int64_t>(),
+          k_idx.data_ptr<int64_t>(), tile_m.data_ptr<int64_t>(),
           mask.data_ptr<uint8_t>(), T, k_idx.size(1), mask.size(1), lb, lh};
   TORCH_CHECK(t.tile_q[0] == 0 && t.tile_q[T] <= q_rows.numel() && t.tile_k[0] == 0 && t.tile_k[T] <= t.K,
               "tile table: offsets out of range");
@@ -242,55 +173,10 @@ struct Inputs {
 // Per-thread scratch.
 template <typename T, typename C>
 struct Scratch {
-  std::vector<T> q, k, v, p16, d16, ds16;  // gathered rows (T), weights in T for the products
+  std::vector<T> q, orow, dorow;  // the tile's query, output and output-gradient rows (T)
   std::vector<C> s, o, m, l, dq, dk, dv, dp, raw, b1, b2, qf, dof;  // qf, dof: rows as C
   std::vector<int64_t> qabs, heads;
 };
-
-constexpr int64_t kChunk = 512;  // keys per logits chunk
-
-template <typename T>
-const T* key_rows(const T* base, int64_t D, const int64_t* idx, int64_t n, bool contig, std::vector<T>& buf) {
-  if (contig) return base + idx[0] * D;
-  buf.resize(n * D);
-  for (int64_t j = 0; j < n; ++j) std::memcpy(buf.data() + j * D, base + idx[j] * D, D * sizeof(T));
-  return buf.data();
-}
-
-// The logits of a chunk: s (M x n) = scale Q K^T, then the score and the mask. ``raw`` (when not
-// null) receives the pre-softcap values for backward.
-template <typename T, typename C>
-void chunk_logits(const Inputs<T>& in, const Score<C>& sc, C scale, const T* qb, const T* kb,
-                  int64_t M, int64_t n, int64_t rows, const int64_t* kpos, const int64_t* heads,
-                  const int64_t* qabs, const uint8_t* mask, C* s, C* raw) {
-  const int64_t D = in.g.D;
-  gemm(false, true, M, n, D, scale, qb, D, kb, D, C(0), s, n);
-  const bool any_score = sc.pre || sc.post || sc.cap > 0;
-  const C ninf = -std::numeric_limits<C>::infinity();
-  for (int64_t i = 0; i < M; ++i) {
-    C* si = s + i * n;
-    if (any_score) {
-      const int64_t base = sc.qmax - qabs[i];
-      const C* pre = sc.pre ? sc.pre + heads[i] * sc.lvec + base : nullptr;
-      const C* post = sc.post ? sc.post + heads[i] * sc.lvec + base : nullptr;
-      if (pre)
-        for (int64_t j = 0; j < n; ++j) si[j] += pre[kpos[j]];
-      if (sc.cap > 0) {
-        if (raw) std::memcpy(raw + i * n, si, n * sizeof(C));
-        const C inv = C(1) / sc.cap;
-        for (int64_t j = 0; j < n; ++j) si[j] = sc.cap * std::tanh(si[j] * inv);
-      }
-      if (post)
-        for (int64_t j = 0; j < n; ++j) si[j] += post[kpos[j]];
-    }
-    if (mask) {  // (keys x rows), ``mask`` already offset to the chunk's first key
-      const uint8_t* mi = mask + (i % rows);
-      for (int64_t j = 0; j < n; ++j)
-        if (!mi[j * rows]) si[j] = ninf;
-    }
-  }
-}
-
 
 // ---------------------------------------------------------------------------------------------
 // Lane kernels, for tiles whose keys are gathered (grids, key lists): the keys are read in place
@@ -774,37 +660,129 @@ void lanes_backward(const Geometry& g, const Score<C>& sc, C scale, Scratch<T, C
 }
 
 
-// Row kernels, for gathered tiles of a few rows (key lists: one query, its own keys): each row's
-// dot products with its keys read in place, its softmax, and the weighted sum of the values.
-template <typename C>
-inline C dot(const C* a, const C* b, int64_t n) {
+// ---------------------------------------------------------------------------------------------
+// Row kernels, for tiles of a few rows (a key list: one query and its own keys; few rows of a
+// run): one row at a time, its products with its keys read in place, sixteen keys at a time.
+// ---------------------------------------------------------------------------------------------
+// One vector of C from as many elements of T (bf16 widened)
+template <typename C, typename T>
+inline Vec<C> load_as(const T* p) {
+  if constexpr (std::is_same_v<T, C>) {
+    return Vec<C>::loadu(p);
+  } else {
+#if defined(CPU_CAPABILITY_AVX512)
+    const __m512i x = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+    return Vec<float>(_mm512_castsi512_ps(_mm512_slli_epi32(x, 16)));
+#else
+    float buf[Vec<float>::size()];
+    for (int64_t i = 0; i < Vec<float>::size(); ++i) buf[i] = static_cast<float>(p[i]);
+    return Vec<float>::loadu(buf);
+#endif
+  }
+}
+
+template <typename C, typename T>
+inline C dot(const C* a, const T* b, int64_t n) {
   using V = Vec<C>;
   V acc(C(0));
   int64_t d = 0;
-  for (; d + V::size() <= n; d += V::size()) acc = at::vec::fmadd(V::loadu(a + d), V::loadu(b + d), acc);
+  for (; d + V::size() <= n; d += V::size()) acc = at::vec::fmadd(V::loadu(a + d), load_as<C>(b + d), acc);
   C s = at::vec::vec_reduce_all<C>([](V& x, V& y) { return x + y; }, acc);
-  for (; d < n; ++d) s += a[d] * b[d];
+  for (; d < n; ++d) s += a[d] * static_cast<C>(b[d]);
   return s;
 }
 
-template <typename C>
-inline void axpy(C alpha, const C* x, C* y, int64_t n) {  // y += alpha x
+template <typename C, typename T>
+inline void axpy(C alpha, const T* x, C* y, int64_t n) {  // y += alpha x
   using V = Vec<C>;
   const V va(alpha);
   int64_t d = 0;
-  for (; d + V::size() <= n; d += V::size()) at::vec::fmadd(va, V::loadu(x + d), V::loadu(y + d)).store(y + d);
-  for (; d < n; ++d) y[d] += alpha * x[d];
+  for (; d + V::size() <= n; d += V::size()) at::vec::fmadd(va, load_as<C>(x + d), V::loadu(y + d)).store(y + d);
+  for (; d < n; ++d) y[d] += alpha * static_cast<C>(x[d]);
 }
 
-// The logits of one row against its W keys, with the score (the mask is the caller's), into s.
+#if defined(CPU_CAPABILITY_AVX512)
+// The sums of the lanes of a[0] .. a[15], as the lanes of one vector.
+inline __m512 lane_sums16(const __m512* a) {
+  __m512 w[8], x[4];
+#pragma GCC unroll 8
+  for (int i = 0; i < 8; ++i)  // per 128-bit lane: (a0 + a2, b0 + b2, a1 + a3, b1 + b3)
+    w[i] = _mm512_add_ps(_mm512_unpacklo_ps(a[2 * i], a[2 * i + 1]), _mm512_unpackhi_ps(a[2 * i], a[2 * i + 1]));
+#pragma GCC unroll 4
+  for (int i = 0; i < 4; ++i)  // per 128-bit lane: the lane's sum of four vectors
+    x[i] = _mm512_add_ps(_mm512_shuffle_ps(w[2 * i], w[2 * i + 1], 0x44), _mm512_shuffle_ps(w[2 * i], w[2 * i + 1], 0xEE));
+  const __m512 z01 = _mm512_add_ps(_mm512_shuffle_f32x4(x[0], x[1], 0x44), _mm512_shuffle_f32x4(x[0], x[1], 0xEE));
+  const __m512 z23 = _mm512_add_ps(_mm512_shuffle_f32x4(x[2], x[3], 0x44), _mm512_shuffle_f32x4(x[2], x[3], 0xEE));
+  return _mm512_add_ps(_mm512_shuffle_f32x4(z01, z23, 0x88), _mm512_shuffle_f32x4(z01, z23, 0xDD));
+}
+#endif
+
+// s[j] = a . B_j for j < n, B_j = base + idx[j] * ld (T): sixteen keys at a time on AVX-512 float
+template <typename C, typename T>
+void row_dots(const C* a, int64_t depth, const T* base, const int64_t* idx, int64_t n, int64_t ld, C* s) {
+  int64_t j = 0;
+#if defined(CPU_CAPABILITY_AVX512)
+  if constexpr (std::is_same_v<C, float>) {
+    if (depth % 16 == 0) {
+      for (; j + 16 <= n; j += 16) {
+        const T* b[16];
+        __m512 acc[16];
+#pragma GCC unroll 16
+        for (int t = 0; t < 16; ++t) b[t] = base + idx[j + t] * ld, acc[t] = _mm512_setzero_ps();
+        for (int64_t d = 0; d < depth; d += 16) {
+          const __m512 av = _mm512_loadu_ps(a + d);
+#pragma GCC unroll 16
+          for (int t = 0; t < 16; ++t) acc[t] = _mm512_fmadd_ps(av, load_as<float>(b[t] + d), acc[t]);
+        }
+        _mm512_storeu_ps(s + j, lane_sums16(acc));
+      }
+    }
+  }
+#endif
+  for (; j < n; ++j) s[j] = dot(a, base + idx[j] * ld, depth);
+}
+
+// o[d] = sum_j p[j] B_j[d] for d < width (B_j = base + idx[j] * ld, T), four vectors of o held in
+// registers while the keys stream by; keys with p = 0 skipped
+template <typename C, typename T>
+void row_combine(const C* p, const T* base, const int64_t* idx, int64_t n, int64_t ld, int64_t width, C* o) {
+  using V = Vec<C>;
+  constexpr int64_t L = V::size();
+  int64_t d0 = 0;
+  for (; d0 + 4 * L <= width; d0 += 4 * L) {
+    V acc[4] = {V(C(0)), V(C(0)), V(C(0)), V(C(0))};
+    for (int64_t j = 0; j < n; ++j) {
+      if (p[j] == C(0)) continue;
+      const V c(p[j]);
+      const T* b = base + idx[j] * ld + d0;
+#pragma GCC unroll 4
+      for (int u = 0; u < 4; ++u) acc[u] = at::vec::fmadd(c, load_as<C>(b + u * L), acc[u]);
+    }
+#pragma GCC unroll 4
+    for (int u = 0; u < 4; ++u) acc[u].store(o + d0 + u * L);
+  }
+  for (; d0 + L <= width; d0 += L) {
+    V acc(C(0));
+    for (int64_t j = 0; j < n; ++j)
+      if (p[j] != C(0)) acc = at::vec::fmadd(V(p[j]), load_as<C>(base + idx[j] * ld + d0), acc);
+    acc.store(o + d0);
+  }
+  for (; d0 < width; ++d0) {
+    C acc = 0;
+    for (int64_t j = 0; j < n; ++j) acc += p[j] * static_cast<C>(base[idx[j] * ld + d0]);
+    o[d0] = acc;
+  }
+}
+
+// A row's logits from its products s (W keys): scale, the score; ``raw`` gets the pre-softcap values.
 template <typename C>
-void row_logits(const Score<C>& sc, C scale, const C* qrow, int64_t D, const C* kbase, const int64_t* kpos,
-                int64_t W, int64_t head, int64_t qabs, C* s, C* raw) {
+void row_logits(const Score<C>& sc, C scale, const int64_t* kpos, int64_t W, int64_t head, int64_t qabs, C* s,
+                C* raw) {
   const int64_t base = sc.qmax - qabs;
   const C* pre = sc.pre ? sc.pre + head * sc.lvec + base : nullptr;
   const C* post = sc.post ? sc.post + head * sc.lvec + base : nullptr;
   for (int64_t j = 0; j < W; ++j) {
-    C x = scale * dot(qrow, kbase + kpos[j] * D, D);
+    C x = scale * s[j];
     if (pre) x += pre[kpos[j]];
     if (sc.cap > 0) {
       if (raw) raw[j] = x;
@@ -815,54 +793,60 @@ void row_logits(const Score<C>& sc, C scale, const C* qrow, int64_t D, const C* 
   }
 }
 
-template <typename C>
-void rows_forward(const Geometry& g, const Score<C>& sc, C scale, Scratch<C, C>& w, int64_t M, int64_t rows,
-                  const C* kbase, const C* vbase, const int64_t* kpos, int64_t W, const uint8_t* mask, C* lse) {
-  w.o.assign(M * g.Dv, C(0));
+template <typename T, typename C>
+void rows_forward(const Geometry& g, const Score<C>& sc, C scale, Scratch<T, C>& w, int64_t M, int64_t rows,
+                  const T* kbase, const T* vbase, const int64_t* kpos, int64_t W, const uint8_t* mask, C* lse) {
+  const C* qf = as_compute(w.q, w.qf);
+  w.o.resize(M * g.Dv);
   w.s.resize(W);
   C* s = w.s.data();
   for (int64_t i = 0; i < M; ++i) {
     const int64_t r = i % rows;
-    row_logits(sc, scale, w.q.data() + i * g.D, g.D, kbase, kpos, W, w.heads[i], w.qabs[i], s,
-               static_cast<C*>(nullptr));
-    if (mask)  // gathered tiles keep a key-major mask: row r of a (W x rows) block, stride rows
+    row_dots(qf + i * g.D, g.D, kbase, kpos, W, g.D, s);
+    row_logits(sc, scale, kpos, W, w.heads[i], w.qabs[i], s, static_cast<C*>(nullptr));
+    if (mask)  // key-major: row r of a (W x rows) block, stride rows
       for (int64_t j = 0; j < W; ++j)
         if (!mask[j * rows + r]) s[j] = -std::numeric_limits<C>::infinity();
     const C m = row_max(s, W);
-    if (m == -std::numeric_limits<C>::infinity()) {
+    if (m == -std::numeric_limits<C>::infinity()) {  // a row that sees no key: 0
+      std::fill(w.o.data() + i * g.Dv, w.o.data() + (i + 1) * g.Dv, C(0));
       lse[i] = std::numeric_limits<C>::infinity();
       continue;
     }
     const C sum = exp_sum(s, W, m);
     C* o = w.o.data() + i * g.Dv;
-    for (int64_t j = 0; j < W; ++j) axpy(s[j] / sum, vbase + kpos[j] * g.Dv, o, g.Dv);
+    row_combine(s, vbase, kpos, W, g.Dv, g.Dv, o);
+    const C inv = C(1) / sum;
+    for (int64_t d = 0; d < g.Dv; ++d) o[d] *= inv;
     lse[i] = m + std::log(sum);
   }
 }
 
-template <typename C>
-void rows_backward(const Geometry& g, const Score<C>& sc, C scale, Scratch<C, C>& w, int64_t M, int64_t rows,
-                   const C* kbase, const C* vbase, const int64_t* kpos, int64_t W, const uint8_t* mask,
+template <typename T, typename C>
+void rows_backward(const Geometry& g, const Score<C>& sc, C scale, Scratch<T, C>& w, int64_t M, int64_t rows,
+                   const T* kbase, const T* vbase, const int64_t* kpos, int64_t W, const uint8_t* mask,
                    const C* dob, C* dk_acc, C* dv_acc, double* dpre, double* dpost) {
+  const C* qf = as_compute(w.q, w.qf);
   w.dq.assign(M * g.D, C(0));
-  w.s.resize(W);
+  w.s.resize(W), w.dp.resize(W);
   if (sc.cap > 0) w.raw.resize(W);
-  C* s = w.s.data();
+  C *s = w.s.data(), *dp = w.dp.data();
   for (int64_t i = 0; i < M; ++i) {
     const int64_t r = i % rows;
     const C lse = w.m[i], delta = w.l[i];
     if (lse == std::numeric_limits<C>::infinity()) continue;  // a row that sees no key
-    const C* qrow = w.q.data() + i * g.D;
+    const C* qrow = qf + i * g.D;
     const C* d_o = dob + i * g.Dv;
-    row_logits(sc, scale, qrow, g.D, kbase, kpos, W, w.heads[i], w.qabs[i], s, sc.cap > 0 ? w.raw.data() : nullptr);
+    row_dots(qrow, g.D, kbase, kpos, W, g.D, s);
+    row_logits(sc, scale, kpos, W, w.heads[i], w.qabs[i], s, sc.cap > 0 ? w.raw.data() : nullptr);
+    row_dots(d_o, g.Dv, vbase, kpos, W, g.Dv, dp);
     const int64_t base = sc.qmax - w.qabs[i];
     C* dq = w.dq.data() + i * g.D;
     for (int64_t j = 0; j < W; ++j) {
       if (mask && !mask[j * rows + r]) continue;
       const C p = std::exp(s[j] - lse);
-      const C* vj = vbase + kpos[j] * g.Dv;
       axpy(p, d_o, dv_acc + kpos[j] * g.Dv, g.Dv);
-      C ds = p * (dot(d_o, vj, g.Dv) - delta);
+      C ds = p * (dp[j] - delta);
       if (dpost) dpost[w.heads[i] * sc.lvec + base + kpos[j]] += ds;
       if (sc.cap > 0) {
         const C th = std::tanh(w.raw[j] / sc.cap);
@@ -875,14 +859,10 @@ void rows_backward(const Geometry& g, const Score<C>& sc, C scale, Scratch<C, C>
   }
 }
 
-template <typename T> constexpr bool kRows = std::is_same_v<T, float> || std::is_same_v<T, double>;
-
-// Rows on lanes when a tile fills at least half the lanes: every float32 / float64 tile, and for
-// bfloat16 the gathered ones, or every one with ``pairs`` (a run of bfloat16 keys otherwise goes
-// to the BLAS's bf16 product).
+// Rows on lanes when a tile fills at least half the lanes, else one row at a time.
 template <typename T>
-inline bool use_lanes(bool contig, int64_t M, bool pairs) {
-  return (kRows<T> || pairs || !contig) && 2 * M >= Vec<typename Acc<T>::type>::size();
+inline bool use_lanes(int64_t M) {
+  return 2 * M >= Vec<typename Acc<T>::type>::size();
 }
 
 // Gather the tile's query rows of ``x`` (B, H, L, E) for heads ``h0 .. h0 + nh`` into ``dst``.
@@ -928,7 +908,6 @@ struct Tile {
   const int64_t* qrows;
   const int64_t* kpos;
   const uint8_t* mask;
-  bool contig;
 };
 inline Tile tile_of(const Table& tab, const Geometry& g, const Units& u, int64_t b, int64_t hk, int64_t set,
                     int64_t t) {
@@ -940,7 +919,6 @@ inline Tile tile_of(const Table& tab, const Geometry& g, const Units& u, int64_t
   x.qrows = tab.q_rows + tab.tile_q[t];
   x.kpos = tab.k_idx + slot * tab.K + tab.tile_k[t];
   x.mask = tab.tile_m[t] < 0 ? nullptr : tab.mask + slot * tab.Mtot + tab.tile_m[t];
-  x.contig = tab.k_contig[t];
   return x;
 }
 
@@ -950,11 +928,8 @@ void for_each_unit(int64_t n, const F& f) {
   std::atomic<int64_t> next{0};
   const int64_t threads = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), n));
   at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
-    // the products of a tile are small: one BLAS thread each (no nested pool)
-    const int saved = MKL_Set_Num_Threads_Local ? MKL_Set_Num_Threads_Local(1) : 0;
     int64_t i;
     while ((i = next.fetch_add(1)) < n) f(i);
-    if (MKL_Set_Num_Threads_Local) MKL_Set_Num_Threads_Local(saved);
   });
 }
 
@@ -997,65 +972,11 @@ std::vector<at::Tensor> forward_impl(const at::Tensor& q, const at::Tensor& k, c
     for (int64_t i = 0; i < M; ++i) w.qabs[i] = qrows[i % rows] + g.offset, w.heads[i] = h0 + i / rows;
     const T* kbase = in.k + (b * g.Hkv + hk) * g.Lk * g.D;
     const T* vbase = in.v + (b * g.Hkv + hk) * g.Lk * g.Dv;
-    const bool contig = x.contig;
     // gathered keys: read in place, rows on the vector lanes (or, few rows, one at a time)
-    const bool lanes = use_lanes<T>(contig, M, pair_products<T>(g));
-    bool row_path = false;
-    if constexpr (kRows<T>) row_path = !contig && !lanes;
-    if (lanes || row_path) {
-      w.m.resize(M);
-      if (lanes) {
-        lanes_forward(g, sc, scale, w, M, rows, kbase, vbase, kpos, W, mask, w.m.data());
-      } else if constexpr (kRows<T>) {
-        rows_forward(g, sc, scale, w, M, rows, kbase, vbase, kpos, W, mask, w.m.data());
-      }
-      for (int64_t i = 0; i < M; ++i) lse_p[(b * g.H + w.heads[i]) * g.Lq + qrows[i % rows]] = w.m[i];
-      store_rows(out_p, g, g.Dv, g.Lq, b, h0, nh, qrows, rows, w.o.data());
-      return;
-    }
-    const int64_t n0 = std::min(W, kChunk);
-    w.s.resize(M * n0), w.o.assign(M * g.Dv, C(0)), w.m.assign(M, -std::numeric_limits<C>::infinity()),
-        w.l.assign(M, C(0));
-    for (int64_t c0 = 0; c0 < W; c0 += kChunk) {
-      const int64_t n = std::min(kChunk, W - c0);
-      const T* kb = key_rows(kbase, g.D, kpos + c0, n, contig, w.k);
-      const T* vb = key_rows(vbase, g.Dv, kpos + c0, n, contig, w.v);
-      C* s = w.s.data();
-      chunk_logits(in, sc, scale, w.q.data(), kb, M, n, rows, kpos + c0, w.heads.data(), w.qabs.data(),
-                   mask ? mask + c0 * rows : nullptr, s, static_cast<C*>(nullptr));
-      // online softmax
-      for (int64_t i = 0; i < M; ++i) {
-        C* si = s + i * n;
-        const C mnew = std::max(w.m[i], row_max(si, n));
-        if (mnew == -std::numeric_limits<C>::infinity()) {  // nothing allowed yet in this row
-          std::fill(si, si + n, C(0));
-          continue;
-        }
-        const C corr = std::exp(w.m[i] - mnew);
-        const C sum = exp_sum(si, n, mnew);
-        if (corr != C(1)) {
-          C* oi = w.o.data() + i * g.Dv;
-          for (int64_t d = 0; d < g.Dv; ++d) oi[d] *= corr;
-        }
-        w.l[i] = w.l[i] * corr + sum;
-        w.m[i] = mnew;
-      }
-      if constexpr (std::is_same_v<T, C>) {
-        gemm(false, false, M, g.Dv, n, C(1), s, n, vb, g.Dv, C(1), w.o.data(), g.Dv);
-      } else {
-        w.p16.resize(M * n);
-        convert(s, w.p16.data(), M * n);
-        gemm(false, false, M, g.Dv, n, C(1), w.p16.data(), n, vb, g.Dv, C(1), w.o.data(), g.Dv);
-      }
-    }
-    for (int64_t i = 0; i < M; ++i) {
-      C* oi = w.o.data() + i * g.Dv;
-      const C inv = w.l[i] > C(0) ? C(1) / w.l[i] : C(0);
-      for (int64_t d = 0; d < g.Dv; ++d) oi[d] *= inv;
-      const int64_t h = w.heads[i];
-      lse_p[(b * g.H + h) * g.Lq + qrows[i % rows]] =
-          w.l[i] > C(0) ? w.m[i] + std::log(w.l[i]) : std::numeric_limits<C>::infinity();
-    }
+    w.m.resize(M);
+    if (use_lanes<T>(M)) lanes_forward(g, sc, scale, w, M, rows, kbase, vbase, kpos, W, mask, w.m.data());
+    else rows_forward(g, sc, scale, w, M, rows, kbase, vbase, kpos, W, mask, w.m.data());
+    for (int64_t i = 0; i < M; ++i) lse_p[(b * g.H + w.heads[i]) * g.Lq + qrows[i % rows]] = w.m[i];
     store_rows(out_p, g, g.Dv, g.Lq, b, h0, nh, qrows, rows, w.o.data());
   });
   return {out, lse};
@@ -1111,110 +1032,29 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& q, const at::Tensor& k, 
         const int64_t h0 = x.h0, nh = x.nh, rows = x.rows, W = x.W, M = x.M;
         const int64_t *qrows = x.qrows, *kpos = x.kpos;
         const uint8_t* mask = x.mask;
-        const bool contig = x.contig;
         if (rows == 0 || W == 0) continue;
         w.q.resize(M * g.D);
         gather_rows(in.q, g, g.D, g.Lq, b, h0, nh, qrows, rows, w.q.data());
-        std::vector<T>& dob = w.d16;  // dO rows
+        std::vector<T>& dob = w.dorow;
         dob.resize(M * g.Dv);
         gather_rows(do_p, g, g.Dv, g.Lq, b, h0, nh, qrows, rows, dob.data());
-        w.p16.resize(M * g.Dv);  // the output rows, for delta = rowsum(dO * O)
-        gather_rows(out_p, g, g.Dv, g.Lq, b, h0, nh, qrows, rows, w.p16.data());
+        w.orow.resize(M * g.Dv);  // the output rows, for delta = rowsum(dO * O)
+        gather_rows(out_p, g, g.Dv, g.Lq, b, h0, nh, qrows, rows, w.orow.data());
         w.qabs.resize(M), w.heads.resize(M), w.m.resize(M), w.l.resize(M);
         for (int64_t i = 0; i < M; ++i) {
           w.qabs[i] = qrows[i % rows] + g.offset, w.heads[i] = h0 + i / rows;
           w.m[i] = lse_p[(b * g.H + w.heads[i]) * g.Lq + qrows[i % rows]];
           C delta = 0;
-          const T *o = w.p16.data() + i * g.Dv, *d_o = dob.data() + i * g.Dv;
+          const T *o = w.orow.data() + i * g.Dv, *d_o = dob.data() + i * g.Dv;
           for (int64_t d = 0; d < g.Dv; ++d) delta += static_cast<C>(o[d]) * static_cast<C>(d_o[d]);
           w.l[i] = delta;
         }
-        const bool lanes = use_lanes<T>(contig, M, false);
-        bool row_path = false;
-        if constexpr (kRows<T>) row_path = !contig && !lanes;
-        if (lanes || row_path) {
-          if (lanes) {
-            lanes_backward(g, sc, scale, w, as_compute(w.q, w.qf), M, rows, kbase, vbase, kpos, W, mask,
-                           as_compute(dob, w.dof), dk_acc, dv_acc, dpre_t, dpost_t);
-          } else if constexpr (kRows<T>) {
-            rows_backward(g, sc, scale, w, M, rows, kbase, vbase, kpos, W, mask, dob.data(), dk_acc, dv_acc,
-                          dpre_t, dpost_t);
-          }
-          store_rows(dq_p, g, g.D, g.Lq, b, h0, nh, qrows, rows, w.dq.data());
-          continue;
-        }
-        w.dq.assign(M * g.D, C(0));
-        for (int64_t c0 = 0; c0 < W; c0 += kChunk) {
-          const int64_t n = std::min(kChunk, W - c0);
-          const T* kb = key_rows(kbase, g.D, kpos + c0, n, contig, w.k);
-          const T* vb = key_rows(vbase, g.Dv, kpos + c0, n, contig, w.v);
-          w.s.resize(M * n), w.dp.resize(M * n);
-          if (sc.cap > 0) w.raw.resize(M * n);
-          C* s = w.s.data();
-          chunk_logits(in, sc, scale, w.q.data(), kb, M, n, rows, kpos + c0, w.heads.data(), w.qabs.data(),
-                       mask ? mask + c0 * rows : nullptr, s, sc.cap > 0 ? w.raw.data() : nullptr);
-          for (int64_t i = 0; i < M; ++i) {  // P = exp(s - lse)
-            C* si = s + i * n;
-            const C m = w.m[i];
-            if (m == std::numeric_limits<C>::infinity()) std::fill(si, si + n, C(0));
-            else exp_sum(si, n, m);
-          }
-          // dP = dO V^T (M x n)
-          C* dp = w.dp.data();
-          gemm(false, true, M, n, g.Dv, C(1), dob.data(), g.Dv, vb, g.Dv, C(0), dp, n);
-          // dV += P^T dO  (n x Dv)
-          const T* pT;
-          if constexpr (std::is_same_v<T, C>) pT = s;
-          else { w.p16.resize(M * n); convert(s, w.p16.data(), M * n); pT = w.p16.data(); }
-          w.dv.resize(n * g.Dv);
-          C* dvc = contig ? dv_acc + kpos[c0] * g.Dv : w.dv.data();
-          gemm(true, false, n, g.Dv, M, C(1), pT, n, dob.data(), g.Dv, contig ? C(1) : C(0), dvc, g.Dv);
-          if (!contig)
-            for (int64_t j = 0; j < n; ++j) {
-              C* dst = dv_acc + kpos[c0 + j] * g.Dv;
-              const C* src = dvc + j * g.Dv;
-              for (int64_t d = 0; d < g.Dv; ++d) dst[d] += src[d];
-            }
-          // dS = P (dP - delta), then through the score
-          for (int64_t i = 0; i < M; ++i) {
-            C* si = s + i * n;
-            C* di = dp + i * n;
-            const C dl = w.l[i];
-            for (int64_t j = 0; j < n; ++j) di[j] = si[j] * (di[j] - dl);
-            const int64_t base = sc.qmax - w.qabs[i];
-            const int64_t* kp = kpos + c0;
-            if (dpost_t) {
-              double* dvec = dpost_t + w.heads[i] * lvec + base;
-              for (int64_t j = 0; j < n; ++j) dvec[kp[j]] += di[j];
-            }
-            if (sc.cap > 0) {
-              const C* ri = w.raw.data() + i * n;
-              const C inv = C(1) / sc.cap;
-              for (int64_t j = 0; j < n; ++j) {
-                const C th = std::tanh(ri[j] * inv);
-                di[j] *= C(1) - th * th;
-              }
-            }
-            if (dpre_t) {
-              double* dvec = dpre_t + w.heads[i] * lvec + base;
-              for (int64_t j = 0; j < n; ++j) dvec[kp[j]] += di[j];
-            }
-          }
-          const T* dsT;
-          if constexpr (std::is_same_v<T, C>) dsT = dp;
-          else { w.ds16.resize(M * n); convert(dp, w.ds16.data(), M * n); dsT = w.ds16.data(); }
-          // dQ += scale dS K ; dK += scale dS^T Q
-          gemm(false, false, M, g.D, n, scale, dsT, n, kb, g.D, C(1), w.dq.data(), g.D);
-          w.dk.resize(n * g.D);
-          C* dkc = contig ? dk_acc + kpos[c0] * g.D : w.dk.data();
-          gemm(true, false, n, g.D, M, scale, dsT, n, w.q.data(), g.D, contig ? C(1) : C(0), dkc, g.D);
-          if (!contig)
-            for (int64_t j = 0; j < n; ++j) {
-              C* dst = dk_acc + kpos[c0 + j] * g.D;
-              const C* src = dkc + j * g.D;
-              for (int64_t d = 0; d < g.D; ++d) dst[d] += src[d];
-            }
-        }
+        if (use_lanes<T>(M))
+          lanes_backward(g, sc, scale, w, as_compute(w.q, w.qf), M, rows, kbase, vbase, kpos, W, mask,
+                         as_compute(dob, w.dof), dk_acc, dv_acc, dpre_t, dpost_t);
+        else
+          rows_backward(g, sc, scale, w, M, rows, kbase, vbase, kpos, W, mask, as_compute(dob, w.dof), dk_acc,
+                        dv_acc, dpre_t, dpost_t);
         store_rows(dq_p, g, g.D, g.Lq, b, h0, nh, qrows, rows, w.dq.data());
       }
   });
@@ -1259,12 +1099,12 @@ at::ScalarType acc_of(at::ScalarType t) { return t == at::kDouble ? at::kDouble 
 
 std::vector<at::Tensor> forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                 const at::Tensor& q_rows, const at::Tensor& tile_q, const at::Tensor& tile_k,
-                                const at::Tensor& k_idx, const at::Tensor& k_contig, const at::Tensor& tile_m,
+                                const at::Tensor& k_idx, const at::Tensor& tile_m,
                                 const at::Tensor& mask, int64_t lb, int64_t lh, double scale,
                                 const c10::optional<at::Tensor>& pre, const c10::optional<at::Tensor>& post,
                                 double cap, int64_t qmax) {
   check_inputs(q, k, v);
-  Table tab = table_of(q_rows, tile_q, tile_k, k_idx, k_contig, tile_m, mask, lb, lh);
+  Table tab = table_of(q_rows, tile_q, tile_k, k_idx, tile_m, mask, lb, lh);
   check_keys(tab, k.size(2), q.size(2));
   TORCH_CHECK(lh == 1 || lh == q.size(1), "tile table: layout heads must be 1 or the query heads");
   TORCH_CHECK(lb == 1 || lb == q.size(0), "tile table: layout batch must be 1 or the batch");
@@ -1282,12 +1122,12 @@ std::vector<at::Tensor> forward(const at::Tensor& q, const at::Tensor& k, const 
 std::vector<at::Tensor> backward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                  const at::Tensor& out, const at::Tensor& dout, const at::Tensor& lse,
                                  const at::Tensor& q_rows, const at::Tensor& tile_q, const at::Tensor& tile_k,
-                                 const at::Tensor& k_idx, const at::Tensor& k_contig, const at::Tensor& tile_m,
+                                 const at::Tensor& k_idx, const at::Tensor& tile_m,
                                  const at::Tensor& mask, int64_t lb, int64_t lh, double scale,
                                  const c10::optional<at::Tensor>& pre, const c10::optional<at::Tensor>& post,
                                  double cap, int64_t qmax, int64_t parts, bool want_pre, bool want_post) {
   check_inputs(q, k, v);
-  Table tab = table_of(q_rows, tile_q, tile_k, k_idx, k_contig, tile_m, mask, lb, lh);
+  Table tab = table_of(q_rows, tile_q, tile_k, k_idx, tile_m, mask, lb, lh);
   check_keys(tab, k.size(2), q.size(2));
   const auto acc = acc_of(q.scalar_type());
   TORCH_CHECK(dout.scalar_type() == q.scalar_type() && dout.is_contiguous() && dout.dim() == 4 &&
@@ -1309,15 +1149,10 @@ std::vector<at::Tensor> backward(const at::Tensor& q, const at::Tensor& k, const
   }
 }
 
-std::vector<bool> blas() {
-  return {sgemm_ != nullptr, dgemm_ != nullptr, cblas_gemm_bf16bf16f32 != nullptr};
-}
-
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("forward", &forward, "block-sparse attention forward: (out, lse)");
   m.def("backward", &backward, "block-sparse attention backward: (dq, dk, dv, dpre, dpost)");
-  m.def("blas", &blas, "which BLAS products were found: (sgemm, dgemm, bf16 gemm)");
   m.def("bf16_pairs", [] { return kBf16Pairs; }, "whether bfloat16 tiles multiply in pairs (AVX-512 BF16)");
 }

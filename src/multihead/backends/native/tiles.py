@@ -8,7 +8,6 @@ computes the tile's logits against exactly those keys. The arrays (all on the CP
   ``q_rows[tile_q[t]:tile_q[t + 1]]`` and key slots ``tile_k[t]:tile_k[t + 1]``;
 * ``k_idx (S, K)`` int64: the key positions of every slot, per layout slot ``s = b' * lh + h'``
   (``lb`` x ``lh`` slots: 1 unless the pattern differs per batch element or per query head);
-* ``k_contig (T,)`` uint8: the tile's keys are one ascending run in every slot (read in place);
 * ``tile_m (T,)`` int64 and ``mask (S, M)`` uint8: the offset of the tile's mask (1 = allowed),
   or -1 when every listed key is allowed for every row; ``keys x rows`` (the kernel puts a tile's
   rows on vector lanes, so one key's bytes for consecutive rows are adjacent).
@@ -28,7 +27,6 @@ class TileTable:
     tile_q: Tensor
     tile_k: Tensor
     k_idx: Tensor
-    k_contig: Tensor
     tile_m: Tensor
     mask: Tensor
     lb: int
@@ -37,12 +35,11 @@ class TileTable:
     pairs: int
 
     def arrays(self) -> tuple:
-        return (self.q_rows, self.tile_q, self.tile_k, self.k_idx, self.k_contig, self.tile_m, self.mask,
-                self.lb, self.lh)
+        return self.q_rows, self.tile_q, self.tile_k, self.k_idx, self.tile_m, self.mask, self.lb, self.lh
 
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.arrays()[:7])
+        return sum(t.numel() * t.element_size() for t in self.arrays()[:6])
 
 
 def _allowed(pattern, lb: int, lh: int, q_abs: Tensor, keys: Tensor) -> Tensor:
@@ -61,7 +58,7 @@ def from_plan(plan, pattern, q_len: int, kv_len: int) -> TileTable:
     slots = lb * lh
     offset = kv_len - q_len
     order = plan.q_order.cpu() if plan.q_order is not None else torch.arange(q_len)
-    tile_q, tile_k, tile_m, contig = [0], [0], [], []
+    tile_q, tile_k, tile_m = [0], [0], []
     keys, masks, k_total, m_total = [], [], 0, 0
     for g in plan.groups:
         rows_frame = order[g.r0:g.r1]
@@ -82,13 +79,11 @@ def from_plan(plan, pattern, q_len: int, kv_len: int) -> TileTable:
             if not exact:
                 allowed = allowed & _allowed(pattern, lb, lh, q_abs, kp.unsqueeze(-2))
             allowed = allowed.expand(lb, lh, nblk, rows, width)
-        run = bool(((kp[..., 1:] - kp[..., :-1]) == 1).all()) if width > 1 else True
         for j in range(nblk):
             keys.append(kp[:, :, j].reshape(slots, width))
             k_total += width
             tile_k.append(k_total)
             tile_q.append(tile_q[-1] + rows)
-            contig.append(run)
             if need:  # key-major: keys x rows
                 masks.append(allowed[:, :, j].transpose(-1, -2).reshape(slots, rows * width))
                 tile_m.append(m_total)
@@ -100,7 +95,6 @@ def from_plan(plan, pattern, q_len: int, kv_len: int) -> TileTable:
         q_rows=order.to(torch.long).contiguous(), tile_q=torch.tensor(tile_q, dtype=torch.long),
         tile_k=torch.tensor(tile_k, dtype=torch.long),
         k_idx=torch.cat(keys, 1).contiguous() if keys else torch.zeros(slots, 0, dtype=torch.long),
-        k_contig=torch.tensor(contig, dtype=torch.uint8),
         tile_m=torch.tensor(tile_m, dtype=torch.long),
         mask=(torch.cat(masks, 1).to(torch.uint8).contiguous() if masks
               else torch.zeros(slots, 0, dtype=torch.uint8)),
@@ -117,7 +111,6 @@ def from_key_lists(indices: Tensor, valid: Tensor) -> TileTable:
     return TileTable(
         q_rows=torch.arange(q_len), tile_q=torch.arange(q_len + 1),
         tile_k=torch.arange(q_len + 1) * width, k_idx=keys.reshape(slots, q_len * width).contiguous(),
-        k_contig=torch.zeros(q_len, dtype=torch.uint8),
         tile_m=(torch.arange(q_len) * width) if need else torch.full((q_len,), -1, dtype=torch.long),
         mask=(valid.reshape(slots, q_len * width).to(torch.uint8).contiguous() if need
               else torch.zeros(slots, 0, dtype=torch.uint8)),
