@@ -123,7 +123,9 @@ ROWS: tuple[Row, ...] = (
         "test_heads.py::test_cca_shrinks_parameters_flops_and_cache_by_the_compression"],
        "no fused kernel: attention in the latent space runs on the shared backends"),
     _m(1, "TPLA: Tensor-Parallel Latent Attention",
-       "MLA's latent and head input dims sharded over ranks, per-shard attention, all-reduce",
+       "MLA's latent and head input dims sharded over ranks, per-shard attention, all-reduce; the seed text "
+       "(abstract) does not say how the decoupled RoPE part and the logit scale are split per shard, and no "
+       "reference code was at hand to fix them",
        ["heads.MultiHeadLatentAttention"]),
     _i(1, "DHVT: Dynamic Hybrid ViT (head token)",
        ["nn.head_token.HeadTokenAttention", "variant:dhvt_head_tokens"],
@@ -169,7 +171,8 @@ ROWS: tuple[Row, ...] = (
        "channels (any length; the catalog's), binarised top-k mask, KL distillation from the dense map; the "
        "sparse up-projection basis, the paper's loss weights and token sparsity are not built"),
     _m(2, "TiC: MSA-Conv (self-attention inside convolution windows)",
-       "the windows are Neighborhood(kernel, dilation); the cyclic shifts and inter-pooling are not built",
+       "the windows are Neighborhood(kernel, dilation); the cyclic shifts and inter-pooling are not built (the "
+       "abstract names them without their form; the authors' code was announced, not found)",
        ["patterns.Neighborhood"]),
     _i(2, "TransNeXt: Aggregated Attention",
        ["vision.AggregatedAttention", "vision.aggregated.PooledAndLocalBias", "patterns.Sinks", "patterns.Halo",
@@ -416,7 +419,8 @@ ROWS: tuple[Row, ...] = (
     _m(4, "CoordFormer: Coordinate-Aware Attention",
        "pixel-level coordinates kept in attention and Body Center Attention (the abstract gives little form)"),
     _m(4, "CRENER: direction- and distance-aware masked self-attention",
-       "unscaled attention with direction- and distance-aware masks (pieces: scale=1, Causal, ALiBi)"),
+       "unscaled attention with direction- and distance-aware masks (pieces: scale=1, Causal, ALiBi); the "
+       "abstract names the masks but gives neither their form nor how they combine, and no code was at hand"),
     _i(4, "ConViT: Gated Positional Self-Attention (GPSA)",
        ["nn.GatedPositionalAttention", "variant:gpsa"],
        ["test_gpsa.py::test_gpsa_matches_the_formula_on_every_backend",
@@ -439,7 +443,8 @@ ROWS: tuple[Row, ...] = (
        "an input position embedding (a small encoder of the position's digits) and its training losses; "
        "attention is unchanged"),
     _m(4, "Meta-tokens + meta-attention",
-       "the dedicated meta-attention beside causal MHA (the prepended learned tokens exist as Registers)",
+       "the dedicated meta-attention beside causal MHA (the prepended learned tokens exist as Registers); the "
+       "abstract does not give the meta-attention's mask or where it sits in the block",
        ["nn.Registers"]),
     _o(4, "ResFormer: multi-resolution training + global-local PE", "recipe",
        "multi-resolution training with a scale-consistency loss; the embedding is added at the input"),
