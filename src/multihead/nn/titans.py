@@ -103,9 +103,15 @@ class NeuralMemory(nn.Module):
         alpha, eta, theta = torch.sigmoid(self.gates(x)).transpose(1, 2).chunk(3, dim=1)
         return q, k, v, alpha, eta, self.max_step * theta
 
+    def log_keeps(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """``log(1 - alpha)`` and ``log(eta)`` ``(B, heads, T)``, finite however saturated the gates."""
+        forget, momentum, _ = self.gates(x).transpose(1, 2).chunk(3, dim=1)
+        return F.logsigmoid(-forget), F.logsigmoid(momentum)
+
     def forward(self, x: Tensor) -> Tensor:
         check_inputs(x, None, self.dim)
-        q, k, v, alpha, eta, theta = self.inputs(x)
+        q, k, v, _, _, theta = self.inputs(x)
+        log_keep, log_eta = self.log_keeps(x)
         batch, tokens = x.shape[0], x.shape[1]
         params = tuple(p.to(x.dtype).expand(batch, *p.shape) for p in self.initial)
         surprise = tuple(torch.zeros_like(p) for p in params)
@@ -114,10 +120,10 @@ class NeuralMemory(nn.Module):
         for start in range(0, tokens, self.chunk):
             span = slice(start, min(start + self.chunk, tokens))
             grads = per_token_grad(params, k[:, :, span], v[:, :, span])  # at the chunk's starting memory
-            momentum = decay_products(eta[:, :, span].log())  # (B, h, c, c)
-            keep = decay_products(torch.log1p(-alpha[:, :, span]))
-            first_eta = eta[:, :, span].log().cumsum(-1).exp()  # prod_{l<=i} eta_l: S_0's weight at i
-            first_keep = torch.log1p(-alpha[:, :, span]).cumsum(-1).exp()
+            momentum = decay_products(log_eta[:, :, span])  # (B, h, c, c)
+            keep = decay_products(log_keep[:, :, span])
+            first_eta = log_eta[:, :, span].cumsum(-1).exp()  # prod_{l<=i} eta_l: S_0's weight at i
+            first_keep = log_keep[:, :, span].cumsum(-1).exp()
             updated, carried = [], []
             for p, s, g in zip(params, surprise, grads):
                 shape = p.shape[2:]
