@@ -8,7 +8,6 @@ convention; ``check_causal`` verifies it before training).
 
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
