@@ -126,9 +126,13 @@ class AggregatedAttention(GridAttention):
     def neighbor_counts(self, grid: tuple[int, int], device) -> Tensor:
         """``(H * W,)``: how many neighborhood keys each position sees (fewer at the edges)."""
         r = self.window // 2
-        per_axis = [(torch.arange(n, device=device) + r).clamp(max=n - 1) - (torch.arange(n, device=device) - r)
-                    .clamp(min=0) + 1 for n in grid]
-        return (per_axis[0][:, None] * per_axis[1][None]).flatten()
+
+        def along(n: int) -> Tensor:  # last minus first neighbour, clipped to the axis, plus one
+            x = torch.arange(n, device=device)
+            return (x + r).clamp(max=n - 1) - (x - r).clamp(min=0) + 1
+
+        rows, cols = (along(n) for n in grid)
+        return (rows[:, None] * cols[None]).flatten()
 
     def token_term(self, q_norm: Tensor, v: Tensor, grid: tuple[int, int]) -> Tensor:
         """``sum_o (q_norm . T[:, o] + b[o]) v_{i + o}`` over the window offsets ``o`` (zero padding)."""
