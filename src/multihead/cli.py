@@ -144,7 +144,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="comma-separated grid sides: side x side tokens, added to --lengths")
     p.add_argument("--only", type=_csv(str), default=[],
                    help="comma-separated variant names or families, or the read-out and cross modules "
-                        "attentive_probe, pointer, tnt, dcal_glca, dcal_pwca, kmax, pem (default: all of them)")
+                        "attentive_probe, pointer, tnt, dcal_glca, dcal_pwca, kmax, pem, danet_position, danet_channel "
+                        "(default: all of them)")
     p.add_argument("--peers", type=_csv(str), default=defaults.peers,
                    help=f"comma-separated, from {','.join(known_peers())} (default {','.join(defaults.peers)}; "
                         f"flex compiles per shape and runs forward only on CPU)")

@@ -319,13 +319,16 @@ ROWS: tuple[Row, ...] = (
        "the memory of normal patterns and its update rule (learned key/value slots exist as SinkAttention)",
        ["nn.SinkAttention"]),
     _i(3, "Multi-scale self-guided attention",
-       ["vision.dual_attention.PositionAttention", "vision.dual_attention.ChannelAttention"],
+       ["vision.dual_attention.PositionAttention", "vision.dual_attention.ChannelAttention",
+        "bench.readouts.OnSquareGrid"],
        ["test_dual_attention.py::test_dual_attention_modules_are_the_authors_on_every_backend",
-        "test_dual_attention.py::test_dual_attention_starts_as_the_identity_and_trains"],
+        "test_dual_attention.py::test_dual_attention_starts_as_the_identity_and_trains",
+        "test_bench.py::test_bench_measures_the_readout_and_cross_modules_forward_and_backward"],
        "the position and channel attention modules (DANet's, after the authors' PAM_Module and CAM_Module: "
        "unscaled one-head attention over positions with dim/8 queries and keys; channels as tokens with "
        "softmax(max - energy) = the queries -X over the keys X), each entering the residual through gamma; the "
-       "multi-scale network, its semantic encoder-decoder and the guiding losses are not built"),
+       "multi-scale network, its semantic encoder-decoder and the guiding losses are not built; `multihead bench "
+       "--only danet_position,danet_channel` measures them"),
     _i(3, "DCAL: Dual Cross-Attention Learning",
        ["nn.dcal.GlobalLocalCrossAttention", "nn.dcal.PairWiseCrossAttention", "nn.dcal.attention_rollout",
         "bench.readouts.TopTokensQueryAll", "bench.readouts.WithDistractor"],

@@ -1,5 +1,6 @@
 """Attention modules the benchmark measures beside the catalog's token mixers: heads that read out,
-point or cross two streams (probe, pointer, TNT, DCAL, kMaX, PEM), which are not ``(batch, N, dim) -> (batch, N, dim)`` variants. Each is
+point or cross two streams (probe, pointer, TNT, DCAL, kMaX, PEM) or work on a map's channels
+(DANet), which are not ``(batch, N, dim) -> (batch, N, dim)`` variants. Each is
 wrapped to take the benchmark's input ``x`` ``(batch, N, dim)``; what the wrapper derives from ``x``
 (the second stream, the scores, the centres) is said in its summary. Their outputs have their own
 shapes; the benchmark back-propagates a random gradient of that shape."""
@@ -17,6 +18,7 @@ from ..nn.kmeans_cross import KMeansCrossAttention
 from ..nn.pointer import PointerAttention
 from ..nn.probe import AttentiveProbe
 from ..nn.prototype_cross import PrototypeCrossAttention
+from ..vision.dual_attention import ChannelAttention, PositionAttention
 from ..vision.tnt import TNTBlock
 
 
@@ -110,6 +112,22 @@ class Prototypes(nn.Module):
         return self.pem(self.queries.to(x.dtype).expand(x.shape[0], -1, -1), features)
 
 
+class OnSquareGrid(nn.Module):
+    """A channels-last map block on the tokens laid out on their square grid (DANet's position and
+    channel attention, whose gamma starts at 0: set to 1 here so the attention is not skipped)."""
+
+    def __init__(self, block: nn.Module, seq_len: int):
+        super().__init__()
+        from ..catalog import square_grid
+
+        self.block, self.grid = block, square_grid(seq_len)
+        with torch.no_grad():
+            block.gamma.fill_(1.0)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.block(x.view(x.shape[0], *self.grid, x.shape[-1])).flatten(1, 2)
+
+
 READOUTS: dict[str, Readout] = {r.name: r for r in (
     Readout("attentive_probe", "readout", "Efficient Probing: 4 learned queries over the tokens, pooled, classified",
             lambda dim, heads, n: AttentiveProbe(dim, 10, heads=heads, queries=4)),
@@ -123,6 +141,10 @@ READOUTS: dict[str, Readout] = {r.name: r for r in (
             lambda dim, heads, n: WithDistractor(dim, heads)),
     Readout("kmax", "cross", "kMaX k-means cross-attention: 16 centres, each pixel to its best centre",
             lambda dim, heads, n: ClusterCentres(dim, heads)),
+    Readout("danet_position", "vision", "DANet position attention: one unscaled head, dim/8 queries and keys "
+            "(square grid)", lambda dim, heads, n: OnSquareGrid(PositionAttention(dim), n)),
+    Readout("danet_channel", "vision", "DANet channel attention: the channels as tokens, softmax(-X X^T) "
+            "(square grid)", lambda dim, heads, n: OnSquareGrid(ChannelAttention(dim), n)),
     Readout("pem", "cross", "PEM prototype cross-attention: 16 queries, each one pixel per head (square grid)",
             lambda dim, heads, n: Prototypes(dim, heads, n)),
 )}
