@@ -17,7 +17,7 @@ import multihead as mh
 from multihead.backends import native
 from multihead.backends.blocksparse import BlockSparseBackend
 from multihead.backends.native import tiles
-from multihead.backends.native.function import native_attention
+from multihead.backends.native.function import dropout_mask, native_attention
 from multihead.patterns import (Axial, Causal, CrossShapedWindow, Dilated, Documents, Full, Neighborhood,
                                 PerHead, PrefixLM, ShiftedWindow, SlidingWindow, TopK)
 from multihead.request import make_request
@@ -191,6 +191,64 @@ def test_a_key_listed_twice_keeps_every_gradient_update(dtype):
         assert max_error(got.grad, want.grad) <= FLOOR[dtype], f"d{name}"
 
 
+def _with_dropout_mask(pattern, score, q, k, v, dout, dtype, p, seed):
+    """Forward and gradients of dense attention in ``dtype`` whose weights are multiplied by the
+    kernel's dropout factors for ``seed`` (``dropout_mask``), in float64 when dtype is float64."""
+    keep = dropout_mask(seed, p, q.shape[0], q.shape[1], q.shape[2], k.shape[2])
+    leaves = [t.to(dtype).detach().requires_grad_() for t in (q, k, v)]
+    req = make_request(*leaves, pattern=pattern, score=score)
+    groups = q.shape[1] // k.shape[1]
+    kk, vv = (t.repeat_interleave(groups, dim=1) for t in leaves[1:])
+    logits = (leaves[0] @ kk.transpose(-1, -2)).float() * req.scale
+    if score is not None:
+        logits = score.apply_dense(logits, k.shape[2])
+    allowed = req.pattern.dense_mask(q.shape[2], k.shape[2])
+    weights = torch.softmax(logits.masked_fill(~allowed, float("-inf")), -1).nan_to_num(0.0)
+    out = (weights * keep / (1 - p)).to(dtype) @ vv
+    out.backward(dout.to(dtype))
+    return [out.detach()] + [t.grad for t in leaves]
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("kv_heads", [4, 1], ids=["mha", "mqa"])
+@pytest.mark.parametrize("pattern_name", ["window", "documents", "topk_in_window", "neighborhood"])
+def test_dropout_matches_the_masked_reference(pattern_name, kv_heads, dtype):
+    """Dropout in the kernel is the softmax's weights times ``dropout_mask`` / (1 - p), forward
+    and gradients, on lane tiles (windows, grids) and row tiles (key lists), under the tolerance
+    rule; backward regenerates the forward's mask."""
+    n, p, seed = 131, 0.3, 1234
+    pattern = (Neighborhood(3, grid=(11, 12)) if pattern_name == "neighborhood" else PATTERNS[pattern_name](n))
+    n = 132 if pattern_name == "neighborhood" else n
+    q, k, v, dout = _inputs(n, kv_heads, torch.float64, seed=7)
+    pattern = make_request(q, k, v, pattern=pattern).pattern  # top-k: one choice of keys
+    score = ALiBi(4)
+    torch.manual_seed(0)
+    drawn = int(torch.randint(0, 2 ** 31, ()).item())
+    torch.manual_seed(0)
+    leaves = [t.to(dtype).detach().requires_grad_() for t in (q, k, v)]
+    out = mh.attention(*leaves, pattern=pattern, score=score, dropout=p, backend="blocksparse")
+    assert type(out.grad_fn).__name__ == "NativeBlockSparseBackward"
+    out.backward(dout.to(dtype))
+    got = [out.detach()] + [t.grad for t in leaves]
+    want = _with_dropout_mask(pattern, score.double(), q, k, v, dout, torch.float64, p, drawn)
+    base = _with_dropout_mask(pattern, score.float(), q, k, v, dout, dtype, p, drawn)
+    for name, g, w, b in zip(["out", "dq", "dk", "dv"], got, want, base):
+        err, ref_err = max_error(g, w), max_error(b, w)
+        assert err <= FACTOR * ref_err + FLOOR[dtype], f"{name}: {err:.3g} vs the naive {ref_err:.3g}"
+
+
+def test_dropout_mask_keeps_one_minus_p_independently():
+    """The hash keeps a fraction 1 - p of the pairs, with no pattern along rows, keys or heads."""
+    keep = dropout_mask(99, 0.25, 2, 4, 256, 256).double()
+    assert abs(keep.mean().item() - 0.75) < 0.005
+    assert (keep.mean(dim=(2, 3)) - 0.75).abs().max() < 0.01  # every (batch, head)
+    for dim in (2, 3):  # every query row, every key column (256 draws each)
+        assert (keep.mean(dim=dim) - 0.75).abs().max() < 0.15
+    assert (keep[..., 1:] == keep[..., :-1]).double().mean() < 0.65  # neighbours agree as by chance (0.625)
+    assert not torch.equal(dropout_mask(99, 0.25, 1, 1, 64, 64), dropout_mask(100, 0.25, 1, 1, 64, 64))
+
+
 @needs_kernel
 @pytest.mark.parametrize("case", ["window_t5_softcap", "topk_alibi", "per_head_gqa", "neighborhood_post_bias"])
 def test_gradcheck_float64(case):
@@ -279,7 +337,7 @@ def test_corrupt_tile_tables_are_rejected():
         arrays = dict(zip(["q_rows", "tile_q", "tile_k", "k_idx", "tile_m", "mask", "lb", "lh"],
                           good.arrays()))
         arrays.update(changes)
-        return ext.forward(q, q, q, *arrays.values(), 0.35, None, None, 0.0, 15)
+        return ext.forward(q, q, q, *arrays.values(), 0.35, None, None, 0.0, 15, 0.0, 0)
 
     run()  # the table as built runs
     for changes, message in [
@@ -293,14 +351,14 @@ def test_corrupt_tile_tables_are_rejected():
         with pytest.raises(RuntimeError, match=message):
             run(**changes)
     with pytest.raises(RuntimeError, match="relative bias too short"):
-        ext.forward(q, q, q, *good.arrays(), 0.35, torch.zeros(2, 5), None, 0.0, 15)
+        ext.forward(q, q, q, *good.arrays(), 0.35, torch.zeros(2, 5), None, 0.0, 15, 0.0, 0)
 
 
 @needs_kernel
-def test_dropout_and_sigmoid_use_the_torch_tiles():
+def test_sigmoid_and_float16_use_the_torch_tiles():
     q = torch.randn(1, 2, 32, 8)
     backend = BlockSparseBackend()
-    assert "dropout" in backend.describe(make_request(q, q, q, pattern=Causal(), dropout=0.1))
+    assert "native kernel" == backend.describe(make_request(q, q, q, pattern=Causal(), dropout=0.1))
     assert "Sigmoid" in backend.describe(make_request(q, q, q, pattern=Causal(), normalizer=mh.normalizers.Sigmoid()))
     assert "float16" in backend.describe(make_request(q.half(), q.half(), q.half(), pattern=Causal()))
     assert "native kernel" == backend.describe(make_request(q, q, q, pattern=Causal(), score=ALiBi(2)))

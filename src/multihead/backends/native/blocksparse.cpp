@@ -44,6 +44,9 @@ inline void convert(const float* src, BFloat16* dst, int64_t n) {
 }
 inline void convert(const BFloat16* src, float* dst, int64_t n) { at::vec::convert(src, dst, n); }
 
+template <typename C>
+using Vec = at::vec::Vectorized<C>;
+
 // The tile's rows of ``x`` (T) in the compute type: the rows themselves, or a converted copy.
 template <typename T, typename C>
 const C* as_compute(const std::vector<T>& x, std::vector<C>& buf) {
@@ -143,19 +146,92 @@ struct Geometry {
   int64_t B, H, Hkv, Lq, Lk, D, Dv, gq, offset;
 };
 
+// Dropout of the weights, from a counter-based hash (no state: backward regenerates the forward's
+// mask, whatever the tiling or the threads). The pair (b, h, q, k) keeps its weight, scaled by
+// 1 / (1 - p), when hash(row(b, h, q), k) >= threshold = floor(p 2^32), with 32-bit arithmetic:
+//   mix(x) = lowbias32: x ^= x >> 16; x *= 0x7feb352d; x ^= x >> 15; x *= 0x846ca68b; x ^= x >> 16
+//   row(b, h, q) = mix(mix(seed ^ (b H + h) 0x9e3779b9) ^ q 0x85ebca6b)
+//   hash(r, k) = mix(r ^ k 0xc2b2ae35)
+// (q: the query's index, k: the key's; ``multihead.backends.native.function.dropout_mask`` is
+// the same in PyTorch).
+inline uint32_t mix32(uint32_t x) {
+  x ^= x >> 16;
+  x *= 0x7feb352du;
+  x ^= x >> 15;
+  x *= 0x846ca68bu;
+  x ^= x >> 16;
+  return x;
+}
+
+struct Dropout {
+  bool on = false;
+  uint32_t seed = 0, threshold = 0;
+  float keep_scale = 1;  // 1 / (1 - p)
+  uint32_t row(int64_t b, int64_t h, int64_t H, int64_t q) const {
+    return mix32(mix32(seed ^ static_cast<uint32_t>(b * H + h) * 0x9e3779b9u) ^ static_cast<uint32_t>(q) * 0x85ebca6bu);
+  }
+  bool keep(uint32_t row, int64_t k) const {
+    return mix32(row ^ static_cast<uint32_t>(k) * 0xc2b2ae35u) >= threshold;
+  }
+};
+
+Dropout dropout_of(double p, int64_t seed) {
+  Dropout d;
+  TORCH_CHECK(p >= 0 && p < 1, "native kernel: dropout must be in [0, 1)");
+  d.on = p > 0;
+  d.seed = static_cast<uint32_t>(seed);
+  d.threshold = static_cast<uint32_t>(std::min(std::floor(p * 4294967296.0), 4294967295.0));
+  d.keep_scale = static_cast<float>(1.0 / (1.0 - p));
+  return d;
+}
+
+// pt[j][l] (keys x L lanes) times its keep factor (0 or 1 / (1 - p)), for lanes l < nl of rows
+// ``rowkey`` and the keys kpos[j]
+template <typename C>
+void drop_lanes(const Dropout& dr, const uint32_t* rowkey, int64_t nl, const int64_t* kpos, int64_t W, C* pt) {
+  constexpr int64_t L = Vec<C>::size();
+#if defined(CPU_CAPABILITY_AVX512)
+  if constexpr (std::is_same_v<C, float>) {
+    alignas(64) uint32_t keys[16] = {};
+    std::copy(rowkey, rowkey + nl, keys);
+    const __m512i rk = _mm512_load_si512(keys), thr = _mm512_set1_epi32(static_cast<int>(dr.threshold));
+    const __m512i m1 = _mm512_set1_epi32(0x7feb352d), m2 = _mm512_set1_epi32(static_cast<int>(0x846ca68bu));
+    const __m512 f = _mm512_set1_ps(dr.keep_scale);
+    for (int64_t j = 0; j < W; ++j) {
+      __m512i x = _mm512_xor_si512(rk, _mm512_set1_epi32(static_cast<int>(static_cast<uint32_t>(kpos[j]) * 0xc2b2ae35u)));
+      x = _mm512_xor_si512(x, _mm512_srli_epi32(x, 16));
+      x = _mm512_mullo_epi32(x, m1);
+      x = _mm512_xor_si512(x, _mm512_srli_epi32(x, 15));
+      x = _mm512_mullo_epi32(x, m2);
+      x = _mm512_xor_si512(x, _mm512_srli_epi32(x, 16));
+      const __mmask16 kept = _mm512_cmpge_epu32_mask(x, thr);
+      _mm512_storeu_ps(pt + j * L, _mm512_maskz_mul_ps(kept, _mm512_loadu_ps(pt + j * L), f));
+    }
+    return;
+  }
+#endif
+  const C f = static_cast<C>(dr.keep_scale);
+  for (int64_t j = 0; j < W; ++j)
+    for (int64_t l = 0; l < nl; ++l) pt[j * L + l] = dr.keep(rowkey[l], kpos[j]) ? pt[j * L + l] * f : C(0);
+}
+
 // Score: logit = post[h, k - q + qmax] + cap * tanh((scale q.k + pre[h, k - q + qmax]) / cap)
 // (without a cap: scale q.k + pre + post). ``vec`` arrays are (H, Lvec) or absent.
+// The weights' dropout rides along (``drop``): how a tile's products become its weights.
 template <typename C>
 struct Score {
   const C* pre = nullptr;
   const C* post = nullptr;
   int64_t lvec = 0, qmax = 0;
   C cap = 0;
+  Dropout drop;
 };
 
 template <typename C>
-Score<C> score_of(const at::Tensor& pre, const at::Tensor& post, double cap, int64_t qmax) {
+Score<C> score_of(const at::Tensor& pre, const at::Tensor& post, double cap, int64_t qmax, double dropout,
+                  int64_t seed) {
   Score<C> sc;
+  sc.drop = dropout_of(dropout, seed);
   if (pre.defined()) sc.pre = static_cast<C*>(pre.data_ptr()), sc.lvec = pre.size(1);
   if (post.defined()) sc.post = static_cast<C*>(post.data_ptr()), sc.lvec = post.size(1);
   sc.cap = static_cast<C>(cap);
@@ -174,8 +250,9 @@ struct Inputs {
 template <typename T, typename C>
 struct Scratch {
   std::vector<T> q, orow, dorow;  // the tile's query, output and output-gradient rows (T)
-  std::vector<C> s, o, m, l, dq, dk, dv, dp, raw, b1, b2, qf, dof;  // qf, dof: rows as C
+  std::vector<C> s, o, m, l, dq, dk, dv, dp, raw, b1, b2, b3, qf, dof;  // qf, dof: rows as C
   std::vector<int64_t> qabs, heads;
+  std::vector<uint32_t> rowkey;  // the rows' dropout keys
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -183,9 +260,6 @@ struct Scratch {
 // through their positions (no copy), and the rows of a tile are the vector lanes, so the softmax
 // of a row is elementwise work across keys. ``AT`` below is a (depth x lanes) transposed block.
 // ---------------------------------------------------------------------------------------------
-template <typename C>
-using Vec = at::vec::Vectorized<C>;
-
 inline Vec<float> vexp(const Vec<float>& x) { return x.exp_u20(); }
 inline Vec<double> vexp(const Vec<double>& x) { return x.exp(); }
 
@@ -508,6 +582,7 @@ void lanes_forward(const Geometry& g, const Score<C>& sc, C scale, Scratch<T, C>
       e.store(ST + j * L);
       sum = sum + e;
     }
+    if (sc.drop.on) drop_lanes(sc.drop, w.rowkey.data() + first, nl, kpos, W, ST);  // after the sum
 #if defined(CPU_CAPABILITY_AVX512) && defined(__AVX512BF16__)
     if constexpr (std::is_same_v<T, BFloat16>) {
       if (pairs) {
@@ -627,13 +702,22 @@ void lanes_backward(const Geometry& g, const Score<C>& sc, C scale, Scratch<T, C
       const V p = V::blendv(vexp(V::loadu(ST + j * L) - lse_safe), V(C(0)), empty);
       p.store(ST + j * L);
     }
-    lanes_dot(DOT, g.Dv, vbase, kpos, W, g.Dv, DPT);  // dP
-    // dV_j += sum_lanes P[j][l] dO_l ; dS = P (dP - delta)
-    lanes_scatter(dv_acc, kpos, W, ST, dob + first * g.Dv, nl, g.Dv);
-    for (int64_t j = 0; j < W; ++j) {
-      const V ds = V::loadu(ST + j * L) * (V::loadu(DPT + j * L) - delta);
-      ds.store(DPT + j * L);
+    lanes_dot(DOT, g.Dv, vbase, kpos, W, g.Dv, DPT);  // dO V^T
+    // with dropout's factor z (0 or 1 / (1 - p)): dS = P (z dO.V - delta), dV_j += sum_lanes z P dO
+    if (sc.drop.on) {
+      w.b3.resize(W * L);
+      C* ZT = w.b3.data();
+      std::fill(ZT, ZT + W * L, C(1));
+      drop_lanes(sc.drop, w.rowkey.data() + first, nl, kpos, W, ZT);
+      for (int64_t j = 0; j < W; ++j) {
+        const V p = V::loadu(ST + j * L), pz = p * V::loadu(ZT + j * L);
+        (pz * V::loadu(DPT + j * L) - p * delta).store(DPT + j * L);
+        pz.store(ST + j * L);
+      }
+    } else {
+      for (int64_t j = 0; j < W; ++j) (V::loadu(ST + j * L) * (V::loadu(DPT + j * L) - delta)).store(DPT + j * L);
     }
+    lanes_scatter(dv_acc, kpos, W, ST, dob + first * g.Dv, nl, g.Dv);
     if (dpre || dpost || sc.cap > 0) {  // through the score, lane by lane
       for (int64_t l = 0; l < nl; ++l) {
         const int64_t i = first + l, base = sc.qmax - w.qabs[i];
@@ -814,6 +898,8 @@ void rows_forward(const Geometry& g, const Score<C>& sc, C scale, Scratch<T, C>&
       continue;
     }
     const C sum = exp_sum(s, W, m);
+    if (sc.drop.on)
+      for (int64_t j = 0; j < W; ++j) s[j] = sc.drop.keep(w.rowkey[i], kpos[j]) ? s[j] * sc.drop.keep_scale : C(0);
     C* o = w.o.data() + i * g.Dv;
     row_combine(s, vbase, kpos, W, g.Dv, g.Dv, o);
     const C inv = C(1) / sum;
@@ -845,8 +931,9 @@ void rows_backward(const Geometry& g, const Score<C>& sc, C scale, Scratch<T, C>
     for (int64_t j = 0; j < W; ++j) {
       if (mask && !mask[j * rows + r]) continue;
       const C p = std::exp(s[j] - lse);
-      axpy(p, d_o, dv_acc + kpos[j] * g.Dv, g.Dv);
-      C ds = p * (dp[j] - delta);
+      const C z = !sc.drop.on ? C(1) : sc.drop.keep(w.rowkey[i], kpos[j]) ? C(sc.drop.keep_scale) : C(0);
+      if (z != C(0)) axpy(p * z, d_o, dv_acc + kpos[j] * g.Dv, g.Dv);
+      C ds = p * (z * dp[j] - delta);
       if (dpost) dpost[w.heads[i] * sc.lvec + base + kpos[j]] += ds;
       if (sc.cap > 0) {
         const C th = std::tanh(w.raw[j] / sc.cap);
@@ -922,6 +1009,14 @@ inline Tile tile_of(const Table& tab, const Geometry& g, const Units& u, int64_t
   return x;
 }
 
+// The dropout keys of a tile's rows (w.heads set), one per (batch, head, query).
+template <typename T, typename C>
+void row_keys(const Dropout& dr, const Geometry& g, int64_t b, const int64_t* qrows, int64_t rows, Scratch<T, C>& w) {
+  if (!dr.on) return;
+  w.rowkey.resize(w.heads.size());
+  for (size_t i = 0; i < w.heads.size(); ++i) w.rowkey[i] = dr.row(b, w.heads[i], g.H, qrows[i % rows]);
+}
+
 // Dynamic scheduling: each thread pulls the next unit from a shared counter.
 template <typename F>
 void for_each_unit(int64_t n, const F& f) {
@@ -936,7 +1031,8 @@ void for_each_unit(int64_t n, const F& f) {
 template <typename T>
 std::vector<at::Tensor> forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                      const Table& tab, double scale_d, const at::Tensor& pre,
-                                     const at::Tensor& post, double cap, int64_t qmax) {
+                                     const at::Tensor& post, double cap, int64_t qmax, double dropout,
+                                     int64_t seed) {
   using C = typename Acc<T>::type;
   Geometry g{q.size(0), q.size(1), k.size(1), q.size(2), k.size(2), q.size(3), v.size(3),
              q.size(1) / k.size(1), k.size(2) - q.size(2)};
@@ -948,7 +1044,7 @@ std::vector<at::Tensor> forward_impl(const at::Tensor& q, const at::Tensor& k, c
   auto lse = covers ? at::empty({g.B, g.H, g.Lq}, lopt)
                     : at::full({g.B, g.H, g.Lq}, std::numeric_limits<double>::infinity(), lopt);
   Inputs<T> in{static_cast<T*>(q.data_ptr()), static_cast<T*>(k.data_ptr()), static_cast<T*>(v.data_ptr()), g, tab};
-  const Score<C> sc = score_of<C>(pre, post, cap, qmax);
+  const Score<C> sc = score_of<C>(pre, post, cap, qmax, dropout, seed);
   const C scale = static_cast<C>(scale_d);
   T* out_p = static_cast<T*>(out.data_ptr());
   C* lse_p = static_cast<C*>(lse.data_ptr());
@@ -970,6 +1066,7 @@ std::vector<at::Tensor> forward_impl(const at::Tensor& q, const at::Tensor& k, c
     gather_rows(in.q, g, g.D, g.Lq, b, h0, nh, qrows, rows, w.q.data());
     w.qabs.resize(M), w.heads.resize(M);
     for (int64_t i = 0; i < M; ++i) w.qabs[i] = qrows[i % rows] + g.offset, w.heads[i] = h0 + i / rows;
+    row_keys(sc.drop, g, b, qrows, rows, w);
     const T* kbase = in.k + (b * g.Hkv + hk) * g.Lk * g.D;
     const T* vbase = in.v + (b * g.Hkv + hk) * g.Lk * g.Dv;
     // gathered keys: read in place, rows on the vector lanes (or, few rows, one at a time)
@@ -986,8 +1083,8 @@ template <typename T>
 std::vector<at::Tensor> backward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                       const at::Tensor& out, const at::Tensor& dout, const at::Tensor& lse,
                                       const Table& tab, double scale_d, const at::Tensor& pre,
-                                      const at::Tensor& post, double cap, int64_t qmax, int64_t parts,
-                                      bool want_pre, bool want_post) {
+                                      const at::Tensor& post, double cap, int64_t qmax, double dropout,
+                                      int64_t seed, int64_t parts, bool want_pre, bool want_post) {
   using C = typename Acc<T>::type;
   Geometry g{q.size(0), q.size(1), k.size(1), q.size(2), k.size(2), q.size(3), v.size(3),
              q.size(1) / k.size(1), k.size(2) - q.size(2)};
@@ -1004,7 +1101,7 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& q, const at::Tensor& k, 
   auto dpre = at::zeros({want_pre ? threads : 0, g.H, lvec}, dopt);
   auto dpost = at::zeros({want_post ? threads : 0, g.H, lvec}, dopt);
   Inputs<T> in{static_cast<T*>(q.data_ptr()), static_cast<T*>(k.data_ptr()), static_cast<T*>(v.data_ptr()), g, tab};
-  const Score<C> sc = score_of<C>(pre, post, cap, qmax);
+  const Score<C> sc = score_of<C>(pre, post, cap, qmax, dropout, seed);
   const C scale = static_cast<C>(scale_d);
   const T* do_p = static_cast<T*>(dout.data_ptr());
   const C* lse_p = static_cast<C*>(lse.data_ptr());
@@ -1049,6 +1146,7 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& q, const at::Tensor& k, 
           for (int64_t d = 0; d < g.Dv; ++d) delta += static_cast<C>(o[d]) * static_cast<C>(d_o[d]);
           w.l[i] = delta;
         }
+        row_keys(sc.drop, g, b, qrows, rows, w);
         if (use_lanes<T>(M))
           lanes_backward(g, sc, scale, w, as_compute(w.q, w.qf), M, rows, kbase, vbase, kpos, W, mask,
                          as_compute(dob, w.dof), dk_acc, dv_acc, dpre_t, dpost_t);
@@ -1102,7 +1200,7 @@ std::vector<at::Tensor> forward(const at::Tensor& q, const at::Tensor& k, const 
                                 const at::Tensor& k_idx, const at::Tensor& tile_m,
                                 const at::Tensor& mask, int64_t lb, int64_t lh, double scale,
                                 const c10::optional<at::Tensor>& pre, const c10::optional<at::Tensor>& post,
-                                double cap, int64_t qmax) {
+                                double cap, int64_t qmax, double dropout, int64_t seed) {
   check_inputs(q, k, v);
   Table tab = table_of(q_rows, tile_q, tile_k, k_idx, tile_m, mask, lb, lh);
   check_keys(tab, k.size(2), q.size(2));
@@ -1112,9 +1210,9 @@ std::vector<at::Tensor> forward(const at::Tensor& q, const at::Tensor& k, const 
   check_score(pr, q, qmax, q.size(2), k.size(2), acc_of(q.scalar_type()));
   check_score(po, q, qmax, q.size(2), k.size(2), acc_of(q.scalar_type()));
   switch (q.scalar_type()) {
-    case at::kFloat: return forward_impl<float>(q, k, v, tab, scale, pr, po, cap, qmax);
-    case at::kDouble: return forward_impl<double>(q, k, v, tab, scale, pr, po, cap, qmax);
-    case at::kBFloat16: return forward_impl<BFloat16>(q, k, v, tab, scale, pr, po, cap, qmax);
+    case at::kFloat: return forward_impl<float>(q, k, v, tab, scale, pr, po, cap, qmax, dropout, seed);
+    case at::kDouble: return forward_impl<double>(q, k, v, tab, scale, pr, po, cap, qmax, dropout, seed);
+    case at::kBFloat16: return forward_impl<BFloat16>(q, k, v, tab, scale, pr, po, cap, qmax, dropout, seed);
     default: TORCH_CHECK(false, "native kernel: float32, float64 or bfloat16, not ", q.scalar_type());
   }
 }
@@ -1125,7 +1223,8 @@ std::vector<at::Tensor> backward(const at::Tensor& q, const at::Tensor& k, const
                                  const at::Tensor& k_idx, const at::Tensor& tile_m,
                                  const at::Tensor& mask, int64_t lb, int64_t lh, double scale,
                                  const c10::optional<at::Tensor>& pre, const c10::optional<at::Tensor>& post,
-                                 double cap, int64_t qmax, int64_t parts, bool want_pre, bool want_post) {
+                                 double cap, int64_t qmax, double dropout, int64_t seed, int64_t parts,
+                                 bool want_pre, bool want_post) {
   check_inputs(q, k, v);
   Table tab = table_of(q_rows, tile_q, tile_k, k_idx, tile_m, mask, lb, lh);
   check_keys(tab, k.size(2), q.size(2));
@@ -1142,9 +1241,12 @@ std::vector<at::Tensor> backward(const at::Tensor& q, const at::Tensor& k, const
   check_score(pr, q, qmax, q.size(2), k.size(2), acc);
   check_score(po, q, qmax, q.size(2), k.size(2), acc);
   switch (q.scalar_type()) {
-    case at::kFloat: return backward_impl<float>(q, k, v, out, dout, lse, tab, scale, pr, po, cap, qmax, parts, want_pre, want_post);
-    case at::kDouble: return backward_impl<double>(q, k, v, out, dout, lse, tab, scale, pr, po, cap, qmax, parts, want_pre, want_post);
-    case at::kBFloat16: return backward_impl<BFloat16>(q, k, v, out, dout, lse, tab, scale, pr, po, cap, qmax, parts, want_pre, want_post);
+    case at::kFloat: return backward_impl<float>(q, k, v, out, dout, lse, tab, scale, pr, po, cap, qmax, dropout, seed, parts,
+                                                       want_pre, want_post);
+    case at::kDouble: return backward_impl<double>(q, k, v, out, dout, lse, tab, scale, pr, po, cap, qmax, dropout, seed, parts,
+                                                       want_pre, want_post);
+    case at::kBFloat16: return backward_impl<BFloat16>(q, k, v, out, dout, lse, tab, scale, pr, po, cap, qmax, dropout, seed, parts,
+                                                       want_pre, want_post);
     default: TORCH_CHECK(false, "native kernel: float32, float64 or bfloat16, not ", q.scalar_type());
   }
 }

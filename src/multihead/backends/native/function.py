@@ -76,15 +76,45 @@ def partitions(batch: int, kv_heads: int, tiles: int) -> int:
     return max(1, min(tiles, 8, math.ceil(2 * threads / max(1, batch * kv_heads))))
 
 
+def _mix32(x: Tensor) -> Tensor:
+    """The kernel's 32-bit mixing function (lowbias32) on int64 tensors holding uint32 values."""
+    x = x ^ (x >> 16)
+    x = _mul32(x, 0x7FEB352D)
+    x = x ^ (x >> 15)
+    x = _mul32(x, 0x846CA68B)
+    return x ^ (x >> 16)
+
+
+def _mul32(x: Tensor, c: int) -> Tensor:
+    """``x * c mod 2**32`` without leaving int64 (the constant in two 16-bit halves)."""
+    low, high = c & 0xFFFF, c >> 16
+    return (x * low + (((x * high) & 0xFFFF) << 16)) & 0xFFFFFFFF
+
+
+def dropout_mask(seed: int, p: float, batch: int, heads: int, q_len: int, kv_len: int) -> Tensor:
+    """The kernel's dropout keep mask ``(batch, heads, q_len, kv_len)`` for ``seed`` and ``p``: the
+    same counter-based hash as ``blocksparse.cpp`` (``Dropout``), in PyTorch, for tests and for
+    looking at which weights a call dropped."""
+    threshold = min(int(p * 2 ** 32), 2 ** 32 - 1)
+    b = torch.arange(batch).view(-1, 1, 1, 1)
+    h = torch.arange(heads).view(1, -1, 1, 1)
+    q = torch.arange(q_len).view(1, 1, -1, 1)
+    k = torch.arange(kv_len).view(1, 1, 1, -1)
+    head = _mix32((seed & 0xFFFFFFFF) ^ _mul32(b * heads + h, 0x9E3779B9))
+    row = _mix32(head ^ _mul32(q, 0x85EBCA6B))
+    return _mix32(row ^ _mul32(k, 0xC2B2AE35)) >= threshold
+
+
 class NativeBlockSparse(torch.autograd.Function):
-    """Forward saves q, k, v, the output and the log-sum-exp; backward recomputes each tile."""
+    """Forward saves q, k, v, the output and the log-sum-exp; backward recomputes each tile (and
+    regenerates dropout's mask from the seed)."""
 
     @staticmethod
-    def forward(ctx, table, scale: float, cap: float, q: Tensor, k: Tensor, v: Tensor,
-                pre: Tensor | None, post: Tensor | None):
+    def forward(ctx, table, scale: float, cap: float, dropout: float, seed: int, q: Tensor, k: Tensor,
+                v: Tensor, pre: Tensor | None, post: Tensor | None):
         ext = kernel()
-        out, lse = ext.forward(q, k, v, *table.arrays(), scale, pre, post, cap, k.shape[2] - 1)
-        ctx.table, ctx.scale, ctx.cap = table, scale, cap
+        out, lse = ext.forward(q, k, v, *table.arrays(), scale, pre, post, cap, k.shape[2] - 1, dropout, seed)
+        ctx.table, ctx.scale, ctx.cap, ctx.dropout, ctx.seed = table, scale, cap, dropout, seed
         ctx.save_for_backward(q, k, v, out, lse, pre, post)
         return out
 
@@ -94,22 +124,24 @@ class NativeBlockSparse(torch.autograd.Function):
         q, k, v, out, lse, pre, post = ctx.saved_tensors
         dout = dout.contiguous()
         parts = partitions(q.shape[0], k.shape[1], ctx.table.tile_q.numel() - 1)
-        want_pre = pre is not None and ctx.needs_input_grad[6]
-        want_post = post is not None and ctx.needs_input_grad[7]
+        want_pre = pre is not None and ctx.needs_input_grad[8]
+        want_post = post is not None and ctx.needs_input_grad[9]
         dq, dk, dv, dpre, dpost = kernel().backward(
             q, k, v, out, dout, lse, *ctx.table.arrays(), ctx.scale, pre, post, ctx.cap, k.shape[2] - 1,
-            parts, want_pre, want_post)
-        return (None, None, None, dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype),
+            ctx.dropout, ctx.seed, parts, want_pre, want_post)
+        return (None, None, None, None, None, dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype),
                 dpre if want_pre else None, dpost if want_post else None)
 
 
-def native_attention(table, q: Tensor, k: Tensor, v: Tensor, scale: float, score) -> Tensor:
+def native_attention(table, q: Tensor, k: Tensor, v: Tensor, scale: float, score, dropout: float = 0.0) -> Tensor:
     """Attention over the tile table: q (B, H, Lq, D), k and v (B, Hkv, Lk, D) of one dtype
-    (float32, float64 or bfloat16); ``score`` one that ``split_score`` accepts."""
+    (float32, float64 or bfloat16); ``score`` one that ``split_score`` accepts; ``dropout`` of
+    the weights with a seed drawn from torch's generator (``dropout_mask`` gives its mask)."""
     pre_terms, cap, post_terms = split_score(score)
     compute = torch.float64 if q.dtype == torch.float64 else torch.float32
     heads, q_len, kv_len = q.shape[1], q.shape[2], k.shape[2]
     pre = relative_vector(pre_terms, heads, q_len, kv_len, compute, q.device)
     post = relative_vector(post_terms, heads, q_len, kv_len, compute, q.device)
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-    return NativeBlockSparse.apply(table, float(scale), float(cap or 0.0), q, k, v, pre, post)
+    seed = int(torch.randint(0, 2 ** 31, ()).item()) if dropout > 0 else 0
+    return NativeBlockSparse.apply(table, float(scale), float(cap or 0.0), float(dropout), seed, q, k, v, pre, post)
