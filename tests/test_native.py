@@ -21,7 +21,8 @@ from multihead.backends.native.function import dropout_mask, native_attention
 from multihead.patterns import (Axial, Causal, CrossShapedWindow, Dilated, Documents, Full, Neighborhood,
                                 PerHead, PrefixLM, ShiftedWindow, SlidingWindow, TopK)
 from multihead.request import make_request
-from multihead.scores import ALiBi, RelativePositionBias, ScoreChain, Softcap
+from multihead.scores import (ALiBi, DynamicPositionBias, RelativePositionBias, RelativePositionBias2d, ScoreChain,
+                              Softcap)
 
 from conftest import FACTOR, FLOOR, max_error, naive_attention
 
@@ -143,6 +144,38 @@ def test_grid_patterns_match_reference(pattern_name, dtype):
     backend = BlockSparseBackend()
     assert backend.native_unsupported(req) is None
     _check_against_reference(pattern, None, q, k, v, dout, dtype)
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("case", ["swin_table", "neighborhood_dpb", "dilated_table_softcap", "table_mqa"])
+def test_2d_relative_biases_run_in_the_kernel(case, dtype):
+    """Swin's table and CrossFormer's DPB (2-D offsets on a grid, with dilation, under a softcap)
+    are read inside the tiles through position codes: forward, q/k/v and the table's gradients
+    equal the float64 reference."""
+    grid = (10, 12)
+    n = grid[0] * grid[1]
+    pattern, score, kv_heads = {
+        "swin_table": (ShiftedWindow(4, shift=2, grid=grid), RelativePositionBias2d(4, 4, grid=grid), 2),
+        "neighborhood_dpb": (Neighborhood(5, grid=grid), DynamicPositionBias(4, 3, grid=grid, hidden=8), 4),
+        "dilated_table_softcap": (Neighborhood(3, dilation=2, grid=grid),
+                                  ScoreChain([RelativePositionBias2d(4, 3, grid=grid, dilation=2), Softcap(2.0)]), 4),
+        "table_mqa": (Neighborhood(3, grid=grid), RelativePositionBias2d(4, 2, grid=grid), 1),
+    }[case]
+    for p in score.parameters():  # larger than the init, so that the bias matters
+        p.data.normal_(0, 0.5, generator=torch.Generator().manual_seed(1))
+    q, k, v, dout = _inputs(n, kv_heads, torch.float64, seed=4)
+    why = BlockSparseBackend().native_unsupported(make_request(q.float(), k.float(), v.float(), pattern=pattern,
+                                                               score=score))
+    assert why is None, why
+    _check_against_reference(pattern, score, q, k, v, dout, dtype)
+
+
+def test_a_2d_bias_beside_other_terms_stays_on_the_torch_tiles():
+    q = torch.randn(1, 4, 36, 8)
+    req = make_request(q, q, q, pattern=Neighborhood(3, grid=(6, 6)),
+                       score=ScoreChain([RelativePositionBias2d(4, 3, grid=(6, 6)), ALiBi(4)]))
+    assert "2-D relative bias to other terms" in BlockSparseBackend().describe(req)
 
 
 @needs_kernel
@@ -337,7 +370,7 @@ def test_corrupt_tile_tables_are_rejected():
         arrays = dict(zip(["q_rows", "tile_q", "tile_k", "k_idx", "tile_m", "mask", "lb", "lh"],
                           good.arrays()))
         arrays.update(changes)
-        return ext.forward(q, q, q, *arrays.values(), 0.35, None, None, 0.0, 15, 0.0, 0)
+        return ext.forward(q, q, q, *arrays.values(), 0.35, None, None, None, 0.0, 15, 0.0, 0)
 
     run()  # the table as built runs
     for changes, message in [
@@ -351,7 +384,7 @@ def test_corrupt_tile_tables_are_rejected():
         with pytest.raises(RuntimeError, match=message):
             run(**changes)
     with pytest.raises(RuntimeError, match="relative bias too short"):
-        ext.forward(q, q, q, *good.arrays(), 0.35, torch.zeros(2, 5), None, 0.0, 15, 0.0, 0)
+        ext.forward(q, q, q, *good.arrays(), 0.35, torch.zeros(2, 5), None, None, 0.0, 15, 0.0, 0)
 
 
 @needs_kernel

@@ -28,6 +28,11 @@ class Score(nn.Module):
     #: Whether the score is additive and depends only on the head and ``kv_idx - q_idx`` (ALiBi,
     #: T5 buckets): the native block-sparse kernel then reads it as one vector per head.
     relative: bool = False
+    #: Whether the score is additive and reads one vector per head at ``c(kv_idx) - c(q_idx)`` for
+    #: some integer code ``c`` of the positions (2-D relative biases on a grid): such a score has
+    #: ``native_form(kv_len) -> (codes, vector, center)`` with
+    #: ``term(q, k) = vector[h, center + codes[k] - codes[q]]``, which the native kernel reads.
+    coded: bool = False
 
     def forward(self, score: Tensor, b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
         raise NotImplementedError

@@ -45,6 +45,7 @@ class RelativeBias2d(Score):
     """Base of the 2-D biases: subclasses give ``table()``, ``(heads, 2 * ey - 1, 2 * ex - 1)``."""
 
     additive = True
+    coded = True
 
     def __init__(self, heads: int, extent, grid=None, dilation=1):
         super().__init__()
@@ -66,14 +67,10 @@ class RelativeBias2d(Score):
         dilation = self.dilation if dilation is None else _pair(owner, "dilation", dilation, 1)
         return _OnGrid(self, _pair(owner, "grid", grid, 1), dilation, self.table())
 
-    def lookup(self, table: Tensor, score: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor, grid,
-               dilation) -> Tensor:
-        """``score + table[h, dy, dx]`` for the offsets of ``q_idx`` and ``kv_idx`` on ``grid``.
-
-        The table is first padded (edge entries repeated) or cropped to every offset the grid has,
-        so the index is linear in the query's and the key's coordinates - one subtraction of two
-        small tensors, then one gather, for the large ``(query, key)`` block.
-        """
+    def linear_table(self, table: Tensor, grid, dilation):
+        """``(covered, linear, center)`` with ``table[h, dy, dx]`` of positions ``q``, ``k`` equal to
+        ``covered[h, center + linear(q) - linear(k)]``: the table padded (edge entries repeated) or
+        cropped to every offset the grid has, flattened, so the index is linear in the coordinates."""
         span = [(n - 1) // d for n, d in zip(grid, dilation)]
         covered = _cover(table, [e - 1 for e in self.extent], span).flatten(1)
         stride = 2 * span[1] + 1
@@ -82,14 +79,34 @@ class RelativeBias2d(Score):
             y, x = coords(idx, grid)
             return (y // dilation[0]) * stride + x // dilation[1]
 
-        index = linear(q_idx) - linear(kv_idx) + (span[0] * stride + span[1] + h * covered.shape[1])
+        return covered, linear, span[0] * stride + span[1]
+
+    def lookup(self, table: Tensor, score: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor, grid,
+               dilation) -> Tensor:
+        """``score + table[h, dy, dx]`` for the offsets of ``q_idx`` and ``kv_idx`` on ``grid``: one
+        subtraction of two small tensors, then one gather, for the large ``(query, key)`` block."""
+        covered, linear, center = self.linear_table(table, grid, dilation)
+        index = linear(q_idx) - linear(kv_idx) + (center + h * covered.shape[1])
         # take: ~1.4x faster than covered[h, index]; long, as FlexAttention passes int32 indices
         return score + torch.take(covered, index.long()).to(score.dtype)
 
-    def forward(self, score, b, h, q_idx, kv_idx):
+    def coded_form(self, table: Tensor, grid, dilation, kv_len: int):
+        """``(codes, vector, center)`` of ``Score.coded`` for ``table`` on ``grid``: the codes are
+        ``-linear(position)``, so ``center + codes[k] - codes[q]`` is the ``covered`` column."""
+        covered, linear, center = self.linear_table(table, grid, dilation)
+        return -linear(torch.arange(kv_len, device=table.device)), covered, center
+
+    def native_form(self, kv_len: int):
+        self._require_grid()
+        return self.coded_form(self.table(), self.grid, self.dilation, kv_len)
+
+    def _require_grid(self) -> None:
         if self.grid is None:
             raise ShapeError(f"{type(self).__name__} has no grid: build it with grid=(H, W), or pass "
                              f".on(grid) as the score")
+
+    def forward(self, score, b, h, q_idx, kv_idx):
+        self._require_grid()
         return self.lookup(self.table(), score, h, q_idx, kv_idx, self.grid, self.dilation)
 
     def extra_repr(self) -> str:
@@ -115,15 +132,20 @@ class _OnGrid(Score):
     """A ``RelativeBias2d`` bound to one grid, with its table evaluated for one call."""
 
     additive = True
+    coded = True
 
     def __init__(self, bias: RelativeBias2d, grid: tuple[int, int], dilation: tuple[int, int], table: Tensor):
         super().__init__()
         self.grid, self.dilation, self.num_heads = grid, dilation, bias.num_heads
         self.table = table  # a tensor attribute: backends find it (and train it) as the score's input
         self._lookup = bias.lookup  # not a submodule: the table above is the only input
+        self._coded_form = bias.coded_form
 
     def forward(self, score, b, h, q_idx, kv_idx):
         return self._lookup(self.table, score, h, q_idx, kv_idx, self.grid, self.dilation)
+
+    def native_form(self, kv_len: int):
+        return self._coded_form(self.table, self.grid, self.dilation, kv_len)
 
     def parameters(self, recurse: bool = True):
         """The one tensor this view trains: the table (the parameter itself, or the DPB's output,

@@ -215,22 +215,28 @@ void drop_lanes(const Dropout& dr, const uint32_t* rowkey, int64_t nl, const int
     for (int64_t l = 0; l < nl; ++l) pt[j * L + l] = dr.keep(rowkey[l], kpos[j]) ? pt[j * L + l] * f : C(0);
 }
 
-// Score: logit = post[h, k - q + qmax] + cap * tanh((scale q.k + pre[h, k - q + qmax]) / cap)
-// (without a cap: scale q.k + pre + post). ``vec`` arrays are (H, Lvec) or absent.
+// Score: logit = post[h, c] + cap * tanh((scale q.k + pre[h, c]) / cap) (without a cap:
+// scale q.k + pre + post) at the column c = qmax + k - q, or with position codes (2-D biases on a
+// grid) c = qmax + code[k] - code[q]. ``vec`` arrays are (H, Lvec) or absent.
 // The weights' dropout rides along (``drop``): how a tile's products become its weights.
 template <typename C>
 struct Score {
   const C* pre = nullptr;
   const C* post = nullptr;
+  const int64_t* code = nullptr;  // (Lk,) or absent
   int64_t lvec = 0, qmax = 0;
   C cap = 0;
   Dropout drop;
+  // the column of (query at qabs, key k) is base(qabs) + key(k)
+  int64_t base(int64_t qabs) const { return qmax - (code ? code[qabs] : qabs); }
+  int64_t key(int64_t k) const { return code ? code[k] : k; }
 };
 
 template <typename C>
-Score<C> score_of(const at::Tensor& pre, const at::Tensor& post, double cap, int64_t qmax, double dropout,
-                  int64_t seed) {
+Score<C> score_of(const at::Tensor& pre, const at::Tensor& post, const at::Tensor& code, double cap,
+                  int64_t qmax, double dropout, int64_t seed) {
   Score<C> sc;
+  if (code.defined()) sc.code = code.data_ptr<int64_t>();
   sc.drop = dropout_of(dropout, seed);
   if (pre.defined()) sc.pre = static_cast<C*>(pre.data_ptr()), sc.lvec = pre.size(1);
   if (post.defined()) sc.post = static_cast<C*>(post.data_ptr()), sc.lvec = post.size(1);
@@ -390,17 +396,17 @@ void lanes_logits(const Score<C>& sc, const int64_t* kpos, int64_t W, int64_t nl
   const C ninf = -std::numeric_limits<C>::infinity();
   if (sc.pre || sc.post || sc.cap > 0) {
     for (int64_t l = 0; l < nl; ++l) {
-      const int64_t i = first + l, base = sc.qmax - qabs[i];
+      const int64_t i = first + l, base = sc.base(qabs[i]);
       const C* pre = sc.pre ? sc.pre + heads[i] * sc.lvec + base : nullptr;
       const C* post = sc.post ? sc.post + heads[i] * sc.lvec + base : nullptr;
       for (int64_t j = 0; j < W; ++j) {
         C x = ST[j * L + l];
-        if (pre) x += pre[kpos[j]];
+        if (pre) x += pre[sc.key(kpos[j])];
         if (sc.cap > 0) {
           if (raw) raw[j * L + l] = x;
           x = sc.cap * std::tanh(x / sc.cap);
         }
-        if (post) x += post[kpos[j]];
+        if (post) x += post[sc.key(kpos[j])];
         ST[j * L + l] = x;
       }
     }
@@ -720,15 +726,15 @@ void lanes_backward(const Geometry& g, const Score<C>& sc, C scale, Scratch<T, C
     lanes_scatter(dv_acc, kpos, W, ST, dob + first * g.Dv, nl, g.Dv);
     if (dpre || dpost || sc.cap > 0) {  // through the score, lane by lane
       for (int64_t l = 0; l < nl; ++l) {
-        const int64_t i = first + l, base = sc.qmax - w.qabs[i];
+        const int64_t i = first + l, base = sc.base(w.qabs[i]);
         for (int64_t j = 0; j < W; ++j) {
           C ds = DPT[j * L + l];
-          if (dpost) dpost[w.heads[i] * sc.lvec + base + kpos[j]] += ds;
+          if (dpost) dpost[w.heads[i] * sc.lvec + base + sc.key(kpos[j])] += ds;
           if (sc.cap > 0) {
             const C th = std::tanh(w.raw[j * L + l] / sc.cap);
             ds *= C(1) - th * th;
           }
-          if (dpre) dpre[w.heads[i] * sc.lvec + base + kpos[j]] += ds;
+          if (dpre) dpre[w.heads[i] * sc.lvec + base + sc.key(kpos[j])] += ds;
           DPT[j * L + l] = ds;
         }
       }
@@ -862,17 +868,17 @@ void row_combine(const C* p, const T* base, const int64_t* idx, int64_t n, int64
 template <typename C>
 void row_logits(const Score<C>& sc, C scale, const int64_t* kpos, int64_t W, int64_t head, int64_t qabs, C* s,
                 C* raw) {
-  const int64_t base = sc.qmax - qabs;
+  const int64_t base = sc.base(qabs);
   const C* pre = sc.pre ? sc.pre + head * sc.lvec + base : nullptr;
   const C* post = sc.post ? sc.post + head * sc.lvec + base : nullptr;
   for (int64_t j = 0; j < W; ++j) {
     C x = scale * s[j];
-    if (pre) x += pre[kpos[j]];
+    if (pre) x += pre[sc.key(kpos[j])];
     if (sc.cap > 0) {
       if (raw) raw[j] = x;
       x = sc.cap * std::tanh(x / sc.cap);
     }
-    if (post) x += post[kpos[j]];
+    if (post) x += post[sc.key(kpos[j])];
     s[j] = x;
   }
 }
@@ -926,7 +932,7 @@ void rows_backward(const Geometry& g, const Score<C>& sc, C scale, Scratch<T, C>
     row_dots(qrow, g.D, kbase, kpos, W, g.D, s);
     row_logits(sc, scale, kpos, W, w.heads[i], w.qabs[i], s, sc.cap > 0 ? w.raw.data() : nullptr);
     row_dots(d_o, g.Dv, vbase, kpos, W, g.Dv, dp);
-    const int64_t base = sc.qmax - w.qabs[i];
+    const int64_t base = sc.base(w.qabs[i]);
     C* dq = w.dq.data() + i * g.D;
     for (int64_t j = 0; j < W; ++j) {
       if (mask && !mask[j * rows + r]) continue;
@@ -934,12 +940,12 @@ void rows_backward(const Geometry& g, const Score<C>& sc, C scale, Scratch<T, C>
       const C z = !sc.drop.on ? C(1) : sc.drop.keep(w.rowkey[i], kpos[j]) ? C(sc.drop.keep_scale) : C(0);
       if (z != C(0)) axpy(p * z, d_o, dv_acc + kpos[j] * g.Dv, g.Dv);
       C ds = p * (z * dp[j] - delta);
-      if (dpost) dpost[w.heads[i] * sc.lvec + base + kpos[j]] += ds;
+      if (dpost) dpost[w.heads[i] * sc.lvec + base + sc.key(kpos[j])] += ds;
       if (sc.cap > 0) {
         const C th = std::tanh(w.raw[j] / sc.cap);
         ds *= C(1) - th * th;
       }
-      if (dpre) dpre[w.heads[i] * sc.lvec + base + kpos[j]] += ds;
+      if (dpre) dpre[w.heads[i] * sc.lvec + base + sc.key(kpos[j])] += ds;
       axpy(ds * scale, kbase + kpos[j] * g.D, dq, g.D);
       axpy(ds * scale, qrow, dk_acc + kpos[j] * g.D, g.D);
     }
@@ -1031,7 +1037,7 @@ void for_each_unit(int64_t n, const F& f) {
 template <typename T>
 std::vector<at::Tensor> forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                      const Table& tab, double scale_d, const at::Tensor& pre,
-                                     const at::Tensor& post, double cap, int64_t qmax, double dropout,
+                                     const at::Tensor& post, const at::Tensor& code, double cap, int64_t qmax, double dropout,
                                      int64_t seed) {
   using C = typename Acc<T>::type;
   Geometry g{q.size(0), q.size(1), k.size(1), q.size(2), k.size(2), q.size(3), v.size(3),
@@ -1044,7 +1050,7 @@ std::vector<at::Tensor> forward_impl(const at::Tensor& q, const at::Tensor& k, c
   auto lse = covers ? at::empty({g.B, g.H, g.Lq}, lopt)
                     : at::full({g.B, g.H, g.Lq}, std::numeric_limits<double>::infinity(), lopt);
   Inputs<T> in{static_cast<T*>(q.data_ptr()), static_cast<T*>(k.data_ptr()), static_cast<T*>(v.data_ptr()), g, tab};
-  const Score<C> sc = score_of<C>(pre, post, cap, qmax, dropout, seed);
+  const Score<C> sc = score_of<C>(pre, post, code, cap, qmax, dropout, seed);
   const C scale = static_cast<C>(scale_d);
   T* out_p = static_cast<T*>(out.data_ptr());
   C* lse_p = static_cast<C*>(lse.data_ptr());
@@ -1083,7 +1089,7 @@ template <typename T>
 std::vector<at::Tensor> backward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                       const at::Tensor& out, const at::Tensor& dout, const at::Tensor& lse,
                                       const Table& tab, double scale_d, const at::Tensor& pre,
-                                      const at::Tensor& post, double cap, int64_t qmax, double dropout,
+                                      const at::Tensor& post, const at::Tensor& code, double cap, int64_t qmax, double dropout,
                                       int64_t seed, int64_t parts, bool want_pre, bool want_post) {
   using C = typename Acc<T>::type;
   Geometry g{q.size(0), q.size(1), k.size(1), q.size(2), k.size(2), q.size(3), v.size(3),
@@ -1101,7 +1107,7 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& q, const at::Tensor& k, 
   auto dpre = at::zeros({want_pre ? threads : 0, g.H, lvec}, dopt);
   auto dpost = at::zeros({want_post ? threads : 0, g.H, lvec}, dopt);
   Inputs<T> in{static_cast<T*>(q.data_ptr()), static_cast<T*>(k.data_ptr()), static_cast<T*>(v.data_ptr()), g, tab};
-  const Score<C> sc = score_of<C>(pre, post, cap, qmax, dropout, seed);
+  const Score<C> sc = score_of<C>(pre, post, code, cap, qmax, dropout, seed);
   const C scale = static_cast<C>(scale_d);
   const T* do_p = static_cast<T*>(dout.data_ptr());
   const C* lse_p = static_cast<C*>(lse.data_ptr());
@@ -1184,12 +1190,23 @@ void check_keys(const Table& t, int64_t Lk, int64_t Lq) {
   }
 }
 
-void check_score(const at::Tensor& vec, const at::Tensor& q, int64_t qmax, int64_t Lq, int64_t Lk, at::ScalarType acc) {
+// A score vector: (heads, Lvec) of the compute dtype, long enough for every column a (query, key)
+// pair reaches; position codes (when given): (Lk,) int64.
+void check_score(const at::Tensor& vec, const at::Tensor& code, const at::Tensor& q, int64_t qmax, int64_t Lq,
+                 int64_t Lk, at::ScalarType acc) {
   if (!vec.defined()) return;
   TORCH_CHECK(vec.scalar_type() == acc && vec.is_contiguous() && vec.dim() == 2 && vec.size(0) == q.size(1),
-              "native kernel: relative bias must be a contiguous (heads, Lq + Lk - 1) tensor of the compute dtype");
-  // k - q + qmax ranges over [qmax - (Lk - Lq) - (Lq - 1), Lk - 1 + qmax - (Lk - Lq)]
-  const int64_t lo = qmax - (Lk - Lq) - (Lq - 1), hi = Lk - 1 + qmax - (Lk - Lq);
+              "native kernel: a score vector must be a contiguous (heads, columns) tensor of the compute dtype");
+  int64_t lo, hi;  // the columns reached
+  if (code.defined()) {
+    TORCH_CHECK(code.scalar_type() == at::kLong && code.is_contiguous() && code.dim() == 1 && code.numel() == Lk,
+                "native kernel: position codes must be a contiguous int64 (Lk,) tensor");
+    const int64_t* c = code.data_ptr<int64_t>();
+    const auto [mn, mx] = std::minmax_element(c, c + Lk);
+    lo = qmax + *mn - *mx, hi = qmax + *mx - *mn;
+  } else {  // k - q + qmax over q in [Lk - Lq, Lk - 1], k in [0, Lk - 1]
+    lo = qmax - (Lk - Lq) - (Lq - 1), hi = Lk - 1 + qmax - (Lk - Lq);
+  }
   TORCH_CHECK(lo >= 0 && hi < vec.size(1), "native kernel: relative bias too short for these lengths");
 }
 
@@ -1200,19 +1217,19 @@ std::vector<at::Tensor> forward(const at::Tensor& q, const at::Tensor& k, const 
                                 const at::Tensor& k_idx, const at::Tensor& tile_m,
                                 const at::Tensor& mask, int64_t lb, int64_t lh, double scale,
                                 const c10::optional<at::Tensor>& pre, const c10::optional<at::Tensor>& post,
-                                double cap, int64_t qmax, double dropout, int64_t seed) {
+                                const c10::optional<at::Tensor>& code, double cap, int64_t qmax, double dropout, int64_t seed) {
   check_inputs(q, k, v);
   Table tab = table_of(q_rows, tile_q, tile_k, k_idx, tile_m, mask, lb, lh);
   check_keys(tab, k.size(2), q.size(2));
   TORCH_CHECK(lh == 1 || lh == q.size(1), "tile table: layout heads must be 1 or the query heads");
   TORCH_CHECK(lb == 1 || lb == q.size(0), "tile table: layout batch must be 1 or the batch");
-  at::Tensor pr = pre.value_or(at::Tensor()), po = post.value_or(at::Tensor());
-  check_score(pr, q, qmax, q.size(2), k.size(2), acc_of(q.scalar_type()));
-  check_score(po, q, qmax, q.size(2), k.size(2), acc_of(q.scalar_type()));
+  at::Tensor pr = pre.value_or(at::Tensor()), po = post.value_or(at::Tensor()), cd = code.value_or(at::Tensor());
+  check_score(pr, cd, q, qmax, q.size(2), k.size(2), acc_of(q.scalar_type()));
+  check_score(po, cd, q, qmax, q.size(2), k.size(2), acc_of(q.scalar_type()));
   switch (q.scalar_type()) {
-    case at::kFloat: return forward_impl<float>(q, k, v, tab, scale, pr, po, cap, qmax, dropout, seed);
-    case at::kDouble: return forward_impl<double>(q, k, v, tab, scale, pr, po, cap, qmax, dropout, seed);
-    case at::kBFloat16: return forward_impl<BFloat16>(q, k, v, tab, scale, pr, po, cap, qmax, dropout, seed);
+    case at::kFloat: return forward_impl<float>(q, k, v, tab, scale, pr, po, cd, cap, qmax, dropout, seed);
+    case at::kDouble: return forward_impl<double>(q, k, v, tab, scale, pr, po, cd, cap, qmax, dropout, seed);
+    case at::kBFloat16: return forward_impl<BFloat16>(q, k, v, tab, scale, pr, po, cd, cap, qmax, dropout, seed);
     default: TORCH_CHECK(false, "native kernel: float32, float64 or bfloat16, not ", q.scalar_type());
   }
 }
@@ -1223,7 +1240,7 @@ std::vector<at::Tensor> backward(const at::Tensor& q, const at::Tensor& k, const
                                  const at::Tensor& k_idx, const at::Tensor& tile_m,
                                  const at::Tensor& mask, int64_t lb, int64_t lh, double scale,
                                  const c10::optional<at::Tensor>& pre, const c10::optional<at::Tensor>& post,
-                                 double cap, int64_t qmax, double dropout, int64_t seed, int64_t parts,
+                                 const c10::optional<at::Tensor>& code, double cap, int64_t qmax, double dropout, int64_t seed, int64_t parts,
                                  bool want_pre, bool want_post) {
   check_inputs(q, k, v);
   Table tab = table_of(q_rows, tile_q, tile_k, k_idx, tile_m, mask, lb, lh);
@@ -1237,15 +1254,15 @@ std::vector<at::Tensor> backward(const at::Tensor& q, const at::Tensor& k, const
   TORCH_CHECK(out.scalar_type() == q.scalar_type() && out.is_contiguous() && out.sizes() == dout.sizes(),
               "native kernel: out must be the forward's (B, H, Lq, Dv) output");
   TORCH_CHECK(parts >= 1, "native kernel: parts >= 1");
-  at::Tensor pr = pre.value_or(at::Tensor()), po = post.value_or(at::Tensor());
-  check_score(pr, q, qmax, q.size(2), k.size(2), acc);
-  check_score(po, q, qmax, q.size(2), k.size(2), acc);
+  at::Tensor pr = pre.value_or(at::Tensor()), po = post.value_or(at::Tensor()), cd = code.value_or(at::Tensor());
+  check_score(pr, cd, q, qmax, q.size(2), k.size(2), acc);
+  check_score(po, cd, q, qmax, q.size(2), k.size(2), acc);
   switch (q.scalar_type()) {
-    case at::kFloat: return backward_impl<float>(q, k, v, out, dout, lse, tab, scale, pr, po, cap, qmax, dropout, seed, parts,
+    case at::kFloat: return backward_impl<float>(q, k, v, out, dout, lse, tab, scale, pr, po, cd, cap, qmax, dropout, seed, parts,
                                                        want_pre, want_post);
-    case at::kDouble: return backward_impl<double>(q, k, v, out, dout, lse, tab, scale, pr, po, cap, qmax, dropout, seed, parts,
+    case at::kDouble: return backward_impl<double>(q, k, v, out, dout, lse, tab, scale, pr, po, cd, cap, qmax, dropout, seed, parts,
                                                        want_pre, want_post);
-    case at::kBFloat16: return backward_impl<BFloat16>(q, k, v, out, dout, lse, tab, scale, pr, po, cap, qmax, dropout, seed, parts,
+    case at::kBFloat16: return backward_impl<BFloat16>(q, k, v, out, dout, lse, tab, scale, pr, po, cd, cap, qmax, dropout, seed, parts,
                                                        want_pre, want_post);
     default: TORCH_CHECK(false, "native kernel: float32, float64 or bfloat16, not ", q.scalar_type());
   }

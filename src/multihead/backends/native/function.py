@@ -5,7 +5,8 @@ The kernel computes ``logit = post + cap * tanh((scale * q.k + pre) / cap)`` (wi
 position ``kv_idx - q_idx``: the sum of the ``relative`` score terms before and after a
 ``Softcap``. The vectors are made from the score's own ``forward`` under autograd, so a learnable
 table (T5's buckets) gets its gradient through them: the kernel returns the gradient of each
-vector, and autograd carries it back to the table.
+vector, and autograd carries it back to the table. A ``coded`` term (a 2-D relative bias on a grid)
+is read the same way at ``codes[kv_idx] - codes[q_idx]``, with the codes it gives.
 """
 
 from __future__ import annotations
@@ -45,11 +46,15 @@ def split_score(score):
             if cap is not None:
                 return "applies two softcaps"
             cap = c
-        elif term.relative and not term.batch_dependent:
+        elif (term.relative or term.coded) and not term.batch_dependent:
             (post if cap is not None else pre).append(term)
         else:
             return (f"has a term ({type(term).__name__}) that is not a function of the head and the "
-                    f"relative position alone (native: ALiBi, RelativePositionBias, Softcap)")
+                    f"relative position alone (native: ALiBi, RelativePositionBias, 2-D relative "
+                    f"biases, Softcap)")
+    terms = pre + post
+    if any(t.coded for t in terms) and len(terms) > 1:
+        return "adds a 2-D relative bias to other terms (native: a 2-D bias alone, with a softcap or not)"
     return pre, cap, post
 
 
@@ -110,27 +115,27 @@ class NativeBlockSparse(torch.autograd.Function):
     regenerates dropout's mask from the seed)."""
 
     @staticmethod
-    def forward(ctx, table, scale: float, cap: float, dropout: float, seed: int, q: Tensor, k: Tensor,
-                v: Tensor, pre: Tensor | None, post: Tensor | None):
+    def forward(ctx, table, scale: float, cap: float, dropout: float, seed: int, center: int,
+                codes: Tensor | None, q: Tensor, k: Tensor, v: Tensor, pre: Tensor | None, post: Tensor | None):
         ext = kernel()
-        out, lse = ext.forward(q, k, v, *table.arrays(), scale, pre, post, cap, k.shape[2] - 1, dropout, seed)
-        ctx.table, ctx.scale, ctx.cap, ctx.dropout, ctx.seed = table, scale, cap, dropout, seed
-        ctx.save_for_backward(q, k, v, out, lse, pre, post)
+        out, lse = ext.forward(q, k, v, *table.arrays(), scale, pre, post, codes, cap, center, dropout, seed)
+        ctx.table, ctx.scale, ctx.cap, ctx.dropout, ctx.seed, ctx.center = table, scale, cap, dropout, seed, center
+        ctx.save_for_backward(q, k, v, out, lse, pre, post, codes)
         return out
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, dout):
-        q, k, v, out, lse, pre, post = ctx.saved_tensors
+        q, k, v, out, lse, pre, post, codes = ctx.saved_tensors
         dout = dout.contiguous()
         parts = partitions(q.shape[0], k.shape[1], ctx.table.tile_q.numel() - 1)
-        want_pre = pre is not None and ctx.needs_input_grad[8]
-        want_post = post is not None and ctx.needs_input_grad[9]
+        want_pre = pre is not None and ctx.needs_input_grad[10]
+        want_post = post is not None and ctx.needs_input_grad[11]
         dq, dk, dv, dpre, dpost = kernel().backward(
-            q, k, v, out, dout, lse, *ctx.table.arrays(), ctx.scale, pre, post, ctx.cap, k.shape[2] - 1,
+            q, k, v, out, dout, lse, *ctx.table.arrays(), ctx.scale, pre, post, codes, ctx.cap, ctx.center,
             ctx.dropout, ctx.seed, parts, want_pre, want_post)
-        return (None, None, None, None, None, dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype),
-                dpre if want_pre else None, dpost if want_post else None)
+        return (None,) * 7 + (dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype),
+                              dpre if want_pre else None, dpost if want_post else None)
 
 
 def native_attention(table, q: Tensor, k: Tensor, v: Tensor, scale: float, score, dropout: float = 0.0) -> Tensor:
@@ -140,8 +145,16 @@ def native_attention(table, q: Tensor, k: Tensor, v: Tensor, scale: float, score
     pre_terms, cap, post_terms = split_score(score)
     compute = torch.float64 if q.dtype == torch.float64 else torch.float32
     heads, q_len, kv_len = q.shape[1], q.shape[2], k.shape[2]
-    pre = relative_vector(pre_terms, heads, q_len, kv_len, compute, q.device)
-    post = relative_vector(post_terms, heads, q_len, kv_len, compute, q.device)
+    coded = [t for t in pre_terms + post_terms if t.coded]
+    if coded:  # one 2-D bias: its table's columns, read at codes[k] - codes[q]
+        codes, vector, center = coded[0].native_form(kv_len)
+        vector, codes = vector.to(compute).contiguous(), codes.to(torch.long).contiguous()
+        pre, post = (vector, None) if pre_terms else (None, vector)
+    else:
+        codes, center = None, kv_len - 1
+        pre = relative_vector(pre_terms, heads, q_len, kv_len, compute, q.device)
+        post = relative_vector(post_terms, heads, q_len, kv_len, compute, q.device)
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     seed = int(torch.randint(0, 2 ** 31, ()).item()) if dropout > 0 else 0
-    return NativeBlockSparse.apply(table, float(scale), float(cap or 0.0), float(dropout), seed, q, k, v, pre, post)
+    return NativeBlockSparse.apply(table, float(scale), float(cap or 0.0), float(dropout), seed, center, codes,
+                                   q, k, v, pre, post)
