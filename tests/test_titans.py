@@ -126,3 +126,5 @@ def test_titans_errors():
         NeuralMemory(8, 2, chunk=0)
     with pytest.raises(ShapeError, match="max_step"):
         NeuralMemory(8, 2, max_step=0.0)
+    with pytest.raises(ShapeError, match="max_momentum"):
+        NeuralMemory(8, 2, max_momentum=1.0)

@@ -484,8 +484,9 @@ ROWS: tuple[Row, ...] = (
         "test_titans.py::test_titans_is_causal_and_trains"],
        "the neural memory (matrix or 2-layer MLP per head; surprise with momentum, forgetting, the chunked "
        "mini-batch form, learned initial memory) and MAG (persistent tokens, causal window attention, "
-       "memory, gated); gates as sigmoids of linear maps; the depthwise convolutions and the MAC / MAL "
-       "variants are not built"),
+       "memory, gated); gates as sigmoids of linear maps, step size and momentum bounded for stability (our "
+       "choice: unbounded, training diverged); the depthwise convolutions and the MAC / MAL variants are not "
+       "built"),
     _i(5, "TransNormerLLM + Lightning Attention",
        ["linear.LightningAttention", "linear.chunked_linear_attention", "variant:lightning"],
        ["test_linear.py::test_causal_decayed_linear_attention_equals_the_dense_parallel_form",

@@ -12,11 +12,16 @@ step with momentum ("surprise") and forgetting,
     y_t = M_t(q_t)                                      (read without updating)
 
 with ``q, k, v`` linear projections (``q`` and ``k`` L2-normalised per head) and ``alpha, eta, theta``
-from the token (sigmoids of a linear map, starting near 0.02 and 0.12; the step size ``theta`` is
-``max_step``, 0.1 by default, times one, which keeps the test-time descent stable). Training runs the
-paper's chunked form: inside a chunk of ``chunk`` tokens every gradient is taken at the memory of the chunk's start (mini-batch
-gradient descent; ``chunk=1`` is the token-by-token recurrence), and the two linear recurrences are
-lower-triangular products over the chunk. The initial memory is learned.
+from the token (sigmoids of a linear map, starting near 0.02, 0.11 and half their bounds). Two bounds
+keep the test-time descent stable while the gates train: ``eta <= max_momentum`` (0.9) and ``theta <=
+max_step / chunk`` (``max_step`` 0.05), so a chunk's steps, all taken from its starting memory, add up
+to at most ``max_step`` (unbounded, a model trained on selective copying diverged to NaN; with
+``max_step`` 0.1, the MLP memory at its bounds still diverged on random inputs of scale 3).
+
+Training runs the paper's chunked form: inside a chunk of ``chunk`` tokens every gradient is taken at
+the memory of the chunk's start (mini-batch gradient descent; ``chunk=1`` is the token-by-token
+recurrence), and the two linear recurrences are lower-triangular products over the chunk. The initial
+memory is learned.
 
 ``TitansGatedAttention`` is the MAG variant: learned persistent tokens are prepended, a sliding-window
 causal attention (one ``multihead.attention`` call, ``Sinks(SlidingWindow(window, 0), persistent)``) and
@@ -25,6 +30,8 @@ projected. Not built: the depthwise convolutions after the projections, the MAC 
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -67,16 +74,19 @@ def decay_products(log_keep: Tensor) -> Tensor:
 class NeuralMemory(nn.Module):
     """Titans' neural long-term memory (module docstring) on ``(batch, tokens, dim)``: per head a memory of
     ``layers`` (1: a matrix, 2: an MLP of width ``hidden``) updated in chunks of ``chunk`` tokens, step
-    sizes up to ``max_step``; returns the reads ``y_t`` projected back to ``dim``."""
+    sizes up to ``max_step / chunk`` and momentum up to ``max_momentum``; returns the reads ``y_t``
+    projected back to ``dim``."""
 
     causal = True
 
     def __init__(self, dim: int, heads: int, *, layers: int = 2, hidden: int | None = None, chunk: int = 16,
-                 max_step: float = 0.1):
+                 max_step: float = 0.05, max_momentum: float = 0.9):
         super().__init__()
         if isinstance(max_step, bool) or not isinstance(max_step, (int, float)) or not 0 < max_step <= 1:
             raise ShapeError(f"NeuralMemory.max_step must be in (0, 1], got {max_step!r}")
-        self.max_step = float(max_step)
+        if isinstance(max_momentum, bool) or not isinstance(max_momentum, (int, float)) or not 0 < max_momentum < 1:
+            raise ShapeError(f"NeuralMemory.max_momentum must be in (0, 1), got {max_momentum!r}")
+        self.max_step, self.max_momentum = float(max_step), float(max_momentum)
         self.dim, self.heads, self.chunk = _positive("dim", dim), _positive("heads", heads), _positive("chunk", chunk)
         if dim % heads:
             raise ShapeError(f"NeuralMemory: heads ({heads}) must divide dim ({dim})")
@@ -87,7 +97,7 @@ class NeuralMemory(nn.Module):
         self.layers, self.head_dim = layers, d
         self.q_proj, self.k_proj, self.v_proj = (nn.Linear(dim, dim, bias=False) for _ in range(3))
         self.gates = nn.Linear(dim, 3 * heads)  # alpha (forget), eta (momentum), theta (step size)
-        # start remembering, with little momentum: alpha ~ 0.02, eta ~ 0.12, theta ~ max_step / 2 (a larger
+        # start remembering, with little momentum: alpha ~ 0.02, eta ~ 0.11, theta ~ half its bound (a larger
         # eta made the chunked descent diverge on 1024 random tokens: the chunk's stale gradients pile up)
         with torch.no_grad():
             self.gates.bias.copy_(torch.tensor([-4.0, -2.0, 0.0]).repeat_interleave(heads))
@@ -101,12 +111,12 @@ class NeuralMemory(nn.Module):
         k = F.normalize(split_heads(self.k_proj(x), self.heads), dim=-1)
         v = split_heads(self.v_proj(x), self.heads)
         alpha, eta, theta = torch.sigmoid(self.gates(x)).transpose(1, 2).chunk(3, dim=1)
-        return q, k, v, alpha, eta, self.max_step * theta
+        return q, k, v, alpha, self.max_momentum * eta, self.max_step / self.chunk * theta
 
     def log_keeps(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """``log(1 - alpha)`` and ``log(eta)`` ``(B, heads, T)``, finite however saturated the gates."""
         forget, momentum, _ = self.gates(x).transpose(1, 2).chunk(3, dim=1)
-        return F.logsigmoid(-forget), F.logsigmoid(momentum)
+        return F.logsigmoid(-forget), F.logsigmoid(momentum) + math.log(self.max_momentum)
 
     def forward(self, x: Tensor) -> Tensor:
         check_inputs(x, None, self.dim)
@@ -138,7 +148,7 @@ class NeuralMemory(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"dim={self.dim}, heads={self.heads}, layers={self.layers}, chunk={self.chunk}, "
-                f"max_step={self.max_step}")
+                f"max_step={self.max_step}, max_momentum={self.max_momentum}")
 
 
 class TitansGatedAttention(nn.Module):
