@@ -106,8 +106,8 @@ def from_key_lists(indices: Tensor, valid: Tensor) -> TileTable:
     lb, lh, q_len, width = indices.shape
     slots = lb * lh
     indices, valid = indices.cpu(), valid.cpu()
-    keys = torch.where(valid, indices, indices.new_zeros(())).clamp(min=0)
     need = not bool(valid.all())
+    keys = torch.where(valid, indices, indices.new_zeros(())) if need else indices  # padding -> key 0
     return TileTable(
         q_rows=torch.arange(q_len), tile_q=torch.arange(q_len + 1),
         tile_k=torch.arange(q_len + 1) * width, k_idx=keys.reshape(slots, q_len * width).contiguous(),
