@@ -37,8 +37,6 @@ template <> struct Acc<double> { using type = double; };
 // ---------------------------------------------------------------------------------------------
 // Small vector helpers.
 // ---------------------------------------------------------------------------------------------
-template <typename T>
-inline void convert(const T* src, T* dst, int64_t n) { std::memcpy(dst, src, n * sizeof(T)); }
 inline void convert(const float* src, BFloat16* dst, int64_t n) {
   at::vec::convert(src, dst, n);
 }
@@ -297,10 +295,9 @@ void lanes_dot(const C* AT, int64_t depth, const K* base, const int64_t* idx, in
   }
 }
 
-// OT[d][lane] = sum_j PT[j][lane] * B_j[d] (+ OT when accumulating), for d < width
+// OT[d][lane] = sum_j PT[j][lane] * B_j[d], for d < width
 template <typename C, typename K>
-void lanes_combine(const C* PT, const K* base, const int64_t* idx, int64_t n, int64_t ld, int64_t width,
-                   C* OT, bool accumulate) {
+void lanes_combine(const C* PT, const K* base, const int64_t* idx, int64_t n, int64_t ld, int64_t width, C* OT) {
   using V = Vec<C>;
   constexpr int64_t L = V::size();
   constexpr int64_t DB = 8;
@@ -308,7 +305,7 @@ void lanes_combine(const C* PT, const K* base, const int64_t* idx, int64_t n, in
   for (; d0 + DB <= width; d0 += DB) {
     V acc[DB];
 #pragma GCC unroll 8
-    for (int64_t t = 0; t < DB; ++t) acc[t] = accumulate ? V::loadu(OT + (d0 + t) * L) : V(C(0));
+    for (int64_t t = 0; t < DB; ++t) acc[t] = V(C(0));
     for (int64_t j = 0; j < n; ++j) {
       const V p = V::loadu(PT + j * L);
       const K* b = base + idx[j] * ld + d0;
@@ -319,7 +316,7 @@ void lanes_combine(const C* PT, const K* base, const int64_t* idx, int64_t n, in
     for (int64_t t = 0; t < DB; ++t) acc[t].store(OT + (d0 + t) * L);
   }
   for (; d0 < width; ++d0) {
-    V acc = accumulate ? V::loadu(OT + d0 * L) : V(C(0));
+    V acc(C(0));
     for (int64_t j = 0; j < n; ++j)
       acc = at::vec::fmadd(V::loadu(PT + j * L), V(static_cast<C>(base[idx[j] * ld + d0])), acc);
     acc.store(OT + d0 * L);
@@ -597,7 +594,7 @@ void lanes_forward(const Geometry& g, const Score<C>& sc, C scale, Scratch<T, C>
       }
     }
 #endif
-    if (!pairs) lanes_combine(ST, vbase, kpos, W, g.Dv, g.Dv, OT, false);
+    if (!pairs) lanes_combine(ST, vbase, kpos, W, g.Dv, g.Dv, OT);
     C ms[L], ss[L], inv[L];
     safe.store(ms), sum.store(ss);
     for (int64_t l = 0; l < nl; ++l) {
@@ -742,7 +739,7 @@ void lanes_backward(const Geometry& g, const Score<C>& sc, C scale, Scratch<T, C
     // dK_j += scale sum_lanes dS[j][l] q_l ; dQ = scale dS K
     for (int64_t j = 0; j < W; ++j) (V::loadu(DPT + j * L) * V(scale)).store(DPT + j * L);
     lanes_scatter(dk_acc, kpos, W, DPT, qf + first * g.D, nl, g.D);
-    lanes_combine(DPT, kbase, kpos, W, g.D, g.D, DQT, false);
+    lanes_combine(DPT, kbase, kpos, W, g.D, g.D, DQT);
     C ones[L];
     std::fill(ones, ones + L, C(1));
     transpose_out(DQT, nl, g.D, ones, w.dq.data() + first * g.D);
