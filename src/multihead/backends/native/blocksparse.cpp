@@ -260,7 +260,7 @@ struct Scratch {
 };
 
 // ---------------------------------------------------------------------------------------------
-// Lane kernels, for tiles whose keys are gathered (grids, key lists): the keys are read in place
+// Lane kernels, for tiles of 8 rows or more (runs of keys and gathered ones): the keys are read in place
 // through their positions (no copy), and the rows of a tile are the vector lanes, so the softmax
 // of a row is elementwise work across keys. ``AT`` below is a (depth x lanes) transposed block.
 // ---------------------------------------------------------------------------------------------
