@@ -536,44 +536,57 @@ inline bool pair_products(const Geometry& g) {
   return kBf16Pairs && std::is_same_v<T, BFloat16> && g.D % 2 == 0 && g.Dv % 2 == 0;
 }
 
-// Forward of one tile on lanes: w.o (M x Dv) normalised output, lse (M,). The tile's query rows
-// are w.q (T); the products run in the compute type, or as bf16 pairs (``pair_products``).
+// The forward's two products on a lane block, in the compute type: the block's query rows
+// transposed in (times the scale) for Q K^T, the keys and values read in place.
 template <typename T, typename C>
-void lanes_forward(const Geometry& g, const Score<C>& sc, C scale, Scratch<T, C>& w, int64_t M, int64_t rows,
-                   const T* kbase, const T* vbase, const int64_t* kpos, int64_t W, const uint8_t* mask, C* lse) {
+struct LaneProducts {
+  const Geometry& g;
+  const T *kbase, *vbase;
+  const int64_t* kpos;
+  int64_t W;
+  C scale;
+  const C* qf;  // the tile's query rows (M x D)
+  C* QT;        // (D x lanes) scratch
+  void logits(int64_t first, int64_t nl, C* ST) const {
+    transpose_in(qf + first * g.D, nl, g.D, scale, QT);
+    lanes_dot(QT, g.D, kbase, kpos, W, g.D, ST);
+  }
+  void combine(const C* PT, C* OT) const { lanes_combine(PT, vbase, kpos, W, g.Dv, g.Dv, OT); }
+};
+
+#if defined(CPU_CAPABILITY_AVX512) && defined(__AVX512BF16__)
+// The same products as bf16 pairs: the tile's values packed in key pairs once (``VP``).
+struct PairProducts {
+  const Geometry& g;
+  const BFloat16* kbase;
+  const int64_t* kpos;
+  int64_t W;
+  float scale;
+  const BFloat16* q;  // the tile's query rows (M x D, bf16)
+  pair_t *QT2, *VP, *PT2;
+  void logits(int64_t first, int64_t nl, float* ST) const {
+    pairs_in(q + first * g.D, nl, g.D, QT2);
+    lanes_dot_pairs(QT2, g.D / 2, kbase, kpos, W, g.D, scale, ST);
+  }
+  void combine(const float* PT, float* OT) const {
+    pack_weight_pairs(PT, W, PT2);
+    lanes_combine_pairs(PT2, VP, (W + 1) / 2, g.Dv, OT);
+  }
+};
+#endif
+
+// The lane blocks of a tile with ``products``: logits, the score and mask, the softmax (dropout
+// after its sum), the weighted values; w.o (M x Dv) the normalised output, lse (M,).
+template <typename T, typename C, typename Products>
+void lanes_softmax(const Geometry& g, const Score<C>& sc, Scratch<T, C>& w, const Products& products, int64_t M,
+                   int64_t rows, const int64_t* kpos, int64_t W, const uint8_t* mask, C* ST, C* OT, C* lse) {
   using V = Vec<C>;
   constexpr int64_t L = V::size();
   const C ninf = -std::numeric_limits<C>::infinity();
-  const bool pairs = pair_products<T>(g);
-  const C* qf = pairs ? nullptr : as_compute(w.q, w.qf);
   w.o.resize(M * g.Dv);
-  w.dq.resize(g.D * L), w.s.resize(W * L), w.dk.resize(g.Dv * L);
-  C *QT = w.dq.data(), *ST = w.s.data(), *OT = w.dk.data();
-#if defined(CPU_CAPABILITY_AVX512) && defined(__AVX512BF16__)
-  pair_t *VP = nullptr, *PT2 = nullptr;
-  if constexpr (std::is_same_v<T, BFloat16>) {
-    if (pairs) {  // the values as pairs of keys once per tile; QT holds the query pairs
-      const int64_t np = (W + 1) / 2;
-      w.dv.resize(np * g.Dv + np * 16);
-      VP = reinterpret_cast<pair_t*>(w.dv.data()), PT2 = VP + np * g.Dv;
-      pack_value_pairs(vbase, kpos, W, g.Dv, g.Dv, VP);
-    }
-  }
-#endif
   for (int64_t first = 0; first < M; first += L) {
     const int64_t nl = std::min(L, M - first);
-#if defined(CPU_CAPABILITY_AVX512) && defined(__AVX512BF16__)
-    if constexpr (std::is_same_v<T, BFloat16>) {
-      if (pairs) {
-        pairs_in(w.q.data() + first * g.D, nl, g.D, reinterpret_cast<pair_t*>(QT));
-        lanes_dot_pairs(reinterpret_cast<pair_t*>(QT), g.D / 2, kbase, kpos, W, g.D, scale, ST);
-      }
-    }
-#endif
-    if (!pairs) {
-      transpose_in(qf + first * g.D, nl, g.D, scale, QT);
-      lanes_dot(QT, g.D, kbase, kpos, W, g.D, ST);
-    }
+    products.logits(first, nl, ST);
     lanes_logits(sc, kpos, W, nl, first, rows, w.heads.data(), w.qabs.data(), mask, ST, static_cast<C*>(nullptr));
     V m(ninf);
     for (int64_t j = 0; j < W; ++j) m = at::vec::maximum(m, V::loadu(ST + j * L));
@@ -586,15 +599,7 @@ void lanes_forward(const Geometry& g, const Score<C>& sc, C scale, Scratch<T, C>
       sum = sum + e;
     }
     if (sc.drop.on) drop_lanes(sc.drop, w.rowkey.data() + first, nl, kpos, W, ST);  // after the sum
-#if defined(CPU_CAPABILITY_AVX512) && defined(__AVX512BF16__)
-    if constexpr (std::is_same_v<T, BFloat16>) {
-      if (pairs) {
-        pack_weight_pairs(ST, W, PT2);
-        lanes_combine_pairs(PT2, VP, (W + 1) / 2, g.Dv, OT);
-      }
-    }
-#endif
-    if (!pairs) lanes_combine(ST, vbase, kpos, W, g.Dv, g.Dv, OT);
+    products.combine(ST, OT);
     C ms[L], ss[L], inv[L];
     safe.store(ms), sum.store(ss);
     for (int64_t l = 0; l < nl; ++l) {
@@ -603,6 +608,31 @@ void lanes_forward(const Geometry& g, const Score<C>& sc, C scale, Scratch<T, C>
     }
     transpose_out(OT, nl, g.Dv, inv, w.o.data() + first * g.Dv);
   }
+}
+
+// Forward of one tile on lanes (query rows w.q): the products in the compute type, or as bf16
+// pairs (``pair_products``).
+template <typename T, typename C>
+void lanes_forward(const Geometry& g, const Score<C>& sc, C scale, Scratch<T, C>& w, int64_t M, int64_t rows,
+                   const T* kbase, const T* vbase, const int64_t* kpos, int64_t W, const uint8_t* mask, C* lse) {
+  constexpr int64_t L = Vec<C>::size();
+  w.dq.resize(g.D * L), w.s.resize(W * L), w.dk.resize(g.Dv * L);
+  C *QT = w.dq.data(), *ST = w.s.data(), *OT = w.dk.data();
+#if defined(CPU_CAPABILITY_AVX512) && defined(__AVX512BF16__)
+  if constexpr (std::is_same_v<T, BFloat16>) {
+    if (pair_products<T>(g)) {  // QT holds the query pairs; w.dv the value and weight pairs
+      const int64_t np = (W + 1) / 2;
+      w.dv.resize(np * g.Dv + np * 16);
+      pair_t* VP = reinterpret_cast<pair_t*>(w.dv.data());
+      pack_value_pairs(vbase, kpos, W, g.Dv, g.Dv, VP);
+      const PairProducts products{g, kbase, kpos, W, scale, w.q.data(), reinterpret_cast<pair_t*>(QT), VP,
+                                  VP + np * g.Dv};
+      return lanes_softmax(g, sc, w, products, M, rows, kpos, W, mask, ST, OT, lse);
+    }
+  }
+#endif
+  const LaneProducts<T, C> products{g, kbase, vbase, kpos, W, scale, as_compute(w.q, w.qf), QT};
+  lanes_softmax(g, sc, w, products, M, rows, kpos, W, mask, ST, OT, lse);
 }
 
 
