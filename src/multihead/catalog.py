@@ -19,6 +19,7 @@ from .heads import (CompressedAttention, LowRankAttention, MixtureOfHeads, Multi
 from .linear import Aaren, LightningAttention, LinearAttention, ManhattanSelfAttention, Retention
 from .nn import GatedPositionalAttention, MultiHeadAttention, RCMHA, RelativeAttention, SinkAttention
 from .heads.seer import SeerAttention
+from .heads.tpla import TensorParallelLatentAttention
 from .nn.landmark import LandmarkAttention
 from .nn.long_short_query import LongShortQueryAttention
 from .nn.soft_causal import SoftCausalAttention
@@ -86,6 +87,13 @@ def long_distance(dim: int, heads: int, grid, interval: int = 4) -> Neighborhood
     interval = tuple(max(i for i in range(1, interval + 1) if n % i == 0) for n in grid)
     kernel = tuple(n // i for n, i in zip(grid, interval))
     return NeighborhoodAttention2d(dim, heads, kernel, interval, relative_bias="dynamic")
+
+
+def _tpla(mla: MultiHeadLatentAttention, shards: int = 2) -> TensorParallelLatentAttention:
+    """TPLA over ``mla`` in ``shards`` shards, Hadamard-rotated when the latent width is a power of two."""
+    power_of_two = mla.kv_rank & (mla.kv_rank - 1) == 0
+    return TensorParallelLatentAttention(mla, shards, transform="hadamard" if power_of_two else None,
+                                         mla_prefill=False)
 
 
 VASWANI = Paper("Attention Is All You Need", 2017, "1706.03762")
@@ -182,6 +190,12 @@ _VARIANTS = [
             Paper("DeepSeek-V2: A Strong, Economical, and Efficient Mixture-of-Experts Language Model", 2024,
                   "2405.04434"),
             lambda dim, heads, n: MultiHeadLatentAttention(dim, heads, pattern=Causal())),
+    Variant("tpla", "topology",
+            "MLA with its latent cut in 2 tensor-parallel shards (Hadamard-rotated): a softmax per shard, outputs "
+            "summed (causal)",
+            Paper("TPLA: Tensor Parallel Latent Attention for Efficient Disaggregated Prefill & Decode Inference",
+                  2025, "2508.15881"),
+            lambda dim, heads, n: _tpla(MultiHeadLatentAttention(dim, heads, pattern=Causal()))),
     Variant("cca", "topology",
             "compressed: q, k, v down-projected 4x, convolved, attention runs in the latent space (causal)",
             Paper("Compressed Convolutional Attention: Efficient Attention in a Compressed Latent Space", 2025,

@@ -122,11 +122,18 @@ ROWS: tuple[Row, ...] = (
        ["test_heads.py::test_cca_without_compression_is_mha",
         "test_heads.py::test_cca_shrinks_parameters_flops_and_cache_by_the_compression"],
        "no fused kernel: attention in the latent space runs on the shared backends"),
-    _m(1, "TPLA: Tensor-Parallel Latent Attention",
-       "MLA's latent and head input dims sharded over ranks, per-shard attention, all-reduce; the seed text "
-       "(abstract) does not say how the decoupled RoPE part and the logit scale are split per shard, and no "
-       "reference code was at hand to fix them",
-       ["heads.MultiHeadLatentAttention"]),
+    _i(1, "TPLA: Tensor-Parallel Latent Attention",
+       ["heads.TensorParallelLatentAttention", "heads.tpla.hadamard", "heads.tpla.pca_basis", "variant:tpla"],
+       ["test_tpla.py::test_tpla_is_its_formula_on_every_backend",
+        "test_tpla.py::test_one_shard_is_mla_and_the_transform_leaves_mla_unchanged",
+        "test_tpla.py::test_prefill_is_mla_and_decoding_is_tpla_from_the_sharded_cache",
+        "test_tpla.py::test_two_gloo_ranks_equal_the_single_process_form",
+        "test_tpla.py::test_tpla_trains_in_a_language_model"],
+       "the latent and each head's input dim cut into shards (a softmax per shard, outputs summed by an "
+       "all-reduce on a process group, or in one process), Hadamard / PCA / any orthogonal transform before the "
+       "slicing, MLA's weights reused, MLA-form prefill then TPLA decoding from a per-rank cache; the text at hand "
+       "(abstract, introduction) does not fix the rotary part or the logit scale per shard: chosen here, the "
+       "rotary part whole on every shard (rope='split' cuts it too) and MLA's scale on every shard"),
     _i(1, "DHVT: Dynamic Hybrid ViT (head token)",
        ["nn.head_token.HeadTokenAttention", "variant:dhvt_head_tokens"],
        ["test_head_token.py::test_head_tokens_are_the_authors_hi_mhsa_on_every_backend",

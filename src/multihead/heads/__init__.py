@@ -15,7 +15,9 @@ from .mixture import MixtureOfHeads
 from .single_head import SingleHeadAttention
 from .sparse_query import SparseQueryAttention
 from .talking import TalkingHeadsAttention
+from .tpla import TensorParallelLatentAttention
 
 __all__ = ["Costs", "Topology", "costs_of", "GroupedQueryAttention", "MultiQueryAttention",
            "MixtureOfHeads", "SparseQueryAttention", "MultiHeadLatentAttention", "LatentCache",
-           "CompressedAttention", "LowRankAttention", "SingleHeadAttention", "TalkingHeadsAttention"]
+           "CompressedAttention", "LowRankAttention", "SingleHeadAttention", "TalkingHeadsAttention",
+           "TensorParallelLatentAttention"]
