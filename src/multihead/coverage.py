@@ -115,7 +115,13 @@ ROWS: tuple[Row, ...] = (
        ["test_heads.py::test_sqa_with_as_many_query_heads_as_heads_is_mha",
         "test_heads.py::test_sqa_flops_fall_with_the_query_heads"]),
     _m(1, "Union of Experts (UoE) / Selective Multi-Head Attention",
-       "selective MHA with tensor-parallel expert partitions and two routing modes",
+       "selective MHA with tensor-parallel expert partitions and two routing modes; searched (issue 17): the "
+       "pages corpus holds only the abstract of arXiv 2503.02495, and the authors' code (YujiaoYang-work/UoE, "
+       "language_modeling/model/attention/SMHA_v1..v3) gives different forms per version - v1 picks the top-k "
+       "heads per sequence from a router on the flattened fixed-length sequence and sums them unweighted (the "
+       "router gets no gradient), v3 lets every head attend only among the tokens that chose it (top half of "
+       "the heads per token), padded with unchosen tokens, RoPE on the compacted positions - so no one form "
+       "to test against; neither is MoH's per-token weighted routing",
        ["heads.MixtureOfHeads"]),
     _i(1, "Compressed Convolutional Attention (CCA / CCGQA)",
        ["heads.CompressedAttention", "variant:cca", "variant:ccgqa"],
@@ -427,7 +433,10 @@ ROWS: tuple[Row, ...] = (
         "test_gaam.py::test_gaam_module_trains_its_gaussians"],
        "reference backend only; the Importance Factor metric is not built"),
     _m(4, "CoordFormer: Coordinate-Aware Attention",
-       "pixel-level coordinates kept in attention and Body Center Attention (the abstract gives little form)"),
+       "pixel-level coordinates kept in attention and Body Center Attention; searched (issue 17): the pages "
+       "corpus holds only the abstract (arXiv 2308.10334), and the authors' repository (Li-Hao-yuan/CoordFormer) "
+       "holds many dated snapshots of models/transformer.py (romp_store/4.16 .. 5.15, visualization/NAT) with "
+       "no marker of the published one, so no form to test against"),
     _m(4, "CRENER: direction- and distance-aware masked self-attention",
        "unscaled attention with direction- and distance-aware masks (pieces: scale=1, Causal, ALiBi); the "
        "abstract names the masks but gives neither their form nor how they combine, and no code was at hand"),
@@ -453,8 +462,11 @@ ROWS: tuple[Row, ...] = (
        "an input position embedding (a small encoder of the position's digits) and its training losses; "
        "attention is unchanged"),
     _m(4, "Meta-tokens + meta-attention",
-       "the dedicated meta-attention beside causal MHA (the prepended learned tokens exist as Registers); the "
-       "abstract does not give the meta-attention's mask or where it sits in the block",
+       "the dedicated meta-attention beside causal MHA (the prepended learned tokens exist as Registers); "
+       "searched (issue 17): the pages corpus holds the abstract and introduction of arXiv 2509.16278 only, "
+       "and no code (the ICLR 2026 notes say 'code: TBD'); third-party summaries say the meta-attention flows "
+       "only between meta-tokens, but neither the paper's mask, what non-meta positions receive, nor where the "
+       "layer sits in the block is in the text at hand",
        ["nn.Registers"]),
     _o(4, "ResFormer: multi-resolution training + global-local PE", "recipe",
        "multi-resolution training with a scale-consistency loss; the embedding is added at the input"),
