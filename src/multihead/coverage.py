@@ -687,7 +687,9 @@ ROWS: tuple[Row, ...] = (
        "Hessian-based saliency across components (head pruning exists: analysis.prune)",
        ["analysis.prune", "analysis.gradient_importance"]),
     _m(13, "p-Laplacian adapter (p-adapter)",
-       "p-Laplacian message passing that re-normalises attention weights by features"),
+       "p-Laplacian message passing that re-normalises attention weights by features; the pages corpus holds "
+       "the abstract and introduction (arXiv 2312.10613), and the authors' code is in the code index "
+       "(wuhy68/p-Adapter, eff_blip/eff_modeling_blip.py): the form to follow next, not yet read (issue 17)"),
 )
 
 
