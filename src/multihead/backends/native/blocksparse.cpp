@@ -45,15 +45,18 @@ inline void convert(const BFloat16* src, float* dst, int64_t n) { at::vec::conve
 template <typename C>
 using Vec = at::vec::Vectorized<C>;
 
-// The tile's rows of ``x`` (T) in the compute type: the rows themselves, or a converted copy.
-template <typename T, typename C>
-const C* as_compute(const std::vector<T>& x, std::vector<C>& buf) {
+// A tile's rows (``E`` wide, one pointer each) in the compute type: the rows themselves, or
+// converted copies in ``buf`` (pointers in ``out``).
+template <typename C, typename T>
+const C* const* as_compute(const std::vector<const T*>& rows, int64_t E, std::vector<C>& buf,
+                           std::vector<const C*>& out) {
   if constexpr (std::is_same_v<T, C>) {
-    return x.data();
+    return rows.data();
   } else {
-    buf.resize(x.size());
-    convert(x.data(), buf.data(), static_cast<int64_t>(x.size()));
-    return buf.data();
+    const int64_t M = static_cast<int64_t>(rows.size());
+    buf.resize(M * E), out.resize(M);
+    for (int64_t i = 0; i < M; ++i) convert(rows[i], buf.data() + i * E, E), out[i] = buf.data() + i * E;
+    return out.data();
   }
 }
 
@@ -253,8 +256,11 @@ struct Inputs {
 // Per-thread scratch.
 template <typename T, typename C>
 struct Scratch {
-  std::vector<T> q, orow, dorow;  // the tile's query, output and output-gradient rows (T)
-  std::vector<C> s, o, m, l, dq, dk, dv, dp, raw, b1, b2, b3, qf, dof;  // qf, dof: rows as C
+  std::vector<const T*> qp, dop, orp;  // the tile's query, output-gradient and output rows, in place
+  std::vector<T*> op;                   // its output rows
+  std::vector<C*> dqp;                  // its rows of dQ
+  std::vector<const C*> qc, doc;        // its query and output-gradient rows in the compute type
+  std::vector<C> s, o, m, l, dq, dk, dv, dp, raw, b1, b2, b3, qf, dof;  // qf, dof: rows as C (bf16)
   std::vector<int64_t> qabs, heads;
   std::vector<uint32_t> rowkey;  // the rows' dropout keys
 };
@@ -267,104 +273,187 @@ struct Scratch {
 inline Vec<float> vexp(const Vec<float>& x) { return x.exp_u20(); }
 inline Vec<double> vexp(const Vec<double>& x) { return x.exp(); }
 
-// ST[j][lane] = sum_d AT[d][lane] * B_j[d], B_j = base + idx[j] * ld (keys of type K: C or bf16)
-template <typename C, typename K>
+// ST[j][lane] = sum_d AT[d][lane] * B_j[d], B_j = base + idx[j] * ld (keys of type K: C or bf16),
+// for NB lane blocks at once (block b: AT + b depth L, ST + b n L): a key's element, broadcast
+// once, feeds NB products, and each key row is read once for NB x 16 rows.
+template <int NB, typename C, typename K>
 void lanes_dot(const C* AT, int64_t depth, const K* base, const int64_t* idx, int64_t n, int64_t ld, C* ST) {
   using V = Vec<C>;
   constexpr int64_t L = V::size();
-  int64_t j = 0;
   constexpr int64_t KB = 8;  // keys per pass: one load of AT feeds KB products
+  int64_t j = 0;
   for (; j + KB <= n; j += KB) {
     const K* b[KB];
-    V acc[KB];
+    V acc[NB][KB];
 #pragma GCC unroll 8
-    for (int64_t t = 0; t < KB; ++t) b[t] = base + idx[j + t] * ld, acc[t] = V(C(0));
+    for (int64_t t = 0; t < KB; ++t) {
+      b[t] = base + idx[j + t] * ld;
+#pragma GCC unroll 2
+      for (int u = 0; u < NB; ++u) acc[u][t] = V(C(0));
+    }
     for (int64_t d = 0; d < depth; ++d) {
-      const V a = V::loadu(AT + d * L);
+      V a[NB];
+#pragma GCC unroll 2
+      for (int u = 0; u < NB; ++u) a[u] = V::loadu(AT + (u * depth + d) * L);
 #pragma GCC unroll 8
-      for (int64_t t = 0; t < KB; ++t) acc[t] = at::vec::fmadd(a, V(static_cast<C>(b[t][d])), acc[t]);
+      for (int64_t t = 0; t < KB; ++t) {
+        const V bt(static_cast<C>(b[t][d]));
+#pragma GCC unroll 2
+        for (int u = 0; u < NB; ++u) acc[u][t] = at::vec::fmadd(a[u], bt, acc[u][t]);
+      }
     }
 #pragma GCC unroll 8
-    for (int64_t t = 0; t < KB; ++t) acc[t].store(ST + (j + t) * L);
+    for (int64_t t = 0; t < KB; ++t)
+#pragma GCC unroll 2
+      for (int u = 0; u < NB; ++u) acc[u][t].store(ST + (u * n + j + t) * L);
   }
   for (; j < n; ++j) {
     const K* b0 = base + idx[j] * ld;
-    V a0(C(0));
-    for (int64_t d = 0; d < depth; ++d) a0 = at::vec::fmadd(V::loadu(AT + d * L), V(static_cast<C>(b0[d])), a0);
-    a0.store(ST + j * L);
+    V acc[NB];
+#pragma GCC unroll 2
+    for (int u = 0; u < NB; ++u) acc[u] = V(C(0));
+    for (int64_t d = 0; d < depth; ++d) {
+      const V bt(static_cast<C>(b0[d]));
+#pragma GCC unroll 2
+      for (int u = 0; u < NB; ++u) acc[u] = at::vec::fmadd(V::loadu(AT + (u * depth + d) * L), bt, acc[u]);
+    }
+#pragma GCC unroll 2
+    for (int u = 0; u < NB; ++u) acc[u].store(ST + (u * n + j) * L);
   }
 }
 
-// OT[d][lane] = sum_j PT[j][lane] * B_j[d], for d < width
-template <typename C, typename K>
+// OT[d][lane] = sum_j PT[j][lane] * B_j[d], for d < width, NB lane blocks at once (block b:
+// PT + b n L, OT + b width L)
+template <int NB, typename C, typename K>
 void lanes_combine(const C* PT, const K* base, const int64_t* idx, int64_t n, int64_t ld, int64_t width, C* OT) {
   using V = Vec<C>;
   constexpr int64_t L = V::size();
   constexpr int64_t DB = 8;
   int64_t d0 = 0;
   for (; d0 + DB <= width; d0 += DB) {
-    V acc[DB];
+    V acc[NB][DB];
 #pragma GCC unroll 8
-    for (int64_t t = 0; t < DB; ++t) acc[t] = V(C(0));
+    for (int64_t t = 0; t < DB; ++t)
+#pragma GCC unroll 2
+      for (int u = 0; u < NB; ++u) acc[u][t] = V(C(0));
     for (int64_t j = 0; j < n; ++j) {
-      const V p = V::loadu(PT + j * L);
+      V p[NB];
+#pragma GCC unroll 2
+      for (int u = 0; u < NB; ++u) p[u] = V::loadu(PT + (u * n + j) * L);
       const K* b = base + idx[j] * ld + d0;
 #pragma GCC unroll 8
-      for (int64_t t = 0; t < DB; ++t) acc[t] = at::vec::fmadd(p, V(static_cast<C>(b[t])), acc[t]);
+      for (int64_t t = 0; t < DB; ++t) {
+        const V bt(static_cast<C>(b[t]));
+#pragma GCC unroll 2
+        for (int u = 0; u < NB; ++u) acc[u][t] = at::vec::fmadd(p[u], bt, acc[u][t]);
+      }
     }
 #pragma GCC unroll 8
-    for (int64_t t = 0; t < DB; ++t) acc[t].store(OT + (d0 + t) * L);
+    for (int64_t t = 0; t < DB; ++t)
+#pragma GCC unroll 2
+      for (int u = 0; u < NB; ++u) acc[u][t].store(OT + (u * width + d0 + t) * L);
   }
   for (; d0 < width; ++d0) {
-    V acc(C(0));
-    for (int64_t j = 0; j < n; ++j)
-      acc = at::vec::fmadd(V::loadu(PT + j * L), V(static_cast<C>(base[idx[j] * ld + d0])), acc);
-    acc.store(OT + d0 * L);
+    V acc[NB];
+#pragma GCC unroll 2
+    for (int u = 0; u < NB; ++u) acc[u] = V(C(0));
+    for (int64_t j = 0; j < n; ++j) {
+      const V bt(static_cast<C>(base[idx[j] * ld + d0]));
+#pragma GCC unroll 2
+      for (int u = 0; u < NB; ++u) acc[u] = at::vec::fmadd(V::loadu(PT + (u * n + j) * L), bt, acc[u]);
+    }
+#pragma GCC unroll 2
+    for (int u = 0; u < NB; ++u) acc[u].store(OT + (u * width + d0) * L);
   }
 }
 
-// dst (cols x rows) = src (rows x cols)^T; 16 x 16 blocks in registers where ATen has them
-template <typename C>
-void transpose_block(const C* src, int64_t ld_src, C* dst, int64_t ld_dst, int64_t rows, int64_t cols) {
+// A lane block's rows are read from and written to their places in the tensors, one pointer per
+// row, and transposed on the way: XT (width x lanes) holds row l's element d at XT[d][l].
+#if defined(CPU_CAPABILITY_AVX512)
+// r[0..16) (16 rows of 16 floats) becomes its transpose
+inline void transpose16(__m512* r) {
+  __m512 t[16];
+#pragma GCC unroll 8
+  for (int i = 0; i < 16; i += 2) t[i] = _mm512_unpacklo_ps(r[i], r[i + 1]), t[i + 1] = _mm512_unpackhi_ps(r[i], r[i + 1]);
+#pragma GCC unroll 4
+  for (int i = 0; i < 16; i += 4) {
+    r[i] = _mm512_shuffle_ps(t[i], t[i + 2], 0x44), r[i + 1] = _mm512_shuffle_ps(t[i], t[i + 2], 0xEE);
+    r[i + 2] = _mm512_shuffle_ps(t[i + 1], t[i + 3], 0x44), r[i + 3] = _mm512_shuffle_ps(t[i + 1], t[i + 3], 0xEE);
+  }
+#pragma GCC unroll 4
+  for (int i = 0; i < 4; ++i) {
+    t[i] = _mm512_shuffle_f32x4(r[i], r[i + 4], 0x88), t[i + 4] = _mm512_shuffle_f32x4(r[i], r[i + 4], 0xDD);
+    t[i + 8] = _mm512_shuffle_f32x4(r[i + 8], r[i + 12], 0x88), t[i + 12] = _mm512_shuffle_f32x4(r[i + 8], r[i + 12], 0xDD);
+  }
+#pragma GCC unroll 8
+  for (int i = 0; i < 8; ++i)
+    r[i] = _mm512_shuffle_f32x4(t[i], t[i + 8], 0x88), r[i + 8] = _mm512_shuffle_f32x4(t[i], t[i + 8], 0xDD);
+}
+
+inline __m512 load16(const float* p, __mmask16 m) { return _mm512_maskz_loadu_ps(m, p); }
+inline __m512 load16(const BFloat16* p, __mmask16 m) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p)), 16));
+}
+inline void store16(float* p, __m512 x, __mmask16 m) { _mm512_mask_storeu_ps(p, m, x); }
+inline void store16(BFloat16* p, __m512 x, __mmask16 m) { _mm256_mask_storeu_epi16(p, m, at::vec::cvtfp32_bf16(x)); }
+inline __mmask16 first_n(int64_t n) { return n >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << n) - 1); }
+#endif
+
+// Ask for a row (``width`` elements) to be brought into L1 (level 3) or L2 (level 2) while other work runs
+template <int level, typename T>
+inline void prefetch_row(const T* row, int64_t width) {
+  for (int64_t c = 0; c < width * static_cast<int64_t>(sizeof(T)); c += 64)
+    __builtin_prefetch(reinterpret_cast<const char*>(row) + c, 0, level);
+}
+template <typename T>
+inline void prefetch_rows(const T* const* rows, int64_t n, int64_t width) {
+  for (int64_t l = 0; l < n; ++l) prefetch_row<3>(rows[l], width);
+}
+
+// XT[d][l] = alpha rows[l][d] for l < nl (0 on the other lanes), d < width
+template <typename C, typename T>
+void rows_in(const T* const* rows, int64_t nl, int64_t width, C alpha, C* XT) {
 #if defined(CPU_CAPABILITY_AVX512)
   if constexpr (std::is_same_v<C, float>) {
-    for (int64_t r0 = 0; r0 < rows; r0 += 16)
-      for (int64_t c0 = 0; c0 < cols; c0 += 16)
-        at::vec::transpose_mxn<float>(src + r0 * ld_src + c0, ld_src, dst + c0 * ld_dst + r0, ld_dst,
-                                      static_cast<int>(std::min<int64_t>(16, rows - r0)),
-                                      static_cast<int>(std::min<int64_t>(16, cols - c0)));
+    const __m512 a = _mm512_set1_ps(alpha);
+    for (int64_t c0 = 0; c0 < width; c0 += 16) {
+      const int64_t nc = std::min<int64_t>(16, width - c0);
+      const __mmask16 m = first_n(nc);
+      __m512 r[16];
+#pragma GCC unroll 16
+      for (int64_t l = 0; l < 16; ++l) r[l] = l < nl ? load16(rows[l] + c0, m) : _mm512_setzero_ps();
+      transpose16(r);
+      for (int64_t c = 0; c < nc; ++c) _mm512_storeu_ps(XT + (c0 + c) * 16, alpha == 1.f ? r[c] : _mm512_mul_ps(r[c], a));
+    }
     return;
   }
 #endif
-  for (int64_t r = 0; r < rows; ++r)
-    for (int64_t c = 0; c < cols; ++c) dst[c * ld_dst + r] = src[r * ld_src + c];
-}
-
-// rows r0 .. r0 + nl of ``x`` (row-major, ``width`` wide) as a transposed (width x lanes) block,
-// times ``alpha``; lanes past nl are 0
-template <typename C>
-void transpose_in(const C* x, int64_t nl, int64_t width, C alpha, C* XT) {
-  using V = Vec<C>;
-  constexpr int64_t L = V::size();
-  if (nl < L) std::fill(XT, XT + width * L, C(0));
-  transpose_block(x, width, XT, L, nl, width);
-  if (alpha != C(1))
-    for (int64_t d = 0; d < width; ++d) (V::loadu(XT + d * L) * V(alpha)).store(XT + d * L);
-}
-
-// the first nl lanes of a (width x lanes) block as rows (nl x width), row l times scale[l]
-template <typename C>
-void transpose_out(const C* XT, int64_t nl, int64_t width, const C* scale, C* x) {
   constexpr int64_t L = Vec<C>::size();
-  transpose_block(XT, L, x, width, width, nl);
-  for (int64_t l = 0; l < nl; ++l) {
-    using V = Vec<C>;
-    C* row = x + l * width;
-    const V f(scale[l]);
-    int64_t d = 0;
-    for (; d + V::size() <= width; d += V::size()) (V::loadu(row + d) * f).store(row + d);
-    for (; d < width; ++d) row[d] *= scale[l];
+  for (int64_t d = 0; d < width; ++d)
+    for (int64_t l = 0; l < L; ++l) XT[d * L + l] = l < nl ? alpha * static_cast<C>(rows[l][d]) : C(0);
+}
+
+// rows[l][d] = XT[d][l] scale[l] for l < nl, d < width (scale: one entry per lane)
+template <typename C, typename T>
+void rows_out(const C* XT, int64_t nl, int64_t width, const C* scale, T* const* rows) {
+#if defined(CPU_CAPABILITY_AVX512)
+  if constexpr (std::is_same_v<C, float>) {
+    const __m512 f = _mm512_loadu_ps(scale);
+    for (int64_t c0 = 0; c0 < width; c0 += 16) {
+      const int64_t nc = std::min<int64_t>(16, width - c0);
+      const __mmask16 m = first_n(nc);
+      __m512 r[16];
+#pragma GCC unroll 16
+      for (int64_t c = 0; c < 16; ++c) r[c] = c < nc ? _mm512_mul_ps(_mm512_loadu_ps(XT + (c0 + c) * 16), f) : _mm512_setzero_ps();
+      transpose16(r);
+      for (int64_t l = 0; l < nl; ++l) store16(rows[l] + c0, r[l], m);
+    }
+    return;
   }
+#endif
+  constexpr int64_t L = Vec<C>::size();
+  for (int64_t l = 0; l < nl; ++l)
+    for (int64_t d = 0; d < width; ++d) rows[l][d] = static_cast<T>(XT[d * L + l] * scale[l]);
 }
 
 // Lanes l < nl of ``s`` whose byte m[l] is 0 become -inf.
@@ -432,12 +521,11 @@ typedef uint32_t pair_t __attribute__((may_alias));  // two bf16, the first in t
 
 inline __m512bh as_bh(__m512i x) { return reinterpret_cast<__m512bh&>(x); }
 
-// QT2 (D/2 x 16, pairs): rows 0 .. nl of x (bf16, D wide; D even) with their d pairs on the lanes
-inline void pairs_in(const BFloat16* x, int64_t nl, int64_t D, pair_t* QT2) {
-  const int64_t P = D / 2;
-  if (nl < 16) std::fill(QT2, QT2 + P * 16, 0u);
-  // a pair is 32 bits: the float transpose moves them unchanged
-  transpose_block(reinterpret_cast<const float*>(x), P, reinterpret_cast<float*>(QT2), 16, nl, P);
+// QT2 (D/2 x 16, pairs): rows 0 .. nl (bf16, D wide; D even) with their d pairs on the lanes
+inline void pairs_in(const BFloat16* const* rows, int64_t nl, int64_t D, pair_t* QT2) {
+  const float* words[16];  // a pair is 32 bits: the float transpose moves them unchanged
+  for (int64_t l = 0; l < nl; ++l) words[l] = reinterpret_cast<const float*>(rows[l]);
+  rows_in<float, float>(words, nl, D / 2, 1.f, reinterpret_cast<float*>(QT2));
 }
 
 // ST[j][lane] = scale sum_p QT2[p][lane] . K_j[pair p] (keys read in place, rows ld apart)
@@ -536,39 +624,47 @@ inline bool pair_products(const Geometry& g) {
   return kBf16Pairs && std::is_same_v<T, BFloat16> && g.D % 2 == 0 && g.Dv % 2 == 0;
 }
 
-// The forward's two products on a lane block, in the compute type: the block's query rows
-// transposed in (times the scale) for Q K^T, the keys and values read in place.
+// The forward's two products on up to ``blocks`` lane blocks (rows first .. first + nl), in the
+// compute type: the blocks' query rows transposed in (times the scale) for Q K^T, the keys and
+// values read in place. Block b's logits and weights are at ST + b W L, its output at OT + b Dv L.
 template <typename T, typename C>
 struct LaneProducts {
+  static constexpr int64_t blocks = 2;
   const Geometry& g;
   const T *kbase, *vbase;
   const int64_t* kpos;
   int64_t W;
   C scale;
-  const C* qf;  // the tile's query rows (M x D)
-  C* QT;        // (D x lanes) scratch
+  const T* const* q;  // the tile's query rows, in place
+  C* QT;              // (blocks x D x lanes) scratch
   void logits(int64_t first, int64_t nl, C* ST) const {
-    transpose_in(qf + first * g.D, nl, g.D, scale, QT);
-    lanes_dot(QT, g.D, kbase, kpos, W, g.D, ST);
+    constexpr int64_t L = Vec<C>::size();
+    for (int64_t b = 0; b * L < nl; ++b) rows_in(q + first + b * L, std::min(L, nl - b * L), g.D, scale, QT + b * g.D * L);
+    if (nl > L) lanes_dot<2>(QT, g.D, kbase, kpos, W, g.D, ST);
+    else lanes_dot<1>(QT, g.D, kbase, kpos, W, g.D, ST);
   }
-  void combine(const C* PT, C* OT) const { lanes_combine(PT, vbase, kpos, W, g.Dv, g.Dv, OT); }
+  void combine(int64_t nl, const C* PT, C* OT) const {
+    if (nl > Vec<C>::size()) lanes_combine<2>(PT, vbase, kpos, W, g.Dv, g.Dv, OT);
+    else lanes_combine<1>(PT, vbase, kpos, W, g.Dv, g.Dv, OT);
+  }
 };
 
 #if defined(CPU_CAPABILITY_AVX512) && defined(__AVX512BF16__)
 // The same products as bf16 pairs: the tile's values packed in key pairs once (``VP``).
 struct PairProducts {
+  static constexpr int64_t blocks = 1;
   const Geometry& g;
   const BFloat16* kbase;
   const int64_t* kpos;
   int64_t W;
   float scale;
-  const BFloat16* q;  // the tile's query rows (M x D, bf16)
+  const BFloat16* const* q;  // the tile's query rows, in place
   pair_t *QT2, *VP, *PT2;
   void logits(int64_t first, int64_t nl, float* ST) const {
-    pairs_in(q + first * g.D, nl, g.D, QT2);
+    pairs_in(q + first, nl, g.D, QT2);
     lanes_dot_pairs(QT2, g.D / 2, kbase, kpos, W, g.D, scale, ST);
   }
-  void combine(const float* PT, float* OT) const {
+  void combine(int64_t, const float* PT, float* OT) const {
     pack_weight_pairs(PT, W, PT2);
     lanes_combine_pairs(PT2, VP, (W + 1) / 2, g.Dv, OT);
   }
@@ -576,47 +672,55 @@ struct PairProducts {
 #endif
 
 // The lane blocks of a tile with ``products``: logits, the score and mask, the softmax (dropout
-// after its sum), the weighted values; w.o (M x Dv) the normalised output, lse (M,).
+// after its sum), the weighted values; the normalised output into the rows w.op, lse (M,).
 template <typename T, typename C, typename Products>
 void lanes_softmax(const Geometry& g, const Score<C>& sc, Scratch<T, C>& w, const Products& products, int64_t M,
                    int64_t rows, const int64_t* kpos, int64_t W, const uint8_t* mask, C* ST, C* OT, C* lse) {
   using V = Vec<C>;
   constexpr int64_t L = V::size();
   const C ninf = -std::numeric_limits<C>::infinity();
-  w.o.resize(M * g.Dv);
-  for (int64_t first = 0; first < M; first += L) {
-    const int64_t nl = std::min(L, M - first);
-    products.logits(first, nl, ST);
-    lanes_logits(sc, kpos, W, nl, first, rows, w.heads.data(), w.qabs.data(), mask, ST, static_cast<C*>(nullptr));
-    V m(ninf);
-    for (int64_t j = 0; j < W; ++j) m = at::vec::maximum(m, V::loadu(ST + j * L));
-    // rows that see no key: exp against 0 gives 0 weights everywhere (-inf logits)
-    const V safe = V::blendv(m, V(C(0)), m == V(ninf));
-    V sum(C(0));
-    for (int64_t j = 0; j < W; ++j) {
-      const V e = vexp(V::loadu(ST + j * L) - safe);
-      e.store(ST + j * L);
-      sum = sum + e;
+  constexpr int64_t step = Products::blocks * L;
+  for (int64_t first = 0; first < M; first += step) {
+    const int64_t n = std::min(step, M - first);  // rows of this pass
+    products.logits(first, n, ST);
+    if (first + step < M) prefetch_rows(products.q + first + step, std::min(step, M - first - step), g.D);
+    C ms[Products::blocks][L], ss[Products::blocks][L];
+    for (int64_t b = 0; b * L < n; ++b) {
+      const int64_t f = first + b * L, nl = std::min(L, n - b * L);
+      C* S = ST + b * W * L;
+      lanes_logits(sc, kpos, W, nl, f, rows, w.heads.data(), w.qabs.data(), mask, S, static_cast<C*>(nullptr));
+      V m(ninf);
+      for (int64_t j = 0; j < W; ++j) m = at::vec::maximum(m, V::loadu(S + j * L));
+      // rows that see no key: exp against 0 gives 0 weights everywhere (-inf logits)
+      const V safe = V::blendv(m, V(C(0)), m == V(ninf));
+      V sum(C(0));
+      for (int64_t j = 0; j < W; ++j) {
+        const V e = vexp(V::loadu(S + j * L) - safe);
+        e.store(S + j * L);
+        sum = sum + e;
+      }
+      if (sc.drop.on) drop_lanes(sc.drop, w.rowkey.data() + f, nl, kpos, W, S);  // after the sum
+      safe.store(ms[b]), sum.store(ss[b]);
     }
-    if (sc.drop.on) drop_lanes(sc.drop, w.rowkey.data() + first, nl, kpos, W, ST);  // after the sum
-    products.combine(ST, OT);
-    C ms[L], ss[L], inv[L];
-    safe.store(ms), sum.store(ss);
-    for (int64_t l = 0; l < nl; ++l) {
-      inv[l] = ss[l] > C(0) ? C(1) / ss[l] : C(0);
-      lse[first + l] = ss[l] > C(0) ? ms[l] + std::log(ss[l]) : std::numeric_limits<C>::infinity();
+    products.combine(n, ST, OT);
+    for (int64_t b = 0; b * L < n; ++b) {
+      const int64_t f = first + b * L, nl = std::min(L, n - b * L);
+      C inv[L];
+      for (int64_t l = 0; l < L; ++l) inv[l] = ss[b][l] > C(0) ? C(1) / ss[b][l] : C(0);
+      for (int64_t l = 0; l < nl; ++l)
+        lse[f + l] = ss[b][l] > C(0) ? ms[b][l] + std::log(ss[b][l]) : std::numeric_limits<C>::infinity();
+      rows_out(OT + b * g.Dv * L, nl, g.Dv, inv, w.op.data() + f);
     }
-    transpose_out(OT, nl, g.Dv, inv, w.o.data() + first * g.Dv);
   }
 }
 
-// Forward of one tile on lanes (query rows w.q): the products in the compute type, or as bf16
+// Forward of one tile on lanes (query rows w.qp, output rows w.op): the products in the compute type, or as bf16
 // pairs (``pair_products``).
 template <typename T, typename C>
 void lanes_forward(const Geometry& g, const Score<C>& sc, C scale, Scratch<T, C>& w, int64_t M, int64_t rows,
                    const T* kbase, const T* vbase, const int64_t* kpos, int64_t W, const uint8_t* mask, C* lse) {
-  constexpr int64_t L = Vec<C>::size();
-  w.dq.resize(g.D * L), w.s.resize(W * L), w.dk.resize(g.Dv * L);
+  constexpr int64_t L = Vec<C>::size(), NB = LaneProducts<T, C>::blocks;
+  w.dq.resize(NB * g.D * L), w.s.resize(NB * W * L), w.dk.resize(NB * g.Dv * L);
   C *QT = w.dq.data(), *ST = w.s.data(), *OT = w.dk.data();
 #if defined(CPU_CAPABILITY_AVX512) && defined(__AVX512BF16__)
   if constexpr (std::is_same_v<T, BFloat16>) {
@@ -625,13 +729,13 @@ void lanes_forward(const Geometry& g, const Score<C>& sc, C scale, Scratch<T, C>
       w.dv.resize(np * g.Dv + np * 16);
       pair_t* VP = reinterpret_cast<pair_t*>(w.dv.data());
       pack_value_pairs(vbase, kpos, W, g.Dv, g.Dv, VP);
-      const PairProducts products{g, kbase, kpos, W, scale, w.q.data(), reinterpret_cast<pair_t*>(QT), VP,
+      const PairProducts products{g, kbase, kpos, W, scale, w.qp.data(), reinterpret_cast<pair_t*>(QT), VP,
                                   VP + np * g.Dv};
       return lanes_softmax(g, sc, w, products, M, rows, kpos, W, mask, ST, OT, lse);
     }
   }
 #endif
-  const LaneProducts<T, C> products{g, kbase, vbase, kpos, W, scale, as_compute(w.q, w.qf), QT};
+  const LaneProducts<T, C> products{g, kbase, vbase, kpos, W, scale, w.qp.data(), QT};
   lanes_softmax(g, sc, w, products, M, rows, kpos, W, mask, ST, OT, lse);
 }
 
@@ -639,7 +743,7 @@ void lanes_forward(const Geometry& g, const Score<C>& sc, C scale, Scratch<T, C>
 // dst[t][d] += sum_l coeffT[t][l] * rows[l][d] for KB keys t and DB vectors of d from d0: the
 // keys' rows stay in registers while the lanes stream by (coeffT: keys x lanes).
 template <typename C, int KB, int DB>
-inline void scatter_block(C* const* dst, const C* coeffT, const C* rows, int64_t nl, int64_t width, int64_t d0) {
+inline void scatter_block(C* const* dst, const C* coeffT, const C* const* rows, int64_t nl, int64_t d0) {
   using V = Vec<C>;
   constexpr int64_t L = V::size();
   V acc[KB][DB];
@@ -650,7 +754,7 @@ inline void scatter_block(C* const* dst, const C* coeffT, const C* rows, int64_t
   for (int64_t l = 0; l < nl; ++l) {
     V r[DB];
 #pragma GCC unroll 4
-    for (int u = 0; u < DB; ++u) r[u] = V::loadu(rows + l * width + d0 + u * L);
+    for (int u = 0; u < DB; ++u) r[u] = V::loadu(rows[l] + d0 + u * L);
 #pragma GCC unroll 4
     for (int t = 0; t < KB; ++t) {
       const V c(coeffT[t * L + l]);
@@ -665,15 +769,15 @@ inline void scatter_block(C* const* dst, const C* coeffT, const C* rows, int64_t
 }
 
 template <typename C, int KB>
-inline void scatter_keys(C* const* dst, const C* coeffT, const C* rows, int64_t nl, int64_t width) {
+inline void scatter_keys(C* const* dst, const C* coeffT, const C* const* rows, int64_t nl, int64_t width) {
   constexpr int64_t L = Vec<C>::size();
   int64_t d0 = 0;
-  for (; d0 + 4 * L <= width; d0 += 4 * L) scatter_block<C, KB, 4>(dst, coeffT, rows, nl, width, d0);
-  for (; d0 + L <= width; d0 += L) scatter_block<C, KB, 1>(dst, coeffT, rows, nl, width, d0);
+  for (; d0 + 4 * L <= width; d0 += 4 * L) scatter_block<C, KB, 4>(dst, coeffT, rows, nl, d0);
+  for (; d0 + L <= width; d0 += L) scatter_block<C, KB, 1>(dst, coeffT, rows, nl, d0);
   for (; d0 < width; ++d0)
     for (int t = 0; t < KB; ++t) {
       C a = dst[t][d0];
-      for (int64_t l = 0; l < nl; ++l) a += coeffT[t * L + l] * rows[l * width + d0];
+      for (int64_t l = 0; l < nl; ++l) a += coeffT[t * L + l] * rows[l][d0];
       dst[t][d0] = a;
     }
 }
@@ -681,7 +785,7 @@ inline void scatter_keys(C* const* dst, const C* coeffT, const C* rows, int64_t 
 // Key rows base + kpos[j] * width += sum_l coeffT[j][l] * rows[l] for the W keys of a lane block
 // (dK from dS and the queries, dV from P and dO): four distinct keys at a time.
 template <typename C>
-void lanes_scatter(C* base, const int64_t* kpos, int64_t W, const C* coeffT, const C* rows, int64_t nl,
+void lanes_scatter(C* base, const int64_t* kpos, int64_t W, const C* coeffT, const C* const* rows, int64_t nl,
                    int64_t width) {
   constexpr int64_t L = Vec<C>::size();
   int64_t j = 0;
@@ -703,23 +807,23 @@ void lanes_scatter(C* base, const int64_t* kpos, int64_t W, const C* coeffT, con
   }
 }
 
-// Backward of one tile on lanes: w.dq (M x D) gets dQ; dK and dV rows are accumulated in place.
+// Backward of one tile on lanes: the rows ``dq`` get dQ; dK and dV rows are accumulated in place.
 // ``qf`` and ``dob``: the tile's query and output-gradient rows in the compute type
 template <typename T, typename C>
-void lanes_backward(const Geometry& g, const Score<C>& sc, C scale, Scratch<T, C>& w, const C* qf, int64_t M,
+void lanes_backward(const Geometry& g, const Score<C>& sc, C scale, Scratch<T, C>& w, const C* const* qf, int64_t M,
                     int64_t rows, const T* kbase, const T* vbase, const int64_t* kpos, int64_t W,
-                    const uint8_t* mask, const C* dob, C* dk_acc, C* dv_acc, double* dpre, double* dpost) {
+                    const uint8_t* mask, const C* const* dob, C* const* dq, C* dk_acc, C* dv_acc, double* dpre,
+                    double* dpost) {
   using V = Vec<C>;
   constexpr int64_t L = V::size();
-  w.dq.assign(M * g.D, C(0));
   w.b1.resize(g.D * L), w.b2.resize(g.Dv * L), w.s.resize(W * L), w.dp.resize(W * L), w.o.resize(g.D * L);
   if (sc.cap > 0) w.raw.resize(W * L);
   C *QT = w.b1.data(), *DOT = w.b2.data(), *ST = w.s.data(), *DPT = w.dp.data(), *DQT = w.o.data();
   for (int64_t first = 0; first < M; first += L) {
     const int64_t nl = std::min(L, M - first);
-    transpose_in(qf + first * g.D, nl, g.D, scale, QT);
-    transpose_in(dob + first * g.Dv, nl, g.Dv, C(1), DOT);
-    lanes_dot(QT, g.D, kbase, kpos, W, g.D, ST);
+    rows_in(qf + first, nl, g.D, scale, QT);
+    rows_in(dob + first, nl, g.Dv, C(1), DOT);
+    lanes_dot<1>(QT, g.D, kbase, kpos, W, g.D, ST);
     lanes_logits(sc, kpos, W, nl, first, rows, w.heads.data(), w.qabs.data(), mask, ST,
                  sc.cap > 0 ? w.raw.data() : nullptr);
     C lse_l[L], delta_l[L];
@@ -735,7 +839,7 @@ void lanes_backward(const Geometry& g, const Score<C>& sc, C scale, Scratch<T, C
       const V p = V::blendv(vexp(V::loadu(ST + j * L) - lse_safe), V(C(0)), empty);
       p.store(ST + j * L);
     }
-    lanes_dot(DOT, g.Dv, vbase, kpos, W, g.Dv, DPT);  // dO V^T
+    lanes_dot<1>(DOT, g.Dv, vbase, kpos, W, g.Dv, DPT);  // dO V^T
     // with dropout's factor z (0 or 1 / (1 - p)): dS = P (z dO.V - delta), dV_j += sum_lanes z P dO
     if (sc.drop.on) {
       w.b3.resize(W * L);
@@ -750,7 +854,7 @@ void lanes_backward(const Geometry& g, const Score<C>& sc, C scale, Scratch<T, C
     } else {
       for (int64_t j = 0; j < W; ++j) (V::loadu(ST + j * L) * (V::loadu(DPT + j * L) - delta)).store(DPT + j * L);
     }
-    lanes_scatter(dv_acc, kpos, W, ST, dob + first * g.Dv, nl, g.Dv);
+    lanes_scatter(dv_acc, kpos, W, ST, dob + first, nl, g.Dv);
     if (dpre || dpost || sc.cap > 0) {  // through the score, lane by lane
       for (int64_t l = 0; l < nl; ++l) {
         const int64_t i = first + l, base = sc.base(w.qabs[i]);
@@ -768,11 +872,11 @@ void lanes_backward(const Geometry& g, const Score<C>& sc, C scale, Scratch<T, C
     }
     // dK_j += scale sum_lanes dS[j][l] q_l ; dQ = scale dS K
     for (int64_t j = 0; j < W; ++j) (V::loadu(DPT + j * L) * V(scale)).store(DPT + j * L);
-    lanes_scatter(dk_acc, kpos, W, DPT, qf + first * g.D, nl, g.D);
-    lanes_combine(DPT, kbase, kpos, W, g.D, g.D, DQT);
+    lanes_scatter(dk_acc, kpos, W, DPT, qf + first, nl, g.D);
+    lanes_combine<1>(DPT, kbase, kpos, W, g.D, g.D, DQT);
     C ones[L];
     std::fill(ones, ones + L, C(1));
-    transpose_out(DQT, nl, g.D, ones, w.dq.data() + first * g.D);
+    rows_out(DQT, nl, g.D, ones, dq + first);
   }
 }
 
@@ -798,14 +902,15 @@ inline Vec<C> load_as(const T* p) {
   }
 }
 
-template <typename C, typename T>
-inline C dot(const C* a, const T* b, int64_t n) {
+// sum_d a[d] b[d] in C (a and b: C or bf16)
+template <typename C, typename A, typename T>
+inline C dot(const A* a, const T* b, int64_t n) {
   using V = Vec<C>;
   V acc(C(0));
   int64_t d = 0;
-  for (; d + V::size() <= n; d += V::size()) acc = at::vec::fmadd(V::loadu(a + d), load_as<C>(b + d), acc);
+  for (; d + V::size() <= n; d += V::size()) acc = at::vec::fmadd(load_as<C>(a + d), load_as<C>(b + d), acc);
   C s = at::vec::vec_reduce_all<C>([](V& x, V& y) { return x + y; }, acc);
-  for (; d < n; ++d) s += a[d] * static_cast<C>(b[d]);
+  for (; d < n; ++d) s += static_cast<C>(a[d]) * static_cast<C>(b[d]);
   return s;
 }
 
@@ -856,7 +961,7 @@ void row_dots(const C* a, int64_t depth, const T* base, const int64_t* idx, int6
     }
   }
 #endif
-  for (; j < n; ++j) s[j] = dot(a, base + idx[j] * ld, depth);
+  for (; j < n; ++j) s[j] = dot<C>(a, base + idx[j] * ld, depth);
 }
 
 // o[d] = sum_j p[j] B_j[d] for d < width (B_j = base + idx[j] * ld, T), four vectors of o held in
@@ -910,16 +1015,17 @@ void row_logits(const Score<C>& sc, C scale, const int64_t* kpos, int64_t W, int
   }
 }
 
+// Forward of one tile a row at a time: query rows ``qf`` in the compute type, outputs to w.o (M x Dv)
 template <typename T, typename C>
-void rows_forward(const Geometry& g, const Score<C>& sc, C scale, Scratch<T, C>& w, int64_t M, int64_t rows,
-                  const T* kbase, const T* vbase, const int64_t* kpos, int64_t W, const uint8_t* mask, C* lse) {
-  const C* qf = as_compute(w.q, w.qf);
+void rows_forward(const Geometry& g, const Score<C>& sc, C scale, Scratch<T, C>& w, const C* const* qf, int64_t M,
+                  int64_t rows, const T* kbase, const T* vbase, const int64_t* kpos, int64_t W, const uint8_t* mask,
+                  C* lse) {
   w.o.resize(M * g.Dv);
   w.s.resize(W);
   C* s = w.s.data();
   for (int64_t i = 0; i < M; ++i) {
     const int64_t r = i % rows;
-    row_dots(qf + i * g.D, g.D, kbase, kpos, W, g.D, s);
+    row_dots(qf[i], g.D, kbase, kpos, W, g.D, s);
     row_logits(sc, scale, kpos, W, w.heads[i], w.qabs[i], s, static_cast<C*>(nullptr));
     if (mask)  // key-major: row r of a (W x rows) block, stride rows
       for (int64_t j = 0; j < W; ++j)
@@ -941,26 +1047,26 @@ void rows_forward(const Geometry& g, const Score<C>& sc, C scale, Scratch<T, C>&
   }
 }
 
+// Backward of one tile a row at a time (arguments as lanes_backward's)
 template <typename T, typename C>
-void rows_backward(const Geometry& g, const Score<C>& sc, C scale, Scratch<T, C>& w, int64_t M, int64_t rows,
-                   const T* kbase, const T* vbase, const int64_t* kpos, int64_t W, const uint8_t* mask,
-                   const C* dob, C* dk_acc, C* dv_acc, double* dpre, double* dpost) {
-  const C* qf = as_compute(w.q, w.qf);
-  w.dq.assign(M * g.D, C(0));
+void rows_backward(const Geometry& g, const Score<C>& sc, C scale, Scratch<T, C>& w, const C* const* qf, int64_t M,
+                   int64_t rows, const T* kbase, const T* vbase, const int64_t* kpos, int64_t W, const uint8_t* mask,
+                   const C* const* dob, C* const* dqr, C* dk_acc, C* dv_acc, double* dpre, double* dpost) {
   w.s.resize(W), w.dp.resize(W);
   if (sc.cap > 0) w.raw.resize(W);
   C *s = w.s.data(), *dp = w.dp.data();
   for (int64_t i = 0; i < M; ++i) {
     const int64_t r = i % rows;
     const C lse = w.m[i], delta = w.l[i];
+    C* dq = dqr[i];
+    std::fill(dq, dq + g.D, C(0));
     if (lse == std::numeric_limits<C>::infinity()) continue;  // a row that sees no key
-    const C* qrow = qf + i * g.D;
-    const C* d_o = dob + i * g.Dv;
+    const C* qrow = qf[i];
+    const C* d_o = dob[i];
     row_dots(qrow, g.D, kbase, kpos, W, g.D, s);
     row_logits(sc, scale, kpos, W, w.heads[i], w.qabs[i], s, sc.cap > 0 ? w.raw.data() : nullptr);
     row_dots(d_o, g.Dv, vbase, kpos, W, g.Dv, dp);
     const int64_t base = sc.base(w.qabs[i]);
-    C* dq = w.dq.data() + i * g.D;
     for (int64_t j = 0; j < W; ++j) {
       if (mask && !mask[j * rows + r]) continue;
       const C p = std::exp(s[j] - lse);
@@ -985,28 +1091,12 @@ inline bool use_lanes(int64_t M) {
   return 2 * M >= Vec<typename Acc<T>::type>::size();
 }
 
-// Gather the tile's query rows of ``x`` (B, H, L, E) for heads ``h0 .. h0 + nh`` into ``dst``.
-template <typename T>
-void gather_rows(const T* x, const Geometry& g, int64_t E, int64_t L, int64_t b, int64_t h0, int64_t nh,
-                 const int64_t* rows, int64_t nrows, T* dst) {
-  for (int64_t j = 0; j < nh; ++j) {
-    const T* xb = x + ((b * g.H + h0 + j) * L) * E;
-    for (int64_t r = 0; r < nrows; ++r) std::memcpy(dst + (j * nrows + r) * E, xb + rows[r] * E, E * sizeof(T));
-  }
-}
-
-template <typename T, typename C>
-void store_rows(T* x, const Geometry& g, int64_t E, int64_t L, int64_t b, int64_t h0, int64_t nh,
-                const int64_t* rows, int64_t nrows, const C* src) {
-  for (int64_t j = 0; j < nh; ++j) {
-    T* xb = x + ((b * g.H + h0 + j) * L) * E;
-    for (int64_t r = 0; r < nrows; ++r) {
-      const C* s = src + (j * nrows + r) * E;
-      T* d = xb + rows[r] * E;
-      if constexpr (std::is_same_v<T, C>) std::memcpy(d, s, E * sizeof(T));
-      else convert(s, d, E);
-    }
-  }
+// Pointers to a tile's rows of x (B, H, L, E): row i is query row qrows[i % rows] of head heads[i].
+template <typename P>
+void row_pointers(P* x, const Geometry& g, int64_t E, int64_t L, int64_t b, const std::vector<int64_t>& heads,
+                  const int64_t* qrows, int64_t rows, std::vector<P*>& out) {
+  out.resize(heads.size());
+  for (size_t i = 0; i < heads.size(); ++i) out[i] = x + ((b * g.H + heads[i]) * L + qrows[i % rows]) * E;
 }
 
 // Units of work: (batch, key head, head set, tile). A head set is the gq query heads of a key
@@ -1050,15 +1140,25 @@ void row_keys(const Dropout& dr, const Geometry& g, int64_t b, const int64_t* qr
   for (size_t i = 0; i < w.heads.size(); ++i) w.rowkey[i] = dr.row(b, w.heads[i], g.H, qrows[i % rows]);
 }
 
-// Dynamic scheduling: each thread pulls the next unit from a shared counter.
-template <typename F>
-void for_each_unit(int64_t n, const F& f) {
+// Dynamic scheduling: each thread pulls units from a shared counter one ahead, so that
+// ``ahead(next)`` can ask for the next unit's data before ``f(current)`` runs.
+template <typename F, typename A>
+void for_each_unit(int64_t n, const F& f, const A& ahead) {
   std::atomic<int64_t> next{0};
   const int64_t threads = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), n));
   at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
-    int64_t i;
-    while ((i = next.fetch_add(1)) < n) f(i);
+    int64_t i = next.fetch_add(1);
+    while (i < n) {
+      const int64_t j = next.fetch_add(1);
+      if (j < n) ahead(j);
+      f(i);
+      i = j;
+    }
   });
+}
+template <typename F>
+void for_each_unit(int64_t n, const F& f) {
+  for_each_unit(n, f, [](int64_t) {});
 }
 
 template <typename T>
@@ -1084,31 +1184,53 @@ std::vector<at::Tensor> forward_impl(const at::Tensor& q, const at::Tensor& k, c
   const Units u = units_of(g, tab);
   const int64_t n_units = u.count(g, tab.T);
 
+  auto locate = [&](int64_t unit, int64_t& b, int64_t& hk) {
+    const int64_t t = unit % tab.T, rest = unit / tab.T;
+    const int64_t set = rest % u.sets, bk = rest / u.sets;
+    b = bk / g.Hkv, hk = bk % g.Hkv;
+    return tile_of(tab, g, u, b, hk, set, t);
+  };
+  // the next unit's keys, values and first lane block of queries into L2
+  auto ahead = [&](int64_t unit) {
+    int64_t b, hk;
+    const Tile x = locate(unit, b, hk);
+    const T* kbase = in.k + (b * g.Hkv + hk) * g.Lk * g.D;
+    const T* vbase = in.v + (b * g.Hkv + hk) * g.Lk * g.Dv;
+    for (int64_t j = 0; j < x.W; ++j) prefetch_row<2>(kbase + x.kpos[j] * g.D, g.D), prefetch_row<2>(vbase + x.kpos[j] * g.Dv, g.Dv);
+    for (int64_t i = 0; i < std::min<int64_t>(x.M, Vec<C>::size()); ++i)
+      prefetch_row<2>(in.q + ((b * g.H + x.h0 + i / x.rows) * g.Lq + x.qrows[i % x.rows]) * g.D, g.D);
+  };
   std::vector<Scratch<T, C>> scratch(std::max(1, at::get_num_threads()));
   for_each_unit(n_units, [&](int64_t unit) {
     Scratch<T, C>& w = scratch[at::get_thread_num()];
-    const int64_t t = unit % tab.T, rest = unit / tab.T;
-    const int64_t set = rest % u.sets, bk = rest / u.sets;
-    const int64_t b = bk / g.Hkv, hk = bk % g.Hkv;
-    const Tile x = tile_of(tab, g, u, b, hk, set, t);
-    const int64_t h0 = x.h0, nh = x.nh, rows = x.rows, W = x.W, M = x.M;
+    int64_t b, hk;
+    const Tile x = locate(unit, b, hk);
+    const int64_t h0 = x.h0, rows = x.rows, W = x.W, M = x.M;
     const int64_t *qrows = x.qrows, *kpos = x.kpos;
     const uint8_t* mask = x.mask;
     if (rows == 0 || W == 0) return;
-    w.q.resize(M * g.D);
-    gather_rows(in.q, g, g.D, g.Lq, b, h0, nh, qrows, rows, w.q.data());
     w.qabs.resize(M), w.heads.resize(M);
     for (int64_t i = 0; i < M; ++i) w.qabs[i] = qrows[i % rows] + g.offset, w.heads[i] = h0 + i / rows;
+    row_pointers(in.q, g, g.D, g.Lq, b, w.heads, qrows, rows, w.qp);
+    row_pointers(out_p, g, g.Dv, g.Lq, b, w.heads, qrows, rows, w.op);
     row_keys(sc.drop, g, b, qrows, rows, w);
     const T* kbase = in.k + (b * g.Hkv + hk) * g.Lk * g.D;
     const T* vbase = in.v + (b * g.Hkv + hk) * g.Lk * g.Dv;
-    // gathered keys: read in place, rows on the vector lanes (or, few rows, one at a time)
+    // keys read in place; rows on the vector lanes, read and written in place (or, few rows, one
+    // at a time)
     w.m.resize(M);
-    if (use_lanes<T>(M)) lanes_forward(g, sc, scale, w, M, rows, kbase, vbase, kpos, W, mask, w.m.data());
-    else rows_forward(g, sc, scale, w, M, rows, kbase, vbase, kpos, W, mask, w.m.data());
+    if (use_lanes<T>(M)) {
+      lanes_forward(g, sc, scale, w, M, rows, kbase, vbase, kpos, W, mask, w.m.data());
+    } else {
+      rows_forward(g, sc, scale, w, as_compute(w.qp, g.D, w.qf, w.qc), M, rows, kbase, vbase, kpos, W, mask,
+                   w.m.data());
+      for (int64_t i = 0; i < M; ++i) {
+        if constexpr (std::is_same_v<T, C>) std::memcpy(w.op[i], w.o.data() + i * g.Dv, g.Dv * sizeof(T));
+        else convert(w.o.data() + i * g.Dv, w.op[i], g.Dv);
+      }
+    }
     for (int64_t i = 0; i < M; ++i) lse_p[(b * g.H + w.heads[i]) * g.Lq + qrows[i % rows]] = w.m[i];
-    store_rows(out_p, g, g.Dv, g.Lq, b, h0, nh, qrows, rows, w.o.data());
-  });
+  }, ahead);
   return {out, lse};
 }
 
@@ -1159,34 +1281,29 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& q, const at::Tensor& k, 
     for (int64_t t = part * per_part; t < t_end; ++t)
       for (int64_t set = 0; set < u.sets; ++set) {
         const Tile x = tile_of(tab, g, u, b, hk, set, t);
-        const int64_t h0 = x.h0, nh = x.nh, rows = x.rows, W = x.W, M = x.M;
+        const int64_t h0 = x.h0, rows = x.rows, W = x.W, M = x.M;
         const int64_t *qrows = x.qrows, *kpos = x.kpos;
         const uint8_t* mask = x.mask;
         if (rows == 0 || W == 0) continue;
-        w.q.resize(M * g.D);
-        gather_rows(in.q, g, g.D, g.Lq, b, h0, nh, qrows, rows, w.q.data());
-        std::vector<T>& dob = w.dorow;
-        dob.resize(M * g.Dv);
-        gather_rows(do_p, g, g.Dv, g.Lq, b, h0, nh, qrows, rows, dob.data());
-        w.orow.resize(M * g.Dv);  // the output rows, for delta = rowsum(dO * O)
-        gather_rows(out_p, g, g.Dv, g.Lq, b, h0, nh, qrows, rows, w.orow.data());
         w.qabs.resize(M), w.heads.resize(M), w.m.resize(M), w.l.resize(M);
-        for (int64_t i = 0; i < M; ++i) {
-          w.qabs[i] = qrows[i % rows] + g.offset, w.heads[i] = h0 + i / rows;
+        for (int64_t i = 0; i < M; ++i) w.qabs[i] = qrows[i % rows] + g.offset, w.heads[i] = h0 + i / rows;
+        row_pointers(in.q, g, g.D, g.Lq, b, w.heads, qrows, rows, w.qp);
+        row_pointers(do_p, g, g.Dv, g.Lq, b, w.heads, qrows, rows, w.dop);
+        row_pointers(out_p, g, g.Dv, g.Lq, b, w.heads, qrows, rows, w.orp);
+        row_pointers(dq_p, g, g.D, g.Lq, b, w.heads, qrows, rows, w.dqp);
+        for (int64_t i = 0; i < M; ++i) {  // lse, and delta = rowsum(dO * O)
           w.m[i] = lse_p[(b * g.H + w.heads[i]) * g.Lq + qrows[i % rows]];
-          C delta = 0;
-          const T *o = w.orow.data() + i * g.Dv, *d_o = dob.data() + i * g.Dv;
-          for (int64_t d = 0; d < g.Dv; ++d) delta += static_cast<C>(o[d]) * static_cast<C>(d_o[d]);
-          w.l[i] = delta;
+          w.l[i] = dot<C>(w.orp[i], w.dop[i], g.Dv);
         }
         row_keys(sc.drop, g, b, qrows, rows, w);
+        const C* const* qc = as_compute(w.qp, g.D, w.qf, w.qc);
+        const C* const* dc = as_compute(w.dop, g.Dv, w.dof, w.doc);
         if (use_lanes<T>(M))
-          lanes_backward(g, sc, scale, w, as_compute(w.q, w.qf), M, rows, kbase, vbase, kpos, W, mask,
-                         as_compute(dob, w.dof), dk_acc, dv_acc, dpre_t, dpost_t);
+          lanes_backward(g, sc, scale, w, qc, M, rows, kbase, vbase, kpos, W, mask, dc, w.dqp.data(), dk_acc,
+                         dv_acc, dpre_t, dpost_t);
         else
-          rows_backward(g, sc, scale, w, M, rows, kbase, vbase, kpos, W, mask, as_compute(dob, w.dof), dk_acc,
+          rows_backward(g, sc, scale, w, qc, M, rows, kbase, vbase, kpos, W, mask, dc, w.dqp.data(), dk_acc,
                         dv_acc, dpre_t, dpost_t);
-        store_rows(dq_p, g, g.D, g.Lq, b, h0, nh, qrows, rows, w.dq.data());
       }
   });
   at::Tensor dk_sum = parts == 1 ? dk[0] : dk.sum(0);
