@@ -24,6 +24,7 @@ from .nn.landmark import LandmarkAttention
 from .nn.long_short_query import LongShortQueryAttention
 from .nn.soft_causal import SoftCausalAttention
 from .nn.head_token import HeadTokenAttention
+from .nn.p_adapter import PLaplacianAttention
 from .nn.titans import TitansGatedAttention
 from .nn.combiner import CombinerAttention
 from .nn.dynamic_mask import DynamicMaskAttention
@@ -99,6 +100,13 @@ def _tpla(mla: MultiHeadLatentAttention, shards: int = 2) -> TensorParallelLaten
 VASWANI = Paper("Attention Is All You Need", 2017, "1706.03762")
 T5 = Paper("Exploring the Limits of Transfer Learning with a Unified Text-to-Text Transformer", 2019,
            "1910.10683")
+
+
+def _p_adapter(dim: int, heads: int) -> PLaplacianAttention:
+    """The p-adapter on its self-attention graph, with the authors' reduction 8 where the adapter width
+    then splits over the heads (else the largest of 4, 2, 1 that does)."""
+    reduction = next(r for r in (8, 4, 2, 1) if dim % r == 0 and (dim // r) % heads == 0)
+    return PLaplacianAttention(dim, heads, reduction=reduction)
 
 
 def default_window(seq_len: int) -> int:
@@ -488,6 +496,11 @@ _VARIANTS = [
             "causal attention eased in by a soft mask: future keys weighted by a rate decayed 1 -> 0 (here 0)",
             Paper("Adapting LLaMA Decoder to Vision Transformer", 2024, "2404.06773"),
             lambda dim, heads, n: SoftCausalAttention(dim, heads)),
+    Variant("p_adapter", "normalizer",
+            "adds a p-Laplacian adapter: the map re-weighted by feature distances (p 1.25), renormalised, "
+            "aggregating dim/8 features",
+            Paper("p-Laplacian Adaptation for Generative Pre-trained Vision-Language Models", 2024, "2312.10613"),
+            lambda dim, heads, n: _p_adapter(dim, heads)),
     Variant("sret", "pattern",
             "one block applied twice (shared weights): full attention, then attention in 4 token slices",
             Paper("Sliced Recursive Transformer", 2021, "2111.05297"),

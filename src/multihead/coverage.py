@@ -686,10 +686,20 @@ ROWS: tuple[Row, ...] = (
     _m(13, "NViT: Hessian-aware global ViT pruning",
        "Hessian-based saliency across components (head pruning exists: analysis.prune)",
        ["analysis.prune", "analysis.gradient_importance"]),
-    _m(13, "p-Laplacian adapter (p-adapter)",
-       "p-Laplacian message passing that re-normalises attention weights by features; the pages corpus holds "
-       "the abstract and introduction (arXiv 2312.10613), and the authors' code is in the code index "
-       "(wuhy68/p-Adapter, eff_blip/eff_modeling_blip.py): the form to follow next, not yet read (issue 17)"),
+    _i(13, "p-Laplacian adapter (p-adapter)",
+       ["nn.p_adapter.PLaplacianAttention", "nn.p_adapter.p_laplacian_logits", "nn.p_adapter.adaptive_pool_matrix",
+        "variant:p_adapter"],
+       ["test_p_adapter.py::test_values_graph_is_the_authors_self_attention_adapter_on_every_backend",
+        "test_p_adapter.py::test_bipartite_graph_is_the_authors_cross_attention_adapter_on_every_backend",
+        "test_p_adapter.py::test_p_two_is_the_plain_map_with_a_self_loop",
+        "test_p_adapter.py::test_only_the_adapter_trains_and_the_loss_falls"],
+       "after the authors' code (wuhy68/p-Adapter, eff_blip/eff_modeling_blip.py, commit 27ea4b44): the attention "
+       "map as a graph, edges re-weighted by ||sqrt(A + eps)(F_j - F_i) + eps||^(p-2) over adapter features of the "
+       "projected values (and queries), renormalised with the self-loop 2 mu / p, gated and projected back; the "
+       "self-attention graph (values) and the cross-attention bipartite graph (queries and pooled values, the "
+       "self-loop only in the denominator, as the code slices it); learnable p and mu; the authors' eps kept, "
+       "which for p < 2 leaves a self-attention node nearly all weight on itself; BLIP and the FFN adapter "
+       "are not built")
 )
 
 
