@@ -53,7 +53,7 @@ the same mask and ``torch.manual_seed`` makes a call reproducible.
 On CPU the tiles of a plan run in the native kernel (``backends/native``: a tile table built from
 the plan, one C++ pass per tile with an online softmax, forward and backward) whenever it is built
 and serves the request (``BlockSparseBackend.native_unsupported`` says why not); what follows is
-the PyTorch path, which serves everything else (sigmoid, other scores, float16, CUDA).
+the PyTorch path, which serves everything else (other scores, backward="autograd", CUDA).
 
 Measured on 2 CPU threads (fp32, B=1, H=8, D=64, ``SlidingWindow(128, 128)``, N=16384; see
 ``benchmarks/tune_blocksparse.py``): forward 0.11 s against 4.1 s for dense SDPA (0.86x the target
@@ -993,10 +993,10 @@ class BlockSparseBackend(Backend):
             return "the backend was built with native=False"
         if req.device.type != "cpu":
             return f"the native kernel runs on CPU (the tensors are on {req.device.type})"
-        if req.dtype not in (torch.float32, torch.float64, torch.bfloat16):
-            return f"the native kernel serves float32, float64 and bfloat16, not {req.dtype}"
-        if not isinstance(req.normalizer, Softmax):
-            return f"the native kernel serves softmax, not {type(req.normalizer).__name__}"
+        if req.dtype not in (torch.float32, torch.float64, torch.bfloat16, torch.float16):
+            return f"the native kernel serves float32, float64, bfloat16 and float16, not {req.dtype}"
+        if not isinstance(req.normalizer, (Softmax, Sigmoid)):
+            return f"the native kernel serves softmax and sigmoid, not {type(req.normalizer).__name__}"
         if req.needs_grad and self.backward == "autograd":
             return "backward='autograd' keeps PyTorch's graph"
         split = split_score(req.score)
@@ -1035,4 +1035,5 @@ class BlockSparseBackend(Backend):
         lists = req.pattern.key_lists()
         table = (native_tiles.from_key_lists(*lists) if lists is not None
                  else self.plan(req, native=True).table)
-        return native_attention(table, req.q, req.k, req.v, req.scale, req.score, req.dropout)
+        sigmoid = req.normalizer.bias_for(req.kv_len) if isinstance(req.normalizer, Sigmoid) else None
+        return native_attention(table, req.q, req.k, req.v, req.scale, req.score, req.dropout, sigmoid)

@@ -41,6 +41,8 @@ inline void convert(const float* src, BFloat16* dst, int64_t n) {
   at::vec::convert(src, dst, n);
 }
 inline void convert(const BFloat16* src, float* dst, int64_t n) { at::vec::convert(src, dst, n); }
+inline void convert(const float* src, at::Half* dst, int64_t n) { at::vec::convert(src, dst, n); }
+inline void convert(const at::Half* src, float* dst, int64_t n) { at::vec::convert(src, dst, n); }
 
 template <typename C>
 using Vec = at::vec::Vectorized<C>;
@@ -219,7 +221,8 @@ void drop_lanes(const Dropout& dr, const uint32_t* rowkey, int64_t nl, const int
 // Score: logit = post[h, c] + cap * tanh((scale q.k + pre[h, c]) / cap) (without a cap:
 // scale q.k + pre + post) at the column c = qmax + k - q, or with position codes (2-D biases on a
 // grid) c = qmax + code[k] - code[q]. ``vec`` arrays are (H, Lvec) or absent.
-// The weights' dropout rides along (``drop``): how a tile's products become its weights.
+// The normaliser (softmax, or sigmoid(logit + bias) with ``sigmoid``) and the weights' dropout
+// (``drop``) ride along: how a tile's products become its weights.
 template <typename C>
 struct Score {
   const C* pre = nullptr;
@@ -227,6 +230,8 @@ struct Score {
   const int64_t* code = nullptr;  // (Lk,) or absent
   int64_t lvec = 0, qmax = 0;
   C cap = 0;
+  bool sigmoid = false;
+  C bias = 0;  // sigmoid's
   Dropout drop;
   // the column of (query at qabs, key k) is base(qabs) + key(k)
   int64_t base(int64_t qabs) const { return qmax - (code ? code[qabs] : qabs); }
@@ -235,8 +240,9 @@ struct Score {
 
 template <typename C>
 Score<C> score_of(const at::Tensor& pre, const at::Tensor& post, const at::Tensor& code, double cap,
-                  int64_t qmax, double dropout, int64_t seed) {
+                  int64_t qmax, double dropout, int64_t seed, const c10::optional<double>& sigmoid) {
   Score<C> sc;
+  sc.sigmoid = sigmoid.has_value(), sc.bias = static_cast<C>(sigmoid.value_or(0.0));
   if (code.defined()) sc.code = code.data_ptr<int64_t>();
   sc.drop = dropout_of(dropout, seed);
   if (pre.defined()) sc.pre = static_cast<C*>(pre.data_ptr()), sc.lvec = pre.size(1);
@@ -272,6 +278,18 @@ struct Scratch {
 // ---------------------------------------------------------------------------------------------
 inline Vec<float> vexp(const Vec<float>& x) { return x.exp_u20(); }
 inline Vec<double> vexp(const Vec<double>& x) { return x.exp(); }
+
+// sigmoid(x + b), exactly 0 where x is -inf (a masked pair)
+template <typename C>
+inline Vec<C> vsigmoid(const Vec<C>& x, C b) {
+  using V = Vec<C>;
+  const V p = V(C(1)) / (V(C(1)) + vexp(V(-b) - x));
+  return V::blendv(p, V(C(0)), x == V(-std::numeric_limits<C>::infinity()));
+}
+template <typename C>
+inline C sigmoid(C x, C b) {
+  return x == -std::numeric_limits<C>::infinity() ? C(0) : C(1) / (C(1) + std::exp(-(x + b)));
+}
 
 // ST[j][lane] = sum_d AT[d][lane] * B_j[d], B_j = base + idx[j] * ld (keys of type K: C or bf16),
 // for NB lane blocks at once (block b: AT + b depth L, ST + b n L): a key's element, broadcast
@@ -394,7 +412,11 @@ inline __m512 load16(const float* p, __mmask16 m) { return _mm512_maskz_loadu_ps
 inline __m512 load16(const BFloat16* p, __mmask16 m) {
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p)), 16));
 }
+inline __m512 load16(const at::Half* p, __mmask16 m) { return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, p)); }
 inline void store16(float* p, __m512 x, __mmask16 m) { _mm512_mask_storeu_ps(p, m, x); }
+inline void store16(at::Half* p, __m512 x, __mmask16 m) {
+  _mm256_mask_storeu_epi16(p, m, _mm512_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+}
 inline void store16(BFloat16* p, __m512 x, __mmask16 m) { _mm256_mask_storeu_epi16(p, m, at::vec::cvtfp32_bf16(x)); }
 inline __mmask16 first_n(int64_t n) { return n >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << n) - 1); }
 #endif
@@ -671,10 +693,10 @@ struct PairProducts {
 };
 #endif
 
-// The lane blocks of a tile with ``products``: logits, the score and mask, the softmax (dropout
-// after its sum), the weighted values; the normalised output into the rows w.op, lse (M,).
+// The lane blocks of a tile with ``products``: logits, the score and mask, the weights (softmax,
+// dropout after its sum; or sigmoid), the weighted values; the output into the rows w.op, lse (M,).
 template <typename T, typename C, typename Products>
-void lanes_softmax(const Geometry& g, const Score<C>& sc, Scratch<T, C>& w, const Products& products, int64_t M,
+void lanes_attention(const Geometry& g, const Score<C>& sc, Scratch<T, C>& w, const Products& products, int64_t M,
                    int64_t rows, const int64_t* kpos, int64_t W, const uint8_t* mask, C* ST, C* OT, C* lse) {
   using V = Vec<C>;
   constexpr int64_t L = V::size();
@@ -689,18 +711,23 @@ void lanes_softmax(const Geometry& g, const Score<C>& sc, Scratch<T, C>& w, cons
       const int64_t f = first + b * L, nl = std::min(L, n - b * L);
       C* S = ST + b * W * L;
       lanes_logits(sc, kpos, W, nl, f, rows, w.heads.data(), w.qabs.data(), mask, S, static_cast<C*>(nullptr));
-      V m(ninf);
-      for (int64_t j = 0; j < W; ++j) m = at::vec::maximum(m, V::loadu(S + j * L));
-      // rows that see no key: exp against 0 gives 0 weights everywhere (-inf logits)
-      const V safe = V::blendv(m, V(C(0)), m == V(ninf));
-      V sum(C(0));
-      for (int64_t j = 0; j < W; ++j) {
-        const V e = vexp(V::loadu(S + j * L) - safe);
-        e.store(S + j * L);
-        sum = sum + e;
+      if (sc.sigmoid) {  // no sum to divide by: lse 0 + log 1
+        for (int64_t j = 0; j < W; ++j) vsigmoid(V::loadu(S + j * L), sc.bias).store(S + j * L);
+        V(C(0)).store(ms[b]), V(C(1)).store(ss[b]);
+      } else {
+        V m(ninf);
+        for (int64_t j = 0; j < W; ++j) m = at::vec::maximum(m, V::loadu(S + j * L));
+        // rows that see no key: exp against 0 gives 0 weights everywhere (-inf logits)
+        const V safe = V::blendv(m, V(C(0)), m == V(ninf));
+        V sum(C(0));
+        for (int64_t j = 0; j < W; ++j) {
+          const V e = vexp(V::loadu(S + j * L) - safe);
+          e.store(S + j * L);
+          sum = sum + e;
+        }
+        safe.store(ms[b]), sum.store(ss[b]);
       }
       if (sc.drop.on) drop_lanes(sc.drop, w.rowkey.data() + f, nl, kpos, W, S);  // after the sum
-      safe.store(ms[b]), sum.store(ss[b]);
     }
     products.combine(n, ST, OT);
     for (int64_t b = 0; b * L < n; ++b) {
@@ -731,12 +758,12 @@ void lanes_forward(const Geometry& g, const Score<C>& sc, C scale, Scratch<T, C>
       pack_value_pairs(vbase, kpos, W, g.Dv, g.Dv, VP);
       const PairProducts products{g, kbase, kpos, W, scale, w.qp.data(), reinterpret_cast<pair_t*>(QT), VP,
                                   VP + np * g.Dv};
-      return lanes_softmax(g, sc, w, products, M, rows, kpos, W, mask, ST, OT, lse);
+      return lanes_attention(g, sc, w, products, M, rows, kpos, W, mask, ST, OT, lse);
     }
   }
 #endif
   const LaneProducts<T, C> products{g, kbase, vbase, kpos, W, scale, w.qp.data(), QT};
-  lanes_softmax(g, sc, w, products, M, rows, kpos, W, mask, ST, OT, lse);
+  lanes_attention(g, sc, w, products, M, rows, kpos, W, mask, ST, OT, lse);
 }
 
 
@@ -836,23 +863,24 @@ void lanes_backward(const Geometry& g, const Score<C>& sc, C scale, Scratch<T, C
     const V empty = lse == V(std::numeric_limits<C>::infinity());
     const V lse_safe = V::blendv(lse, V(C(0)), empty);
     for (int64_t j = 0; j < W; ++j) {
-      const V p = V::blendv(vexp(V::loadu(ST + j * L) - lse_safe), V(C(0)), empty);
+      const V s = V::loadu(ST + j * L);
+      const V p = sc.sigmoid ? vsigmoid(s, sc.bias) : V::blendv(vexp(s - lse_safe), V(C(0)), empty);
       p.store(ST + j * L);
     }
     lanes_dot<1>(DOT, g.Dv, vbase, kpos, W, g.Dv, DPT);  // dO V^T
-    // with dropout's factor z (0 or 1 / (1 - p)): dS = P (z dO.V - delta), dV_j += sum_lanes z P dO
+    // with dropout's factor z (0 or 1 / (1 - p)): dV_j += sum_lanes z P dO, and dS = P (z dO.V -
+    // delta) (softmax) or z dO.V P (1 - P) (sigmoid)
+    C* ZT = nullptr;
     if (sc.drop.on) {
       w.b3.resize(W * L);
-      C* ZT = w.b3.data();
+      ZT = w.b3.data();
       std::fill(ZT, ZT + W * L, C(1));
       drop_lanes(sc.drop, w.rowkey.data() + first, nl, kpos, W, ZT);
-      for (int64_t j = 0; j < W; ++j) {
-        const V p = V::loadu(ST + j * L), pz = p * V::loadu(ZT + j * L);
-        (pz * V::loadu(DPT + j * L) - p * delta).store(DPT + j * L);
-        pz.store(ST + j * L);
-      }
-    } else {
-      for (int64_t j = 0; j < W; ++j) (V::loadu(ST + j * L) * (V::loadu(DPT + j * L) - delta)).store(DPT + j * L);
+    }
+    for (int64_t j = 0; j < W; ++j) {
+      const V p = V::loadu(ST + j * L), pz = ZT ? p * V::loadu(ZT + j * L) : p, dp = V::loadu(DPT + j * L);
+      (sc.sigmoid ? pz * (V(C(1)) - p) * dp : pz * dp - p * delta).store(DPT + j * L);
+      if (ZT) pz.store(ST + j * L);
     }
     lanes_scatter(dv_acc, kpos, W, ST, dob + first, nl, g.Dv);
     if (dpre || dpost || sc.cap > 0) {  // through the score, lane by lane
@@ -885,13 +913,15 @@ void lanes_backward(const Geometry& g, const Score<C>& sc, C scale, Scratch<T, C
 // Row kernels, for tiles of a few rows (a key list: one query and its own keys; few rows of a
 // run): one row at a time, its products with its keys read in place, sixteen keys at a time.
 // ---------------------------------------------------------------------------------------------
-// One vector of C from as many elements of T (bf16 widened)
+// One vector of C from as many elements of T (bf16 and fp16 widened)
 template <typename C, typename T>
 inline Vec<C> load_as(const T* p) {
   if constexpr (std::is_same_v<T, C>) {
     return Vec<C>::loadu(p);
   } else {
 #if defined(CPU_CAPABILITY_AVX512)
+    if constexpr (std::is_same_v<T, at::Half>)
+      return Vec<float>(_mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))));
     const __m512i x = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
     return Vec<float>(_mm512_castsi512_ps(_mm512_slli_epi32(x, 16)));
 #else
@@ -1030,13 +1060,21 @@ void rows_forward(const Geometry& g, const Score<C>& sc, C scale, Scratch<T, C>&
     if (mask)  // key-major: row r of a (W x rows) block, stride rows
       for (int64_t j = 0; j < W; ++j)
         if (!mask[j * rows + r]) s[j] = -std::numeric_limits<C>::infinity();
-    const C m = row_max(s, W);
-    if (m == -std::numeric_limits<C>::infinity()) {  // a row that sees no key: 0
-      std::fill(w.o.data() + i * g.Dv, w.o.data() + (i + 1) * g.Dv, C(0));
-      lse[i] = std::numeric_limits<C>::infinity();
-      continue;
+    C m = 0, sum = 1;  // sigmoid: lse 0 + log 1, no sum to divide by
+    if (sc.sigmoid) {
+      using V = Vec<C>;
+      int64_t j = 0;
+      for (; j + V::size() <= W; j += V::size()) vsigmoid(V::loadu(s + j), sc.bias).store(s + j);
+      for (; j < W; ++j) s[j] = sigmoid(s[j], sc.bias);
+    } else {
+      m = row_max(s, W);
+      if (m == -std::numeric_limits<C>::infinity()) {  // a row that sees no key: 0
+        std::fill(w.o.data() + i * g.Dv, w.o.data() + (i + 1) * g.Dv, C(0));
+        lse[i] = std::numeric_limits<C>::infinity();
+        continue;
+      }
+      sum = exp_sum(s, W, m);
     }
-    const C sum = exp_sum(s, W, m);
     if (sc.drop.on)
       for (int64_t j = 0; j < W; ++j) s[j] = sc.drop.keep(w.rowkey[i], kpos[j]) ? s[j] * sc.drop.keep_scale : C(0);
     C* o = w.o.data() + i * g.Dv;
@@ -1069,10 +1107,10 @@ void rows_backward(const Geometry& g, const Score<C>& sc, C scale, Scratch<T, C>
     const int64_t base = sc.base(w.qabs[i]);
     for (int64_t j = 0; j < W; ++j) {
       if (mask && !mask[j * rows + r]) continue;
-      const C p = std::exp(s[j] - lse);
+      const C p = sc.sigmoid ? sigmoid(s[j], sc.bias) : std::exp(s[j] - lse);
       const C z = !sc.drop.on ? C(1) : sc.drop.keep(w.rowkey[i], kpos[j]) ? C(sc.drop.keep_scale) : C(0);
       if (z != C(0)) axpy(p * z, d_o, dv_acc + kpos[j] * g.Dv, g.Dv);
-      C ds = p * (z * dp[j] - delta);
+      C ds = sc.sigmoid ? z * dp[j] * p * (C(1) - p) : p * (z * dp[j] - delta);
       if (dpost) dpost[w.heads[i] * sc.lvec + base + sc.key(kpos[j])] += ds;
       if (sc.cap > 0) {
         const C th = std::tanh(w.raw[j] / sc.cap);
@@ -1165,7 +1203,7 @@ template <typename T>
 std::vector<at::Tensor> forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                      const Table& tab, double scale_d, const at::Tensor& pre,
                                      const at::Tensor& post, const at::Tensor& code, double cap, int64_t qmax, double dropout,
-                                     int64_t seed) {
+                                     int64_t seed, const c10::optional<double>& sigmoid) {
   using C = typename Acc<T>::type;
   Geometry g{q.size(0), q.size(1), k.size(1), q.size(2), k.size(2), q.size(3), v.size(3),
              q.size(1) / k.size(1), k.size(2) - q.size(2)};
@@ -1177,7 +1215,7 @@ std::vector<at::Tensor> forward_impl(const at::Tensor& q, const at::Tensor& k, c
   auto lse = covers ? at::empty({g.B, g.H, g.Lq}, lopt)
                     : at::full({g.B, g.H, g.Lq}, std::numeric_limits<double>::infinity(), lopt);
   Inputs<T> in{static_cast<T*>(q.data_ptr()), static_cast<T*>(k.data_ptr()), static_cast<T*>(v.data_ptr()), g, tab};
-  const Score<C> sc = score_of<C>(pre, post, code, cap, qmax, dropout, seed);
+  const Score<C> sc = score_of<C>(pre, post, code, cap, qmax, dropout, seed, sigmoid);
   const C scale = static_cast<C>(scale_d);
   T* out_p = static_cast<T*>(out.data_ptr());
   C* lse_p = static_cast<C*>(lse.data_ptr());
@@ -1239,7 +1277,8 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& q, const at::Tensor& k, 
                                       const at::Tensor& out, const at::Tensor& dout, const at::Tensor& lse,
                                       const Table& tab, double scale_d, const at::Tensor& pre,
                                       const at::Tensor& post, const at::Tensor& code, double cap, int64_t qmax, double dropout,
-                                      int64_t seed, int64_t parts, bool want_pre, bool want_post) {
+                                      int64_t seed, const c10::optional<double>& sigmoid, int64_t parts, bool want_pre,
+                                      bool want_post) {
   using C = typename Acc<T>::type;
   Geometry g{q.size(0), q.size(1), k.size(1), q.size(2), k.size(2), q.size(3), v.size(3),
              q.size(1) / k.size(1), k.size(2) - q.size(2)};
@@ -1256,7 +1295,7 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& q, const at::Tensor& k, 
   auto dpre = at::zeros({want_pre ? threads : 0, g.H, lvec}, dopt);
   auto dpost = at::zeros({want_post ? threads : 0, g.H, lvec}, dopt);
   Inputs<T> in{static_cast<T*>(q.data_ptr()), static_cast<T*>(k.data_ptr()), static_cast<T*>(v.data_ptr()), g, tab};
-  const Score<C> sc = score_of<C>(pre, post, code, cap, qmax, dropout, seed);
+  const Score<C> sc = score_of<C>(pre, post, code, cap, qmax, dropout, seed, sigmoid);
   const C scale = static_cast<C>(scale_d);
   const T* do_p = static_cast<T*>(dout.data_ptr());
   const C* lse_p = static_cast<C*>(lse.data_ptr());
@@ -1356,12 +1395,25 @@ void check_score(const at::Tensor& vec, const at::Tensor& code, const at::Tensor
 
 at::ScalarType acc_of(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
 
+// f(T()) with T the element type of ``t``
+template <typename F>
+std::vector<at::Tensor> by_dtype(at::ScalarType t, const F& f) {
+  switch (t) {
+    case at::kFloat: return f(float());
+    case at::kDouble: return f(double());
+    case at::kBFloat16: return f(BFloat16());
+    case at::kHalf: return f(at::Half());
+    default: TORCH_CHECK(false, "native kernel: float32, float64, bfloat16 or float16, not ", t);
+  }
+}
+
 std::vector<at::Tensor> forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                 const at::Tensor& q_rows, const at::Tensor& tile_q, const at::Tensor& tile_k,
                                 const at::Tensor& k_idx, const at::Tensor& tile_m,
                                 const at::Tensor& mask, int64_t lb, int64_t lh, double scale,
                                 const c10::optional<at::Tensor>& pre, const c10::optional<at::Tensor>& post,
-                                const c10::optional<at::Tensor>& code, double cap, int64_t qmax, double dropout, int64_t seed) {
+                                const c10::optional<at::Tensor>& code, double cap, int64_t qmax, double dropout, int64_t seed,
+                                const c10::optional<double>& sigmoid) {
   check_inputs(q, k, v);
   Table tab = table_of(q_rows, tile_q, tile_k, k_idx, tile_m, mask, lb, lh);
   check_keys(tab, k.size(2), q.size(2));
@@ -1370,12 +1422,9 @@ std::vector<at::Tensor> forward(const at::Tensor& q, const at::Tensor& k, const 
   at::Tensor pr = pre.value_or(at::Tensor()), po = post.value_or(at::Tensor()), cd = code.value_or(at::Tensor());
   check_score(pr, cd, q, qmax, q.size(2), k.size(2), acc_of(q.scalar_type()));
   check_score(po, cd, q, qmax, q.size(2), k.size(2), acc_of(q.scalar_type()));
-  switch (q.scalar_type()) {
-    case at::kFloat: return forward_impl<float>(q, k, v, tab, scale, pr, po, cd, cap, qmax, dropout, seed);
-    case at::kDouble: return forward_impl<double>(q, k, v, tab, scale, pr, po, cd, cap, qmax, dropout, seed);
-    case at::kBFloat16: return forward_impl<BFloat16>(q, k, v, tab, scale, pr, po, cd, cap, qmax, dropout, seed);
-    default: TORCH_CHECK(false, "native kernel: float32, float64 or bfloat16, not ", q.scalar_type());
-  }
+  return by_dtype(q.scalar_type(), [&](auto x) {
+    return forward_impl<decltype(x)>(q, k, v, tab, scale, pr, po, cd, cap, qmax, dropout, seed, sigmoid);
+  });
 }
 
 std::vector<at::Tensor> backward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
@@ -1384,8 +1433,8 @@ std::vector<at::Tensor> backward(const at::Tensor& q, const at::Tensor& k, const
                                  const at::Tensor& k_idx, const at::Tensor& tile_m,
                                  const at::Tensor& mask, int64_t lb, int64_t lh, double scale,
                                  const c10::optional<at::Tensor>& pre, const c10::optional<at::Tensor>& post,
-                                 const c10::optional<at::Tensor>& code, double cap, int64_t qmax, double dropout, int64_t seed, int64_t parts,
-                                 bool want_pre, bool want_post) {
+                                 const c10::optional<at::Tensor>& code, double cap, int64_t qmax, double dropout, int64_t seed,
+                                 const c10::optional<double>& sigmoid, int64_t parts, bool want_pre, bool want_post) {
   check_inputs(q, k, v);
   Table tab = table_of(q_rows, tile_q, tile_k, k_idx, tile_m, mask, lb, lh);
   check_keys(tab, k.size(2), q.size(2));
@@ -1401,15 +1450,10 @@ std::vector<at::Tensor> backward(const at::Tensor& q, const at::Tensor& k, const
   at::Tensor pr = pre.value_or(at::Tensor()), po = post.value_or(at::Tensor()), cd = code.value_or(at::Tensor());
   check_score(pr, cd, q, qmax, q.size(2), k.size(2), acc);
   check_score(po, cd, q, qmax, q.size(2), k.size(2), acc);
-  switch (q.scalar_type()) {
-    case at::kFloat: return backward_impl<float>(q, k, v, out, dout, lse, tab, scale, pr, po, cd, cap, qmax, dropout, seed, parts,
-                                                       want_pre, want_post);
-    case at::kDouble: return backward_impl<double>(q, k, v, out, dout, lse, tab, scale, pr, po, cd, cap, qmax, dropout, seed, parts,
-                                                       want_pre, want_post);
-    case at::kBFloat16: return backward_impl<BFloat16>(q, k, v, out, dout, lse, tab, scale, pr, po, cd, cap, qmax, dropout, seed, parts,
-                                                       want_pre, want_post);
-    default: TORCH_CHECK(false, "native kernel: float32, float64 or bfloat16, not ", q.scalar_type());
-  }
+  return by_dtype(q.scalar_type(), [&](auto x) {
+    return backward_impl<decltype(x)>(q, k, v, out, dout, lse, tab, scale, pr, po, cd, cap, qmax, dropout, seed,
+                                      sigmoid, parts, want_pre, want_post);
+  });
 }
 
 }  // namespace

@@ -112,14 +112,16 @@ def dropout_mask(seed: int, p: float, batch: int, heads: int, q_len: int, kv_len
 
 class NativeBlockSparse(torch.autograd.Function):
     """Forward saves q, k, v, the output and the log-sum-exp; backward recomputes each tile (and
-    regenerates dropout's mask from the seed)."""
+    regenerates dropout's mask from the seed). ``sigmoid``: the bias of sigmoid weights, or None
+    for softmax."""
 
     @staticmethod
-    def forward(ctx, table, scale: float, cap: float, dropout: float, seed: int, center: int,
+    def forward(ctx, table, scale: float, cap: float, dropout: float, seed: int, center: int, sigmoid: float | None,
                 codes: Tensor | None, q: Tensor, k: Tensor, v: Tensor, pre: Tensor | None, post: Tensor | None):
         ext = kernel()
-        out, lse = ext.forward(q, k, v, *table.arrays(), scale, pre, post, codes, cap, center, dropout, seed)
+        out, lse = ext.forward(q, k, v, *table.arrays(), scale, pre, post, codes, cap, center, dropout, seed, sigmoid)
         ctx.table, ctx.scale, ctx.cap, ctx.dropout, ctx.seed, ctx.center = table, scale, cap, dropout, seed, center
+        ctx.sigmoid = sigmoid
         ctx.save_for_backward(q, k, v, out, lse, pre, post, codes)
         return out
 
@@ -129,19 +131,21 @@ class NativeBlockSparse(torch.autograd.Function):
         q, k, v, out, lse, pre, post, codes = ctx.saved_tensors
         dout = dout.contiguous()
         parts = partitions(q.shape[0], k.shape[1], ctx.table.tile_q.numel() - 1)
-        want_pre = pre is not None and ctx.needs_input_grad[10]
-        want_post = post is not None and ctx.needs_input_grad[11]
+        want_pre = pre is not None and ctx.needs_input_grad[11]
+        want_post = post is not None and ctx.needs_input_grad[12]
         dq, dk, dv, dpre, dpost = kernel().backward(
             q, k, v, out, dout, lse, *ctx.table.arrays(), ctx.scale, pre, post, codes, ctx.cap, ctx.center,
-            ctx.dropout, ctx.seed, parts, want_pre, want_post)
-        return (None,) * 7 + (dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype),
+            ctx.dropout, ctx.seed, ctx.sigmoid, parts, want_pre, want_post)
+        return (None,) * 8 + (dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype),
                               dpre if want_pre else None, dpost if want_post else None)
 
 
-def native_attention(table, q: Tensor, k: Tensor, v: Tensor, scale: float, score, dropout: float = 0.0) -> Tensor:
+def native_attention(table, q: Tensor, k: Tensor, v: Tensor, scale: float, score, dropout: float = 0.0,
+                     sigmoid: float | None = None) -> Tensor:
     """Attention over the tile table: q (B, H, Lq, D), k and v (B, Hkv, Lk, D) of one dtype
-    (float32, float64 or bfloat16); ``score`` one that ``split_score`` accepts; ``dropout`` of
-    the weights with a seed drawn from torch's generator (``dropout_mask`` gives its mask)."""
+    (float32, float64, bfloat16 or float16); ``score`` one that ``split_score`` accepts; ``dropout``
+    of the weights with a seed drawn from torch's generator (``dropout_mask`` gives its mask);
+    ``sigmoid``: weights ``sigmoid(logit + sigmoid)`` instead of the softmax."""
     pre_terms, cap, post_terms = split_score(score)
     compute = torch.float64 if q.dtype == torch.float64 else torch.float32
     heads, q_len, kv_len = q.shape[1], q.shape[2], k.shape[2]
@@ -156,5 +160,6 @@ def native_attention(table, q: Tensor, k: Tensor, v: Tensor, scale: float, score
         post = relative_vector(post_terms, heads, q_len, kv_len, compute, q.device)
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     seed = int(torch.randint(0, 2 ** 31, ()).item()) if dropout > 0 else 0
-    return NativeBlockSparse.apply(table, float(scale), float(cap or 0.0), float(dropout), seed, center, codes,
-                                   q, k, v, pre, post)
+    sigmoid = None if sigmoid is None else float(sigmoid)
+    return NativeBlockSparse.apply(table, float(scale), float(cap or 0.0), float(dropout), seed, center, sigmoid,
+                                   codes, q, k, v, pre, post)

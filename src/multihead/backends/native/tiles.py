@@ -63,8 +63,8 @@ def from_plan(plan, pattern, q_len: int, kv_len: int) -> TileTable:
     for g in plan.groups:
         rows_frame = order[g.r0:g.r1]
         if not g.gather:
-            width = g.k1 - g.k0
-            kp = torch.arange(g.k0, g.k1).view(1, 1, 1, width)  # (lb', lh', blocks, width)
+            width = max(0, g.k1 - g.k0)  # none: rows that see no key (sigmoid), left at 0
+            kp = torch.arange(g.k0, g.k0 + width).view(1, 1, 1, width)  # (lb', lh', blocks, width)
             ok = torch.ones(1, 1, 1, width, dtype=torch.bool)
             nblk, rows, need, exact = 1, g.r1 - g.r0, bool(g.runs), False
         else:
