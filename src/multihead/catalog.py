@@ -19,6 +19,7 @@ from .heads import (CompressedAttention, LowRankAttention, MixtureOfHeads, Multi
 from .linear import Aaren, LightningAttention, LinearAttention, ManhattanSelfAttention, Retention
 from .nn import GatedPositionalAttention, MultiHeadAttention, RCMHA, RelativeAttention, SinkAttention
 from .heads.seer import SeerAttention
+from .heads.selective import SelectiveMultiHeadAttention
 from .heads.tpla import TensorParallelLatentAttention
 from .nn.landmark import LandmarkAttention
 from .nn.long_short_query import LongShortQueryAttention
@@ -204,6 +205,13 @@ _VARIANTS = [
             Paper("TPLA: Tensor Parallel Latent Attention for Efficient Disaggregated Prefill & Decode Inference",
                   2025, "2508.15881"),
             lambda dim, heads, n: _tpla(MultiHeadLatentAttention(dim, heads, pattern=Causal()))),
+    Variant("smha", "topology",
+            "every token routed to half the heads; each head attends only among its tokens, RoPE at their ranks "
+            "(causal)",
+            Paper("Union of Experts: Adapting Hierarchical Routing to Equivalently Decomposed Transformer", 2025,
+                  "2503.02495"),
+            lambda dim, heads, n: SelectiveMultiHeadAttention(dim, heads, pattern=Causal(),
+                                                              position=RoPE(dim // heads))),
     Variant("cca", "topology",
             "compressed: q, k, v down-projected 4x, convolved, attention runs in the latent space (causal)",
             Paper("Compressed Convolutional Attention: Efficient Attention in a Compressed Latent Space", 2025,

@@ -114,15 +114,19 @@ ROWS: tuple[Row, ...] = (
     _i(1, "Sparse Query Attention (SQA)", ["heads.SparseQueryAttention", "variant:sqa"],
        ["test_heads.py::test_sqa_with_as_many_query_heads_as_heads_is_mha",
         "test_heads.py::test_sqa_flops_fall_with_the_query_heads"]),
-    _m(1, "Union of Experts (UoE) / Selective Multi-Head Attention",
-       "selective MHA with tensor-parallel expert partitions and two routing modes; searched (issue 17): the "
-       "pages corpus holds only the abstract of arXiv 2503.02495, and the authors' code (YujiaoYang-work/UoE, "
-       "language_modeling/model/attention/SMHA_v1..v3) gives different forms per version - v1 picks the top-k "
-       "heads per sequence from a router on the flattened fixed-length sequence and sums them unweighted (the "
-       "router gets no gradient), v3 lets every head attend only among the tokens that chose it (top half of "
-       "the heads per token), padded with unchosen tokens, RoPE on the compacted positions - so no one form "
-       "to test against; neither is MoH's per-token weighted routing",
-       ["heads.MixtureOfHeads"]),
+    _i(1, "Union of Experts (UoE) / Selective Multi-Head Attention",
+       ["heads.SelectiveMultiHeadAttention", "variant:smha"],
+       ["test_selective_heads.py::test_smha_is_the_authors_v3_when_every_head_has_as_many_tokens_on_every_backend",
+        "test_selective_heads.py::test_smha_is_attention_among_each_heads_tokens_on_every_backend",
+        "test_selective_heads.py::test_each_token_reads_only_the_heads_it_chose_and_the_router_gets_no_gradient",
+        "test_selective_heads.py::test_smha_trains_in_a_language_model"],
+       "SMHA after the latest released version, SMHA_v3 (YujiaoYang-work/UoE, language_modeling/model/attention/"
+       "SMHA_v3.py, commit 9de0cf25): every token routed to the top half of the heads by a softmax router, each "
+       "head attends only among its tokens (causal in their order, RoPE at their ranks), per-head output "
+       "projection and bias added back at those tokens; the router only selects (no gradient), as released. "
+       "Chosen: a head's padded slots are masked, where the code fills them with unchosen tokens picked by "
+       "torch.topk among ties (equal when every head has the longest count, tested); not MoH's weighted routing. "
+       "The UoME MLP experts, the tensor-parallel layout and the Transformer-XL memory are not built"),
     _i(1, "Compressed Convolutional Attention (CCA / CCGQA)",
        ["heads.CompressedAttention", "variant:cca", "variant:ccgqa"],
        ["test_heads.py::test_cca_without_compression_is_mha",

@@ -12,6 +12,7 @@ from .grouped import GroupedQueryAttention, MultiQueryAttention
 from .latent import LatentCache, MultiHeadLatentAttention
 from .low_rank import LowRankAttention
 from .mixture import MixtureOfHeads
+from .selective import SelectiveMultiHeadAttention
 from .single_head import SingleHeadAttention
 from .sparse_query import SparseQueryAttention
 from .talking import TalkingHeadsAttention
@@ -20,4 +21,4 @@ from .tpla import TensorParallelLatentAttention
 __all__ = ["Costs", "Topology", "costs_of", "GroupedQueryAttention", "MultiQueryAttention",
            "MixtureOfHeads", "SparseQueryAttention", "MultiHeadLatentAttention", "LatentCache",
            "CompressedAttention", "LowRankAttention", "SingleHeadAttention", "TalkingHeadsAttention",
-           "TensorParallelLatentAttention"]
+           "TensorParallelLatentAttention", "SelectiveMultiHeadAttention"]
