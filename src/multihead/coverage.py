@@ -188,8 +188,10 @@ ROWS: tuple[Row, ...] = (
        "channels (any length; the catalog's), binarised top-k mask, KL distillation from the dense map; the "
        "sparse up-projection basis, the paper's loss weights and token sparsity are not built"),
     _m(2, "TiC: MSA-Conv (self-attention inside convolution windows)",
-       "the windows are Neighborhood(kernel, dilation); the cyclic shifts and inter-pooling are not built (the "
-       "abstract names them without their form; the authors' code was announced, not found)",
+       "the windows are Neighborhood(kernel, dilation); the cyclic shifts and inter-pooling are not built; "
+       "searched (issue 17): the pages corpus holds the abstract and introduction of arXiv 2310.04134 (html v2), "
+       "which name the Multi-Directional Cyclic Shifted and Inter-Pooling mechanisms without their form, and "
+       "the code announced at zs670980918/MSA-Conv is not in the code index",
        ["patterns.Neighborhood"]),
     _i(2, "TransNeXt: Aggregated Attention",
        ["vision.AggregatedAttention", "vision.aggregated.PooledAndLocalBias", "patterns.Sinks", "patterns.Halo",
@@ -289,7 +291,9 @@ ROWS: tuple[Row, ...] = (
        "variate tokens (each series embedded alone), attention across them, gates on both stages; the "
        "gates' exact form is this library's reading of the abstract; no forecasting model"),
     _m(2, "AxFormer: pruning + selective sparse hard attention",
-       "sparse hard attention in chosen layers (pruning exists as analysis.prune)",
+       "sparse hard attention in chosen layers (pruning exists as analysis.prune); searched (issue 17): the "
+       "pages corpus holds only the abstract of arXiv 2010.03688 ('eliminating irrelevant word aggregations' "
+       "in selected layers, no rule for which keys are kept), and no code is indexed",
        ["analysis.prune"]),
     _i(2, "SReT: Sliced Recursive Transformer", ["models.recursive.SlicedRecursiveBlock", "variant:sret"],
        ["test_recursive.py::test_recursive_passes_share_the_block_and_slice_attention",
@@ -333,7 +337,10 @@ ROWS: tuple[Row, ...] = (
        ["test_vision.py::test_multiscale_heads_see_pooled_key_value_pyramids"],
        "heads on pooled key/value pyramids; the encoder-decoder wiring is a model design"),
     _m(3, "MemMC-MAE: memory-augmented SA + multi-level cross-attention",
-       "the memory of normal patterns and its update rule (learned key/value slots exist as SinkAttention)",
+       "the memory of normal patterns and its update rule (learned key/value slots exist as SinkAttention); "
+       "searched (issue 17): the pages corpus holds the abstract of arXiv 2203.11725 (memory-augmented "
+       "self-attention in the encoder, multi-level cross-attention in the decoder, no formulas) and no code "
+       "is indexed",
        ["nn.SinkAttention"]),
     _i(3, "Multi-scale self-guided attention",
        ["vision.dual_attention.PositionAttention", "vision.dual_attention.ChannelAttention",
@@ -438,12 +445,19 @@ ROWS: tuple[Row, ...] = (
        "reference backend only; the Importance Factor metric is not built"),
     _m(4, "CoordFormer: Coordinate-Aware Attention",
        "pixel-level coordinates kept in attention and Body Center Attention; searched (issue 17): the pages "
-       "corpus holds only the abstract (arXiv 2308.10334), and the authors' repository (Li-Hao-yuan/CoordFormer) "
-       "holds many dated snapshots of models/transformer.py (romp_store/4.16 .. 5.15, visualization/NAT) with "
-       "no marker of the published one, so no form to test against"),
+       "corpus holds only the abstract (arXiv 2308.10334, ICCV 2023); the authors' repository (Li-Hao-yuan/"
+       "CoordFormer, one commit 2e7f61c7) holds dated snapshots of transformer.py, the latest romp_store/5.15/"
+       "transformer.py and visualization/NAT/romp_nat/lib/models/transformer.py: both define an NTAttention that "
+       "multiplies q and k elementwise (no sum over channels), softmaxes over the channels, convolves k and v "
+       "over (tokens, channels), and (NAT) adds a fixed 2-D sinusoidal table to the weights - no coordinate term "
+       "and no Body Center Attention (find_string BodyCenterAttention: nothing), so the published form is not "
+       "in the released code and no form to test against"),
     _m(4, "CRENER: direction- and distance-aware masked self-attention",
        "unscaled attention with direction- and distance-aware masks (pieces: scale=1, Causal, ALiBi); the "
-       "abstract names the masks but gives neither their form nor how they combine, and no code was at hand"),
+       "abstract names the masks but gives neither their form nor how they combine; searched (issue 17): the "
+       "pages corpus ('CRENER direction-aware distance-aware masked self-attention nested NER') returns other "
+       "NER papers and TENER (the direction/distance-aware unscaled attention it builds on), no CRENER text or "
+       "code; find_repos/find_string hold no CRENER repository"),
     _i(4, "ConViT: Gated Positional Self-Attention (GPSA)",
        ["nn.GatedPositionalAttention", "variant:gpsa"],
        ["test_gpsa.py::test_gpsa_matches_the_formula_on_every_backend",
@@ -581,7 +595,11 @@ ROWS: tuple[Row, ...] = (
         "test_analysis.py::test_pixel_distance_of_a_neighborhood_layer_stays_inside_its_window"],
        "pruning-based head importance and attention distance per head; the pattern autoencoder is not built"),
     _m(7, "Fixing Imbalanced Attention (LVLM hallucination)",
-       "visual-token selection and per-head amplification by measured visual sensitivity"),
+       "visual-token selection and per-head amplification by measured visual sensitivity; searched (issue 17): "
+       "the pages corpus ('imbalanced attention LVLM hallucination visual token head amplification') returns "
+       "neighbouring methods (VisFlow arXiv 2506.12609, AIR arXiv 2603.24058) but not this paper's text, and no "
+       "code; the pieces exist (head_divergence.reinforcement_mask, analysis.head_mask)",
+       ["head_divergence.reinforcement_mask"]),
     _i(7, "Visual Attention Sink / VAR",
        ["redistribution.redistribute", "redistribution.find_sinks", "redistribution.image_centric_heads",
         "redistribution.redistributed_attention", "analysis.sink_score"],
@@ -687,8 +705,11 @@ ROWS: tuple[Row, ...] = (
         "test_fusion.py::test_sinkhorn_plan_has_uniform_marginals"],
        "OT (Sinkhorn) alignment of the heads of two attention layers of one shape, then averaging; the "
        "other components (LayerNorm, MLP, residual stream) and fusion across widths are not built"),
-    _m(13, "NViT: Hessian-aware global ViT pruning",
-       "Hessian-based saliency across components (head pruning exists: analysis.prune)",
+    _o(13, "NViT: Hessian-aware global ViT pruning", "recipe",
+       "a pruning criterion (Hessian-aware saliency ranking heads, q/k/v and MLP dimensions across all layers) "
+       "and a reallocation of the remaining widths; the pruned blocks are standard attention of smaller size, "
+       "so nothing in the attention changes (head pruning by importance exists: analysis.prune, "
+       "analysis.gradient_importance)",
        ["analysis.prune", "analysis.gradient_importance"]),
     _i(13, "p-Laplacian adapter (p-adapter)",
        ["nn.p_adapter.PLaplacianAttention", "nn.p_adapter.p_laplacian_logits", "nn.p_adapter.adaptive_pool_matrix",
