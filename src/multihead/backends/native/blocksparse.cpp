@@ -769,8 +769,12 @@ void lanes_forward(const Geometry& g, const Score<C>& sc, C scale, Scratch<T, C>
 
 // dst[t][d] += sum_l coeffT[t][l] * rows[l][d] for KB keys t and DB vectors of d from d0: the
 // keys' rows stay in registers while the lanes stream by (coeffT: keys x lanes).
+// dst[t][d] += sum_i coeff(t, i) * rows[i][d] for KB keys t and DB vectors of d from d0, over n
+// rows i in lane blocks of L: coeff(t, i) = coeffT[(i / L) cstride + t L + i % L]. The keys' rows
+// stay in registers while the rows stream by.
 template <typename C, int KB, int DB>
-inline void scatter_block(C* const* dst, const C* coeffT, const C* const* rows, int64_t nl, int64_t d0) {
+inline void scatter_block(C* const* dst, const C* coeffT, int64_t cstride, const C* const* rows, int64_t n,
+                          int64_t d0) {
   using V = Vec<C>;
   constexpr int64_t L = V::size();
   V acc[KB][DB];
@@ -778,15 +782,19 @@ inline void scatter_block(C* const* dst, const C* coeffT, const C* const* rows, 
   for (int t = 0; t < KB; ++t)
 #pragma GCC unroll 4
     for (int u = 0; u < DB; ++u) acc[t][u] = V::loadu(dst[t] + d0 + u * L);
-  for (int64_t l = 0; l < nl; ++l) {
-    V r[DB];
+  for (int64_t b = 0; b * L < n; ++b) {
+    const C* coeff = coeffT + b * cstride;
+    const C* const* rb = rows + b * L;
+    for (int64_t l = 0, nl = std::min(L, n - b * L); l < nl; ++l) {
+      V r[DB];
 #pragma GCC unroll 4
-    for (int u = 0; u < DB; ++u) r[u] = V::loadu(rows[l] + d0 + u * L);
+      for (int u = 0; u < DB; ++u) r[u] = V::loadu(rb[l] + d0 + u * L);
 #pragma GCC unroll 4
-    for (int t = 0; t < KB; ++t) {
-      const V c(coeffT[t * L + l]);
+      for (int t = 0; t < KB; ++t) {
+        const V c(coeff[t * L + l]);
 #pragma GCC unroll 4
-      for (int u = 0; u < DB; ++u) acc[t][u] = at::vec::fmadd(c, r[u], acc[t][u]);
+        for (int u = 0; u < DB; ++u) acc[t][u] = at::vec::fmadd(c, r[u], acc[t][u]);
+      }
     }
   }
 #pragma GCC unroll 4
@@ -796,25 +804,28 @@ inline void scatter_block(C* const* dst, const C* coeffT, const C* const* rows, 
 }
 
 template <typename C, int KB>
-inline void scatter_keys(C* const* dst, const C* coeffT, const C* const* rows, int64_t nl, int64_t width) {
+inline void scatter_keys(C* const* dst, const C* coeffT, int64_t cstride, const C* const* rows, int64_t n,
+                         int64_t width) {
   constexpr int64_t L = Vec<C>::size();
   int64_t d0 = 0;
-  for (; d0 + 4 * L <= width; d0 += 4 * L) scatter_block<C, KB, 4>(dst, coeffT, rows, nl, d0);
-  for (; d0 + L <= width; d0 += L) scatter_block<C, KB, 1>(dst, coeffT, rows, nl, d0);
+  for (; d0 + 4 * L <= width; d0 += 4 * L) scatter_block<C, KB, 4>(dst, coeffT, cstride, rows, n, d0);
+  for (; d0 + L <= width; d0 += L) scatter_block<C, KB, 1>(dst, coeffT, cstride, rows, n, d0);
   for (; d0 < width; ++d0)
     for (int t = 0; t < KB; ++t) {
       C a = dst[t][d0];
-      for (int64_t l = 0; l < nl; ++l) a += coeffT[t * L + l] * rows[l][d0];
+      for (int64_t i = 0; i < n; ++i) a += coeffT[(i / L) * cstride + t * L + i % L] * rows[i][d0];
       dst[t][d0] = a;
     }
 }
 
-// Key rows base + kpos[j] * width += sum_l coeffT[j][l] * rows[l] for the W keys of a lane block
-// (dK from dS and the queries, dV from P and dO): four distinct keys at a time.
+// Key rows base + kpos[j] * width += sum_i coeff(j, i) * rows[i] for the W keys of up to two lane
+// blocks (n rows; block b's coefficients at coeffT + b W L, keys x lanes): dK from dS and the
+// queries, dV from P and dO. Four distinct keys at a time.
 template <typename C>
-void lanes_scatter(C* base, const int64_t* kpos, int64_t W, const C* coeffT, const C* const* rows, int64_t nl,
+void lanes_scatter(C* base, const int64_t* kpos, int64_t W, const C* coeffT, const C* const* rows, int64_t n,
                    int64_t width) {
   constexpr int64_t L = Vec<C>::size();
+  const int64_t cs = W * L;
   int64_t j = 0;
   for (; j + 4 <= W; j += 4) {
     const int64_t* k = kpos + j;
@@ -823,88 +834,101 @@ void lanes_scatter(C* base, const int64_t* kpos, int64_t W, const C* coeffT, con
     const bool distinct = k[0] != k[1] && k[0] != k[2] && k[0] != k[3] && k[1] != k[2] && k[1] != k[3] &&
                           k[2] != k[3];
     if (distinct) {
-      scatter_keys<C, 4>(dst, coeffT + j * L, rows, nl, width);
+      scatter_keys<C, 4>(dst, coeffT + j * L, cs, rows, n, width);
     } else {
-      for (int t = 0; t < 4; ++t) scatter_keys<C, 1>(dst + t, coeffT + (j + t) * L, rows, nl, width);
+      for (int t = 0; t < 4; ++t) scatter_keys<C, 1>(dst + t, coeffT + (j + t) * L, cs, rows, n, width);
     }
   }
   for (; j < W; ++j) {
     C* dst[1] = {base + kpos[j] * width};
-    scatter_keys<C, 1>(dst, coeffT + j * L, rows, nl, width);
+    scatter_keys<C, 1>(dst, coeffT + j * L, cs, rows, n, width);
   }
 }
 
-// Backward of one tile on lanes: the rows ``dq`` get dQ; dK and dV rows are accumulated in place.
-// ``qf`` and ``dob``: the tile's query and output-gradient rows in the compute type
+// Backward of one tile on lanes, two lane blocks per pass over the keys: the rows ``dq`` get dQ;
+// dK and dV rows are accumulated in place. ``qf`` and ``dob``: the tile's query and
+// output-gradient rows in the compute type. Block b's logits / weights are at ST + b W L, its dS at
+// DPT + b W L.
 template <typename T, typename C>
 void lanes_backward(const Geometry& g, const Score<C>& sc, C scale, Scratch<T, C>& w, const C* const* qf, int64_t M,
                     int64_t rows, const T* kbase, const T* vbase, const int64_t* kpos, int64_t W,
                     const uint8_t* mask, const C* const* dob, C* const* dq, C* dk_acc, C* dv_acc, double* dpre,
                     double* dpost) {
   using V = Vec<C>;
-  constexpr int64_t L = V::size();
-  w.b1.resize(g.D * L), w.b2.resize(g.Dv * L), w.s.resize(W * L), w.dp.resize(W * L), w.o.resize(g.D * L);
-  if (sc.cap > 0) w.raw.resize(W * L);
+  constexpr int64_t L = V::size(), NB = 2;
+  w.b1.resize(NB * g.D * L), w.b2.resize(NB * g.Dv * L), w.s.resize(NB * W * L), w.dp.resize(NB * W * L);
+  w.o.resize(NB * g.D * L);
+  if (sc.cap > 0) w.raw.resize(NB * W * L);
+  if (sc.drop.on) w.b3.resize(W * L);
   C *QT = w.b1.data(), *DOT = w.b2.data(), *ST = w.s.data(), *DPT = w.dp.data(), *DQT = w.o.data();
-  for (int64_t first = 0; first < M; first += L) {
-    const int64_t nl = std::min(L, M - first);
-    rows_in(qf + first, nl, g.D, scale, QT);
-    rows_in(dob + first, nl, g.Dv, C(1), DOT);
-    lanes_dot<1>(QT, g.D, kbase, kpos, W, g.D, ST);
-    lanes_logits(sc, kpos, W, nl, first, rows, w.heads.data(), w.qabs.data(), mask, ST,
-                 sc.cap > 0 ? w.raw.data() : nullptr);
-    C lse_l[L], delta_l[L];
-    for (int64_t l = 0; l < L; ++l) {
-      lse_l[l] = l < nl ? w.m[first + l] : std::numeric_limits<C>::infinity();
-      delta_l[l] = l < nl ? w.l[first + l] : C(0);
+  C ones[L];
+  std::fill(ones, ones + L, C(1));
+  for (int64_t first = 0; first < M; first += NB * L) {
+    const int64_t n = std::min(NB * L, M - first);  // rows of this pass
+    for (int64_t b = 0; b * L < n; ++b) {
+      const int64_t nl = std::min(L, n - b * L);
+      rows_in(qf + first + b * L, nl, g.D, scale, QT + b * g.D * L);
+      rows_in(dob + first + b * L, nl, g.Dv, C(1), DOT + b * g.Dv * L);
     }
-    // rows with lse = +inf (no key) get P = 0: subtract a finite value and zero them after
-    const V lse = V::loadu(lse_l), delta = V::loadu(delta_l);
-    const V empty = lse == V(std::numeric_limits<C>::infinity());
-    const V lse_safe = V::blendv(lse, V(C(0)), empty);
-    for (int64_t j = 0; j < W; ++j) {
-      const V s = V::loadu(ST + j * L);
-      const V p = sc.sigmoid ? vsigmoid(s, sc.bias) : V::blendv(vexp(s - lse_safe), V(C(0)), empty);
-      p.store(ST + j * L);
+    if (n > L) {
+      lanes_dot<2>(QT, g.D, kbase, kpos, W, g.D, ST);
+      lanes_dot<2>(DOT, g.Dv, vbase, kpos, W, g.Dv, DPT);  // dO V^T
+    } else {
+      lanes_dot<1>(QT, g.D, kbase, kpos, W, g.D, ST);
+      lanes_dot<1>(DOT, g.Dv, vbase, kpos, W, g.Dv, DPT);
     }
-    lanes_dot<1>(DOT, g.Dv, vbase, kpos, W, g.Dv, DPT);  // dO V^T
-    // with dropout's factor z (0 or 1 / (1 - p)): dV_j += sum_lanes z P dO, and dS = P (z dO.V -
-    // delta) (softmax) or z dO.V P (1 - P) (sigmoid)
-    C* ZT = nullptr;
-    if (sc.drop.on) {
-      w.b3.resize(W * L);
-      ZT = w.b3.data();
-      std::fill(ZT, ZT + W * L, C(1));
-      drop_lanes(sc.drop, w.rowkey.data() + first, nl, kpos, W, ZT);
-    }
-    for (int64_t j = 0; j < W; ++j) {
-      const V p = V::loadu(ST + j * L), pz = ZT ? p * V::loadu(ZT + j * L) : p, dp = V::loadu(DPT + j * L);
-      (sc.sigmoid ? pz * (V(C(1)) - p) * dp : pz * dp - p * delta).store(DPT + j * L);
-      if (ZT) pz.store(ST + j * L);
-    }
-    lanes_scatter(dv_acc, kpos, W, ST, dob + first, nl, g.Dv);
-    if (dpre || dpost || sc.cap > 0) {  // through the score, lane by lane
-      for (int64_t l = 0; l < nl; ++l) {
-        const int64_t i = first + l, base = sc.base(w.qabs[i]);
-        for (int64_t j = 0; j < W; ++j) {
-          C ds = DPT[j * L + l];
-          if (dpost) dpost[w.heads[i] * sc.lvec + base + sc.key(kpos[j])] += ds;
-          if (sc.cap > 0) {
-            const C th = std::tanh(w.raw[j * L + l] / sc.cap);
-            ds *= C(1) - th * th;
+    for (int64_t b = 0; b * L < n; ++b) {
+      const int64_t f = first + b * L, nl = std::min(L, n - b * L);
+      C *S = ST + b * W * L, *DP = DPT + b * W * L, *raw = sc.cap > 0 ? w.raw.data() + b * W * L : nullptr;
+      lanes_logits(sc, kpos, W, nl, f, rows, w.heads.data(), w.qabs.data(), mask, S, raw);
+      C lse_l[L], delta_l[L];
+      for (int64_t l = 0; l < L; ++l) {
+        lse_l[l] = l < nl ? w.m[f + l] : std::numeric_limits<C>::infinity();
+        delta_l[l] = l < nl ? w.l[f + l] : C(0);
+      }
+      // rows with lse = +inf (no key) get P = 0: subtract a finite value and zero them after
+      const V lse = V::loadu(lse_l), delta = V::loadu(delta_l);
+      const V empty = lse == V(std::numeric_limits<C>::infinity());
+      const V lse_safe = V::blendv(lse, V(C(0)), empty);
+      // with dropout's factor z (0 or 1 / (1 - p)): dV_j += sum_lanes z P dO, and dS = P (z dO.V -
+      // delta) (softmax) or z dO.V P (1 - P) (sigmoid)
+      C* ZT = nullptr;
+      if (sc.drop.on) {
+        ZT = w.b3.data();
+        std::fill(ZT, ZT + W * L, C(1));
+        drop_lanes(sc.drop, w.rowkey.data() + f, nl, kpos, W, ZT);
+      }
+      for (int64_t j = 0; j < W; ++j) {
+        const V s = V::loadu(S + j * L);
+        const V p = sc.sigmoid ? vsigmoid(s, sc.bias) : V::blendv(vexp(s - lse_safe), V(C(0)), empty);
+        const V pz = ZT ? p * V::loadu(ZT + j * L) : p, dp = V::loadu(DP + j * L);
+        (sc.sigmoid ? pz * (V(C(1)) - p) * dp : pz * dp - p * delta).store(DP + j * L);
+        pz.store(S + j * L);
+      }
+      if (dpre || dpost || sc.cap > 0) {  // through the score, lane by lane
+        for (int64_t l = 0; l < nl; ++l) {
+          const int64_t i = f + l, base = sc.base(w.qabs[i]);
+          for (int64_t j = 0; j < W; ++j) {
+            C ds = DP[j * L + l];
+            if (dpost) dpost[w.heads[i] * sc.lvec + base + sc.key(kpos[j])] += ds;
+            if (sc.cap > 0) {
+              const C th = std::tanh(raw[j * L + l] / sc.cap);
+              ds *= C(1) - th * th;
+            }
+            if (dpre) dpre[w.heads[i] * sc.lvec + base + sc.key(kpos[j])] += ds;
+            DP[j * L + l] = ds;
           }
-          if (dpre) dpre[w.heads[i] * sc.lvec + base + sc.key(kpos[j])] += ds;
-          DPT[j * L + l] = ds;
         }
       }
+      for (int64_t j = 0; j < W; ++j) (V::loadu(DP + j * L) * V(scale)).store(DP + j * L);
     }
-    // dK_j += scale sum_lanes dS[j][l] q_l ; dQ = scale dS K
-    for (int64_t j = 0; j < W; ++j) (V::loadu(DPT + j * L) * V(scale)).store(DPT + j * L);
-    lanes_scatter(dk_acc, kpos, W, DPT, qf + first, nl, g.D);
-    lanes_combine<1>(DPT, kbase, kpos, W, g.D, g.D, DQT);
-    C ones[L];
-    std::fill(ones, ones + L, C(1));
-    rows_out(DQT, nl, g.D, ones, dq + first);
+    // dV_j += sum_i z P[j][i] dO_i; dK_j += scale sum_i dS[j][i] q_i; dQ = scale dS K
+    lanes_scatter(dv_acc, kpos, W, ST, dob + first, n, g.Dv);
+    lanes_scatter(dk_acc, kpos, W, DPT, qf + first, n, g.D);
+    if (n > L) lanes_combine<2>(DPT, kbase, kpos, W, g.D, g.D, DQT);
+    else lanes_combine<1>(DPT, kbase, kpos, W, g.D, g.D, DQT);
+    for (int64_t b = 0; b * L < n; ++b)
+      rows_out(DQT + b * g.D * L, std::min(L, n - b * L), g.D, ones, dq + first + b * L);
   }
 }
 
