@@ -112,6 +112,23 @@ def gratings_losses(model, steps: int, channels: bool = True) -> list[float]:
     return losses
 
 
+def copy_back_losses(model, steps: int, back: int = 3, vocab: int = 8) -> list[float]:
+    """Adam (lr 3e-3) on a language model ``model`` (tokens -> logits) predicting the token ``back``
+    steps back in random 16 x 16 batches over ``vocab`` tokens, for ``steps`` steps: the losses, for
+    the language-model "it trains" tests."""
+    gen = torch.Generator().manual_seed(1)
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(steps):
+        tokens = torch.randint(vocab, (16, 16), generator=gen)
+        loss = F.cross_entropy(model(tokens)[:, back:].reshape(-1, vocab), tokens[:, :-back].reshape(-1))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses
+
+
 def max_error(a, b) -> float:
     return (a.double() - b.double()).abs().max().item()
 

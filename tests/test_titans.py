@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from torch import nn
+from conftest import copy_back_losses
 
 from multihead.errors import ShapeError
 from multihead.models import TransformerLM
@@ -103,17 +103,7 @@ def test_titans_is_causal_and_trains():
     torch.testing.assert_close(layer(x2)[:, :7], layer(x)[:, :7])
     assert make_causal(layer) is layer
     model = TransformerLM(8, 32, 1, 2, attention="titans_mag", max_len=16)
-    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    gen = torch.Generator().manual_seed(1)
-    losses = []
-    for _ in range(80):  # predict the token 3 steps back
-        tokens = torch.randint(8, (16, 16), generator=gen)
-        logits = model(tokens)[:, 3:]
-        loss = nn.functional.cross_entropy(logits.reshape(-1, 8), tokens[:, :-3].reshape(-1))
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+    losses = copy_back_losses(model, 80)
     assert sum(losses[-10:]) / 10 < 0.7 * sum(losses[:5]) / 5
 
 

@@ -9,7 +9,7 @@ import multiprocessing
 import pytest
 import torch
 import torch.distributed as dist
-from conftest import assert_backends_match, on_backend
+from conftest import assert_backends_match, copy_back_losses, on_backend
 from torch import nn
 
 from multihead.errors import ShapeError
@@ -157,17 +157,7 @@ def test_tpla_trains_in_a_language_model():
     torch.manual_seed(0)
     model = TransformerLM(8, 32, 1, 4, max_len=16, attention=lambda dim, heads, n: TensorParallelLatentAttention(
         MultiHeadLatentAttention(dim, heads, pattern=Causal()), 2, transform="hadamard"))
-    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    gen = torch.Generator().manual_seed(1)
-    losses = []
-    for _ in range(60):  # predict the token 3 steps back
-        tokens = torch.randint(8, (16, 16), generator=gen)
-        logits = model(tokens)[:, 3:]
-        loss = nn.functional.cross_entropy(logits.reshape(-1, 8), tokens[:, :-3].reshape(-1))
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+    losses = copy_back_losses(model, 60)
     assert sum(losses[-10:]) / 10 < 0.7 * sum(losses[:5]) / 5
 
 
