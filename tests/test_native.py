@@ -211,14 +211,16 @@ def test_a_2d_bias_beside_other_terms_stays_on_the_torch_tiles():
 
 
 @needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
 @pytest.mark.parametrize("d", [64, 40, 15], ids=["d64", "d40", "d15_odd"])
-@pytest.mark.parametrize("pattern_name", ["window", "documents"])
-def test_bfloat16_widths_match_reference(pattern_name, d):
-    """bfloat16 at the widths that take each branch of the pair products (AVX-512 BF16): whole
-    32-wide value chunks, a chunk and a tail, and an odd width that keeps the fp32 products."""
+@pytest.mark.parametrize("pattern_name", ["window", "documents", "topk_causal"])
+def test_widths_match_reference(pattern_name, d, dtype):
+    """Head widths that take each branch of the row transposes (whole 16-wide chunks, a chunk and a
+    masked tail) and of bfloat16's pair products (AVX-512 BF16: whole 32-wide value chunks, a chunk
+    and a tail, and an odd width that keeps the fp32 products), on lane and row tiles."""
     n = 131
     q, k, v, dout = _inputs(n, 2, torch.float64, seed=d, d=d)
-    _check_against_reference(PATTERNS[pattern_name](n), None, q, k, v, dout, torch.bfloat16)
+    _check_against_reference(PATTERNS[pattern_name](n), None, q, k, v, dout, dtype)
 
 
 def test_bfloat16_pair_products_are_built_where_the_cpu_has_them():
