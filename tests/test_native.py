@@ -18,6 +18,7 @@ from multihead.backends import native
 from multihead.backends.blocksparse import BlockSparseBackend
 from multihead.backends.native import tiles
 from multihead.backends.native.function import dropout_mask, native_attention
+from multihead.backends.native.select import top_keys
 from multihead.nn.prototype_cross import KeyArgmax
 from multihead.patterns import (Axial, Causal, CrossShapedWindow, Dilated, Documents, Full, Neighborhood,
                                 PerHead, PrefixLM, ShiftedWindow, SlidingWindow, TopK)
@@ -441,6 +442,48 @@ def test_what_runs_in_the_kernel_and_what_stays_on_the_torch_tiles():
     q.requires_grad_()
     assert "autograd" in BlockSparseBackend(backward="autograd").describe(make_request(q, q, q, pattern=Causal()))
     assert "KeyArgmax" in backend.describe(make_request(q, q, q, pattern=Causal(), normalizer=KeyArgmax()))
+
+
+def _assert_top_keys(scores, keep):
+    """``top_keys`` keeps the values ``torch.topk`` keeps (as a multiset: among equal values at the
+    cut either may go), in ascending positions, valid exactly where above -inf."""
+    indices, valid = top_keys(scores, keep)
+    assert indices.shape == valid.shape == scores.shape[:-1] + (keep,)
+    assert (indices[..., 1:] > indices[..., :-1]).all()
+    got = scores.gather(-1, indices)
+    want = scores.gather(-1, scores.topk(keep, -1).indices)
+    finite = lambda t: t.nan_to_num(1e30, 1e29, -1e30).sort(-1).values  # noqa: E731  (NaN ranks first)
+    assert torch.equal(finite(got), finite(want))
+    assert torch.equal(valid, got > float("-inf"))
+
+
+@needs_kernel
+@pytest.mark.parametrize("n", [1, 5, 16, 17, 40, 100, 1000, 4096])
+@pytest.mark.parametrize("keep", [1, 3, 16, 64])
+def test_top_keys_keeps_what_torch_topk_keeps(n, keep):
+    """The native selection of ``TopK``'s keys against ``torch.topk``: random rows, rows with few
+    values above -inf (masked keys), rows with NaN, and rows of many equal values; widths that are
+    and are not whole vectors, keep up to the row."""
+    if keep > n:
+        pytest.skip("keep is at most the row")
+    gen = torch.Generator().manual_seed(n * 100 + keep)
+    x = torch.randn(2, 32, n, generator=gen)
+    for scores in (x, x.masked_fill(torch.rand(x.shape, generator=gen) < 0.9, float("-inf")),
+                   x.masked_fill(torch.rand(x.shape, generator=gen) < 0.05, float("nan")),
+                   torch.randint(0, 3, x.shape, generator=gen).float(), torch.full_like(x, float("-inf"))):
+        _assert_top_keys(scores, keep)
+
+
+def test_top_keys_falls_back_to_torch_and_refuses_bad_input():
+    x = torch.randn(3, 50, dtype=torch.float64)
+    _assert_top_keys(x, 7)  # not float32: torch.topk, the same contract
+    ext = native.kernel()
+    if ext is None:
+        return
+    with pytest.raises(RuntimeError, match="keep must be"):
+        ext.top_keys(torch.randn(3, 5), 6)
+    with pytest.raises(RuntimeError, match="float32"):
+        ext.top_keys(torch.randn(3, 5, dtype=torch.float64), 2)
 
 
 def test_tile_tables_count_pairs():

@@ -159,6 +159,8 @@ class TopK(DynamicPattern):
         check_int("TopK.k", self.k, minimum=1)
 
     def resolve(self, q, k, scale, within):
+        from ..backends.native.select import top_keys  # the selection kernel, where it is built
+
         batch, heads, q_len, _ = q.shape
         kv_len = k.shape[2]
         keys = _expand_heads(k, heads)
@@ -179,12 +181,10 @@ class TopK(DynamicPattern):
                 if spans is not None:
                     chunk = Spans(spans.start[:, :, lo:hi] - k0, spans.end[:, :, lo:hi] - k0, k1 - k0)
                     logits.masked_fill_(~chunk.mask(), float("-inf"))
-                top = logits.topk(keep, dim=-1)
-                indices.append(top.indices + k0)
-                valid.append(top.values > float("-inf"))
-        indices, valid = torch.cat(indices, 2), torch.cat(valid, 2)
-        indices, order = indices.sort(-1)
-        return Resolution(KeySelection(indices, valid.gather(-1, order), kv_len))
+                top, ok = top_keys(logits, keep)  # ascending positions in the chunk's run
+                indices.append(top + k0)
+                valid.append(ok)
+        return Resolution(KeySelection(torch.cat(indices, 2), torch.cat(valid, 2), kv_len))
 
 
 def _selection_chunks(spans: Spans | None, q_len: int, kv_len: int, keep: int, bh: int):

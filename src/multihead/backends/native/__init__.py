@@ -1,10 +1,10 @@
 """The native CPU kernel of the block-sparse backend: built once per machine, cached, optional.
 
-``kernel()`` returns the compiled extension (``blocksparse.cpp`` beside this file), building it on
-first use with ``torch.utils.cpp_extension`` (a C++ compiler and ninja) into a cache folder keyed by
-the source, torch's version and the CPU's vector extensions, so a second process only loads it.
-``status()`` says whether it is available and, if not, why: no compiler, a failed build, or
-``MULTIHEAD_NATIVE=0`` in the environment. Without it the block-sparse backend runs its tiles in
+``kernel()`` returns the compiled extension (``blocksparse.cpp``, and ``select.cpp`` for ``TopK``'s
+choice of keys, beside this file), building it on first use with ``torch.utils.cpp_extension`` (a
+C++ compiler and ninja) into a cache folder keyed by the sources, torch's version and the CPU's
+vector extensions, so a second process only loads it. ``status()`` says whether it is available
+and, if not, why: no compiler, a failed build, or ``MULTIHEAD_NATIVE=0`` in the environment. Without it the block-sparse backend runs its tiles in
 plain PyTorch; ``multihead.explain`` says which path ran.
 
 ``python -m multihead.backends.native`` builds it (``make setup`` does) and prints the status.
@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-_SOURCE = Path(__file__).with_name("blocksparse.cpp")
+_SOURCES = [Path(__file__).with_name(name) for name in ("blocksparse.cpp", "select.cpp")]
 _lock = threading.Lock()
 _state: dict = {}
 
@@ -69,14 +69,14 @@ def build_flags(debug: str = "") -> list[str]:
 
 def _build(debug: str):
     flags = build_flags(debug)
-    source = _SOURCE.read_bytes()
+    source = b"".join(path.read_bytes() for path in _SOURCES)
     tag = hashlib.sha256(source + torch.__version__.encode() + " ".join(flags).encode()).hexdigest()[:12]
     name = f"multihead_blocksparse_{tag}"
     folder = _cache_root() / "native" / name
     folder.mkdir(parents=True, exist_ok=True)
     from torch.utils import cpp_extension
 
-    return cpp_extension.load(name=name, sources=[str(_SOURCE)], extra_cflags=flags,
+    return cpp_extension.load(name=name, sources=[str(path) for path in _SOURCES], extra_cflags=flags,
                               extra_ldflags=["-fopenmp"] + (["-fsanitize=address"] if debug == "asan" else []),
                               build_directory=str(folder), verbose=False)
 

@@ -1482,7 +1482,13 @@ std::vector<at::Tensor> backward(const at::Tensor& q, const at::Tensor& k, const
 
 }  // namespace
 
+namespace multihead_native {
+std::vector<at::Tensor> top_keys(const at::Tensor& scores, int64_t keep);  // select.cpp
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("top_keys", &multihead_native::top_keys,
+        "top-k selection: (indices of each row's keep largest scores, ascending; whether each is above -inf)");
   m.def("forward", &forward, "block-sparse attention forward: (out, lse)");
   m.def("backward", &backward, "block-sparse attention backward: (dq, dk, dv, dpre, dpost)");
   m.def("bf16_pairs", [] { return kBf16Pairs; }, "whether bfloat16 tiles multiply in pairs (AVX-512 BF16)");
