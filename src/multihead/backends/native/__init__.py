@@ -4,8 +4,9 @@
 choice of keys, beside this file), building it on first use with ``torch.utils.cpp_extension`` (a
 C++ compiler and ninja) into a cache folder keyed by the sources, torch's version and the CPU's
 vector extensions, so a second process only loads it. ``status()`` says whether it is available
-and, if not, why: no compiler, a failed build, or ``MULTIHEAD_NATIVE=0`` in the environment. Without it the block-sparse backend runs its tiles in
-plain PyTorch; ``multihead.explain`` says which path ran.
+and, if not, why: no compiler, a failed build, or ``MULTIHEAD_NATIVE=0`` in the environment.
+Without it the block-sparse backend runs its tiles in plain PyTorch; ``multihead.explain`` says
+which path ran.
 
 ``python -m multihead.backends.native`` builds it (``make setup`` does) and prints the status.
 ``MULTIHEAD_NATIVE_DEBUG=assert`` (or ``asan``) builds a checked copy beside it, for the tests.
