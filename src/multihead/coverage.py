@@ -611,8 +611,21 @@ ROWS: tuple[Row, ...] = (
     _o(7, "Localizing and Editing Knowledge in T2I models (Diff-QuickFix)", "application",
        "causal mediation and a closed-form edit of a text-to-image model"),
     _o(7, "Scan and Snap (1-layer transformer dynamics)", "theory", "SGD dynamics of one attention layer"),
-    _m(7, "Sparse autoencoders for circuit identification",
-       "discrete sparse autoencoders on captured head outputs (capture exists)", ["analysis.capture"]),
+    _i(7, "Sparse autoencoders for circuit identification",
+       ["analysis.sae_circuit", "analysis.DiscreteSAE", "analysis.train_sae", "analysis.capture"],
+       ["test_sae_circuit.py::test_sae_loss_and_codes_match_a_transcription",
+        "test_sae_circuit.py::test_training_step_is_the_authors_projected_gradient_then_renormalisation",
+        "test_sae_circuit.py::test_unique_codes_are_set_differences_per_head",
+        "test_sae_circuit.py::test_finds_exactly_the_planted_heads",
+        "test_sae_circuit.py::test_ranks_the_planted_heads_first_when_the_pairs_also_differ_elsewhere"],
+       "after the authors' code (charlieoneill11/sae-circuits src/main.py, sae.py, train.py, node.py; the "
+       "paper's text beyond the abstract was not found): one SAE shared by every head (tied bias, unit-norm "
+       "rows, ReLU, MSE + 0.02 mean L1, Adam 1e-3, 500 full-batch steps, 300 features, 10 training examples "
+       "from both sets) on head outputs averaged over tokens; code = argmax hidden unit; score = distinct "
+       "codes only positives have (optionally a share of all the head's codes); node method only. Chosen: "
+       "head outputs before the output projection (the authors use each head's d_model result), and heads "
+       "chosen above a threshold / top_k (the authors rank them and read the threshold off a known "
+       "circuit); tested on heads planted by weights, not on GPT-2's IOI circuit"),
     _i(7, "Cross-Attention is Half Explanation (speech-to-text)",
        ["attribution.input_saliency", "attribution.cross_attention_map", "attribution.agreement",
         "analysis.capture"],
