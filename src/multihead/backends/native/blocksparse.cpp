@@ -27,6 +27,8 @@
 #include <limits>
 #include <vector>
 
+#include <sys/mman.h>
+
 namespace {
 
 using at::BFloat16;
@@ -1202,6 +1204,19 @@ void row_keys(const Dropout& dr, const Geometry& g, int64_t b, const int64_t* qr
   for (size_t i = 0; i < w.heads.size(); ++i) w.rowkey[i] = dr.row(b, w.heads[i], g.H, qrows[i % rows]);
 }
 
+// Map a fresh tensor's pages in one call per thread (MADV_POPULATE_WRITE) instead of a fault per page
+inline void populate(const at::Tensor& t) {
+#ifdef MADV_POPULATE_WRITE
+  const uintptr_t page = 4096, lo = (reinterpret_cast<uintptr_t>(t.data_ptr()) + page - 1) / page * page;
+  const uintptr_t hi = (reinterpret_cast<uintptr_t>(t.data_ptr()) + t.nbytes()) / page * page;
+  if (hi <= lo + (1u << 20)) return;
+  const int64_t pages = (hi - lo) / page;
+  at::parallel_for(0, pages, 256, [&](int64_t p0, int64_t p1) {
+    madvise(reinterpret_cast<void*>(lo + p0 * page), (p1 - p0) * page, MADV_POPULATE_WRITE);
+  });
+#endif
+}
+
 // Dynamic scheduling: each thread pulls units from a shared counter one ahead, so that
 // ``ahead(next)`` can ask for the next unit's data before ``f(current)`` runs.
 template <typename F, typename A>
@@ -1236,6 +1251,7 @@ std::vector<at::Tensor> forward_impl(const at::Tensor& q, const at::Tensor& k, c
   const bool covers = covers_every_row(tab, g.Lq);
   const auto lopt = q.options().dtype(c10::CppTypeToScalarType<C>::value);
   auto out = covers ? at::empty({g.B, g.H, g.Lq, g.Dv}, q.options()) : at::zeros({g.B, g.H, g.Lq, g.Dv}, q.options());
+  if (covers) populate(out);
   auto lse = covers ? at::empty({g.B, g.H, g.Lq}, lopt)
                     : at::full({g.B, g.H, g.Lq}, std::numeric_limits<double>::infinity(), lopt);
   Inputs<T> in{static_cast<T*>(q.data_ptr()), static_cast<T*>(k.data_ptr()), static_cast<T*>(v.data_ptr()), g, tab};
@@ -1309,8 +1325,10 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& q, const at::Tensor& k, 
   const auto copt = q.options().dtype(c10::CppTypeToScalarType<C>::value);
   const bool covers = covers_every_row(tab, g.Lq);  // every row's dq written by its tile
   auto dq = covers ? at::empty({g.B, g.H, g.Lq, g.D}, copt) : at::zeros({g.B, g.H, g.Lq, g.D}, copt);
-  auto dk = at::zeros({parts, g.B, g.Hkv, g.Lk, g.D}, copt);
-  auto dv = at::zeros({parts, g.B, g.Hkv, g.Lk, g.Dv}, copt);
+  auto dk = at::empty({parts, g.B, g.Hkv, g.Lk, g.D}, copt);
+  auto dv = at::empty({parts, g.B, g.Hkv, g.Lk, g.Dv}, copt);
+  for (const at::Tensor* t : {&dq, &dk, &dv}) populate(*t);
+  dk.zero_(), dv.zero_();
   const int64_t threads = std::max(1, at::get_num_threads());
   want_pre = want_pre && pre.defined(), want_post = want_post && post.defined();
   const int64_t lvec = pre.defined() ? pre.size(1) : (post.defined() ? post.size(1) : 0);
