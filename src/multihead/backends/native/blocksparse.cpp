@@ -1,14 +1,16 @@
-// Block-sparse attention on CPU: one pass per tile of queries with an online softmax, forward and
-// backward, driven by a tile table built in Python from the pattern's plan (multihead/backends/
-// native/__init__.py says what each array holds).
+// Block-sparse attention on CPU: one pass per tile of queries, forward and backward, driven by a
+// tile table built in Python from the pattern's plan (multihead/backends/native/tiles.py says what
+// each array holds).
 //
-// A tile is a set of query rows (gathered from anywhere in the sequence) and a list of key
-// positions; the keys are read in place through their positions. Query heads that share a key head
-// (GQA) and the same key list are stacked as rows of one tile, so keys are never repeated. A tile of
-// eight rows or more puts its rows on the vector lanes (lane kernels: a key's logits for sixteen rows
-// are one vector, the softmax is elementwise work across keys); a smaller one runs a row at a time
-// (row kernels). Logits: scale, the score (relative biases and a softcap), the mask; then the softmax
-// and the product with the values. bfloat16 multiplies in bf16 pairs where the CPU has AVX-512 BF16.
+// A tile is a set of query rows (from anywhere in the sequence) and a list of key positions; query
+// rows, keys, values and output rows are all read and written in place through their positions.
+// Query heads that share a key head (GQA) and the same key list are stacked as rows of one tile, so
+// keys are never repeated. A tile of eight rows or more puts its rows on the vector lanes (lane
+// kernels: a key's logits for sixteen rows are one vector, the softmax is elementwise work across
+// keys, two lane blocks share each pass over the keys in fp32); a smaller one runs a row at a time
+// (row kernels). Logits: scale, the score (relative biases and a softcap), the mask; then the
+// weights over all of the tile's keys at once (softmax, or sigmoid), dropout, and the product with
+// the values. bfloat16 multiplies in bf16 pairs where the CPU has AVX-512 BF16; float16 is widened.
 // Forward keeps the log-sum-exp of every row; backward recomputes each tile's weights from it
 // (FlashAttention-2's scheme). Key and value gradients are accumulated without atomics: the tiles of
 // one (batch, key head) are split into a few partitions, each with its own accumulator, summed at
