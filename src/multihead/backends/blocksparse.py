@@ -51,8 +51,8 @@ masks are drawn per group from a seed taken from torch's global generator, so ba
 the same mask and ``torch.manual_seed`` makes a call reproducible.
 
 On CPU the tiles of a plan run in the native kernel (``backends/native``: a tile table built from
-the plan, one C++ pass per tile with an online softmax, forward and backward) whenever it is built
-and serves the request (``BlockSparseBackend.native_unsupported`` says why not); what follows is
+the plan, one C++ pass per tile, the weights over all of its keys at once, forward and backward)
+whenever it is built and serves the request (``BlockSparseBackend.native_unsupported`` says why not); what follows is
 the PyTorch path, which serves everything else (other scores, backward="autograd", CUDA).
 
 Measured on 2 CPU threads (fp32, B=1, H=8, D=64, ``SlidingWindow(128, 128)``, N=16384; see
@@ -884,9 +884,9 @@ class BlockSparseBackend(Backend):
         tile_gain: the tiled plan is used when it computes at most this fraction of the pairs of
             the row-major one (gathering keys costs more than slicing them).
         native: run the tiles in the native CPU kernel (``multihead.backends.native``: one pass per
-            tile with an online softmax, forward and backward) when it is built and can serve the
-            request; otherwise, and with ``False``, in plain PyTorch. ``native_unsupported`` says
-            why a request runs in PyTorch.
+            tile, the weights over all of its keys at once, forward and backward) when it is built
+            and can serve the request; otherwise, and with ``False``, in plain PyTorch.
+            ``native_unsupported`` says why a request runs in PyTorch.
     """
 
     name = "blocksparse"
