@@ -827,7 +827,7 @@ class _BlockSparseFunction(torch.autograd.Function):
             else:
                 s = call.logits(qg, kg, g, hk, gq, ws)
                 p = norm.weights_(s, call.Lk)
-            m, w = p.shape[1], p.shape[2]
+            m = p.shape[1]
             dp = torch.bmm(do, vg.transpose(-2, -1), out=ws.get("dp", p.shape))
             if call.p > 0:
                 keep = call.dropout_keep(p.shape, gi, ws)
