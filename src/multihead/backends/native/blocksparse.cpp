@@ -151,6 +151,8 @@ inline bool covers_every_row(const Table& tab, int64_t Lq) {
 
 struct Geometry {
   int64_t B, H, Hkv, Lq, Lk, D, Dv, gq, offset;
+  // the index of query row q of head h, batch b, in a (B, H, Lq, ...) tensor's rows
+  int64_t row(int64_t b, int64_t h, int64_t q) const { return (b * H + h) * Lq + q; }
 };
 
 // Dropout of the weights, from a counter-based hash (no state: backward regenerates the forward's
@@ -261,6 +263,9 @@ struct Inputs {
   const T *q, *k, *v;
   Geometry g;
   Table tab;
+  // the keys and values of key head hk, batch b
+  const T* keys(int64_t b, int64_t hk) const { return k + (b * g.Hkv + hk) * g.Lk * g.D; }
+  const T* values(int64_t b, int64_t hk) const { return v + (b * g.Hkv + hk) * g.Lk * g.Dv; }
 };
 
 // Per-thread scratch.
@@ -1157,12 +1162,12 @@ inline bool use_lanes(int64_t M) {
   return 2 * M >= Vec<typename Acc<T>::type>::size();
 }
 
-// Pointers to a tile's rows of x (B, H, L, E): row i is query row qrows[i % rows] of head heads[i].
+// Pointers to a tile's rows of x (B, H, Lq, E): row i is query row qrows[i % rows] of head heads[i].
 template <typename P>
-void row_pointers(P* x, const Geometry& g, int64_t E, int64_t L, int64_t b, const std::vector<int64_t>& heads,
+void row_pointers(P* x, const Geometry& g, int64_t E, int64_t b, const std::vector<int64_t>& heads,
                   const int64_t* qrows, int64_t rows, std::vector<P*>& out) {
   out.resize(heads.size());
-  for (size_t i = 0; i < heads.size(); ++i) out[i] = x + ((b * g.H + heads[i]) * L + qrows[i % rows]) * E;
+  for (size_t i = 0; i < heads.size(); ++i) out[i] = x + g.row(b, heads[i], qrows[i % rows]) * E;
 }
 
 // Units of work: (batch, key head, head set, tile). A head set is the gq query heads of a key
@@ -1274,11 +1279,10 @@ std::vector<at::Tensor> forward_impl(const at::Tensor& q, const at::Tensor& k, c
   auto ahead = [&](int64_t unit) {
     int64_t b, hk;
     const Tile x = locate(unit, b, hk);
-    const T* kbase = in.k + (b * g.Hkv + hk) * g.Lk * g.D;
-    const T* vbase = in.v + (b * g.Hkv + hk) * g.Lk * g.Dv;
+    const T *kbase = in.keys(b, hk), *vbase = in.values(b, hk);
     for (int64_t j = 0; j < x.W; ++j) prefetch_row<2>(kbase + x.kpos[j] * g.D, g.D), prefetch_row<2>(vbase + x.kpos[j] * g.Dv, g.Dv);
     for (int64_t i = 0; i < std::min<int64_t>(x.M, Vec<C>::size()); ++i)
-      prefetch_row<2>(in.q + ((b * g.H + x.h0 + i / x.rows) * g.Lq + x.qrows[i % x.rows]) * g.D, g.D);
+      prefetch_row<2>(in.q + g.row(b, x.h0 + i / x.rows, x.qrows[i % x.rows]) * g.D, g.D);
   };
   std::vector<Scratch<T, C>> scratch(std::max(1, at::get_num_threads()));
   for_each_unit(n_units, [&](int64_t unit) {
@@ -1291,11 +1295,10 @@ std::vector<at::Tensor> forward_impl(const at::Tensor& q, const at::Tensor& k, c
     if (rows == 0 || W == 0) return;
     w.qabs.resize(M), w.heads.resize(M);
     for (int64_t i = 0; i < M; ++i) w.qabs[i] = qrows[i % rows] + g.offset, w.heads[i] = h0 + i / rows;
-    row_pointers(in.q, g, g.D, g.Lq, b, w.heads, qrows, rows, w.qp);
-    row_pointers(out_p, g, g.Dv, g.Lq, b, w.heads, qrows, rows, w.op);
+    row_pointers(in.q, g, g.D, b, w.heads, qrows, rows, w.qp);
+    row_pointers(out_p, g, g.Dv, b, w.heads, qrows, rows, w.op);
     row_keys(sc.drop, g, b, qrows, rows, w);
-    const T* kbase = in.k + (b * g.Hkv + hk) * g.Lk * g.D;
-    const T* vbase = in.v + (b * g.Hkv + hk) * g.Lk * g.Dv;
+    const T *kbase = in.keys(b, hk), *vbase = in.values(b, hk);
     // keys read in place; rows on the vector lanes, read and written in place (or, few rows, one
     // at a time)
     w.m.resize(M);
@@ -1309,7 +1312,7 @@ std::vector<at::Tensor> forward_impl(const at::Tensor& q, const at::Tensor& k, c
         else convert(w.o.data() + i * g.Dv, w.op[i], g.Dv);
       }
     }
-    for (int64_t i = 0; i < M; ++i) lse_p[(b * g.H + w.heads[i]) * g.Lq + qrows[i % rows]] = w.m[i];
+    for (int64_t i = 0; i < M; ++i) lse_p[g.row(b, w.heads[i], qrows[i % rows])] = w.m[i];
   }, ahead);
   return {out, lse};
 }
@@ -1358,8 +1361,7 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& q, const at::Tensor& k, 
     C* dv_acc = dv_p + ((part * g.B + b) * g.Hkv + hk) * g.Lk * g.Dv;
     double* dpre_t = want_pre ? static_cast<double*>(dpre.data_ptr()) + at::get_thread_num() * g.H * lvec : nullptr;
     double* dpost_t = want_post ? static_cast<double*>(dpost.data_ptr()) + at::get_thread_num() * g.H * lvec : nullptr;
-    const T* kbase = in.k + (b * g.Hkv + hk) * g.Lk * g.D;
-    const T* vbase = in.v + (b * g.Hkv + hk) * g.Lk * g.Dv;
+    const T *kbase = in.keys(b, hk), *vbase = in.values(b, hk);
     const int64_t t_end = std::min(tab.T, (part + 1) * per_part);
     for (int64_t t = part * per_part; t < t_end; ++t)
       for (int64_t set = 0; set < u.sets; ++set) {
@@ -1370,12 +1372,12 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& q, const at::Tensor& k, 
         if (rows == 0 || W == 0) continue;
         w.qabs.resize(M), w.heads.resize(M), w.m.resize(M), w.l.resize(M);
         for (int64_t i = 0; i < M; ++i) w.qabs[i] = qrows[i % rows] + g.offset, w.heads[i] = h0 + i / rows;
-        row_pointers(in.q, g, g.D, g.Lq, b, w.heads, qrows, rows, w.qp);
-        row_pointers(do_p, g, g.Dv, g.Lq, b, w.heads, qrows, rows, w.dop);
-        row_pointers(out_p, g, g.Dv, g.Lq, b, w.heads, qrows, rows, w.orp);
-        row_pointers(dq_p, g, g.D, g.Lq, b, w.heads, qrows, rows, w.dqp);
+        row_pointers(in.q, g, g.D, b, w.heads, qrows, rows, w.qp);
+        row_pointers(do_p, g, g.Dv, b, w.heads, qrows, rows, w.dop);
+        row_pointers(out_p, g, g.Dv, b, w.heads, qrows, rows, w.orp);
+        row_pointers(dq_p, g, g.D, b, w.heads, qrows, rows, w.dqp);
         for (int64_t i = 0; i < M; ++i) {  // lse, and delta = rowsum(dO * O)
-          w.m[i] = lse_p[(b * g.H + w.heads[i]) * g.Lq + qrows[i % rows]];
+          w.m[i] = lse_p[g.row(b, w.heads[i], qrows[i % rows])];
           w.l[i] = dot<C>(w.orp[i], w.dop[i], g.Dv);
         }
         row_keys(sc.drop, g, b, qrows, rows, w);
