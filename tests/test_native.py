@@ -401,6 +401,32 @@ def test_rows_that_see_a_single_key():
 
 
 @needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_outputs_past_the_cache_are_streamed_and_equal_cached_stores(dtype):
+    """An output of ``stream_bytes()`` or more (half the last-level cache) is written with
+    streaming stores: each of its rows equals the row of a run small enough to go through the
+    cache, forward and dq (both computed row by row, so equal bit for bit)."""
+    heads, d = 8, 64
+    n = -(-native.kernel().stream_bytes() // (heads * d * dtype.itemsize) // 64) * 64
+    gen = torch.Generator().manual_seed(0)
+    q, k, v, dout = [torch.randn(1, heads, n, d, generator=gen).to(dtype) for _ in range(4)]
+    assert q.nbytes >= native.kernel().stream_bytes() > q[:, :1].nbytes
+
+    def run(*tensors):
+        leaves = [t.detach().requires_grad_() for t in tensors[:3]]
+        out = mh.attention(*leaves, pattern=SlidingWindow(16, 16), backend="blocksparse")
+        assert type(out.grad_fn).__name__ == "NativeBlockSparseBackward"
+        out.backward(tensors[3])
+        return out.detach(), leaves[0].grad
+
+    big = run(q, k, v, dout)
+    for h in (0, heads - 1):
+        small = run(*(t[:, h:h + 1] for t in (q, k, v, dout)))
+        for got, want in zip(big, small):
+            assert torch.equal(got[:, h:h + 1], want)
+
+
+@needs_kernel
 def test_corrupt_tile_tables_are_rejected():
     """The kernel checks its table: an index out of range is an error, never a wild read."""
     q = torch.randn(1, 2, 16, 8)

@@ -23,7 +23,9 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cinttypes>
 #include <cmath>
+#include <cstdio>
 #include <cstdint>
 #include <cstring>
 #include <limits>
@@ -151,6 +153,7 @@ inline bool covers_every_row(const Table& tab, int64_t Lq) {
 
 struct Geometry {
   int64_t B, H, Hkv, Lq, Lk, D, Dv, gq, offset;
+  bool stream = false;  // output rows written with streaming stores (``streams``)
   // the index of query row q of head h, batch b, in a (B, H, Lq, ...) tensor's rows
   int64_t row(int64_t b, int64_t h, int64_t q) const { return (b * H + h) * Lq + q; }
 };
@@ -422,7 +425,23 @@ inline __m512 load16(const BFloat16* p, __mmask16 m) {
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p)), 16));
 }
 inline __m512 load16(const at::Half* p, __mmask16 m) { return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, p)); }
+inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+inline __m512 load16(const BFloat16* p) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16));
+}
+inline __m512 load16(const at::Half* p) { return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))); }
+inline void store16(float* p, __m512 x) { _mm512_storeu_ps(p, x); }
+inline void store16(at::Half* p, __m512 x) {
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+}
+inline void store16(BFloat16* p, __m512 x) { _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), at::vec::cvtfp32_bf16(x)); }
 inline void store16(float* p, __m512 x, __mmask16 m) { _mm512_mask_storeu_ps(p, m, x); }
+// past the caches, to 16 x sizeof(T)-aligned p
+inline void stream16(float* p, __m512 x) { _mm512_stream_ps(p, x); }
+inline void stream16(at::Half* p, __m512 x) {
+  _mm256_stream_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+}
+inline void stream16(BFloat16* p, __m512 x) { _mm256_stream_si256(reinterpret_cast<__m256i*>(p), at::vec::cvtfp32_bf16(x)); }
 inline void store16(at::Half* p, __m512 x, __mmask16 m) {
   _mm256_mask_storeu_epi16(p, m, _mm512_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
 }
@@ -451,8 +470,13 @@ void rows_in(const T* const* rows, int64_t nl, int64_t width, C alpha, C* XT) {
       const int64_t nc = std::min<int64_t>(16, width - c0);
       const __mmask16 m = first_n(nc);
       __m512 r[16];
+      if (nl == 16 && nc == 16) {
 #pragma GCC unroll 16
-      for (int64_t l = 0; l < 16; ++l) r[l] = l < nl ? load16(rows[l] + c0, m) : _mm512_setzero_ps();
+        for (int64_t l = 0; l < 16; ++l) r[l] = load16(rows[l] + c0);
+      } else {
+#pragma GCC unroll 16
+        for (int64_t l = 0; l < 16; ++l) r[l] = l < nl ? load16(rows[l] + c0, m) : _mm512_setzero_ps();
+      }
       transpose16(r);
       for (int64_t c = 0; c < nc; ++c) _mm512_storeu_ps(XT + (c0 + c) * 16, alpha == 1.f ? r[c] : _mm512_mul_ps(r[c], a));
     }
@@ -464,12 +488,14 @@ void rows_in(const T* const* rows, int64_t nl, int64_t width, C alpha, C* XT) {
     for (int64_t l = 0; l < L; ++l) XT[d * L + l] = l < nl ? alpha * static_cast<C>(rows[l][d]) : C(0);
 }
 
-// rows[l][d] = XT[d][l] scale[l] for l < nl, d < width (scale: one entry per lane)
+// rows[l][d] = XT[d][l] scale[l] for l < nl, d < width (scale: one entry per lane); with
+// ``stream``, aligned rows are written past the caches
 template <typename C, typename T>
-void rows_out(const C* XT, int64_t nl, int64_t width, const C* scale, T* const* rows) {
+void rows_out(const C* XT, int64_t nl, int64_t width, const C* scale, T* const* rows, bool stream) {
 #if defined(CPU_CAPABILITY_AVX512)
   if constexpr (std::is_same_v<C, float>) {
     const __m512 f = _mm512_loadu_ps(scale);
+    for (int64_t l = 0; l < nl && stream; ++l) stream = reinterpret_cast<uintptr_t>(rows[l]) % (16 * sizeof(T)) == 0;
     for (int64_t c0 = 0; c0 < width; c0 += 16) {
       const int64_t nc = std::min<int64_t>(16, width - c0);
       const __mmask16 m = first_n(nc);
@@ -477,7 +503,12 @@ void rows_out(const C* XT, int64_t nl, int64_t width, const C* scale, T* const* 
 #pragma GCC unroll 16
       for (int64_t c = 0; c < 16; ++c) r[c] = c < nc ? _mm512_mul_ps(_mm512_loadu_ps(XT + (c0 + c) * 16), f) : _mm512_setzero_ps();
       transpose16(r);
-      for (int64_t l = 0; l < nl; ++l) store16(rows[l] + c0, r[l], m);
+      if (nc == 16 && stream)
+        for (int64_t l = 0; l < nl; ++l) stream16(rows[l] + c0, r[l]);
+      else if (nc == 16)
+        for (int64_t l = 0; l < nl; ++l) store16(rows[l] + c0, r[l]);
+      else
+        for (int64_t l = 0; l < nl; ++l) store16(rows[l] + c0, r[l], m);
     }
     return;
   }
@@ -745,7 +776,7 @@ void lanes_attention(const Geometry& g, const Score<C>& sc, Scratch<T, C>& w, co
       for (int64_t l = 0; l < L; ++l) inv[l] = ss[b][l] > C(0) ? C(1) / ss[b][l] : C(0);
       for (int64_t l = 0; l < nl; ++l)
         lse[f + l] = ss[b][l] > C(0) ? ms[b][l] + std::log(ss[b][l]) : std::numeric_limits<C>::infinity();
-      rows_out(OT + b * g.Dv * L, nl, g.Dv, inv, w.op.data() + f);
+      rows_out(OT + b * g.Dv * L, nl, g.Dv, inv, w.op.data() + f, g.stream);
     }
   }
 }
@@ -937,7 +968,7 @@ void lanes_backward(const Geometry& g, const Score<C>& sc, C scale, Scratch<T, C
     if (n > L) lanes_combine<2>(DPT, kbase, kpos, W, g.D, g.D, DQT);
     else lanes_combine<1>(DPT, kbase, kpos, W, g.D, g.D, DQT);
     for (int64_t b = 0; b * L < n; ++b)
-      rows_out(DQT + b * g.D * L, std::min(L, n - b * L), g.D, ones, dq + first + b * L);
+      rows_out(DQT + b * g.D * L, std::min(L, n - b * L), g.D, ones, dq + first + b * L, g.stream);
   }
 }
 
@@ -1224,6 +1255,22 @@ inline void populate(const at::Tensor& t) {
 #endif
 }
 
+// Outputs of this many bytes or more are written with streaming stores: half the last-level
+// cache. Such an output would leave the cache before it is read, and a streaming store skips
+// reading each line before writing it.
+inline int64_t stream_bytes() {
+  static const int64_t llc = [] {  // sysfs's "32768K" (glibc's sysconf can be far off in a VM)
+    int64_t kib = 0;
+    if (FILE* f = std::fopen("/sys/devices/system/cpu/cpu0/cache/index3/size", "r")) {
+      if (std::fscanf(f, "%" SCNd64 "K", &kib) != 1) kib = 0;
+      std::fclose(f);
+    }
+    return kib > 0 ? kib << 10 : int64_t(32) << 20;
+  }();
+  return llc / 2;
+}
+inline bool streams(const at::Tensor& t) { return static_cast<int64_t>(t.nbytes()) >= stream_bytes(); }
+
 // Dynamic scheduling: each thread pulls units from a shared counter one ahead, so that
 // ``ahead(next)`` can ask for the next unit's data before ``f(current)`` runs.
 template <typename F, typename A>
@@ -1238,6 +1285,9 @@ void for_each_unit(int64_t n, const F& f, const A& ahead) {
       f(i);
       i = j;
     }
+#if defined(CPU_CAPABILITY_AVX512)
+    _mm_sfence();  // streaming stores seen before the threads join
+#endif
   });
 }
 template <typename F>
@@ -1259,6 +1309,7 @@ std::vector<at::Tensor> forward_impl(const at::Tensor& q, const at::Tensor& k, c
   const auto lopt = q.options().dtype(c10::CppTypeToScalarType<C>::value);
   auto out = covers ? at::empty({g.B, g.H, g.Lq, g.Dv}, q.options()) : at::zeros({g.B, g.H, g.Lq, g.Dv}, q.options());
   if (covers) populate(out);
+  g.stream = streams(out);
   auto lse = covers ? at::empty({g.B, g.H, g.Lq}, lopt)
                     : at::full({g.B, g.H, g.Lq}, std::numeric_limits<double>::infinity(), lopt);
   Inputs<T> in{static_cast<T*>(q.data_ptr()), static_cast<T*>(k.data_ptr()), static_cast<T*>(v.data_ptr()), g, tab};
@@ -1333,6 +1384,7 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& q, const at::Tensor& k, 
   auto dk = at::empty({parts, g.B, g.Hkv, g.Lk, g.D}, copt);
   auto dv = at::empty({parts, g.B, g.Hkv, g.Lk, g.Dv}, copt);
   for (const at::Tensor* t : {&dq, &dk, &dv}) populate(*t);
+  g.stream = streams(dq);
   dk.zero_(), dv.zero_();
   const int64_t threads = std::max(1, at::get_num_threads());
   want_pre = want_pre && pre.defined(), want_post = want_post && post.defined();
@@ -1513,5 +1565,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "top-k selection: (indices of each row's keep largest scores, ascending; whether each is above -inf)");
   m.def("forward", &forward, "block-sparse attention forward: (out, lse)");
   m.def("backward", &backward, "block-sparse attention backward: (dq, dk, dv, dpre, dpost)");
+  m.def("stream_bytes", &stream_bytes, "outputs of this many bytes or more are written past the caches");
   m.def("bf16_pairs", [] { return kBf16Pairs; }, "whether bfloat16 tiles multiply in pairs (AVX-512 BF16)");
 }
