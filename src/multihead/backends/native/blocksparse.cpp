@@ -755,17 +755,23 @@ void lanes_attention(const Geometry& g, const Score<C>& sc, Scratch<T, C>& w, co
         for (int64_t j = 0; j < W; ++j) vsigmoid(V::loadu(S + j * L), sc.bias).store(S + j * L);
         V(C(0)).store(ms[b]), V(C(1)).store(ss[b]);
       } else {
-        V m(ninf);
-        for (int64_t j = 0; j < W; ++j) m = at::vec::maximum(m, V::loadu(S + j * L));
+        // four running maxima and two sums, so that each pass is not one chain of dependent adds
+        V m[4] = {V(ninf), V(ninf), V(ninf), V(ninf)};
+        int64_t j = 0;
+        for (; j + 4 <= W; j += 4)
+#pragma GCC unroll 4
+          for (int u = 0; u < 4; ++u) m[u] = at::vec::maximum(m[u], V::loadu(S + (j + u) * L));
+        for (; j < W; ++j) m[0] = at::vec::maximum(m[0], V::loadu(S + j * L));
+        m[0] = at::vec::maximum(at::vec::maximum(m[0], m[1]), at::vec::maximum(m[2], m[3]));
         // rows that see no key: exp against 0 gives 0 weights everywhere (-inf logits)
-        const V safe = V::blendv(m, V(C(0)), m == V(ninf));
-        V sum(C(0));
-        for (int64_t j = 0; j < W; ++j) {
+        const V safe = V::blendv(m[0], V(C(0)), m[0] == V(ninf));
+        V sum[2] = {V(C(0)), V(C(0))};
+        for (j = 0; j < W; ++j) {
           const V e = vexp(V::loadu(S + j * L) - safe);
           e.store(S + j * L);
-          sum = sum + e;
+          sum[j & 1] = sum[j & 1] + e;
         }
-        safe.store(ms[b]), sum.store(ss[b]);
+        safe.store(ms[b]), (sum[0] + sum[1]).store(ss[b]);
       }
       if (sc.drop.on) drop_lanes(sc.drop, w.rowkey.data() + f, nl, kpos, W, S);  // after the sum
     }
