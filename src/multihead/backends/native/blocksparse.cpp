@@ -436,16 +436,16 @@ inline void store16(at::Half* p, __m512 x) {
 }
 inline void store16(BFloat16* p, __m512 x) { _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), at::vec::cvtfp32_bf16(x)); }
 inline void store16(float* p, __m512 x, __mmask16 m) { _mm512_mask_storeu_ps(p, m, x); }
+inline void store16(at::Half* p, __m512 x, __mmask16 m) {
+  _mm256_mask_storeu_epi16(p, m, _mm512_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+}
+inline void store16(BFloat16* p, __m512 x, __mmask16 m) { _mm256_mask_storeu_epi16(p, m, at::vec::cvtfp32_bf16(x)); }
 // past the caches, to 16 x sizeof(T)-aligned p
 inline void stream16(float* p, __m512 x) { _mm512_stream_ps(p, x); }
 inline void stream16(at::Half* p, __m512 x) {
   _mm256_stream_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
 }
 inline void stream16(BFloat16* p, __m512 x) { _mm256_stream_si256(reinterpret_cast<__m256i*>(p), at::vec::cvtfp32_bf16(x)); }
-inline void store16(at::Half* p, __m512 x, __mmask16 m) {
-  _mm256_mask_storeu_epi16(p, m, _mm512_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
-}
-inline void store16(BFloat16* p, __m512 x, __mmask16 m) { _mm256_mask_storeu_epi16(p, m, at::vec::cvtfp32_bf16(x)); }
 inline __mmask16 first_n(int64_t n) { return n >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << n) - 1); }
 #endif
 
@@ -489,13 +489,12 @@ void rows_in(const T* const* rows, int64_t nl, int64_t width, C alpha, C* XT) {
 }
 
 // rows[l][d] = XT[d][l] scale[l] for l < nl, d < width (scale: one entry per lane); with
-// ``stream``, aligned rows are written past the caches
+// ``stream`` (rows aligned for it: ``streams``), written past the caches
 template <typename C, typename T>
 void rows_out(const C* XT, int64_t nl, int64_t width, const C* scale, T* const* rows, bool stream) {
 #if defined(CPU_CAPABILITY_AVX512)
   if constexpr (std::is_same_v<C, float>) {
     const __m512 f = _mm512_loadu_ps(scale);
-    for (int64_t l = 0; l < nl && stream; ++l) stream = reinterpret_cast<uintptr_t>(rows[l]) % (16 * sizeof(T)) == 0;
     for (int64_t c0 = 0; c0 < width; c0 += 16) {
       const int64_t nc = std::min<int64_t>(16, width - c0);
       const __mmask16 m = first_n(nc);
@@ -1261,9 +1260,9 @@ inline void populate(const at::Tensor& t) {
 #endif
 }
 
-// Outputs of this many bytes or more are written with streaming stores: half the last-level
-// cache. Such an output would leave the cache before it is read, and a streaming store skips
-// reading each line before writing it.
+// Outputs of this many bytes or more are written with streaming stores (when their rows align
+// with the vectors: ``streams``): half the last-level cache. Such an output would leave the cache
+// before it is read, and a streaming store skips reading each line before writing it.
 inline int64_t stream_bytes() {
   static const int64_t llc = [] {  // sysfs's "32768K" (glibc's sysconf can be far off in a VM)
     int64_t kib = 0;
@@ -1275,7 +1274,11 @@ inline int64_t stream_bytes() {
   }();
   return llc / 2;
 }
-inline bool streams(const at::Tensor& t) { return static_cast<int64_t>(t.nbytes()) >= stream_bytes(); }
+inline bool streams(const at::Tensor& t) {  // every row starts on a 16-element boundary
+  const int64_t vec = 16 * t.element_size();
+  return static_cast<int64_t>(t.nbytes()) >= stream_bytes() && t.size(-1) % 16 == 0 &&
+         reinterpret_cast<uintptr_t>(t.data_ptr()) % vec == 0;
+}
 
 // Dynamic scheduling: each thread pulls units from a shared counter one ahead, so that
 // ``ahead(next)`` can ask for the next unit's data before ``f(current)`` runs.
