@@ -224,6 +224,29 @@ def test_widths_match_reference(pattern_name, d, dtype):
     _check_against_reference(PATTERNS[pattern_name](n), None, q, k, v, dout, dtype)
 
 
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("d", [64, 40, 15], ids=["d64", "d40", "d15_odd"])
+def test_every_lane_tile_height_matches_reference(d, dtype):
+    """Tiles of 8 to 32 query rows: the weighted values of one lane block (a vector of d at a time)
+    and of two (six rows at a time, then a tail of one to five rows) written straight into the
+    output and dQ rows; whole 64-wide chunks of d, single vectors and a masked tail."""
+    n = 80
+    q, k, v, dout = _inputs(n, 4, torch.float64, seed=d, d=d, batch=1)
+    pattern = SlidingWindow(24, 6)
+    want = _run("reference", q, k, v, dout, torch.float64, pattern, None)
+    base = _naive(q, k, v, dout, dtype, pattern, None)
+    for rows in range(8, 33):
+        leaves = [t.to(dtype).detach().requires_grad_() for t in (q, k, v)]
+        out = BlockSparseBackend(q_block=rows, kv_block=8).forward(make_request(*leaves, pattern=pattern))[0]
+        assert type(out.grad_fn).__name__ == "NativeBlockSparseBackward"
+        out.backward(dout.to(dtype))
+        got = [out.detach()] + [t.grad for t in leaves]
+        for name, g, w, b in zip(["out", "dq", "dk", "dv"], got, want, base):
+            err, ref_err = max_error(g, w), max_error(b, w)
+            assert err <= FACTOR * ref_err + FLOOR[dtype], f"{rows} rows, {name}: {err:.3g} vs the naive {ref_err:.3g}"
+
+
 def test_bfloat16_pair_products_are_built_where_the_cpu_has_them():
     """On a CPU with AVX-512 BF16 the kernel multiplies bfloat16 in pairs (and says so)."""
     if DISABLED:

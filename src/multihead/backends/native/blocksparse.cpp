@@ -517,6 +517,95 @@ void rows_out(const C* XT, int64_t nl, int64_t width, const C* scale, T* const* 
     for (int64_t d = 0; d < width; ++d) rows[l][d] = static_cast<T>(XT[d * L + l] * scale[l]);
 }
 
+// rows[i][d] = scale[i] sum_j P(j, i) B_j[d] for the n rows of up to two lane blocks, d < width:
+// P(j, i) = PT[(i / L) W L + j L + i % L] (keys x lanes per block), B_j = base + idx[j] * ld,
+// ``scale`` null for 1, rows written in place (``stream``: past the caches). In fp32 on AVX-512 the
+// outputs of a few rows are accumulated in registers as rows (a weight broadcast times a key's row
+// loaded as vectors) and stored as they are, with no transpose: one lane block's 16 rows a vector
+// of d at a time, or, for two blocks, 6 rows and 64 d at a time. Otherwise through OT
+// (lanes_combine) and rows_out.
+#if defined(CPU_CAPABILITY_AVX512)
+// R rows from i0 (stored: the first nr), DB vectors of d from d0 (the last under the mask
+// ``last`` when ``ragged``)
+template <int R, int DB, bool ragged, typename K, typename T>
+inline void combine_rows_block(const float* PT, int64_t W, const K* base, const int64_t* idx, int64_t ld,
+                               int64_t i0, int64_t nr, int64_t d0, __mmask16 last, const float* scale,
+                               T* const* rows, bool stream) {
+  __m512 acc[R][DB];
+  const float* p[R];
+#pragma GCC unroll 16
+  for (int r = 0; r < R; ++r) {
+    p[r] = PT + ((i0 + r) / 16) * W * 16 + (i0 + r) % 16;
+#pragma GCC unroll 4
+    for (int u = 0; u < DB; ++u) acc[r][u] = _mm512_setzero_ps();
+  }
+  for (int64_t j = 0; j < W; ++j) {
+    const K* b = base + idx[j] * ld + d0;
+    __m512 x[DB];
+#pragma GCC unroll 4
+    for (int u = 0; u < DB; ++u) x[u] = ragged && u == DB - 1 ? load16(b + 16 * u, last) : load16(b + 16 * u);
+#pragma GCC unroll 16
+    for (int r = 0; r < R; ++r) {
+      const __m512 c = _mm512_set1_ps(p[r][j * 16]);
+#pragma GCC unroll 4
+      for (int u = 0; u < DB; ++u) acc[r][u] = _mm512_fmadd_ps(c, x[u], acc[r][u]);
+    }
+  }
+  for (int r = 0; r < nr; ++r) {
+    const __m512 f = _mm512_set1_ps(scale ? scale[i0 + r] : 1.f);
+    T* out = rows[i0 + r] + d0;
+#pragma GCC unroll 4
+    for (int u = 0; u < DB; ++u) {
+      const __m512 y = _mm512_mul_ps(acc[r][u], f);
+      if (ragged && u == DB - 1) store16(out + 16 * u, y, last);
+      else if (stream) stream16(out + 16 * u, y);
+      else store16(out + 16 * u, y);
+    }
+  }
+}
+
+// R rows from i0 (the first nr stored), every d: DB vectors at a time, then single (ragged) ones
+template <int R, int DB, typename K, typename T>
+inline void combine_rows(const float* PT, int64_t W, const K* base, const int64_t* idx, int64_t ld, int64_t width,
+                         int64_t i0, int64_t nr, const float* scale, T* const* rows, bool stream) {
+  int64_t d0 = 0;
+  for (; d0 + 16 * DB <= width; d0 += 16 * DB)
+    combine_rows_block<R, DB, false>(PT, W, base, idx, ld, i0, nr, d0, 0xFFFF, scale, rows, stream);
+  for (; d0 + 16 <= width; d0 += 16)
+    combine_rows_block<R, 1, false>(PT, W, base, idx, ld, i0, nr, d0, 0xFFFF, scale, rows, stream);
+  if (d0 < width)
+    combine_rows_block<R, 1, true>(PT, W, base, idx, ld, i0, nr, d0, first_n(width - d0), scale, rows, stream);
+}
+#endif
+
+template <typename C, typename K, typename T>
+void lanes_combine_rows(const C* PT, int64_t W, const K* base, const int64_t* idx, int64_t ld, int64_t width,
+                        int64_t n, const C* scale, T* const* rows, bool stream, C* OT) {
+  constexpr int64_t L = Vec<C>::size();
+#if defined(CPU_CAPABILITY_AVX512)
+  if constexpr (std::is_same_v<C, float>) {
+    if (n <= L) return combine_rows<16, 1>(PT, W, base, idx, ld, width, 0, n, scale, rows, stream);
+    constexpr int R = 6;  // 24 accumulators: 6 rows of 64
+    int64_t i0 = 0;
+    for (; i0 + R <= n; i0 += R) combine_rows<R, 4>(PT, W, base, idx, ld, width, i0, R, scale, rows, stream);
+    switch (n - i0) {
+      case 5: return combine_rows<5, 4>(PT, W, base, idx, ld, width, i0, 5, scale, rows, stream);
+      case 4: return combine_rows<4, 4>(PT, W, base, idx, ld, width, i0, 4, scale, rows, stream);
+      case 3: return combine_rows<3, 4>(PT, W, base, idx, ld, width, i0, 3, scale, rows, stream);
+      case 2: return combine_rows<2, 4>(PT, W, base, idx, ld, width, i0, 2, scale, rows, stream);
+      case 1: return combine_rows<1, 4>(PT, W, base, idx, ld, width, i0, 1, scale, rows, stream);
+      default: return;
+    }
+  }
+#endif
+  if (n > L) lanes_combine<2>(PT, base, idx, W, ld, width, OT);
+  else lanes_combine<1>(PT, base, idx, W, ld, width, OT);
+  C ones[L];
+  std::fill(ones, ones + L, C(1));
+  for (int64_t b = 0; b * L < n; ++b)
+    rows_out(OT + b * width * L, std::min(L, n - b * L), width, scale ? scale + b * L : ones, rows + b * L, stream);
+}
+
 // Lanes l < nl of ``s`` whose byte m[l] is 0 become -inf.
 template <typename C>
 inline void mask_lanes(C* s, const uint8_t* m, int64_t nl) {
@@ -704,9 +793,9 @@ struct LaneProducts {
     if (nl > L) lanes_dot<2>(QT, g.D, kbase, kpos, W, g.D, ST);
     else lanes_dot<1>(QT, g.D, kbase, kpos, W, g.D, ST);
   }
-  void combine(int64_t nl, const C* PT, C* OT) const {
-    if (nl > Vec<C>::size()) lanes_combine<2>(PT, vbase, kpos, W, g.Dv, g.Dv, OT);
-    else lanes_combine<1>(PT, vbase, kpos, W, g.Dv, g.Dv, OT);
+  // rows[i] = scale[i] sum_j PT(j, i) V_j for the pass's n rows (OT: blocks x Dv x lanes scratch)
+  void combine(int64_t n, const C* PT, const C* scale, T* const* rows, bool stream, C* OT) const {
+    lanes_combine_rows(PT, W, vbase, kpos, g.Dv, g.Dv, n, scale, rows, stream, OT);
   }
 };
 
@@ -725,9 +814,10 @@ struct PairProducts {
     pairs_in(q + first, nl, g.D, QT2);
     lanes_dot_pairs(QT2, g.D / 2, kbase, kpos, W, g.D, scale, ST);
   }
-  void combine(int64_t, const float* PT, float* OT) const {
+  void combine(int64_t n, const float* PT, const float* scale, BFloat16* const* rows, bool stream, float* OT) const {
     pack_weight_pairs(PT, W, PT2);
     lanes_combine_pairs(PT2, VP, (W + 1) / 2, g.Dv, OT);
+    rows_out(OT, n, g.Dv, scale, rows, stream);
   }
 };
 #endif
@@ -764,25 +854,27 @@ void lanes_attention(const Geometry& g, const Score<C>& sc, Scratch<T, C>& w, co
         m[0] = at::vec::maximum(at::vec::maximum(m[0], m[1]), at::vec::maximum(m[2], m[3]));
         // rows that see no key: exp against 0 gives 0 weights everywhere (-inf logits)
         const V safe = V::blendv(m[0], V(C(0)), m[0] == V(ninf));
-        V sum[2] = {V(C(0)), V(C(0))};
-        for (j = 0; j < W; ++j) {
-          const V e = vexp(V::loadu(S + j * L) - safe);
-          e.store(S + j * L);
-          sum[j & 1] = sum[j & 1] + e;
-        }
+        V sum[2] = {V(C(0)), V(C(0))};  // indexed by constants only: they stay in registers
+        for (j = 0; j < W; j += 2)
+#pragma GCC unroll 2
+          for (int u = 0; u < 2; ++u)
+            if (u == 0 || j + 1 < W) {
+              const V e = vexp(V::loadu(S + (j + u) * L) - safe);
+              e.store(S + (j + u) * L);
+              sum[u] = sum[u] + e;
+            }
         safe.store(ms[b]), (sum[0] + sum[1]).store(ss[b]);
       }
       if (sc.drop.on) drop_lanes(sc.drop, w.rowkey.data() + f, nl, kpos, W, S);  // after the sum
     }
-    products.combine(n, ST, OT);
+    C inv[Products::blocks][L];
     for (int64_t b = 0; b * L < n; ++b) {
       const int64_t f = first + b * L, nl = std::min(L, n - b * L);
-      C inv[L];
-      for (int64_t l = 0; l < L; ++l) inv[l] = ss[b][l] > C(0) ? C(1) / ss[b][l] : C(0);
+      for (int64_t l = 0; l < L; ++l) inv[b][l] = ss[b][l] > C(0) ? C(1) / ss[b][l] : C(0);
       for (int64_t l = 0; l < nl; ++l)
         lse[f + l] = ss[b][l] > C(0) ? ms[b][l] + std::log(ss[b][l]) : std::numeric_limits<C>::infinity();
-      rows_out(OT + b * g.Dv * L, nl, g.Dv, inv, w.op.data() + f, g.stream);
     }
+    products.combine(n, ST, inv[0], w.op.data() + first, g.stream, OT);
   }
 }
 
@@ -906,8 +998,6 @@ void lanes_backward(const Geometry& g, const Score<C>& sc, C scale, Scratch<T, C
   if (sc.cap > 0) w.raw.resize(NB * W * L);
   if (sc.drop.on) w.b3.resize(W * L);
   C *QT = w.b1.data(), *DOT = w.b2.data(), *ST = w.s.data(), *DPT = w.dp.data(), *DQT = w.o.data();
-  C ones[L];
-  std::fill(ones, ones + L, C(1));
   for (int64_t first = 0; first < M; first += NB * L) {
     const int64_t n = std::min(NB * L, M - first);  // rows of this pass
     for (int64_t b = 0; b * L < n; ++b) {
@@ -970,10 +1060,7 @@ void lanes_backward(const Geometry& g, const Score<C>& sc, C scale, Scratch<T, C
     // dV_j += sum_i z P[j][i] dO_i; dK_j += scale sum_i dS[j][i] q_i; dQ = scale dS K
     lanes_scatter(dv_acc, kpos, W, ST, dob + first, n, g.Dv);
     lanes_scatter(dk_acc, kpos, W, DPT, qf + first, n, g.D);
-    if (n > L) lanes_combine<2>(DPT, kbase, kpos, W, g.D, g.D, DQT);
-    else lanes_combine<1>(DPT, kbase, kpos, W, g.D, g.D, DQT);
-    for (int64_t b = 0; b * L < n; ++b)
-      rows_out(DQT + b * g.D * L, std::min(L, n - b * L), g.D, ones, dq + first + b * L, g.stream);
+    lanes_combine_rows(DPT, W, kbase, kpos, g.D, g.D, n, static_cast<const C*>(nullptr), dq + first, g.stream, DQT);
   }
 }
 
