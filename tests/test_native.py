@@ -225,12 +225,13 @@ def test_widths_match_reference(pattern_name, d, dtype):
 
 
 @needs_kernel
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])
 @pytest.mark.parametrize("d", [64, 40, 15], ids=["d64", "d40", "d15_odd"])
 def test_every_lane_tile_height_matches_reference(d, dtype):
-    """Tiles of 8 to 32 query rows: the weighted values of one lane block (a vector of d at a time)
-    and of two (six rows at a time, then a tail of one to five rows) written straight into the
-    output and dQ rows; whole 64-wide chunks of d, single vectors and a masked tail."""
+    """Tiles of 8 to 32 query rows: the weighted values of one lane block (a vector of d at a time,
+    or bf16 pairs on AVX-512 BF16) and of two (six rows at a time, then a tail of one to five rows)
+    written straight into the output and dQ rows; whole 64-wide chunks of d, single vectors and a
+    masked tail."""
     n = 80
     q, k, v, dout = _inputs(n, 4, torch.float64, seed=d, d=d, batch=1)
     pattern = SlidingWindow(24, 6)

@@ -551,7 +551,9 @@ inline void combine_rows_block(const float* PT, int64_t W, const K* base, const 
       for (int u = 0; u < DB; ++u) acc[r][u] = _mm512_fmadd_ps(c, x[u], acc[r][u]);
     }
   }
-  for (int r = 0; r < nr; ++r) {
+#pragma GCC unroll 16
+  for (int r = 0; r < R; ++r) {  // acc indexed by constants only: it stays in registers
+    if (r >= nr) break;
     const __m512 f = _mm512_set1_ps(scale ? scale[i0 + r] : 1.f);
     T* out = rows[i0 + r] + d0;
 #pragma GCC unroll 4
@@ -740,29 +742,38 @@ inline void pack_weight_pairs(const float* PT, int64_t n, pair_t* PT2) {
   }
 }
 
-// OT[d][lane] = sum_jp PT2[jp][lane] . VP[jp][d], for d < width
-inline void lanes_combine_pairs(const pair_t* PT2, const pair_t* VP, int64_t np, int64_t width, float* OT) {
-  constexpr int64_t DB = 8;
+// rows[l][d] = scale[l] sum_jp PT2[jp][l] . VP[jp][d] for the rows l < nl of a lane block, d < width:
+// each row's outputs accumulated in a register, 16 d at a time (one vector of value pairs times a
+// broadcast weight pair per row), and stored as they are (``stream``: past the caches)
+template <bool ragged>
+inline void combine_pairs_block(const pair_t* PT2, const pair_t* VP, int64_t np, int64_t width, int64_t nl,
+                                int64_t d0, __mmask16 last, const float* scale, BFloat16* const* rows, bool stream) {
+  __m512 acc[16];
+#pragma GCC unroll 16
+  for (int r = 0; r < 16; ++r) acc[r] = _mm512_setzero_ps();
+  for (int64_t jp = 0; jp < np; ++jp) {
+    const pair_t* v = VP + jp * width + d0;
+    const __m512bh x = as_bh(ragged ? _mm512_maskz_loadu_epi32(last, v) : _mm512_loadu_si512(v));
+    const pair_t* p = PT2 + jp * 16;
+#pragma GCC unroll 16
+    for (int r = 0; r < 16; ++r) acc[r] = _mm512_dpbf16_ps(acc[r], as_bh(_mm512_set1_epi32(p[r])), x);
+  }
+#pragma GCC unroll 16
+  for (int r = 0; r < 16; ++r) {  // acc indexed by constants only: it stays in registers
+    if (r >= nl) break;
+    const __m512 y = _mm512_mul_ps(acc[r], _mm512_set1_ps(scale[r]));
+    if (ragged) store16(rows[r] + d0, y, last);
+    else if (stream) stream16(rows[r] + d0, y);
+    else store16(rows[r] + d0, y);
+  }
+}
+
+inline void lanes_combine_pairs(const pair_t* PT2, const pair_t* VP, int64_t np, int64_t width, int64_t nl,
+                                const float* scale, BFloat16* const* rows, bool stream) {
   int64_t d0 = 0;
-  for (; d0 + DB <= width; d0 += DB) {
-    __m512 acc[DB];
-#pragma GCC unroll 8
-    for (int64_t t = 0; t < DB; ++t) acc[t] = _mm512_setzero_ps();
-    for (int64_t jp = 0; jp < np; ++jp) {
-      const __m512bh p = as_bh(_mm512_loadu_si512(PT2 + jp * 16));
-      const pair_t* v = VP + jp * width + d0;
-#pragma GCC unroll 8
-      for (int64_t t = 0; t < DB; ++t) acc[t] = _mm512_dpbf16_ps(acc[t], p, as_bh(_mm512_set1_epi32(v[t])));
-    }
-#pragma GCC unroll 8
-    for (int64_t t = 0; t < DB; ++t) _mm512_storeu_ps(OT + (d0 + t) * 16, acc[t]);
-  }
-  for (; d0 < width; ++d0) {
-    __m512 acc = _mm512_setzero_ps();
-    for (int64_t jp = 0; jp < np; ++jp)
-      acc = _mm512_dpbf16_ps(acc, as_bh(_mm512_loadu_si512(PT2 + jp * 16)), as_bh(_mm512_set1_epi32(VP[jp * width + d0])));
-    _mm512_storeu_ps(OT + d0 * 16, acc);
-  }
+  for (; d0 + 16 <= width; d0 += 16)
+    combine_pairs_block<false>(PT2, VP, np, width, nl, d0, 0xFFFF, scale, rows, stream);
+  if (d0 < width) combine_pairs_block<true>(PT2, VP, np, width, nl, d0, first_n(width - d0), scale, rows, stream);
 }
 #else
 constexpr bool kBf16Pairs = false;
@@ -816,8 +827,7 @@ struct PairProducts {
   }
   void combine(int64_t n, const float* PT, const float* scale, BFloat16* const* rows, bool stream, float* OT) const {
     pack_weight_pairs(PT, W, PT2);
-    lanes_combine_pairs(PT2, VP, (W + 1) / 2, g.Dv, OT);
-    rows_out(OT, n, g.Dv, scale, rows, stream);
+    lanes_combine_pairs(PT2, VP, (W + 1) / 2, g.Dv, n, scale, rows, stream);
   }
 };
 #endif
