@@ -303,6 +303,24 @@ inline C sigmoid(C x, C b) {
   return x == -std::numeric_limits<C>::infinity() ? C(0) : C(1) / (C(1) + std::exp(-(x + b)));
 }
 
+// Ask for a row (``width`` elements) to be brought into L1 (level 3) or L2 (level 2) while other work runs
+template <int level, typename T>
+inline void prefetch_row(const T* row, int64_t width) {
+  for (int64_t c = 0; c < width * static_cast<int64_t>(sizeof(T)); c += 64)
+    __builtin_prefetch(reinterpret_cast<const char*>(row) + c, 0, level);
+}
+template <typename T>
+inline void prefetch_rows(const T* const* rows, int64_t n, int64_t width) {
+  for (int64_t l = 0; l < n; ++l) prefetch_row<3>(rows[l], width);
+}
+// Key rows base + idx[j] * ld for j in [from, min(to, n)) into L1: the next group of keys while
+// one runs (the first lines of rows read in lockstep would otherwise stall the products)
+template <typename T>
+inline void prefetch_keys(const T* base, const int64_t* idx, int64_t from, int64_t to, int64_t n, int64_t ld,
+                          int64_t width) {
+  for (int64_t j = from; j < std::min(to, n); ++j) prefetch_row<3>(base + idx[j] * ld, width);
+}
+
 // ST[j][lane] = sum_d AT[d][lane] * B_j[d], B_j = base + idx[j] * ld (keys of type K: C or bf16),
 // for NB lane blocks at once (block b: AT + b depth L, ST + b n L): a key's element, broadcast
 // once, feeds NB products, and each key row is read once for NB x 16 rows.
@@ -313,6 +331,7 @@ void lanes_dot(const C* AT, int64_t depth, const K* base, const int64_t* idx, in
   constexpr int64_t KB = 8;  // keys per pass: one load of AT feeds KB products
   int64_t j = 0;
   for (; j + KB <= n; j += KB) {
+    prefetch_keys(base, idx, j + KB, j + 2 * KB, n, ld, depth);
     const K* b[KB];
     V acc[NB][KB];
 #pragma GCC unroll 8
@@ -448,17 +467,6 @@ inline void stream16(at::Half* p, __m512 x) {
 inline void stream16(BFloat16* p, __m512 x) { _mm256_stream_si256(reinterpret_cast<__m256i*>(p), at::vec::cvtfp32_bf16(x)); }
 inline __mmask16 first_n(int64_t n) { return n >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << n) - 1); }
 #endif
-
-// Ask for a row (``width`` elements) to be brought into L1 (level 3) or L2 (level 2) while other work runs
-template <int level, typename T>
-inline void prefetch_row(const T* row, int64_t width) {
-  for (int64_t c = 0; c < width * static_cast<int64_t>(sizeof(T)); c += 64)
-    __builtin_prefetch(reinterpret_cast<const char*>(row) + c, 0, level);
-}
-template <typename T>
-inline void prefetch_rows(const T* const* rows, int64_t n, int64_t width) {
-  for (int64_t l = 0; l < n; ++l) prefetch_row<3>(rows[l], width);
-}
 
 // XT[d][l] = alpha rows[l][d] for l < nl (0 on the other lanes), d < width
 template <typename C, typename T>
@@ -687,6 +695,7 @@ inline void lanes_dot_pairs(const pair_t* QT2, int64_t P, const BFloat16* base, 
   const __m512 vs = _mm512_set1_ps(scale);
   int64_t j = 0;
   for (; j + KB <= n; j += KB) {
+    prefetch_keys(base, idx, j + KB, j + 2 * KB, n, ld, 2 * P);
     const pair_t* b[KB];
     __m512 acc[KB];
 #pragma GCC unroll 8
@@ -975,6 +984,7 @@ void lanes_scatter(C* base, const int64_t* kpos, int64_t W, const C* coeffT, con
   const int64_t cs = W * L;
   int64_t j = 0;
   for (; j + 4 <= W; j += 4) {
+    prefetch_keys(base, kpos, j + 4, j + 8, W, width, width);
     const int64_t* k = kpos + j;
     C* dst[4] = {base + k[0] * width, base + k[1] * width, base + k[2] * width, base + k[3] * width};
     // a padded key list may name one key twice: then one at a time (each update sees the last)
