@@ -1053,14 +1053,17 @@ void lanes_backward(const Geometry& g, const Score<C>& sc, C scale, Scratch<T, C
         std::fill(ZT, ZT + W * L, C(1));
         drop_lanes(sc.drop, w.rowkey.data() + f, nl, kpos, W, ZT);
       }
+      // dS times the scale (for dQ and dK), here or, through a score, after it
+      const bool through_score = dpre || dpost || sc.cap > 0;
+      const V ds_scale(through_score ? C(1) : scale);
       for (int64_t j = 0; j < W; ++j) {
         const V s = V::loadu(S + j * L);
         const V p = sc.sigmoid ? vsigmoid(s, sc.bias) : V::blendv(vexp(s - lse_safe), V(C(0)), empty);
         const V pz = ZT ? p * V::loadu(ZT + j * L) : p, dp = V::loadu(DP + j * L);
-        (sc.sigmoid ? pz * (V(C(1)) - p) * dp : pz * dp - p * delta).store(DP + j * L);
+        ((sc.sigmoid ? pz * (V(C(1)) - p) * dp : pz * dp - p * delta) * ds_scale).store(DP + j * L);
         pz.store(S + j * L);
       }
-      if (dpre || dpost || sc.cap > 0) {  // through the score, lane by lane
+      if (through_score) {  // through the score, lane by lane
         for (int64_t l = 0; l < nl; ++l) {
           const int64_t i = f + l, base = sc.base(w.qabs[i]);
           for (int64_t j = 0; j < W; ++j) {
@@ -1071,11 +1074,10 @@ void lanes_backward(const Geometry& g, const Score<C>& sc, C scale, Scratch<T, C
               ds *= C(1) - th * th;
             }
             if (dpre) dpre[w.heads[i] * sc.lvec + base + sc.key(kpos[j])] += ds;
-            DP[j * L + l] = ds;
+            DP[j * L + l] = ds * scale;
           }
         }
       }
-      for (int64_t j = 0; j < W; ++j) (V::loadu(DP + j * L) * V(scale)).store(DP + j * L);
     }
     // dV_j += sum_i z P[j][i] dO_i; dK_j += scale sum_i dS[j][i] q_i; dQ = scale dS K
     lanes_scatter(dv_acc, kpos, W, ST, dob + first, n, g.Dv);
