@@ -753,22 +753,23 @@ inline void pack_weight_pairs(const float* PT, int64_t n, pair_t* PT2) {
 
 // rows[l][d] = scale[l] sum_jp PT2[jp][l] . VP[jp][d] for the rows l < nl of a lane block, d < width:
 // each row's outputs accumulated in a register, 16 d at a time (one vector of value pairs times a
-// broadcast weight pair per row), and stored as they are (``stream``: past the caches)
-template <bool ragged>
+// broadcast weight pair per row), and stored as they are (``stream``: past the caches). R: the
+// rows computed (8 when a block is at most half full).
+template <int R, bool ragged>
 inline void combine_pairs_block(const pair_t* PT2, const pair_t* VP, int64_t np, int64_t width, int64_t nl,
                                 int64_t d0, __mmask16 last, const float* scale, BFloat16* const* rows, bool stream) {
-  __m512 acc[16];
+  __m512 acc[R];
 #pragma GCC unroll 16
-  for (int r = 0; r < 16; ++r) acc[r] = _mm512_setzero_ps();
+  for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
   for (int64_t jp = 0; jp < np; ++jp) {
     const pair_t* v = VP + jp * width + d0;
     const __m512bh x = as_bh(ragged ? _mm512_maskz_loadu_epi32(last, v) : _mm512_loadu_si512(v));
     const pair_t* p = PT2 + jp * 16;
 #pragma GCC unroll 16
-    for (int r = 0; r < 16; ++r) acc[r] = _mm512_dpbf16_ps(acc[r], as_bh(_mm512_set1_epi32(p[r])), x);
+    for (int r = 0; r < R; ++r) acc[r] = _mm512_dpbf16_ps(acc[r], as_bh(_mm512_set1_epi32(p[r])), x);
   }
 #pragma GCC unroll 16
-  for (int r = 0; r < 16; ++r) {  // acc indexed by constants only: it stays in registers
+  for (int r = 0; r < R; ++r) {  // acc indexed by constants only: it stays in registers
     if (r >= nl) break;
     const __m512 y = _mm512_mul_ps(acc[r], _mm512_set1_ps(scale[r]));
     if (ragged) store16(rows[r] + d0, y, last);
@@ -777,12 +778,19 @@ inline void combine_pairs_block(const pair_t* PT2, const pair_t* VP, int64_t np,
   }
 }
 
-inline void lanes_combine_pairs(const pair_t* PT2, const pair_t* VP, int64_t np, int64_t width, int64_t nl,
-                                const float* scale, BFloat16* const* rows, bool stream) {
+template <int R>
+inline void combine_pairs_rows(const pair_t* PT2, const pair_t* VP, int64_t np, int64_t width, int64_t nl,
+                               const float* scale, BFloat16* const* rows, bool stream) {
   int64_t d0 = 0;
   for (; d0 + 16 <= width; d0 += 16)
-    combine_pairs_block<false>(PT2, VP, np, width, nl, d0, 0xFFFF, scale, rows, stream);
-  if (d0 < width) combine_pairs_block<true>(PT2, VP, np, width, nl, d0, first_n(width - d0), scale, rows, stream);
+    combine_pairs_block<R, false>(PT2, VP, np, width, nl, d0, 0xFFFF, scale, rows, stream);
+  if (d0 < width) combine_pairs_block<R, true>(PT2, VP, np, width, nl, d0, first_n(width - d0), scale, rows, stream);
+}
+
+inline void lanes_combine_pairs(const pair_t* PT2, const pair_t* VP, int64_t np, int64_t width, int64_t nl,
+                                const float* scale, BFloat16* const* rows, bool stream) {
+  if (nl <= 8) combine_pairs_rows<8>(PT2, VP, np, width, nl, scale, rows, stream);
+  else combine_pairs_rows<16>(PT2, VP, np, width, nl, scale, rows, stream);
 }
 #else
 constexpr bool kBf16Pairs = false;
