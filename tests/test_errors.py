@@ -92,6 +92,32 @@ def test_fully_padded_sequence_is_an_error_not_nan():
         mh.attention(q, k, v, pattern=KeyPadding(padding))
 
 
+def test_a_padding_mask_changed_in_place_is_checked_again():
+    """Patterns holding tensors are checked on every call: the check of a value pattern is kept."""
+    q, k, v = qkv(b=2)
+    padding = torch.zeros(2, 8, dtype=torch.bool)
+    pattern = KeyPadding(padding)
+    mh.attention(q, k, v, pattern=pattern)
+    padding[1] = True
+    with pytest.raises(PatternError, match=r"batch element 1.*can see no key"):
+        mh.attention(q, k, v, pattern=pattern)
+
+
+def test_a_value_pattern_is_checked_once_per_lengths_and_its_errors_every_time(monkeypatch):
+    calls = []
+    pattern = Causal() & SlidingWindow(5, 0)  # a fresh value: not asked before in this process
+    original = type(pattern).key_counts
+    monkeypatch.setattr(type(pattern), "key_counts", lambda self, *a: calls.append(a) or original(self, *a))
+    for _ in range(3):
+        mh.attention(*qkv(lq=8, lk=8), pattern=pattern)
+        mh.attention(*qkv(lq=8, lk=8), pattern=Causal() & SlidingWindow(5, 0))  # equal: the same check
+    assert len(calls) == 1
+    for _ in range(2):
+        with pytest.raises(PatternError, match="can see no key"):
+            mh.attention(*qkv(lq=8, lk=5), pattern=pattern)
+    assert calls == [(8, 8, torch.device("cpu")), (8, 5, torch.device("cpu"))]
+
+
 def test_backend_that_cannot_serve_names_one_that_can():
     with pytest.raises(BackendError, match=r"backend 'sdpa' cannot serve.*Softcap.*Backends that can: \[.*'reference'"):
         mh.attention(*qkv(), score=Softcap(3.0), backend="sdpa")

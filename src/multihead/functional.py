@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from .backends import Explanation, choose
+from .backends import Explanation, choose, pick
 from .request import make_request
 
 
@@ -40,7 +40,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, pattern=None, score=None, scal
     """
     req = make_request(q, k, v, pattern=pattern, score=score, scale=scale, dropout=dropout,
                        return_weights=return_weights, head_mix=head_mix, normalizer=normalizer)
-    runner, _ = choose(req, backend)
+    runner = pick(req, backend)
     out, weights = req.restore(*runner.forward(req))
     return (out, weights) if return_weights else out
 

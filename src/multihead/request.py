@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import math
 from dataclasses import dataclass
 
@@ -146,14 +148,39 @@ def _check_pattern(pattern: Pattern, batch: int, heads: int, q_len: int, kv_len:
     if empty_rows_ok:  # the normalizer gives a row that sees no key weights 0 (sigmoid)
         pattern.spans(q_len, kv_len, device)  # checks the lengths
         return
-    counts = pattern.key_counts(q_len, kv_len, device)  # also checks the lengths
-    empty = (counts == 0).nonzero()
-    if len(empty):
-        b, h, i = empty[0].tolist()
+    empty = _first_empty_row(pattern, q_len, kv_len, device) if _is_value(pattern) else \
+        _first_empty_row.__wrapped__(pattern, q_len, kv_len, device)
+    if empty is not None:
+        b, h, i = empty
         raise PatternError(
             f"query {i} (batch element {b}, head {h}) can see no key under {pattern!r} with "
             f"q_len={q_len}, kv_len={kv_len}; its softmax would be NaN. Widen the pattern or drop "
             f"that query (e.g. a fully padded sequence, or more queries than keys under Causal)")
+
+
+@functools.lru_cache(maxsize=256)
+def _first_empty_row(pattern: Pattern, q_len: int, kv_len: int, device) -> tuple[int, int, int] | None:
+    """(batch, head, query) of the first query that sees no key, or None; checks the lengths. Kept
+    for patterns that are values (``_is_value``): the same pattern and lengths ask once."""
+    empty = (pattern.key_counts(q_len, kv_len, device) == 0).nonzero()
+    return tuple(empty[0].tolist()) if len(empty) else None
+
+
+def _is_value(pattern) -> bool:
+    """Whether a pattern is a value: equal patterns are equal by their numbers, with no tensor (a
+    tensor inside, e.g. document boundaries, could change in place) and nothing data-dependent."""
+    try:
+        hash(pattern)
+    except TypeError:
+        return False
+    if pattern.dynamic:
+        return False
+    for field in dataclasses.fields(pattern):
+        value = getattr(pattern, field.name)
+        for item in value if isinstance(value, (tuple, list)) else (value,):
+            if isinstance(item, Tensor) or (isinstance(item, Pattern) and not _is_value(item)):
+                return False
+    return True
 
 
 def _check_head_mix(head_mix, q: Tensor):

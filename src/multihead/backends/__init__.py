@@ -6,12 +6,12 @@ each piece through ``auto``: ``documents`` (packed documents, routing's clusters
 
 from .base import Backend
 from .blocksparse import BlockSparseBackend
-from .dispatch import AUTO_RULES, BACKENDS, Explanation, choose
+from .dispatch import AUTO_RULES, BACKENDS, Explanation, choose, pick
 from .flex import FlexBackend
 from .head_groups import HeadGroupsBackend
 from .natten import NattenBackend
 from .reference import ReferenceBackend
 from .sdpa import SDPABackend
 
-__all__ = ["Backend", "BACKENDS", "AUTO_RULES", "Explanation", "choose", "ReferenceBackend", "SDPABackend",
+__all__ = ["Backend", "BACKENDS", "AUTO_RULES", "Explanation", "choose", "pick", "ReferenceBackend", "SDPABackend",
            "BlockSparseBackend", "FlexBackend", "NattenBackend", "HeadGroupsBackend"]

@@ -90,8 +90,25 @@ class Explanation:
         return "\n".join(lines)
 
 
+def pick(req: Request, backend: str) -> Backend:
+    """The backend that runs ``req``: the named one (checked), or the first able one of the auto
+    rule that applies. Asks only the backends it needs (``choose`` asks them all, to explain)."""
+    if backend != "auto":
+        if backend not in BACKENDS:
+            raise BackendError(f"unknown backend {backend!r}; choose one of {['auto', *BACKENDS]}")
+        if BACKENDS[backend].unsupported(req) is not None:
+            choose(req, backend)  # raises, naming the backends that can
+        return BACKENDS[backend]
+    for _, applies, order in AUTO_RULES:
+        if applies(req):
+            for name in order:
+                if BACKENDS[name].unsupported(req) is None:
+                    return BACKENDS[name]
+    return choose(req, backend)[0]  # raises, with every backend's reason
+
+
 def choose(req: Request, backend: str) -> tuple[Backend, Explanation]:
-    """Pick the backend for ``req``: the named one (checked), or by the auto table."""
+    """Pick the backend for ``req`` as ``pick`` does, and explain why each other one was not."""
     reasons = {name: b.unsupported(req) for name, b in BACKENDS.items()}
     if backend != "auto":
         if backend not in BACKENDS:
