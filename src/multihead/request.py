@@ -148,8 +148,7 @@ def _check_pattern(pattern: Pattern, batch: int, heads: int, q_len: int, kv_len:
     if empty_rows_ok:  # the normalizer gives a row that sees no key weights 0 (sigmoid)
         pattern.spans(q_len, kv_len, device)  # checks the lengths
         return
-    empty = _first_empty_row(pattern, q_len, kv_len, device) if _is_value(pattern) else \
-        _first_empty_row.__wrapped__(pattern, q_len, kv_len, device)
+    empty = (_kept_first_empty_row if _is_value(pattern) else _first_empty_row)(pattern, q_len, kv_len, device)
     if empty is not None:
         b, h, i = empty
         raise PatternError(
@@ -158,12 +157,14 @@ def _check_pattern(pattern: Pattern, batch: int, heads: int, q_len: int, kv_len:
             f"that query (e.g. a fully padded sequence, or more queries than keys under Causal)")
 
 
-@functools.lru_cache(maxsize=256)
 def _first_empty_row(pattern: Pattern, q_len: int, kv_len: int, device) -> tuple[int, int, int] | None:
-    """(batch, head, query) of the first query that sees no key, or None; checks the lengths. Kept
-    for patterns that are values (``_is_value``): the same pattern and lengths ask once."""
+    """(batch, head, query) of the first query that sees no key, or None; checks the lengths."""
     empty = (pattern.key_counts(q_len, kv_len, device) == 0).nonzero()
     return tuple(empty[0].tolist()) if len(empty) else None
+
+
+# the same, kept for patterns that are values (``_is_value``): equal patterns and lengths ask once
+_kept_first_empty_row = functools.lru_cache(maxsize=256)(_first_empty_row)
 
 
 def _is_value(pattern) -> bool:

@@ -313,12 +313,13 @@ template <typename T>
 inline void prefetch_rows(const T* const* rows, int64_t n, int64_t width) {
   for (int64_t l = 0; l < n; ++l) prefetch_row<3>(rows[l], width);
 }
-// Key rows base + idx[j] * ld for j in [from, min(to, n)) into L1: the next group of keys while
-// one runs (the first lines of rows read in lockstep would otherwise stall the products)
-template <typename T>
+// Key rows base + idx[j] * ld for j in [from, min(to, n)) into L1 (or L2, level 2): e.g. the next
+// group of keys while one runs (the first lines of rows read in lockstep would otherwise stall the
+// products)
+template <int level = 3, typename T>
 inline void prefetch_keys(const T* base, const int64_t* idx, int64_t from, int64_t to, int64_t n, int64_t ld,
                           int64_t width) {
-  for (int64_t j = from; j < std::min(to, n); ++j) prefetch_row<3>(base + idx[j] * ld, width);
+  for (int64_t j = from; j < std::min(to, n); ++j) prefetch_row<level>(base + idx[j] * ld, width);
 }
 
 // ST[j][lane] = sum_d AT[d][lane] * B_j[d], B_j = base + idx[j] * ld (keys of type K: C or bf16),
@@ -466,6 +467,13 @@ inline void stream16(at::Half* p, __m512 x) {
 }
 inline void stream16(BFloat16* p, __m512 x) { _mm256_stream_si256(reinterpret_cast<__m256i*>(p), at::vec::cvtfp32_bf16(x)); }
 inline __mmask16 first_n(int64_t n) { return n >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << n) - 1); }
+// 16 values to p: under the mask ``last`` when ``ragged``, else past the caches with ``stream``
+template <typename T>
+inline void put16(T* p, __m512 x, bool ragged, __mmask16 last, bool stream) {
+  if (ragged) store16(p, x, last);
+  else if (stream) stream16(p, x);
+  else store16(p, x);
+}
 #endif
 
 // XT[d][l] = alpha rows[l][d] for l < nl (0 on the other lanes), d < width
@@ -565,12 +573,7 @@ inline void combine_rows_block(const float* PT, int64_t W, const K* base, const 
     const __m512 f = _mm512_set1_ps(scale ? scale[i0 + r] : 1.f);
     T* out = rows[i0 + r] + d0;
 #pragma GCC unroll 4
-    for (int u = 0; u < DB; ++u) {
-      const __m512 y = _mm512_mul_ps(acc[r][u], f);
-      if (ragged && u == DB - 1) store16(out + 16 * u, y, last);
-      else if (stream) stream16(out + 16 * u, y);
-      else store16(out + 16 * u, y);
-    }
+    for (int u = 0; u < DB; ++u) put16(out + 16 * u, _mm512_mul_ps(acc[r][u], f), ragged && u == DB - 1, last, stream);
   }
 }
 
@@ -771,10 +774,7 @@ inline void combine_pairs_block(const pair_t* PT2, const pair_t* VP, int64_t np,
 #pragma GCC unroll 16
   for (int r = 0; r < R; ++r) {  // acc indexed by constants only: it stays in registers
     if (r >= nl) break;
-    const __m512 y = _mm512_mul_ps(acc[r], _mm512_set1_ps(scale[r]));
-    if (ragged) store16(rows[r] + d0, y, last);
-    else if (stream) stream16(rows[r] + d0, y);
-    else store16(rows[r] + d0, y);
+    put16(rows[r] + d0, _mm512_mul_ps(acc[r], _mm512_set1_ps(scale[r])), ragged, last, stream);
   }
 }
 
@@ -1456,8 +1456,8 @@ std::vector<at::Tensor> forward_impl(const at::Tensor& q, const at::Tensor& k, c
   auto ahead = [&](int64_t unit) {
     int64_t b, hk;
     const Tile x = locate(unit, b, hk);
-    const T *kbase = in.keys(b, hk), *vbase = in.values(b, hk);
-    for (int64_t j = 0; j < x.W; ++j) prefetch_row<2>(kbase + x.kpos[j] * g.D, g.D), prefetch_row<2>(vbase + x.kpos[j] * g.Dv, g.Dv);
+    prefetch_keys<2>(in.keys(b, hk), x.kpos, 0, x.W, x.W, g.D, g.D);
+    prefetch_keys<2>(in.values(b, hk), x.kpos, 0, x.W, x.W, g.Dv, g.Dv);
     for (int64_t i = 0; i < std::min<int64_t>(x.M, Vec<C>::size()); ++i)
       prefetch_row<2>(in.q + g.row(b, x.h0 + i / x.rows, x.qrows[i % x.rows]) * g.D, g.D);
   };
