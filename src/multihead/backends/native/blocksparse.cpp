@@ -279,7 +279,7 @@ struct Scratch {
   std::vector<C*> dqp;                  // its rows of dQ
   std::vector<const C*> qc, doc;        // its query and output-gradient rows in the compute type
   std::vector<C> s, o, m, l, dq, dk, dv, dp, raw, b1, b2, b3, qf, dof;  // qf, dof: rows as C (bf16)
-  std::vector<int64_t> qabs, heads;
+  std::vector<int64_t> qabs, heads, at;  // per tile row: query position, head, row in (B, H, Lq) tensors
   std::vector<uint32_t> rowkey;  // the rows' dropout keys
 };
 
@@ -1315,12 +1315,11 @@ inline bool use_lanes(int64_t M) {
   return 2 * M >= Vec<typename Acc<T>::type>::size();
 }
 
-// Pointers to a tile's rows of x (B, H, Lq, E): row i is query row qrows[i % rows] of head heads[i].
+// Pointers to a tile's rows of x (B, H, Lq, E), from their row indices ``at`` (Scratch::at)
 template <typename P>
-void row_pointers(P* x, const Geometry& g, int64_t E, int64_t b, const std::vector<int64_t>& heads,
-                  const int64_t* qrows, int64_t rows, std::vector<P*>& out) {
-  out.resize(heads.size());
-  for (size_t i = 0; i < heads.size(); ++i) out[i] = x + g.row(b, heads[i], qrows[i % rows]) * E;
+void row_pointers(P* x, int64_t E, const std::vector<int64_t>& at, std::vector<P*>& out) {
+  out.resize(at.size());
+  for (size_t i = 0; i < at.size(); ++i) out[i] = x + at[i] * E;
 }
 
 // Units of work: (batch, key head, head set, tile). A head set is the gq query heads of a key
@@ -1356,12 +1355,17 @@ inline Tile tile_of(const Table& tab, const Geometry& g, const Units& u, int64_t
   return x;
 }
 
-// The dropout keys of a tile's rows (w.heads set), one per (batch, head, query).
+// A tile's M rows, head by head (row i: query qrows[i % rows] of head h0 + i / rows): their heads,
+// query positions and row indices into w, without a division per row; and with dropout, their keys.
 template <typename T, typename C>
-void row_keys(const Dropout& dr, const Geometry& g, int64_t b, const int64_t* qrows, int64_t rows, Scratch<T, C>& w) {
+void tile_rows(const Dropout& dr, const Geometry& g, const Tile& x, int64_t b, Scratch<T, C>& w) {
+  w.qabs.resize(x.M), w.heads.resize(x.M), w.at.resize(x.M);
+  for (int64_t h = 0, i = 0; h < x.nh; ++h)
+    for (int64_t r = 0; r < x.rows; ++r, ++i)
+      w.heads[i] = x.h0 + h, w.qabs[i] = x.qrows[r] + g.offset, w.at[i] = g.row(b, x.h0 + h, x.qrows[r]);
   if (!dr.on) return;
-  w.rowkey.resize(w.heads.size());
-  for (size_t i = 0; i < w.heads.size(); ++i) w.rowkey[i] = dr.row(b, w.heads[i], g.H, qrows[i % rows]);
+  w.rowkey.resize(x.M);
+  for (int64_t i = 0; i < x.M; ++i) w.rowkey[i] = dr.row(b, w.heads[i], g.H, w.qabs[i] - g.offset);
 }
 
 // Map a fresh tensor's pages in one call per thread (MADV_POPULATE_WRITE) instead of a fault per page
@@ -1458,23 +1462,22 @@ std::vector<at::Tensor> forward_impl(const at::Tensor& q, const at::Tensor& k, c
     const Tile x = locate(unit, b, hk);
     prefetch_keys<2>(in.keys(b, hk), x.kpos, 0, x.W, x.W, g.D, g.D);
     prefetch_keys<2>(in.values(b, hk), x.kpos, 0, x.W, x.W, g.Dv, g.Dv);
-    for (int64_t i = 0; i < std::min<int64_t>(x.M, Vec<C>::size()); ++i)
-      prefetch_row<2>(in.q + g.row(b, x.h0 + i / x.rows, x.qrows[i % x.rows]) * g.D, g.D);
+    for (int64_t h = 0, i = 0; h < x.nh && i < Vec<C>::size(); ++h)
+      for (int64_t r = 0; r < x.rows && i < Vec<C>::size(); ++r, ++i)
+        prefetch_row<2>(in.q + g.row(b, x.h0 + h, x.qrows[r]) * g.D, g.D);
   };
   std::vector<Scratch<T, C>> scratch(std::max(1, at::get_num_threads()));
   for_each_unit(n_units, [&](int64_t unit) {
     Scratch<T, C>& w = scratch[at::get_thread_num()];
     int64_t b, hk;
     const Tile x = locate(unit, b, hk);
-    const int64_t h0 = x.h0, rows = x.rows, W = x.W, M = x.M;
-    const int64_t *qrows = x.qrows, *kpos = x.kpos;
+    const int64_t rows = x.rows, W = x.W, M = x.M;
+    const int64_t* kpos = x.kpos;
     const uint8_t* mask = x.mask;
     if (rows == 0 || W == 0) return;
-    w.qabs.resize(M), w.heads.resize(M);
-    for (int64_t i = 0; i < M; ++i) w.qabs[i] = qrows[i % rows] + g.offset, w.heads[i] = h0 + i / rows;
-    row_pointers(in.q, g, g.D, b, w.heads, qrows, rows, w.qp);
-    row_pointers(out_p, g, g.Dv, b, w.heads, qrows, rows, w.op);
-    row_keys(sc.drop, g, b, qrows, rows, w);
+    tile_rows(sc.drop, g, x, b, w);
+    row_pointers(in.q, g.D, w.at, w.qp);
+    row_pointers(out_p, g.Dv, w.at, w.op);
     const T *kbase = in.keys(b, hk), *vbase = in.values(b, hk);
     // keys read in place; rows on the vector lanes, read and written in place (or, few rows, one
     // at a time)
@@ -1489,7 +1492,7 @@ std::vector<at::Tensor> forward_impl(const at::Tensor& q, const at::Tensor& k, c
         else convert(w.o.data() + i * g.Dv, w.op[i], g.Dv);
       }
     }
-    for (int64_t i = 0; i < M; ++i) lse_p[g.row(b, w.heads[i], qrows[i % rows])] = w.m[i];
+    for (int64_t i = 0; i < M; ++i) lse_p[w.at[i]] = w.m[i];
   }, ahead);
   return {out, lse};
 }
@@ -1544,21 +1547,20 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& q, const at::Tensor& k, 
     for (int64_t t = part * per_part; t < t_end; ++t)
       for (int64_t set = 0; set < u.sets; ++set) {
         const Tile x = tile_of(tab, g, u, b, hk, set, t);
-        const int64_t h0 = x.h0, rows = x.rows, W = x.W, M = x.M;
-        const int64_t *qrows = x.qrows, *kpos = x.kpos;
+        const int64_t rows = x.rows, W = x.W, M = x.M;
+        const int64_t* kpos = x.kpos;
         const uint8_t* mask = x.mask;
         if (rows == 0 || W == 0) continue;
-        w.qabs.resize(M), w.heads.resize(M), w.m.resize(M), w.l.resize(M);
-        for (int64_t i = 0; i < M; ++i) w.qabs[i] = qrows[i % rows] + g.offset, w.heads[i] = h0 + i / rows;
-        row_pointers(in.q, g, g.D, b, w.heads, qrows, rows, w.qp);
-        row_pointers(do_p, g, g.Dv, b, w.heads, qrows, rows, w.dop);
-        row_pointers(out_p, g, g.Dv, b, w.heads, qrows, rows, w.orp);
-        row_pointers(dq_p, g, g.D, b, w.heads, qrows, rows, w.dqp);
+        w.m.resize(M), w.l.resize(M);
+        tile_rows(sc.drop, g, x, b, w);
+        row_pointers(in.q, g.D, w.at, w.qp);
+        row_pointers(do_p, g.Dv, w.at, w.dop);
+        row_pointers(out_p, g.Dv, w.at, w.orp);
+        row_pointers(dq_p, g.D, w.at, w.dqp);
         for (int64_t i = 0; i < M; ++i) {  // lse, and delta = rowsum(dO * O)
-          w.m[i] = lse_p[g.row(b, w.heads[i], qrows[i % rows])];
+          w.m[i] = lse_p[w.at[i]];
           w.l[i] = dot<C>(w.orp[i], w.dop[i], g.Dv);
         }
-        row_keys(sc.drop, g, b, qrows, rows, w);
         const C* const* qc = as_compute(w.qp, g.D, w.qf, w.qc);
         const C* const* dc = as_compute(w.dop, g.Dv, w.dof, w.doc);
         if (use_lanes<T>(M))
