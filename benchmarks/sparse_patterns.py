@@ -3,7 +3,10 @@
 The block-sparse backend is measured on its native kernel ("blocksparse") and, in the same rounds,
 on its PyTorch tiles ("torch_tiles": the path before the kernel), with its bfloat16 forward, its
 computed pairs (the kernel's tile table) against the pairs the pattern needs, and for top-k the
-key-list attention alone against the same number of pairs run densely.
+key-list attention alone against the same number of pairs run densely. How close each pass comes
+to the machine's limit: the kernel's forward and backward and dense SDPA as fractions of the rate
+of a float32 matrix product (``torch.mm``, 1024 cubed) timed in the same rounds, counting the
+multiply-adds of the computed pairs (forward: Q K^T and P V; backward: five products).
 
 Writes ``sparse_patterns.json``, ``sparse_patterns.png`` and ``sparse_patterns.md`` (the table of
 ratios that ``docs/performance.md`` quotes) into ``--out``. Every ratio compares figures measured
@@ -90,6 +93,7 @@ def measure_case(case: Case, heads: int, head_dim: int, repeats: int, dense_limi
     resolved = make_request(q, k, v, pattern=case.pattern).pattern  # dynamic patterns: this input's
     auto = mh.explain(q, k, v, pattern=case.pattern, show=False).backend  # what the library runs by default
     row: dict = {"family": case.family, "size": case.size, "tokens": case.tokens, "auto": auto,
+                 "heads": heads, "head_dim": head_dim, "batch": q.shape[0],
                  "density": resolved.density(case.tokens, case.tokens), "backends": {}}
     if auto == "heads":  # block-sparse on the whole per-head pattern gathers per head: its plans
         # (hundreds of MiB of masks) would evict the halves' plans from the same bounded cache
@@ -123,6 +127,9 @@ def measure_case(case: Case, heads: int, head_dim: int, repeats: int, dense_limi
     # dense_limit, where one call takes a minute).
     dense = forward("sdpa", Full())
     timed = {("dense", "sdpa"): dense} if case.tokens <= dense_limit else {}
+    if device == "cpu":  # the yardstick of the rates: a float32 matrix product on this machine
+        a, b = (torch.randn(GEMM_SIZE, GEMM_SIZE) for _ in range(2))
+        timed[("gemm", "mm")] = lambda: torch.mm(a, b)
     if not timed:
         row["dense_sdpa_forward_s"] = time_call(dense, repeats=repeats, warmup=1, budget_s=30).low
     for backend in forward_backends:
@@ -166,6 +173,8 @@ def measure_case(case: Case, heads: int, head_dim: int, repeats: int, dense_limi
         if what == "dense":
             row["dense_sdpa_forward_s"] = timing.low
             row["dense_sdpa_samples"] = list(timing.samples)
+        elif what == "gemm":
+            row["gemm_s"], row["gemm_samples"] = timing.low, list(timing.samples)
         else:
             entry = row["backends"].setdefault(backend, {})
             entry[what] = timing.low
@@ -201,6 +210,33 @@ def computed_pairs(req) -> float:
     return BACKENDS["blocksparse"].plan(req, native=True).table.pairs
 
 
+GEMM_SIZE = 1024  # the matrix product whose rate the passes are measured against
+
+
+def rates(r: dict, ours: dict) -> dict:
+    """The forward's and backward's (fwd+bwd minus fwd, per round, where positive) float32 rate over that of
+    ``torch.mm`` in the same rounds, and dense SDPA's: multiply-adds of the computed pairs (2 products
+    forward, 5 backward; dense SDPA 2 on all pairs) over GEMM_SIZE cubed per GEMM time. None where a
+    time is missing, and for dynamic patterns (their forward includes the choice)."""
+    gemm = r.get("gemm_samples")
+    if not gemm or not r.get("computed_pairs") or ours.get("lists_forward_s"):
+        return {"forward_vs_gemm": None, "backward_vs_gemm": None, "dense_vs_gemm": None}
+    per_pair = r["batch"] * r["heads"] * r["head_dim"] / GEMM_SIZE ** 3  # one product's MACs per pair, in GEMMs
+
+    def fraction(macs: float, samples) -> float | None:
+        if not samples or len(samples) != len(gemm):
+            return None
+        kept = [macs * g / t for t, g in zip(samples, gemm) if t > 0]  # a noisy round can leave bwd <= 0
+        return statistics.median(kept) if kept else None
+
+    f, fb = ours.get("forward_samples"), ours.get("forward_backward_samples")
+    b = [y - x for x, y in zip(f, fb)] if f and fb and len(f) == len(fb) else None
+    n = r["tokens"]
+    return {"forward_vs_gemm": fraction(2 * per_pair * r["computed_pairs"], f),
+            "backward_vs_gemm": fraction(5 * per_pair * r["computed_pairs"], b),
+            "dense_vs_gemm": fraction(2 * per_pair * n * n, r.get("dense_sdpa_samples"))}
+
+
 def ratios(rows: list[dict]) -> list[dict]:
     """The issue's targets as ratios within this run, for the block-sparse kernel (for a pattern
     that differs per head: the ``heads`` split that runs it)."""
@@ -228,6 +264,8 @@ def ratios(rows: list[dict]) -> list[dict]:
         item["computed_over_needed"] = computed / r["density"] if computed else None
         item["train_over_forward"] = _paired(ours, "forward_backward", ours, "forward")
         item["fp32_over_bf16"] = _paired(ours, "forward", ours, "bf16_forward")
+        item.update(rates(r, ours))
+        item["gemm_gflops"] = 2 * GEMM_SIZE ** 3 / r["gemm_s"] / 1e9 if r.get("gemm_s") else None
         if r.get("auto", "blocksparse") not in ("blocksparse", "heads"):
             item["auto_vs_old"] = _paired(auto, "forward", r["backends"].get("auto_torch_tiles", {}), "forward")
         lists, same = ours.get("lists_forward_s"), r["backends"].get("dense_same_pairs", {})
@@ -271,7 +309,8 @@ COLUMNS = [  # (header, key, format) of the table; targets of the native-kernel 
     ("fwd / (computed x dense) (<= 1.3)", "vs_computed_x_dense", ".2f"),
     ("fwd / (needed x dense)", "vs_density_x_dense", ".2f"),
     ("fwd+bwd / fwd (<= 3)", "train_over_forward", ".2f"), ("fp32 / bf16 fwd (>= 1.5)", "fp32_over_bf16", ".2f"),
-    ("peak MiB", "peak_mib", ".0f"),
+    ("peak MiB", "peak_mib", ".0f"), ("fwd rate / GEMM", "forward_vs_gemm", ".0%"),
+    ("bwd rate / GEMM", "backward_vs_gemm", ".0%"), ("dense SDPA rate / GEMM", "dense_vs_gemm", ".0%"),
 ]
 
 
@@ -284,6 +323,10 @@ def markdown(items: list[dict], machine: str) -> str:
         lines.append("| " + " | ".join(_fmt(i.get(key), spec) if spec != "s" else str(i[key])
                                        for _, key, spec in COLUMNS) + " |")
     lines.append("")
+    gemm = [i["gemm_gflops"] for i in items if i.get("gemm_gflops")]
+    if gemm:
+        lines.append(f"- float32 GEMM (torch.mm, {GEMM_SIZE} cubed) in these rounds, the rates' yardstick: "
+                     f"{min(gemm):.0f}-{max(gemm):.0f} GFLOP/s")
     for i in items:
         if "memory_growth" in i:
             lines.append(f"- Sliding window fwd+bwd {i['size']} ({i['backend']}): {i['memory_growth']:.2f} (target <= 4.3)")

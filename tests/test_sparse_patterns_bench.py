@@ -1,0 +1,89 @@
+"""The sparse-pattern benchmark's arithmetic: rates against the GEMM timed in the same rounds."""
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+from multihead.patterns import SlidingWindow
+
+_PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "sparse_patterns.py"
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("sparse_patterns_bench", _PATH)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up
+    try:
+        spec.loader.exec_module(module)
+        yield module
+    finally:
+        sys.modules.pop(spec.name, None)
+
+
+def _row(bench, forward, forward_backward, gemm, dense=None, lists=False):
+    heads, dim, n = 4, 32, 1024
+    # pairs whose two forward products are exactly one GEMM's multiply-adds
+    pairs = bench.GEMM_SIZE ** 3 / (2 * heads * dim)
+    ours = {"forward_s": min(forward), "forward_samples": forward,
+            "forward_backward_s": min(forward_backward), "forward_backward_samples": forward_backward}
+    if lists:
+        ours["lists_forward_s"] = 0.1
+    return {"family": "f", "size": "s", "tokens": n, "auto": "blocksparse", "heads": heads, "head_dim": dim,
+            "batch": 1, "density": 0.5, "computed_pairs": pairs, "dense_sdpa_forward_s": min(dense or [1.0]),
+            "dense_sdpa_samples": dense, "gemm_s": min(gemm), "gemm_samples": gemm, "backends": {"blocksparse": ours}}
+
+
+def test_rates_are_fractions_of_the_gemm_of_the_same_round(bench):
+    # forward: one GEMM of work in twice a GEMM's time; backward (2.5 GEMMs of work) in 5 GEMM times
+    row = _row(bench, forward=[2.0, 4.0, 6.0], forward_backward=[7.0, 14.0, 21.0], gemm=[1.0, 2.0, 3.0],
+               dense=[1.0, 2.0, 3.0])
+    rates = bench.rates(row, row["backends"]["blocksparse"])
+    assert rates["forward_vs_gemm"] == pytest.approx(0.5)
+    assert rates["backward_vs_gemm"] == pytest.approx(0.5)
+    dense_macs = 2 * 4 * 32 * 1024 ** 2 / bench.GEMM_SIZE ** 3
+    assert rates["dense_vs_gemm"] == pytest.approx(dense_macs)
+
+
+def test_rates_pair_rounds_and_take_the_median(bench):
+    # the machine halves its speed in round two for everything: the fraction stays 0.5
+    row = _row(bench, forward=[2.0, 4.0, 2.2], forward_backward=[7.0, 14.0, 7.7], gemm=[1.0, 2.0, 1.0])
+    rates = bench.rates(row, row["backends"]["blocksparse"])
+    assert rates["forward_vs_gemm"] == pytest.approx(0.5)
+    assert rates["backward_vs_gemm"] == pytest.approx(0.5)
+    assert rates["dense_vs_gemm"] is None  # dense SDPA not timed in these rounds
+
+
+def test_rates_left_out_for_dynamic_patterns_and_missing_gemm(bench):
+    row = _row(bench, forward=[2.0], forward_backward=[7.0], gemm=[1.0], lists=True)
+    assert set(bench.rates(row, row["backends"]["blocksparse"]).values()) == {None}
+    row = _row(bench, forward=[2.0], forward_backward=[7.0], gemm=[1.0])
+    row.pop("gemm_samples")
+    assert set(bench.rates(row, row["backends"]["blocksparse"]).values()) == {None}
+
+
+def test_markdown_reports_the_rates_and_the_gemm(bench):
+    row = _row(bench, forward=[0.02], forward_backward=[0.07], gemm=[0.01])
+    text = bench.markdown(bench.ratios([row]), "test machine")
+    assert "fwd rate / GEMM" in text and "| 50% | 50% |" in text
+    assert "215 GFLOP/s" in text  # 2 x 1024^3 / 0.01 s
+
+
+def test_one_small_case_measures_rates(bench):
+    case = bench.Case("sliding_window_16", "256", 256, SlidingWindow(16, 16))
+    row = bench.measure_case(case, heads=2, head_dim=16, repeats=1, dense_limit=256, flex_limit=0,
+                             train_backends=["blocksparse"], forward_backends=["blocksparse"])
+    item = bench.ratios([row])[0]
+    for key in ("forward_vs_gemm", "dense_vs_gemm", "gemm_gflops"):
+        assert item[key] is not None and item[key] > 0, key
+    # one round of a tiny problem: its fwd+bwd may come out below its forward, then left out
+    assert item["backward_vs_gemm"] is None or item["backward_vs_gemm"] > 0
+
+
+def test_a_backward_no_slower_than_the_forward_is_left_out(bench):
+    row = _row(bench, forward=[2.0, 2.0, 2.0], forward_backward=[1.9, 7.0, 7.0], gemm=[1.0, 1.0, 1.0])
+    assert bench.rates(row, row["backends"]["blocksparse"])["backward_vs_gemm"] == pytest.approx(0.5)
+    row = _row(bench, forward=[2.0], forward_backward=[1.9], gemm=[1.0])
+    assert bench.rates(row, row["backends"]["blocksparse"])["backward_vs_gemm"] is None
