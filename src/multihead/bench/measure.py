@@ -11,6 +11,8 @@ from dataclasses import dataclass
 
 import torch
 
+from multihead.backends import native
+
 
 @dataclass(frozen=True)
 class Timing:
@@ -102,6 +104,7 @@ def _release_free_memory() -> None:
     # The young generations hold what the previous measurement left behind; a full collection
     # walks every object torch imported (about a second each time here) for nothing.
     gc.collect(1)
+    native.release_memory()  # the block-sparse kernel's idle output buffers
     try:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):

@@ -1,12 +1,17 @@
 """The native CPU kernel of the block-sparse backend: built once per machine, cached, optional.
 
-``kernel()`` returns the compiled extension (``blocksparse.cpp``, and ``select.cpp`` for ``TopK``'s
-choice of keys, beside this file), building it on first use with ``torch.utils.cpp_extension`` (a
+``kernel()`` returns the compiled extension (``blocksparse.cpp``, ``select.cpp`` for ``TopK``'s
+choice of keys and ``pool.cpp`` for its output buffers, beside this file), building it on first use with ``torch.utils.cpp_extension`` (a
 C++ compiler and ninja) into a cache folder keyed by the sources, torch's version and the CPU's
 vector extensions, so a second process only loads it. ``status()`` says whether it is available
 and, if not, why: no compiler, a failed build, or ``MULTIHEAD_NATIVE=0`` in the environment.
 Without it the block-sparse backend runs its tiles in plain PyTorch; ``multihead.explain`` says
 which path ran.
+
+Outputs of 1 MiB or more (out, dq, dk, dv) are kept for reuse when their tensors die, so that a
+training loop does not map, fault in and unmap them on every call: up to ``MULTIHEAD_NATIVE_POOL_MIB``
+idle (default an eighth of the machine's memory, at most 4 GiB; 0 turns this off).
+``idle_memory()`` says how much is held, ``release_memory()`` hands it back to the OS.
 
 ``python -m multihead.backends.native`` builds it (``make setup`` does) and prints the status.
 ``MULTIHEAD_NATIVE_DEBUG=assert`` (or ``asan``) builds a checked copy beside it, for the tests.
@@ -23,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-_SOURCES = [Path(__file__).with_name(name) for name in ("blocksparse.cpp", "select.cpp")]
+_SOURCES = [Path(__file__).with_name(name) for name in ("blocksparse.cpp", "select.cpp", "pool.cpp")]
 _lock = threading.Lock()
 _state: dict = {}
 
@@ -120,6 +125,24 @@ def status() -> tuple[object | None, str | None]:
 def kernel():
     """The compiled extension, or None (see ``status``)."""
     return status()[0]
+
+
+def _loaded():
+    """The extension if this process has loaded it already (never builds)."""
+    return next((module for module, _ in _state.values() if module is not None), None)
+
+
+def idle_memory() -> int:
+    """Bytes of the kernel's output buffers held for reuse, idle (0 when the kernel is not loaded)."""
+    module = _loaded()
+    return module.pool_idle_bytes() if module is not None else 0
+
+
+def release_memory() -> int:
+    """Hand the kernel's idle output buffers back to the OS (as ``torch.cuda.empty_cache`` does on
+    a GPU); the bytes released."""
+    module = _loaded()
+    return module.release_pool() if module is not None else 0
 
 
 def describe() -> str:

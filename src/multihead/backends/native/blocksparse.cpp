@@ -33,9 +33,18 @@
 
 #include <sys/mman.h>
 
+namespace multihead_native {
+// pool.cpp: an empty CPU tensor, its buffer kept for reuse when big; ``fresh``: new zero pages
+at::Tensor pooled_empty(at::IntArrayRef sizes, const at::TensorOptions& options, bool* fresh);
+int64_t release_pool();
+int64_t pool_idle_bytes();
+int64_t pool_limit_bytes();
+}  // namespace multihead_native
+
 namespace {
 
 using at::BFloat16;
+using multihead_native::pooled_empty;
 
 template <typename T> struct Acc { using type = float; };
 template <> struct Acc<double> { using type = double; };
@@ -1381,6 +1390,13 @@ inline void populate(const at::Tensor& t) {
 #endif
 }
 
+// An output from pooled_empty made ready: a new one's pages mapped in one go (zeros already), a
+// reused one cleared when ``clear``
+inline void ready(at::Tensor& t, bool fresh, bool clear) {
+  if (fresh) populate(t);
+  else if (clear) t.zero_();
+}
+
 // Outputs of this many bytes or more are written with streaming stores (when their rows align
 // with the vectors: ``streams``): half the last-level cache. Such an output would leave the cache
 // before it is read, and a streaming store skips reading each line before writing it.
@@ -1433,12 +1449,13 @@ std::vector<at::Tensor> forward_impl(const at::Tensor& q, const at::Tensor& k, c
   using C = typename Acc<T>::type;
   Geometry g{q.size(0), q.size(1), k.size(1), q.size(2), k.size(2), q.size(3), v.size(3),
              q.size(1) / k.size(1), k.size(2) - q.size(2)};
-  // every query row written by some tile: no need to clear the output first (a fresh 32 MiB
-  // tensor costs its page faults once, a cleared one twice)
+  // every query row written by some tile: no need to clear the output first (nor when its pages
+  // are new: zeros)
   const bool covers = covers_every_row(tab, g.Lq);
   const auto lopt = q.options().dtype(c10::CppTypeToScalarType<C>::value);
-  auto out = covers ? at::empty({g.B, g.H, g.Lq, g.Dv}, q.options()) : at::zeros({g.B, g.H, g.Lq, g.Dv}, q.options());
-  if (covers) populate(out);
+  bool fresh;
+  auto out = pooled_empty({g.B, g.H, g.Lq, g.Dv}, q.options(), &fresh);
+  ready(out, fresh, !covers);
   g.stream = streams(out);
   auto lse = covers ? at::empty({g.B, g.H, g.Lq}, lopt)
                     : at::full({g.B, g.H, g.Lq}, std::numeric_limits<double>::infinity(), lopt);
@@ -1509,12 +1526,12 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& q, const at::Tensor& k, 
              q.size(1) / k.size(1), k.size(2) - q.size(2)};
   const auto copt = q.options().dtype(c10::CppTypeToScalarType<C>::value);
   const bool covers = covers_every_row(tab, g.Lq);  // every row's dq written by its tile
-  auto dq = covers ? at::empty({g.B, g.H, g.Lq, g.D}, copt) : at::zeros({g.B, g.H, g.Lq, g.D}, copt);
-  auto dk = at::empty({parts, g.B, g.Hkv, g.Lk, g.D}, copt);
-  auto dv = at::empty({parts, g.B, g.Hkv, g.Lk, g.Dv}, copt);
-  for (const at::Tensor* t : {&dq, &dk, &dv}) populate(*t);
+  bool fresh_q, fresh_k, fresh_v;
+  auto dq = pooled_empty({g.B, g.H, g.Lq, g.D}, copt, &fresh_q);
+  auto dk = pooled_empty({parts, g.B, g.Hkv, g.Lk, g.D}, copt, &fresh_k);
+  auto dv = pooled_empty({parts, g.B, g.Hkv, g.Lk, g.Dv}, copt, &fresh_v);
+  ready(dq, fresh_q, !covers), ready(dk, fresh_k, true), ready(dv, fresh_v, true);  // dk, dv: accumulators
   g.stream = streams(dq);
-  dk.zero_(), dv.zero_();
   const int64_t threads = std::max(1, at::get_num_threads());
   want_pre = want_pre && pre.defined(), want_post = want_post && post.defined();
   const int64_t lvec = pre.defined() ? pre.size(1) : (post.defined() ? post.size(1) : 0);
@@ -1695,4 +1712,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("backward", &backward, "block-sparse attention backward: (dq, dk, dv, dpre, dpost)");
   m.def("stream_bytes", &stream_bytes, "outputs of this many bytes or more are written past the caches");
   m.def("bf16_pairs", [] { return kBf16Pairs; }, "whether bfloat16 tiles multiply in pairs (AVX-512 BF16)");
+  m.def("release_pool", &multihead_native::release_pool, "unmap the idle output buffers kept for reuse; their bytes");
+  m.def("pool_idle_bytes", &multihead_native::pool_idle_bytes, "bytes of output buffers kept for reuse, idle");
+  m.def("pool_limit_bytes", &multihead_native::pool_limit_bytes, "the most idle bytes kept (0: no reuse)");
 }

@@ -1,0 +1,181 @@
+"""The native kernel's output buffers kept for reuse (``pool.cpp``): a dead output's buffer serves
+the next one of its size, with the rows no tile writes and the gradient accumulators cleared; a
+pooled tensor behaves as any other; the idle bytes are bounded, inspectable and releasable."""
+
+from __future__ import annotations
+
+import io
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import multihead as mh
+from multihead.backends import BACKENDS, native
+from multihead.backends.native import tiles
+from multihead.patterns import SlidingWindow, TopK
+from multihead.request import make_request
+
+from conftest import max_error, naive_attention
+
+B, H, N, D = 1, 4, 2048, 64  # outputs of 2 MiB in float32: above the 1 MiB the pool starts at
+
+
+def _kernel():
+    if os.environ.get("MULTIHEAD_NATIVE", "1") == "0" or native.kernel() is None:
+        pytest.skip("the native kernel is not available")
+    ext = native.kernel()
+    if ext.pool_limit_bytes() == 0:
+        pytest.skip("output reuse is off (MULTIHEAD_NATIVE_POOL_MIB=0, or an AddressSanitizer build)")
+    return ext
+
+
+def _inputs(seed=0, n=N):
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randn(B, H, n, D, generator=gen) for _ in range(3)]
+
+
+def _forward(ext, table, q, k, v):
+    n = q.shape[2]
+    return ext.forward(q, k, v, *table.arrays(), D ** -0.5, None, None, None, 0.0, n - 1, 0.0, 0, None)
+
+
+def _lists_table(q, k, v, rows):
+    """A key-list table (TopK) over the first ``rows`` queries only: the others are in no tile."""
+    lists = make_request(q, k, v, pattern=TopK(16)).pattern.key_lists()
+    full = tiles.from_key_lists(*lists)
+    width = 16
+    return tiles.TileTable(q_rows=full.q_rows[:rows], tile_q=full.tile_q[:rows + 1],
+                           tile_k=full.tile_k[:rows + 1], k_idx=full.k_idx[:, :rows * width].contiguous(),
+                           tile_m=full.tile_m[:rows], mask=full.mask, lb=full.lb, lh=full.lh, pairs=rows * width)
+
+
+def _window_table(q, k, v):
+    return BACKENDS["blocksparse"].plan(make_request(q, k, v, pattern=SlidingWindow(64, 64)), native=True).table
+
+
+def test_a_dead_output_serves_the_next_of_its_size():
+    ext = _kernel()
+    q, k, v = _inputs()
+    table = _window_table(q, k, v)
+    out, _ = _forward(ext, table, q, k, v)
+    first, where = out.clone(), out.data_ptr()
+    before = native.idle_memory()
+    del out
+    assert native.idle_memory() >= before + B * H * N * D * 4
+    again, _ = _forward(ext, table, q, k, v)
+    assert again.data_ptr() == where
+    torch.testing.assert_close(again, first, rtol=0, atol=0)
+
+
+def test_rows_no_tile_writes_are_zero_in_a_reused_buffer():
+    ext = _kernel()
+    q, k, v = _inputs()
+    lists = _lists_table(q, k, v, rows=N)
+    dirty, _ = _forward(ext, lists, q, k, v)  # every row written: leaves values in its buffer
+    where = dirty.data_ptr()
+    del dirty
+    half = _lists_table(q, k, v, rows=N // 2)
+    out, lse = _forward(ext, half, q, k, v)
+    assert out.data_ptr() == where  # the reused buffer, not a fresh (zero) one
+    assert torch.all(out[:, :, N // 2:] == 0)
+    assert torch.all(lse[:, :, N // 2:] == float("inf"))
+    full, _ = _forward(ext, lists, q, k, v)
+    torch.testing.assert_close(out[:, :, :N // 2], full[:, :, :N // 2], rtol=0, atol=0)
+
+
+def test_gradient_accumulators_start_from_zero_in_reused_buffers():
+    _kernel()
+    q, k, v = (t.requires_grad_() for t in _inputs())
+    pattern = SlidingWindow(64, 64)
+    grad = torch.randn(B, H, N, D, generator=torch.Generator().manual_seed(1))
+
+    def step():  # the buffers of the output and of the three gradients
+        out = mh.attention(q, k, v, pattern=pattern, backend="blocksparse")
+        out.backward(grad)
+        return {out.data_ptr()} | {t.grad.data_ptr() for t in (q, k, v)}
+
+    where = step()
+    first = [t.grad.clone() for t in (q, k, v)]
+    for t in (q, k, v):
+        t.grad = None  # their buffers go back to the pool
+    assert step() == where  # four buffers of one size, in some order
+    for got, want in zip((q.grad, k.grad, v.grad), first):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+    # and right, not only equal (the first run may have had reused buffers too): against float64
+    leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    naive_attention(*leaves, pattern=pattern).backward(grad.double())
+    for got, want in zip((q.grad, k.grad, v.grad), leaves):
+        assert max_error(got, want.grad) < 1e-4
+
+
+def test_a_pooled_output_is_an_ordinary_tensor():
+    ext = _kernel()
+    q, k, v = _inputs()
+    out, _ = _forward(ext, _window_table(q, k, v), q, k, v)
+    values = out.clone()
+    out.resize_(2 * B, H, N, D)  # past its buffer: moved to memory of its own, values kept
+    torch.testing.assert_close(out[:B], values, rtol=0, atol=0)
+    out.add_(1)
+    assert out.is_contiguous() and out.stride() == (H * N * D, N * D, D, 1)
+    assert torch.equal(torch.load(_roundtrip(values)), values)
+
+
+def _roundtrip(t):
+    buffer = io.BytesIO()
+    torch.save(t, buffer)
+    buffer.seek(0)
+    return buffer
+
+
+def test_small_outputs_are_not_pooled():
+    ext = _kernel()
+    q, k, v = _inputs(n=256)  # 256 KiB outputs
+    native.release_memory()
+    out, _ = _forward(ext, _window_table(q, k, v), q, k, v)
+    del out
+    assert native.idle_memory() == 0
+
+
+def test_release_memory_hands_the_idle_buffers_back():
+    ext = _kernel()
+    q, k, v = _inputs()
+    out, _ = _forward(ext, _window_table(q, k, v), q, k, v)
+    del out
+    held = native.idle_memory()
+    assert held > 0
+    assert native.release_memory() == held
+    assert native.idle_memory() == 0 and native.release_memory() == 0
+
+
+def _run(code: str, env: dict) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", code], env={**os.environ, **env}, capture_output=True, text=True,
+                          timeout=300)
+
+
+POOL_CHECK = """
+import torch
+from multihead.backends import native
+ext = native.kernel()
+q, k, v = (torch.randn(1, 4, 2048, 64) for _ in range(3))
+import multihead as mh
+from multihead.patterns import SlidingWindow
+with torch.no_grad():
+    out = mh.attention(q, k, v, pattern=SlidingWindow(64, 64), backend="blocksparse")
+del out
+print(ext.pool_limit_bytes(), native.idle_memory())
+"""
+
+
+def test_the_limit_comes_from_the_environment():
+    _kernel()
+    done = _run(POOL_CHECK, {"MULTIHEAD_NATIVE_POOL_MIB": "0"})
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["0", "0"]
+    done = _run(POOL_CHECK, {"MULTIHEAD_NATIVE_POOL_MIB": "3"})  # room for one 2 MiB output
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == [str(3 << 20), str(2 << 20)]
+    done = _run(POOL_CHECK, {"MULTIHEAD_NATIVE_POOL_MIB": "lots"})
+    assert done.returncode != 0 and "MULTIHEAD_NATIVE_POOL_MIB must be a whole number" in done.stderr
