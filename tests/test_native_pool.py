@@ -179,3 +179,36 @@ def test_the_limit_comes_from_the_environment():
     assert done.stdout.split() == [str(3 << 20), str(2 << 20)]
     done = _run(POOL_CHECK, {"MULTIHEAD_NATIVE_POOL_MIB": "lots"})
     assert done.returncode != 0 and "MULTIHEAD_NATIVE_POOL_MIB must be a whole number" in done.stderr
+
+
+def _dirty_pool(ext, count=8):
+    """``count`` idle buffers of the (B, H, N, D) float32 size in the pool, full of NaN, so that the
+    next outputs of that size are reused ones holding garbage."""
+    q, k, v = _inputs()
+    outs = [_forward(ext, _window_table(q, k, v), q, k, v)[0] for _ in range(count)]
+    for out in outs:
+        out.fill_(float("nan"))
+    before = native.idle_memory()
+    del out
+    outs.clear()
+    assert native.idle_memory() == before + count * B * H * N * D * 4
+
+
+def test_keys_no_query_chose_get_zero_gradients_in_reused_buffers():
+    ext = _kernel()
+    q, k, v = (t.requires_grad_() for t in _inputs())
+    pattern = make_request(q, k, v, pattern=TopK(2)).pattern  # this input's lists: most keys unchosen
+    indices, valid = pattern.key_lists()
+    chosen = torch.zeros(H, N, dtype=torch.bool)
+    for h in range(H):
+        chosen[h, indices[0, h][valid[0, h]]] = True
+    assert (~chosen).sum() > N  # the test needs unchosen keys
+    _dirty_pool(ext)
+    grad = torch.randn(B, H, N, D, generator=torch.Generator().manual_seed(2))
+    mh.attention(q, k, v, pattern=pattern, backend="blocksparse").backward(grad)
+    for g in (k.grad, v.grad):
+        assert torch.all(g[0][~chosen] == 0)
+    leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    naive_attention(*leaves, pattern=pattern).backward(grad.double())
+    for got, want in zip((q.grad, k.grad, v.grad), leaves):
+        assert max_error(got, want.grad) < 1e-4

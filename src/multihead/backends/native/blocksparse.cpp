@@ -290,6 +290,7 @@ struct Scratch {
   std::vector<C> s, o, m, l, dq, dk, dv, dp, raw, b1, b2, b3, qf, dof;  // qf, dof: rows as C (bf16)
   std::vector<int64_t> qabs, heads, at;  // per tile row: query position, head, row in (B, H, Lq) tensors
   std::vector<uint32_t> rowkey;  // the rows' dropout keys
+  std::vector<uint8_t> seen_k, seen_v;  // backward: the key rows of dK and dV that hold a sum
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -942,19 +943,39 @@ void lanes_forward(const Geometry& g, const Score<C>& sc, C scale, Scratch<T, C>
 
 // dst[t][d] += sum_l coeffT[t][l] * rows[l][d] for KB keys t and DB vectors of d from d0: the
 // keys' rows stay in registers while the lanes stream by (coeffT: keys x lanes).
+// A key head's gradient accumulator (dK or dV: one row of ``width`` per key) whose rows are
+// cleared on first use instead of all before backward: ``seen[j]`` once row j holds a sum. Rows
+// no tile touched are cleared at the end (``finish``).
+template <typename C>
+struct KeyGrads {
+  C* base;
+  int64_t width;
+  uint8_t* seen;
+  C* row(int64_t j) const { return base + j * width; }
+  C* cleared(int64_t j) {  // row j, zero if this is its first use
+    if (!seen[j]) std::fill(row(j), row(j) + width, C(0)), seen[j] = 1;
+    return row(j);
+  }
+  void finish(int64_t keys) {
+    for (int64_t j = 0; j < keys; ++j)
+      if (!seen[j]) std::fill(row(j), row(j) + width, C(0));
+  }
+};
+
 // dst[t][d] += sum_i coeff(t, i) * rows[i][d] for KB keys t and DB vectors of d from d0, over n
-// rows i in lane blocks of L: coeff(t, i) = coeffT[(i / L) cstride + t L + i % L]. The keys' rows
-// stay in registers while the rows stream by.
+// rows i in lane blocks of L: coeff(t, i) = coeffT[(i / L) cstride + t L + i % L]; a key with
+// ``first[t]`` starts from 0 instead of dst. The keys' rows stay in registers while the rows
+// stream by.
 template <typename C, int KB, int DB>
-inline void scatter_block(C* const* dst, const C* coeffT, int64_t cstride, const C* const* rows, int64_t n,
-                          int64_t d0) {
+inline void scatter_block(C* const* dst, const bool* first, const C* coeffT, int64_t cstride, const C* const* rows,
+                          int64_t n, int64_t d0) {
   using V = Vec<C>;
   constexpr int64_t L = V::size();
   V acc[KB][DB];
 #pragma GCC unroll 4
   for (int t = 0; t < KB; ++t)
 #pragma GCC unroll 4
-    for (int u = 0; u < DB; ++u) acc[t][u] = V::loadu(dst[t] + d0 + u * L);
+    for (int u = 0; u < DB; ++u) acc[t][u] = first[t] ? V(C(0)) : V::loadu(dst[t] + d0 + u * L);
   for (int64_t b = 0; b * L < n; ++b) {
     const C* coeff = coeffT + b * cstride;
     const C* const* rb = rows + b * L;
@@ -977,45 +998,53 @@ inline void scatter_block(C* const* dst, const C* coeffT, int64_t cstride, const
 }
 
 template <typename C, int KB>
-inline void scatter_keys(C* const* dst, const C* coeffT, int64_t cstride, const C* const* rows, int64_t n,
-                         int64_t width) {
+inline void scatter_keys(C* const* dst, const bool* first, const C* coeffT, int64_t cstride, const C* const* rows,
+                         int64_t n, int64_t width) {
   constexpr int64_t L = Vec<C>::size();
   int64_t d0 = 0;
-  for (; d0 + 4 * L <= width; d0 += 4 * L) scatter_block<C, KB, 4>(dst, coeffT, cstride, rows, n, d0);
-  for (; d0 + L <= width; d0 += L) scatter_block<C, KB, 1>(dst, coeffT, cstride, rows, n, d0);
+  for (; d0 + 4 * L <= width; d0 += 4 * L) scatter_block<C, KB, 4>(dst, first, coeffT, cstride, rows, n, d0);
+  for (; d0 + L <= width; d0 += L) scatter_block<C, KB, 1>(dst, first, coeffT, cstride, rows, n, d0);
   for (; d0 < width; ++d0)
     for (int t = 0; t < KB; ++t) {
-      C a = dst[t][d0];
+      C a = first[t] ? C(0) : dst[t][d0];
       for (int64_t i = 0; i < n; ++i) a += coeffT[(i / L) * cstride + t * L + i % L] * rows[i][d0];
       dst[t][d0] = a;
     }
 }
 
-// Key rows base + kpos[j] * width += sum_i coeff(j, i) * rows[i] for the W keys of up to two lane
-// blocks (n rows; block b's coefficients at coeffT + b W L, keys x lanes): dK from dS and the
-// queries, dV from P and dO. Four distinct keys at a time.
+// Key rows acc.row(kpos[j]) += sum_i coeff(j, i) * rows[i] for the W keys of up to two lane blocks
+// (n rows; block b's coefficients at coeffT + b W L, keys x lanes): dK from dS and the queries, dV
+// from P and dO. Four distinct keys at a time; a key's first sum is stored, not added.
 template <typename C>
-void lanes_scatter(C* base, const int64_t* kpos, int64_t W, const C* coeffT, const C* const* rows, int64_t n,
-                   int64_t width) {
+void lanes_scatter(KeyGrads<C>& acc, const int64_t* kpos, int64_t W, const C* coeffT, const C* const* rows,
+                   int64_t n) {
   constexpr int64_t L = Vec<C>::size();
-  const int64_t cs = W * L;
+  const int64_t cs = W * L, width = acc.width;
   int64_t j = 0;
   for (; j + 4 <= W; j += 4) {
-    prefetch_keys(base, kpos, j + 4, j + 8, W, width, width);
+    prefetch_keys(acc.base, kpos, j + 4, j + 8, W, width, width);
     const int64_t* k = kpos + j;
-    C* dst[4] = {base + k[0] * width, base + k[1] * width, base + k[2] * width, base + k[3] * width};
+    C* dst[4] = {acc.row(k[0]), acc.row(k[1]), acc.row(k[2]), acc.row(k[3])};
     // a padded key list may name one key twice: then one at a time (each update sees the last)
     const bool distinct = k[0] != k[1] && k[0] != k[2] && k[0] != k[3] && k[1] != k[2] && k[1] != k[3] &&
                           k[2] != k[3];
     if (distinct) {
-      scatter_keys<C, 4>(dst, coeffT + j * L, cs, rows, n, width);
+      const bool first[4] = {!acc.seen[k[0]], !acc.seen[k[1]], !acc.seen[k[2]], !acc.seen[k[3]]};
+      scatter_keys<C, 4>(dst, first, coeffT + j * L, cs, rows, n, width);
+      for (int t = 0; t < 4; ++t) acc.seen[k[t]] = 1;
     } else {
-      for (int t = 0; t < 4; ++t) scatter_keys<C, 1>(dst + t, coeffT + (j + t) * L, cs, rows, n, width);
+      for (int t = 0; t < 4; ++t) {
+        const bool first = !acc.seen[k[t]];
+        scatter_keys<C, 1>(dst + t, &first, coeffT + (j + t) * L, cs, rows, n, width);
+        acc.seen[k[t]] = 1;
+      }
     }
   }
   for (; j < W; ++j) {
-    C* dst[1] = {base + kpos[j] * width};
-    scatter_keys<C, 1>(dst, coeffT + j * L, cs, rows, n, width);
+    C* dst[1] = {acc.row(kpos[j])};
+    const bool first = !acc.seen[kpos[j]];
+    scatter_keys<C, 1>(dst, &first, coeffT + j * L, cs, rows, n, width);
+    acc.seen[kpos[j]] = 1;
   }
 }
 
@@ -1026,7 +1055,8 @@ void lanes_scatter(C* base, const int64_t* kpos, int64_t W, const C* coeffT, con
 template <typename T, typename C>
 void lanes_backward(const Geometry& g, const Score<C>& sc, C scale, Scratch<T, C>& w, const C* const* qf, int64_t M,
                     int64_t rows, const T* kbase, const T* vbase, const int64_t* kpos, int64_t W,
-                    const uint8_t* mask, const C* const* dob, C* const* dq, C* dk_acc, C* dv_acc, double* dpre,
+                    const uint8_t* mask, const C* const* dob, C* const* dq, KeyGrads<C>& dk_acc,
+                    KeyGrads<C>& dv_acc, double* dpre,
                     double* dpost) {
   using V = Vec<C>;
   constexpr int64_t L = V::size(), NB = 2;
@@ -1097,8 +1127,8 @@ void lanes_backward(const Geometry& g, const Score<C>& sc, C scale, Scratch<T, C
       }
     }
     // dV_j += sum_i z P[j][i] dO_i; dK_j += scale sum_i dS[j][i] q_i; dQ = scale dS K
-    lanes_scatter(dv_acc, kpos, W, ST, dob + first, n, g.Dv);
-    lanes_scatter(dk_acc, kpos, W, DPT, qf + first, n, g.D);
+    lanes_scatter(dv_acc, kpos, W, ST, dob + first, n);
+    lanes_scatter(dk_acc, kpos, W, DPT, qf + first, n);
     lanes_combine_rows(DPT, W, kbase, kpos, g.D, g.D, n, static_cast<const C*>(nullptr), dq + first, g.stream, DQT);
   }
 }
@@ -1284,7 +1314,8 @@ void rows_forward(const Geometry& g, const Score<C>& sc, C scale, Scratch<T, C>&
 template <typename T, typename C>
 void rows_backward(const Geometry& g, const Score<C>& sc, C scale, Scratch<T, C>& w, const C* const* qf, int64_t M,
                    int64_t rows, const T* kbase, const T* vbase, const int64_t* kpos, int64_t W, const uint8_t* mask,
-                   const C* const* dob, C* const* dqr, C* dk_acc, C* dv_acc, double* dpre, double* dpost) {
+                   const C* const* dob, C* const* dqr, KeyGrads<C>& dk_acc, KeyGrads<C>& dv_acc, double* dpre,
+                   double* dpost) {
   w.s.resize(W), w.dp.resize(W);
   if (sc.cap > 0) w.raw.resize(W);
   C *s = w.s.data(), *dp = w.dp.data();
@@ -1304,7 +1335,7 @@ void rows_backward(const Geometry& g, const Score<C>& sc, C scale, Scratch<T, C>
       if (mask && !mask[j * rows + r]) continue;
       const C p = sc.sigmoid ? sigmoid(s[j], sc.bias) : std::exp(s[j] - lse);
       const C z = !sc.drop.on ? C(1) : sc.drop.keep(w.rowkey[i], kpos[j]) ? C(sc.drop.keep_scale) : C(0);
-      if (z != C(0)) axpy(p * z, d_o, dv_acc + kpos[j] * g.Dv, g.Dv);
+      if (z != C(0)) axpy(p * z, d_o, dv_acc.cleared(kpos[j]), g.Dv);
       C ds = sc.sigmoid ? z * dp[j] * p * (C(1) - p) : p * (z * dp[j] - delta);
       if (dpost) dpost[w.heads[i] * sc.lvec + base + sc.key(kpos[j])] += ds;
       if (sc.cap > 0) {
@@ -1313,7 +1344,7 @@ void rows_backward(const Geometry& g, const Score<C>& sc, C scale, Scratch<T, C>
       }
       if (dpre) dpre[w.heads[i] * sc.lvec + base + sc.key(kpos[j])] += ds;
       axpy(ds * scale, kbase + kpos[j] * g.D, dq, g.D);
-      axpy(ds * scale, qrow, dk_acc + kpos[j] * g.D, g.D);
+      axpy(ds * scale, qrow, dk_acc.cleared(kpos[j]), g.D);
     }
   }
 }
@@ -1530,7 +1561,8 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& q, const at::Tensor& k, 
   auto dq = pooled_empty({g.B, g.H, g.Lq, g.D}, copt, &fresh_q);
   auto dk = pooled_empty({parts, g.B, g.Hkv, g.Lk, g.D}, copt, &fresh_k);
   auto dv = pooled_empty({parts, g.B, g.Hkv, g.Lk, g.Dv}, copt, &fresh_v);
-  ready(dq, fresh_q, !covers), ready(dk, fresh_k, true), ready(dv, fresh_v, true);  // dk, dv: accumulators
+  // dk, dv: their rows cleared on first use (KeyGrads)
+  ready(dq, fresh_q, !covers), ready(dk, fresh_k, false), ready(dv, fresh_v, false);
   g.stream = streams(dq);
   const int64_t threads = std::max(1, at::get_num_threads());
   want_pre = want_pre && pre.defined(), want_post = want_post && post.defined();
@@ -1555,8 +1587,9 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& q, const at::Tensor& k, 
     Scratch<T, C>& w = scratch[at::get_thread_num()];
     const int64_t part = unit % parts, bk = unit / parts;
     const int64_t b = bk / g.Hkv, hk = bk % g.Hkv;
-    C* dk_acc = dk_p + ((part * g.B + b) * g.Hkv + hk) * g.Lk * g.D;
-    C* dv_acc = dv_p + ((part * g.B + b) * g.Hkv + hk) * g.Lk * g.Dv;
+    w.seen_k.assign(g.Lk, 0), w.seen_v.assign(g.Lk, 0);
+    KeyGrads<C> dk_acc{dk_p + ((part * g.B + b) * g.Hkv + hk) * g.Lk * g.D, g.D, w.seen_k.data()};
+    KeyGrads<C> dv_acc{dv_p + ((part * g.B + b) * g.Hkv + hk) * g.Lk * g.Dv, g.Dv, w.seen_v.data()};
     double* dpre_t = want_pre ? static_cast<double*>(dpre.data_ptr()) + at::get_thread_num() * g.H * lvec : nullptr;
     double* dpost_t = want_post ? static_cast<double*>(dpost.data_ptr()) + at::get_thread_num() * g.H * lvec : nullptr;
     const T *kbase = in.keys(b, hk), *vbase = in.values(b, hk);
@@ -1587,6 +1620,7 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& q, const at::Tensor& k, 
           rows_backward(g, sc, scale, w, qc, M, rows, kbase, vbase, kpos, W, mask, dc, w.dqp.data(), dk_acc,
                         dv_acc, dpre_t, dpost_t);
       }
+    dk_acc.finish(g.Lk), dv_acc.finish(g.Lk);
   });
   at::Tensor dk_sum = parts == 1 ? dk[0] : dk.sum(0);
   at::Tensor dv_sum = parts == 1 ? dv[0] : dv.sum(0);
