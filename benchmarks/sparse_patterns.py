@@ -130,7 +130,7 @@ def measure_case(case: Case, heads: int, head_dim: int, repeats: int, dense_limi
     if device == "cpu":  # the yardstick of the rates: a float32 matrix product on this machine
         a, b = (torch.randn(GEMM_SIZE, GEMM_SIZE) for _ in range(2))
         timed[("gemm", "mm")] = lambda: torch.mm(a, b)
-    if not timed:
+    if case.tokens > dense_limit:
         row["dense_sdpa_forward_s"] = time_call(dense, repeats=repeats, warmup=1, budget_s=30).low
     for backend in forward_backends:
         if backend == "sdpa" and case.tokens > dense_limit:
@@ -216,16 +216,17 @@ GEMM_SIZE = 1024  # the matrix product whose rate the passes are measured agains
 def rates(r: dict, ours: dict) -> dict:
     """The forward's and backward's (fwd+bwd minus fwd, per round, where positive) float32 rate over that of
     ``torch.mm`` in the same rounds, and dense SDPA's: multiply-adds of the computed pairs (2 products
-    forward, 5 backward; dense SDPA 2 on all pairs) over GEMM_SIZE cubed per GEMM time. None where a
-    time is missing, and for dynamic patterns (their forward includes the choice)."""
+    forward, 5 backward; dense SDPA 2 on all pairs) over GEMM_SIZE cubed per GEMM time, the median
+    over rounds (dense SDPA timed on its own, past ``--dense-limit``: from the best times). None where
+    a time is missing, and for dynamic patterns (their forward includes the choice)."""
     gemm = r.get("gemm_samples")
     if not gemm or not r.get("computed_pairs") or ours.get("lists_forward_s"):
         return {"forward_vs_gemm": None, "backward_vs_gemm": None, "dense_vs_gemm": None}
     per_pair = r["batch"] * r["heads"] * r["head_dim"] / GEMM_SIZE ** 3  # one product's MACs per pair, in GEMMs
 
-    def fraction(macs: float, samples) -> float | None:
-        if not samples or len(samples) != len(gemm):
-            return None
+    def fraction(macs: float, samples, best: float | None = None) -> float | None:
+        if not samples or len(samples) != len(gemm):  # timed on its own: the best times
+            return macs * r["gemm_s"] / best if best else None
         kept = [macs * g / t for t, g in zip(samples, gemm) if t > 0]  # a noisy round can leave bwd <= 0
         return statistics.median(kept) if kept else None
 
@@ -234,7 +235,7 @@ def rates(r: dict, ours: dict) -> dict:
     n = r["tokens"]
     return {"forward_vs_gemm": fraction(2 * per_pair * r["computed_pairs"], f),
             "backward_vs_gemm": fraction(5 * per_pair * r["computed_pairs"], b),
-            "dense_vs_gemm": fraction(2 * per_pair * n * n, r.get("dense_sdpa_samples"))}
+            "dense_vs_gemm": fraction(2 * per_pair * n * n, r.get("dense_sdpa_samples"), r.get("dense_sdpa_forward_s"))}
 
 
 def ratios(rows: list[dict]) -> list[dict]:

@@ -53,7 +53,9 @@ def test_rates_pair_rounds_and_take_the_median(bench):
     rates = bench.rates(row, row["backends"]["blocksparse"])
     assert rates["forward_vs_gemm"] == pytest.approx(0.5)
     assert rates["backward_vs_gemm"] == pytest.approx(0.5)
-    assert rates["dense_vs_gemm"] is None  # dense SDPA not timed in these rounds
+    row["dense_sdpa_samples"], row["dense_sdpa_forward_s"] = None, 0.5  # timed on its own: best times
+    dense_macs = 2 * 4 * 32 * 1024 ** 2 / bench.GEMM_SIZE ** 3
+    assert bench.rates(row, row["backends"]["blocksparse"])["dense_vs_gemm"] == pytest.approx(dense_macs * 1.0 / 0.5)
 
 
 def test_rates_left_out_for_dynamic_patterns_and_missing_gemm(bench):
@@ -71,11 +73,14 @@ def test_markdown_reports_the_rates_and_the_gemm(bench):
     assert "215 GFLOP/s" in text  # 2 x 1024^3 / 0.01 s
 
 
-def test_one_small_case_measures_rates(bench):
+@pytest.mark.parametrize("dense_limit", [256, 128], ids=["dense_in_the_rounds", "dense_on_its_own"])
+def test_one_small_case_measures_rates(bench, dense_limit):
     case = bench.Case("sliding_window_16", "256", 256, SlidingWindow(16, 16))
-    row = bench.measure_case(case, heads=2, head_dim=16, repeats=1, dense_limit=256, flex_limit=0,
+    row = bench.measure_case(case, heads=2, head_dim=16, repeats=1, dense_limit=dense_limit, flex_limit=0,
                              train_backends=["blocksparse"], forward_backends=["blocksparse"])
     item = bench.ratios([row])[0]
+    assert row["dense_sdpa_forward_s"] > 0 and item["vs_computed_x_dense"] > 0
+    # past dense_limit, dense SDPA is timed on its own: its rate from the best times
     for key in ("forward_vs_gemm", "dense_vs_gemm", "gemm_gflops"):
         assert item[key] is not None and item[key] > 0, key
     # one round of a tiny problem: its fwd+bwd may come out below its forward, then left out
