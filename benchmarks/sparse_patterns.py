@@ -93,7 +93,7 @@ def measure_case(case: Case, heads: int, head_dim: int, repeats: int, dense_limi
     resolved = make_request(q, k, v, pattern=case.pattern).pattern  # dynamic patterns: this input's
     auto = mh.explain(q, k, v, pattern=case.pattern, show=False).backend  # what the library runs by default
     row: dict = {"family": case.family, "size": case.size, "tokens": case.tokens, "auto": auto,
-                 "heads": heads, "head_dim": head_dim, "batch": q.shape[0],
+                 "heads": heads, "head_dim": head_dim, "batch": q.shape[0], "dynamic": case.pattern.dynamic,
                  "density": resolved.density(case.tokens, case.tokens), "backends": {}}
     if auto == "heads":  # block-sparse on the whole per-head pattern gathers per head: its plans
         # (hundreds of MiB of masks) would evict the halves' plans from the same bounded cache
@@ -218,9 +218,9 @@ def rates(r: dict, ours: dict) -> dict:
     ``torch.mm`` in the same rounds, and dense SDPA's: multiply-adds of the computed pairs (2 products
     forward, 5 backward; dense SDPA 2 on all pairs) over GEMM_SIZE cubed per GEMM time, the median
     over rounds (dense SDPA timed on its own, past ``--dense-limit``: from the best times). None where
-    a time is missing, and for dynamic patterns (their forward includes the choice)."""
+    a time is missing, and for dynamic patterns (their forward includes the choice of keys)."""
     gemm = r.get("gemm_samples")
-    if not gemm or not r.get("computed_pairs") or ours.get("lists_forward_s"):
+    if not gemm or not r.get("computed_pairs") or r.get("dynamic"):
         return {"forward_vs_gemm": None, "backward_vs_gemm": None, "dense_vs_gemm": None}
     per_pair = r["batch"] * r["heads"] * r["head_dim"] / GEMM_SIZE ** 3  # one product's MACs per pair, in GEMMs
 

@@ -23,16 +23,15 @@ def bench():
         sys.modules.pop(spec.name, None)
 
 
-def _row(bench, forward, forward_backward, gemm, dense=None, lists=False):
+def _row(bench, forward, forward_backward, gemm, dense=None, dynamic=False):
     heads, dim, n = 4, 32, 1024
     # pairs whose two forward products are exactly one GEMM's multiply-adds
     pairs = bench.GEMM_SIZE ** 3 / (2 * heads * dim)
     ours = {"forward_s": min(forward), "forward_samples": forward,
             "forward_backward_s": min(forward_backward), "forward_backward_samples": forward_backward}
-    if lists:
-        ours["lists_forward_s"] = 0.1
     return {"family": "f", "size": "s", "tokens": n, "auto": "blocksparse", "heads": heads, "head_dim": dim,
-            "batch": 1, "density": 0.5, "computed_pairs": pairs, "dense_sdpa_forward_s": min(dense or [1.0]),
+            "batch": 1, "dynamic": dynamic, "density": 0.5, "computed_pairs": pairs,
+            "dense_sdpa_forward_s": min(dense or [1.0]),
             "dense_sdpa_samples": dense, "gemm_s": min(gemm), "gemm_samples": gemm, "backends": {"blocksparse": ours}}
 
 
@@ -59,7 +58,7 @@ def test_rates_pair_rounds_and_take_the_median(bench):
 
 
 def test_rates_left_out_for_dynamic_patterns_and_missing_gemm(bench):
-    row = _row(bench, forward=[2.0], forward_backward=[7.0], gemm=[1.0], lists=True)
+    row = _row(bench, forward=[2.0], forward_backward=[7.0], gemm=[1.0], dynamic=True)
     assert set(bench.rates(row, row["backends"]["blocksparse"]).values()) == {None}
     row = _row(bench, forward=[2.0], forward_backward=[7.0], gemm=[1.0])
     row.pop("gemm_samples")
