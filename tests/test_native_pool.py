@@ -212,3 +212,30 @@ def test_keys_no_query_chose_get_zero_gradients_in_reused_buffers():
     naive_attention(*leaves, pattern=pattern).backward(grad.double())
     for got, want in zip((q.grad, k.grad, v.grad), leaves):
         assert max_error(got, want.grad) < 1e-4
+
+
+EVICTION_CHECK = """
+import torch
+import multihead as mh
+from multihead.backends import native
+from multihead.patterns import SlidingWindow
+MIB = 1 << 20
+def output(n):  # a (1, 4, n, 64) float32 forward output: n / 1024 MiB
+    q, k, v = (torch.randn(1, 4, n, 64) for _ in range(3))
+    with torch.no_grad():
+        return mh.attention(q, k, v, pattern=SlidingWindow(16, 16), backend="blocksparse")
+idle = []
+for n in (2048, 1024, 1536):
+    out = output(n)
+    del out
+    idle.append(native.idle_memory() / MIB)
+print(*idle)
+"""
+
+
+def test_past_the_limit_the_buffers_idle_longest_go_first():
+    _kernel()
+    done = _run(EVICTION_CHECK, {"MULTIHEAD_NATIVE_POOL_MIB": "3"})
+    assert done.returncode == 0, done.stderr
+    # 2 MiB kept; 1 MiB more fits; 1.5 MiB more does not: the 2 MiB buffer, idle longest, goes
+    assert [float(x) for x in done.stdout.split()] == [2.0, 3.0, 2.5]

@@ -3,10 +3,11 @@
 // An output of the size of q (32 MiB for 16k tokens, 8 heads of 64 in float32) is above glibc's
 // mmap threshold: each call would map fresh pages, fault each one in (the OS zeroing it), and unmap
 // them when the tensor dies. On a training step's outputs (out, dq, dk, dv) that page work took
-// 16-46% of the kernel's time at 16k tokens (docs/architecture.md). Buffers of at least ``kPooledBytes`` are therefore mapped here
-// and, when their tensor dies, kept (up to a limit of idle bytes) for the next request of the same
-// size, with their pages resident. A new buffer's pages come from the OS zero-filled, which the
-// caller may use to skip clearing it (``fresh``).
+// 16-46% of the kernel's time at 16k tokens (docs/architecture.md). Buffers of at least
+// ``kPooledBytes`` are therefore mapped here and, when their tensor dies, kept for the next request
+// of the same size, with their pages resident; past a limit of idle bytes the buffers idle longest
+// are unmapped (so that a run whose shapes change keeps the sizes it uses now). A new buffer's pages
+// come from the OS zero-filled, which the caller may use to skip clearing it (``fresh``).
 //
 // The limit: ``MULTIHEAD_NATIVE_POOL_MIB`` (read once; 0 turns the pool off), else an eighth of
 // the machine's memory, at most 4 GiB. ``release_pool`` unmaps the idle buffers. Built with
@@ -18,7 +19,7 @@
 #include <cstdint>
 #include <cstdlib>
 #include <mutex>
-#include <unordered_map>
+#include <iterator>
 #include <vector>
 
 #include <sys/mman.h>
@@ -42,18 +43,19 @@ class Pool {
   bool on() const { return limit_ > 0; }
   int64_t limit() const { return limit_; }
 
-  // A buffer of ``bytes`` (a multiple of kGranule); ``fresh``: its pages were just mapped (zeros)
+  // A buffer of ``bytes`` (a multiple of kGranule), the last one of that size to come back;
+  // ``fresh``: its pages were just mapped (zeros)
   Block* take(int64_t bytes, bool* fresh) {
     {
       std::lock_guard<std::mutex> hold(mu_);
-      auto it = idle_.find(bytes);
-      if (it != idle_.end() && !it->second.empty()) {
-        Block* b = it->second.back();
-        it->second.pop_back();
-        idle_bytes_ -= bytes;
-        *fresh = false;
-        return b;
-      }
+      for (auto it = idle_.rbegin(); it != idle_.rend(); ++it)
+        if ((*it)->bytes == bytes) {
+          Block* b = *it;
+          idle_.erase(std::next(it).base());
+          idle_bytes_ -= bytes;
+          *fresh = false;
+          return b;
+        }
     }
     void* base = mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
     TORCH_CHECK(base != MAP_FAILED, "native kernel: could not map ", bytes, " bytes for an output");
@@ -61,25 +63,25 @@ class Pool {
     return new Block{base, bytes};
   }
 
-  // A dead tensor's buffer: kept while the idle bytes stay within the limit, else unmapped
+  // A dead tensor's buffer: kept, and the buffers idle longest unmapped while over the limit
   void give_back(Block* b) {
+    std::vector<Block*> evicted;
     {
       std::lock_guard<std::mutex> hold(mu_);
-      if (idle_bytes_ + b->bytes <= limit_) {
-        idle_[b->bytes].push_back(b);
-        idle_bytes_ += b->bytes;
-        return;
-      }
+      idle_.push_back(b);
+      idle_bytes_ += b->bytes;
+      size_t n = 0;
+      while (idle_bytes_ > limit_) idle_bytes_ -= idle_[n]->bytes, evicted.push_back(idle_[n++]);
+      idle_.erase(idle_.begin(), idle_.begin() + n);
     }
-    unmap(b);
+    for (Block* e : evicted) unmap(e);
   }
 
   int64_t release() {
     std::vector<Block*> blocks;
     {
       std::lock_guard<std::mutex> hold(mu_);
-      for (auto& entry : idle_) blocks.insert(blocks.end(), entry.second.begin(), entry.second.end());
-      idle_.clear();
+      blocks.swap(idle_);
       idle_bytes_ = 0;
     }
     int64_t freed = 0;
@@ -116,7 +118,7 @@ class Pool {
 
   const int64_t limit_;
   std::mutex mu_;
-  std::unordered_map<int64_t, std::vector<Block*>> idle_;
+  std::vector<Block*> idle_;  // in the order they came back
   int64_t idle_bytes_ = 0;
 };
 
