@@ -731,25 +731,34 @@ inline void lanes_dot_pairs(const pair_t* QT2, int64_t P, const BFloat16* base, 
   }
 }
 
-// VP[jp][d] = (V[idx[2 jp]][d], V[idx[2 jp + 1]][d]) for d < width (the second 0 past n)
-inline void pack_value_pairs(const BFloat16* base, const int64_t* idx, int64_t n, int64_t ld, int64_t width,
-                             pair_t* VP) {
-  alignas(64) static const uint16_t kLo[32] = {0, 32, 1, 33, 2, 34, 3, 35, 4, 36, 5, 37, 6, 38, 7, 39,
-                                               8, 40, 9, 41, 10, 42, 11, 43, 12, 44, 13, 45, 14, 46, 15, 47};
-  const __m512i lo = _mm512_load_si512(kLo), hi = _mm512_add_epi16(lo, _mm512_set1_epi16(16));
-  for (int64_t jp = 0; 2 * jp < n; ++jp) {
-    const uint16_t* r0 = reinterpret_cast<const uint16_t*>(base + idx[2 * jp] * ld);
-    const uint16_t* r1 = 2 * jp + 1 < n ? reinterpret_cast<const uint16_t*>(base + idx[2 * jp + 1] * ld) : nullptr;
-    pair_t* dst = VP + jp * width;
-    int64_t d = 0;
-    for (; d + 32 <= width; d += 32) {
-      const __m512i a = _mm512_loadu_si512(r0 + d), b = r1 ? _mm512_loadu_si512(r1 + d) : _mm512_setzero_si512();
-      _mm512_storeu_si512(dst + d, _mm512_permutex2var_epi16(a, lo, b));
-      _mm512_storeu_si512(dst + d + 16, _mm512_permutex2var_epi16(a, hi, b));
-    }
-    for (; d < width; ++d) dst[d] = uint32_t(r0[d]) | (r1 ? uint32_t(r1[d]) << 16 : 0u);
+// Value pairs read in place: pair jp at d0 .. d0 + 15 is (V[idx[2 jp]][d], V[idx[2 jp + 1]][d]) for
+// those 16 d, made from the two keys' rows by one permute where they are used (the second key 0 past
+// n; ``last``: the d that exist when fewer than 16 remain). Packing a tile's pairs once instead, for
+// its passes to share, was slower even for 64-row tiles (A/B at one thread, 16k bf16 forward:
+// reading in place takes 0.92 of the time on 7 x 7, 0.95-0.97 on 13 x 13, Swin and axial, 0.99 on
+// the window).
+struct ValuePairs {
+  const BFloat16* base;
+  const int64_t* idx;
+  int64_t n, ld;
+  __m512i interleave;  // (a0, b0, a1, b1, ...) of a's and b's first 16 elements
+  ValuePairs(const BFloat16* base, const int64_t* idx, int64_t n, int64_t ld) : base(base), idx(idx), n(n), ld(ld) {
+    alignas(64) static const uint16_t kInterleave[32] = {0, 32, 1, 33, 2, 34, 3, 35, 4, 36, 5, 37, 6, 38, 7, 39,
+                                                         8, 40, 9, 41, 10, 42, 11, 43, 12, 44, 13, 45, 14, 46, 15, 47};
+    interleave = _mm512_load_si512(kInterleave);
   }
-}
+  template <bool ragged>
+  __m512bh at(int64_t jp, int64_t d0, __mmask16 last) const {
+    const BFloat16* r0 = base + idx[2 * jp] * ld + d0;
+    const __m256i a = ragged ? _mm256_maskz_loadu_epi16(last, r0) : _mm256_loadu_si256(reinterpret_cast<const __m256i*>(r0));
+    __m256i b = _mm256_setzero_si256();
+    if (2 * jp + 1 < n) {
+      const BFloat16* r1 = base + idx[2 * jp + 1] * ld + d0;
+      b = ragged ? _mm256_maskz_loadu_epi16(last, r1) : _mm256_loadu_si256(reinterpret_cast<const __m256i*>(r1));
+    }
+    return as_bh(_mm512_permutex2var_epi16(_mm512_castsi256_si512(a), interleave, _mm512_castsi256_si512(b)));
+  }
+};
 
 // PT2[jp][lane] = (P[2 jp][lane], P[2 jp + 1][lane]) in bf16, from P (n keys x 16 lanes, fp32)
 inline void pack_weight_pairs(const float* PT, int64_t n, pair_t* PT2) {
@@ -766,17 +775,16 @@ inline void pack_weight_pairs(const float* PT, int64_t n, pair_t* PT2) {
 
 // rows[l][d] = scale[l] sum_jp PT2[jp][l] . VP[jp][d] for the rows l < nl of a lane block, d < width:
 // each row's outputs accumulated in a register, 16 d at a time (one vector of value pairs times a
-// broadcast weight pair per row), and stored as they are (``stream``: past the caches). R: the
-// rows computed (8 when a block is at most half full).
+// broadcast weight pair per row), and stored as they are (``stream``: past the caches). R: the rows
+// computed (8 when a block is at most half full).
 template <int R, bool ragged>
-inline void combine_pairs_block(const pair_t* PT2, const pair_t* VP, int64_t np, int64_t width, int64_t nl,
-                                int64_t d0, __mmask16 last, const float* scale, BFloat16* const* rows, bool stream) {
+inline void combine_pairs_block(const pair_t* PT2, const ValuePairs& VP, int64_t np, int64_t nl, int64_t d0,
+                                __mmask16 last, const float* scale, BFloat16* const* rows, bool stream) {
   __m512 acc[R];
 #pragma GCC unroll 16
   for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
   for (int64_t jp = 0; jp < np; ++jp) {
-    const pair_t* v = VP + jp * width + d0;
-    const __m512bh x = as_bh(ragged ? _mm512_maskz_loadu_epi32(last, v) : _mm512_loadu_si512(v));
+    const __m512bh x = VP.at<ragged>(jp, d0, last);
     const pair_t* p = PT2 + jp * 16;
 #pragma GCC unroll 16
     for (int r = 0; r < R; ++r) acc[r] = _mm512_dpbf16_ps(acc[r], as_bh(_mm512_set1_epi32(p[r])), x);
@@ -789,15 +797,14 @@ inline void combine_pairs_block(const pair_t* PT2, const pair_t* VP, int64_t np,
 }
 
 template <int R>
-inline void combine_pairs_rows(const pair_t* PT2, const pair_t* VP, int64_t np, int64_t width, int64_t nl,
+inline void combine_pairs_rows(const pair_t* PT2, const ValuePairs& VP, int64_t np, int64_t width, int64_t nl,
                                const float* scale, BFloat16* const* rows, bool stream) {
   int64_t d0 = 0;
-  for (; d0 + 16 <= width; d0 += 16)
-    combine_pairs_block<R, false>(PT2, VP, np, width, nl, d0, 0xFFFF, scale, rows, stream);
-  if (d0 < width) combine_pairs_block<R, true>(PT2, VP, np, width, nl, d0, first_n(width - d0), scale, rows, stream);
+  for (; d0 + 16 <= width; d0 += 16) combine_pairs_block<R, false>(PT2, VP, np, nl, d0, 0xFFFF, scale, rows, stream);
+  if (d0 < width) combine_pairs_block<R, true>(PT2, VP, np, nl, d0, first_n(width - d0), scale, rows, stream);
 }
 
-inline void lanes_combine_pairs(const pair_t* PT2, const pair_t* VP, int64_t np, int64_t width, int64_t nl,
+inline void lanes_combine_pairs(const pair_t* PT2, const ValuePairs& VP, int64_t np, int64_t width, int64_t nl,
                                 const float* scale, BFloat16* const* rows, bool stream) {
   if (nl <= 8) combine_pairs_rows<8>(PT2, VP, np, width, nl, scale, rows, stream);
   else combine_pairs_rows<16>(PT2, VP, np, width, nl, scale, rows, stream);
@@ -838,7 +845,7 @@ struct LaneProducts {
 };
 
 #if defined(CPU_CAPABILITY_AVX512) && defined(__AVX512BF16__)
-// The same products as bf16 pairs: the tile's values packed in key pairs once (``VP``).
+// The same products as bf16 pairs: the tile's values in key pairs read in place (``VP``).
 struct PairProducts {
   static constexpr int64_t blocks = 1;
   const Geometry& g;
@@ -847,7 +854,9 @@ struct PairProducts {
   int64_t W;
   float scale;
   const BFloat16* const* q;  // the tile's query rows, in place
-  pair_t *QT2, *VP, *PT2;
+  pair_t* QT2;
+  ValuePairs VP;
+  pair_t* PT2;
   void logits(int64_t first, int64_t nl, float* ST) const {
     pairs_in(q + first, nl, g.D, QT2);
     lanes_dot_pairs(QT2, g.D / 2, kbase, kpos, W, g.D, scale, ST);
@@ -925,13 +934,10 @@ void lanes_forward(const Geometry& g, const Score<C>& sc, C scale, Scratch<T, C>
   C *QT = w.dq.data(), *ST = w.s.data(), *OT = w.dk.data();
 #if defined(CPU_CAPABILITY_AVX512) && defined(__AVX512BF16__)
   if constexpr (std::is_same_v<T, BFloat16>) {
-    if (pair_products<T>(g)) {  // QT holds the query pairs; w.dv the value and weight pairs
-      const int64_t np = (W + 1) / 2;
-      w.dv.resize(np * g.Dv + np * 16);
-      pair_t* VP = reinterpret_cast<pair_t*>(w.dv.data());
-      pack_value_pairs(vbase, kpos, W, g.Dv, g.Dv, VP);
-      const PairProducts products{g, kbase, kpos, W, scale, w.qp.data(), reinterpret_cast<pair_t*>(QT), VP,
-                                  VP + np * g.Dv};
+    if (pair_products<T>(g)) {  // QT holds the query pairs; w.dv the weight pairs
+      w.dv.resize((W + 1) / 2 * 16);
+      const PairProducts products{g, kbase, kpos, W, scale, w.qp.data(), reinterpret_cast<pair_t*>(QT),
+                                  ValuePairs(vbase, kpos, W, g.Dv), reinterpret_cast<pair_t*>(w.dv.data())};
       return lanes_attention(g, sc, w, products, M, rows, kpos, W, mask, ST, OT, lse);
     }
   }
