@@ -166,6 +166,7 @@ with torch.no_grad():
     out = mh.attention(q, k, v, pattern=SlidingWindow(64, 64), backend="blocksparse")
 del out
 print(ext.pool_limit_bytes(), native.idle_memory())
+print(native.describe())
 """
 
 
@@ -173,10 +174,12 @@ def test_the_limit_comes_from_the_environment():
     _kernel()
     done = _run(POOL_CHECK, {"MULTIHEAD_NATIVE_POOL_MIB": "0"})
     assert done.returncode == 0, done.stderr
-    assert done.stdout.split() == ["0", "0"]
+    sizes, line = done.stdout.splitlines()
+    assert sizes.split() == ["0", "0"] and "outputs not kept for reuse" in line
     done = _run(POOL_CHECK, {"MULTIHEAD_NATIVE_POOL_MIB": "3"})  # room for one 2 MiB output
     assert done.returncode == 0, done.stderr
-    assert done.stdout.split() == [str(3 << 20), str(2 << 20)]
+    sizes, line = done.stdout.splitlines()
+    assert sizes.split() == [str(3 << 20), str(2 << 20)] and "up to 3 MiB idle" in line
     done = _run(POOL_CHECK, {"MULTIHEAD_NATIVE_POOL_MIB": "lots"})
     assert done.returncode != 0 and "MULTIHEAD_NATIVE_POOL_MIB must be a whole number" in done.stderr
 
