@@ -958,8 +958,13 @@ struct KeyGrads {
   int64_t width;
   uint8_t* seen;
   C* row(int64_t j) const { return base + j * width; }
+  bool first_use(int64_t j) {  // whether row j holds no sum yet; from now on it does
+    const bool first = !seen[j];
+    seen[j] = 1;
+    return first;
+  }
   C* cleared(int64_t j) {  // row j, zero if this is its first use
-    if (!seen[j]) std::fill(row(j), row(j) + width, C(0)), seen[j] = 1;
+    if (first_use(j)) std::fill(row(j), row(j) + width, C(0));
     return row(j);
   }
   void finish(int64_t keys) {
@@ -1035,22 +1040,20 @@ void lanes_scatter(KeyGrads<C>& acc, const int64_t* kpos, int64_t W, const C* co
     const bool distinct = k[0] != k[1] && k[0] != k[2] && k[0] != k[3] && k[1] != k[2] && k[1] != k[3] &&
                           k[2] != k[3];
     if (distinct) {
-      const bool first[4] = {!acc.seen[k[0]], !acc.seen[k[1]], !acc.seen[k[2]], !acc.seen[k[3]]};
+      const bool first[4] = {acc.first_use(k[0]), acc.first_use(k[1]), acc.first_use(k[2]),
+                             acc.first_use(k[3])};
       scatter_keys<C, 4>(dst, first, coeffT + j * L, cs, rows, n, width);
-      for (int t = 0; t < 4; ++t) acc.seen[k[t]] = 1;
     } else {
       for (int t = 0; t < 4; ++t) {
-        const bool first = !acc.seen[k[t]];
+        const bool first = acc.first_use(k[t]);
         scatter_keys<C, 1>(dst + t, &first, coeffT + (j + t) * L, cs, rows, n, width);
-        acc.seen[k[t]] = 1;
       }
     }
   }
   for (; j < W; ++j) {
     C* dst[1] = {acc.row(kpos[j])};
-    const bool first = !acc.seen[kpos[j]];
+    const bool first = acc.first_use(kpos[j]);
     scatter_keys<C, 1>(dst, &first, coeffT + j * L, cs, rows, n, width);
-    acc.seen[kpos[j]] = 1;
   }
 }
 

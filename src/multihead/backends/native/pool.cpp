@@ -15,7 +15,6 @@
 #include <torch/extension.h>
 #include <c10/core/CPUAllocator.h>
 
-#include <algorithm>
 #include <cstdint>
 #include <cstdlib>
 #include <mutex>
@@ -134,19 +133,14 @@ void hand_back(void* ctx) { pool().give_back(static_cast<Block*>(ctx)); }
 
 at::Tensor pooled_empty(at::IntArrayRef sizes, const at::TensorOptions& options, bool* fresh) {
   *fresh = false;
-  int64_t numel = 1;
-  for (int64_t s : sizes) numel *= s;
-  const int64_t bytes = numel * int64_t(c10::elementSize(c10::typeMetaToScalarType(options.dtype())));
+  const int64_t bytes = c10::multiply_integers(sizes) * int64_t(options.dtype().itemsize());
   if (!pool().on() || bytes < kPooledBytes) return at::empty(sizes, options);
   Block* b = pool().take((bytes + kGranule - 1) / kGranule * kGranule, fresh);
   // resizable through the default allocator: a resize_ past its size moves it off the pool
   c10::Storage storage(c10::Storage::use_byte_size_t(), bytes,
                        c10::DataPtr(b->base, b, &hand_back, c10::Device(c10::kCPU)), c10::GetCPUAllocator(),
                        /*resizable=*/true);
-  std::vector<int64_t> strides(sizes.size());
-  for (int64_t i = int64_t(sizes.size()) - 1, step = 1; i >= 0; step *= std::max<int64_t>(sizes[i], 1), --i)
-    strides[i] = step;
-  return at::empty({0}, options).set_(storage, 0, sizes, strides);
+  return at::empty({0}, options).set_(storage, 0, sizes);  // no strides: contiguous
 }
 
 int64_t release_pool() { return pool().release(); }
