@@ -94,7 +94,7 @@ def test_topk_chunks_read_only_the_keys_their_rows_may_see(monkeypatch, within):
     chosen = TopK(3).resolve(q, k, 1.0, pattern).pattern.dense_mask(N, N)
     assert torch.equal(chosen, topk_mask(q, k, 3, pattern))
     spans = None if within == "full" else pattern.spans(N, N)
-    chunks = list(dynamic._selection_chunks(spans, N, N, 3, B * H))
+    chunks = list(dynamic._selection_chunks(spans, N, N, 3, 24))
     allowed = pattern.dense_mask(N, N).flatten(0, 1).any(0)  # (N, N): allowed for some (b, h)
     assert [c[0] for c in chunks] == [0] + [c[1] for c in chunks[:-1]] and chunks[-1][1] == N
     for lo, hi, k0, k1 in chunks:

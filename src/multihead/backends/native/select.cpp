@@ -14,6 +14,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <limits>
 #include <vector>
 
@@ -29,11 +30,42 @@ constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 // a ranks above b: larger, NaN above every number
 inline bool above(float a, float b) { return a > b || (std::isnan(a) && !std::isnan(b)); }
 
-// Per-thread buffers: chunk maxima, and candidates as values and positions
+// Per-thread buffers: chunk maxima, candidates as values and positions, and order keys
 struct Buffers {
   std::vector<float> maxima, value;
   std::vector<int32_t> index;
+  std::vector<uint32_t> keys;
 };
+
+// The k-th largest of v[0 .. m) (no NaN; 1 <= k <= m), found bit by bit on keys whose unsigned
+// order is the floats' order: the largest key with at least k keys at or above it. 32 counting
+// passes that the compiler vectorizes; std::nth_element's branchy partitions took two thirds of
+// the selection.
+inline float kth_largest(const float* v, int64_t m, int64_t k, std::vector<uint32_t>& keys) {
+  keys.resize(m);
+  uint32_t* u = keys.data();
+  for (int64_t j = 0; j < m; ++j) {
+    uint32_t bits;
+    std::memcpy(&bits, v + j, 4);
+    u[j] = bits & 0x80000000u ? ~bits : bits | 0x80000000u;
+  }
+  uint32_t found = 0;
+  for (int bit = 31; bit >= 0; --bit) {
+    const uint32_t trial = found | (1u << bit);
+    int64_t count = 0, j = 0;
+#if defined(CPU_CAPABILITY_AVX512)
+    const __m512i tv = _mm512_set1_epi32(static_cast<int32_t>(trial));
+    for (; j + 16 <= m; j += 16)
+      count += __builtin_popcount(_mm512_cmpge_epu32_mask(_mm512_loadu_si512(u + j), tv));
+#endif
+    for (; j < m; ++j) count += u[j] >= trial;
+    if (count >= k) found = trial;
+  }
+  const uint32_t bits = found & 0x80000000u ? found & 0x7fffffffu : ~found;
+  float value;
+  std::memcpy(&value, &bits, 4);
+  return value;
+}
 
 // The maxima of at least ``want`` disjoint chunks of x[0 .. n) (want <= n) into b.maxima, NaN
 // ignored; whether x holds a NaN. On AVX-512 a chunk is one lane of a run of vectors (vertical
@@ -115,8 +147,7 @@ void top_of_row(const float* x, int64_t n, int64_t keep, Buffers& b, int64_t* ou
     return;
   }
   if (chunk_maxima(x, n, std::min(n, 2 * keep), b)) return top_of_row_with_nan(x, n, keep, out, valid);
-  std::nth_element(b.maxima.begin(), b.maxima.begin() + (keep - 1), b.maxima.end(), std::greater<float>());
-  const float t = b.maxima[keep - 1];
+  const float t = kth_largest(b.maxima.data(), static_cast<int64_t>(b.maxima.size()), keep, b.keys);
   // at least keep candidates at or above t; when t is -inf, every value above it (maybe fewer)
   const int64_t count = t > kNegInf ? gather_from(x, n, t, false, b) : gather_from(x, n, kNegInf, true, b);
   if (count < keep) {  // all values above -inf, then as many -inf ones as fill the row, in order
@@ -127,9 +158,7 @@ void top_of_row(const float* x, int64_t n, int64_t keep, Buffers& b, int64_t* ou
   float cut = t;
   int64_t at_cut = keep;
   if (count > keep) {  // the keep largest candidates: a cut value, all above it, the first ones at it
-    b.maxima.assign(b.value.begin(), b.value.begin() + count);
-    std::nth_element(b.maxima.begin(), b.maxima.begin() + (keep - 1), b.maxima.end(), std::greater<float>());
-    cut = b.maxima[keep - 1];
+    cut = kth_largest(b.value.data(), count, keep, b.keys);
     int64_t over = 0;
     for (int64_t j = 0; j < count; ++j) over += b.value[j] > cut;
     at_cut = keep - over;
@@ -138,7 +167,162 @@ void top_of_row(const float* x, int64_t n, int64_t keep, Buffers& b, int64_t* ou
     if (b.value[j] > cut || (b.value[j] == cut && at_cut-- > 0)) out[kept] = b.index[j], valid[kept++] = true;
 }
 
+// Sets x[0 .. n) outside the union of the intervals [start[i], end[i]) (clamped to [0, n)) to -inf
+void mask_outside(float* x, int64_t n, const int64_t* start, const int64_t* end, int64_t intervals,
+                  std::vector<std::pair<int64_t, int64_t>>& sorted) {
+  sorted.clear();
+  for (int64_t i = 0; i < intervals; ++i) {
+    const int64_t a = std::clamp<int64_t>(start[i], 0, n), b = std::clamp<int64_t>(end[i], 0, n);
+    if (b > a) sorted.emplace_back(a, b);
+  }
+  std::sort(sorted.begin(), sorted.end());
+  int64_t at = 0;
+  for (const auto& [a, b] : sorted) {
+    if (a > at) std::fill(x + at, x + a, kNegInf);
+    at = std::max(at, b);
+  }
+  std::fill(x + at, x + n, kNegInf);
+}
+
+#if defined(CPU_CAPABILITY_AVX512)
+// Keys in panels of 32, transposed: panel p holds key 32 p + j's element e at [e][j] (zero past the
+// last key), so that one depth step of the product reads 32 keys as two vectors
+constexpr int64_t kPanel = 32;
+
+void pack_panels(const float* keys, int64_t ld, int64_t n, int64_t d, float* out) {
+  for (int64_t p = 0; p * kPanel < n; ++p, out += d * kPanel)
+    for (int64_t j = 0; j < kPanel; ++j) {
+      const int64_t key = p * kPanel + j;
+      for (int64_t e = 0; e < d; ++e) out[e * kPanel + j] = key < n ? keys[key * ld + e] : 0.0f;
+    }
+}
+
+// out[r][0 .. 32) = q_r . (a panel's 32 keys) for R rows: 2 R accumulators, each q element
+// broadcast once for 32 keys
+template <int R>
+void rows_dot_panel(const float* q, int64_t ldq, const float* panel, int64_t d, float* out, int64_t ldo) {
+  __m512 acc[R][2];
+  for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
+  for (int64_t e = 0; e < d; ++e) {
+    const __m512 k0 = _mm512_loadu_ps(panel + e * kPanel), k1 = _mm512_loadu_ps(panel + e * kPanel + 16);
+    for (int r = 0; r < R; ++r) {
+      const __m512 qe = _mm512_set1_ps(q[r * ldq + e]);
+      acc[r][0] = _mm512_fmadd_ps(qe, k0, acc[r][0]);
+      acc[r][1] = _mm512_fmadd_ps(qe, k1, acc[r][1]);
+    }
+  }
+  for (int r = 0; r < R; ++r) _mm512_storeu_ps(out + r * ldo, acc[r][0]), _mm512_storeu_ps(out + r * ldo + 16, acc[r][1]);
+}
+
+// logits[r][0 .. panels 32) = q_r . k for rows r < rows (q rows ldq apart, logits rows ldo apart):
+// each panel, read once into L1, serves every row of the block, 8 rows at a time
+void logits_of(const float* q, int64_t ldq, int64_t rows, const float* panels, int64_t count, int64_t d,
+               float* logits, int64_t ldo) {
+  for (int64_t p = 0; p < count; ++p) {
+    const float* panel = panels + p * d * kPanel;
+    int64_t r = 0;
+    for (; r + 8 <= rows; r += 8) rows_dot_panel<8>(q + r * ldq, ldq, panel, d, logits + r * ldo + p * kPanel, ldo);
+    const float* qr = q + r * ldq;
+    float* out = logits + r * ldo + p * kPanel;
+    switch (rows - r) {
+      case 7: rows_dot_panel<7>(qr, ldq, panel, d, out, ldo); break;
+      case 6: rows_dot_panel<6>(qr, ldq, panel, d, out, ldo); break;
+      case 5: rows_dot_panel<5>(qr, ldq, panel, d, out, ldo); break;
+      case 4: rows_dot_panel<4>(qr, ldq, panel, d, out, ldo); break;
+      case 3: rows_dot_panel<3>(qr, ldq, panel, d, out, ldo); break;
+      case 2: rows_dot_panel<2>(qr, ldq, panel, d, out, ldo); break;
+      case 1: rows_dot_panel<1>(qr, ldq, panel, d, out, ldo); break;
+      default: break;
+    }
+  }
+}
+#endif
+
 }  // namespace
+
+// Logits held per thread at once (1 MiB, up to 64 rows): they stay in L2 between the product that
+// writes them and the selection that reads them
+constexpr int64_t kLogitsPerThread = 1 << 18;
+
+void top_keys_of_products(const at::Tensor& q, const at::Tensor& k, int64_t keep, int64_t offset,
+                          const at::Tensor& span_start, const at::Tensor& span_end, const at::Tensor& indices,
+                          const at::Tensor& valid) {
+  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && q.size(0) == k.size(0) && q.size(3) == k.size(3) &&
+                  k.size(1) >= 1 && q.size(1) % k.size(1) == 0,
+              "top_keys_of_products: q (B, H, rows, d) and k (B, H_kv, keys, d) with H a multiple of H_kv");
+  TORCH_CHECK(q.scalar_type() == at::kFloat && k.scalar_type() == at::kFloat && q.device().is_cpu() &&
+                  k.device().is_cpu() && q.stride(3) == 1 && k.stride(3) == 1,
+              "top_keys_of_products: float32 CPU q and k with contiguous rows");
+  const int64_t batch = q.size(0), heads = q.size(1), rows = q.size(2), d = q.size(3), n = k.size(2);
+  const int64_t group = heads / k.size(1);
+  TORCH_CHECK(keep >= 1 && keep <= n, "top_keys_of_products: keep must be in [1, keys], got ", keep, " for ", n);
+  TORCH_CHECK(indices.scalar_type() == at::kLong && valid.scalar_type() == at::kBool &&
+                  indices.sizes() == valid.sizes() && indices.dim() == 4 && indices.size(0) == batch &&
+                  indices.size(1) == heads && indices.size(2) == rows && indices.size(3) == keep &&
+                  indices.stride(3) == 1 && valid.stride(3) == 1,
+              "top_keys_of_products: indices (int64) and valid (bool) of shape (B, H, rows, keep)");
+  const bool masked = span_start.numel() > 0;
+  int64_t intervals = 0;
+  if (masked) {
+    TORCH_CHECK(span_start.scalar_type() == at::kLong && span_end.scalar_type() == at::kLong &&
+                    span_start.is_contiguous() && span_end.is_contiguous() && span_start.sizes() == span_end.sizes() &&
+                    span_start.dim() == 4 && span_start.size(0) == batch && span_start.size(1) == heads &&
+                    span_start.size(2) == rows,
+                "top_keys_of_products: contiguous int64 span starts and ends (B, H, rows, intervals)");
+    intervals = span_start.size(3);
+  }
+  const int64_t block = std::clamp<int64_t>(kLogitsPerThread / n, 1, 64), blocks = (rows + block - 1) / block;
+  const float* qp = q.data_ptr<float>();
+  const float* kp = k.data_ptr<float>();
+  const int64_t* sp = masked ? span_start.data_ptr<int64_t>() : nullptr;
+  const int64_t* ep = masked ? span_end.data_ptr<int64_t>() : nullptr;
+  int64_t* ip = indices.data_ptr<int64_t>();
+  bool* vp = valid.data_ptr<bool>();
+  const int64_t kv_heads = k.size(1);
+#if defined(CPU_CAPABILITY_AVX512)
+  const int64_t count = (n + kPanel - 1) / kPanel, ldo = count * kPanel, packed = count * kPanel * d;
+  std::vector<float> panels(batch * kv_heads * packed);
+  at::parallel_for(0, batch * kv_heads, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t)
+      pack_panels(kp + t / kv_heads * k.stride(0) + t % kv_heads * k.stride(1), k.stride(2), n, d,
+                  panels.data() + t * packed);
+  });
+#else
+  const int64_t ldo = n;
+#endif
+  at::parallel_for(0, batch * heads * blocks, 1, [&](int64_t t0, int64_t t1) {
+    Buffers b;
+    std::vector<float> logits(block * ldo);
+    std::vector<std::pair<int64_t, int64_t>> sorted;
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t bh = t / blocks, r0 = t % blocks * block, r1 = std::min(rows, r0 + block);
+      const int64_t bi = bh / heads, h = bh % heads;
+      const float* qrow = qp + bi * q.stride(0) + h * q.stride(1) + r0 * q.stride(2);
+#if defined(CPU_CAPABILITY_AVX512)
+      logits_of(qrow, q.stride(2), r1 - r0, panels.data() + (bi * kv_heads + h / group) * packed, count, d,
+                logits.data(), ldo);
+#else
+      // logits (r1 - r0, n) = Q K^T, by the BLAS that torch.mm uses (one thread inside this region)
+      const float* keys = kp + bi * k.stride(0) + h / group * k.stride(1);
+      const auto f32 = at::TensorOptions().dtype(at::kFloat);
+      at::Tensor into = at::from_blob(logits.data(), {r1 - r0, n}, f32);
+      at::mm_out(into, at::from_blob(const_cast<float*>(qrow), {r1 - r0, d}, {q.stride(2), 1}, f32),
+                 at::from_blob(const_cast<float*>(keys), {d, n}, {1, k.stride(2)}, f32));
+#endif
+      for (int64_t r = r0; r < r1; ++r) {
+        float* x = logits.data() + (r - r0) * ldo;
+        if (masked) {
+          const int64_t at = (bh * rows + r) * intervals;
+          mask_outside(x, n, sp + at, ep + at, intervals, sorted);
+        }
+        int64_t* out = ip + bi * indices.stride(0) + h * indices.stride(1) + r * indices.stride(2);
+        top_of_row(x, n, keep, b, out, vp + bi * valid.stride(0) + h * valid.stride(1) + r * valid.stride(2));
+        if (offset != 0)
+          for (int64_t j = 0; j < keep; ++j) out[j] += offset;
+      }
+    }
+  });
+}
 
 std::vector<at::Tensor> top_keys(const at::Tensor& scores, int64_t keep) {
   TORCH_CHECK(scores.device().is_cpu() && scores.scalar_type() == at::kFloat && scores.dim() == 2 &&

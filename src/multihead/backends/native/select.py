@@ -2,7 +2,10 @@
 
 ``torch.topk`` over rows of thousands of scores took two thirds of a ``TopK`` pattern's choice on
 CPU (the rest is the ``q . k`` product); the kernel's ``top_keys`` (``select.cpp``) keeps the
-values above a threshold reached by at least ``keep`` of them and picks among those.
+values above a threshold reached by at least ``keep`` of them and picks among those. On float32
+the kernel also makes the scores itself (``top_keys_of_products``), a block of rows at a time that
+stays in L2 until it is selected from: a whole chunk of logits written to memory and read back
+cost as much as the product.
 """
 
 from __future__ import annotations
@@ -27,3 +30,28 @@ def top_keys(scores: Tensor, keep: int) -> tuple[Tensor, Tensor]:
     indices, valid = ext.top_keys(scores.reshape(-1, scores.shape[-1]).contiguous(), keep)
     shape = scores.shape[:-1] + (keep,)
     return indices.view(shape), valid.view(shape)
+
+
+def fused_choice(q: Tensor, k: Tensor) -> bool:
+    """Whether ``top_keys_of_products`` runs on ``q`` and ``k``: float32 on CPU, kernel built."""
+    cpu = q.device.type == "cpu" and k.device.type == "cpu"
+    return cpu and q.dtype == torch.float32 and k.dtype == torch.float32 and kernel() is not None
+
+
+def top_keys_of_products(q: Tensor, k: Tensor, keep: int, start: Tensor | None, end: Tensor | None,
+                         offset: int, indices: Tensor, valid: Tensor) -> None:
+    """``top_keys(q @ k^T, keep)`` without the logits in memory, written into ``indices`` (+ ``offset``)
+    and ``valid``, both ``(B, H, rows, keep)``. ``q`` is ``(B, H, rows, d)``, ``k`` ``(B, H_kv, n, d)``
+    (a head group shares its key head); with ``start`` / ``end`` ``(B', H', rows, I)`` (B' and H' 1
+    or full), a row sees only the keys of its intervals ``[start, end)`` (others score -inf). Needs
+    ``fused_choice(q, k)``."""
+    none = q.new_empty(0, dtype=torch.long)
+    if start is not None:
+        shape = q.shape[:3] + start.shape[-1:]
+        start, end = start.expand(shape).contiguous(), end.expand(shape).contiguous()
+    kernel().top_keys_of_products(_rows_contiguous(q), _rows_contiguous(k), keep, offset,
+                                  none if start is None else start, none if end is None else end, indices, valid)
+
+
+def _rows_contiguous(x: Tensor) -> Tensor:
+    return x if x.stride(-1) == 1 else x.contiguous()

@@ -1,0 +1,136 @@
+"""TopK's fused choice: the native kernel makes each block of rows' q . k itself and selects from
+it (``top_keys_of_products``), against float64 scores and against the unfused path."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from multihead.backends import native
+from multihead.backends.native import select
+from multihead.patterns import Causal, Full, KeyPadding, SlidingWindow, TopK
+
+needs_kernel = pytest.mark.skipif(native.kernel() is None, reason="native kernel not built")
+NEG = float("-inf")
+
+
+def _allowed(start, end, rows, n):
+    """(B', H', rows, n): inside one of each row's intervals [start, end)."""
+    keys = torch.arange(n)
+    inside = (keys >= start.unsqueeze(-1)) & (keys < end.unsqueeze(-1))  # (B', H', rows, I, n)
+    return inside.any(-2)
+
+
+def _assert_keeps_largest(q, k, keep, indices, valid, allowed=None, offset=0):
+    """Each row keeps distinct keys in ascending order whose float64 scores are the row's ``keep``
+    largest (up to fp32 rounding: among near-equal scores at the cut either may go), valid exactly
+    where the key is allowed."""
+    group = q.shape[1] // k.shape[1]
+    scores = q.double() @ k.double().repeat_interleave(group, 1).transpose(-2, -1)
+    if allowed is not None:
+        scores = scores.masked_fill(~allowed, NEG)
+    indices = indices - offset
+    assert indices.shape == valid.shape == scores.shape[:-1] + (keep,)
+    assert (indices[..., 1:] > indices[..., :-1]).all()
+    got = scores.gather(-1, indices)
+    want = scores.topk(keep, -1).values
+    floor = lambda t: t.clamp_min(-1e30).sort(-1).values  # noqa: E731
+    torch.testing.assert_close(floor(got), floor(want), atol=1e-4, rtol=1e-5)
+    assert torch.equal(valid, got > NEG)
+
+
+def _choose(q, k, keep, start=None, end=None, offset=0):
+    shape = q.shape[:3] + (keep,)
+    indices, valid = torch.full(shape, -1, dtype=torch.long), torch.zeros(shape, dtype=torch.bool)
+    select.top_keys_of_products(q, k, keep, start, end, offset, indices, valid)
+    return indices, valid
+
+
+@needs_kernel
+@pytest.mark.parametrize("rows,n,d", [(1, 1, 4), (7, 33, 15), (70, 1000, 64), (130, 4100, 40), (9, 31, 1)])
+@pytest.mark.parametrize("keep", [1, 5, 31])
+@pytest.mark.parametrize("heads,kv_heads", [(2, 2), (4, 2)])
+def test_fused_choice_keeps_the_largest_products(rows, n, d, keep, heads, kv_heads):
+    """Row counts that are and are not multiples of the kernel's 8-row groups and 64-row blocks,
+    key counts that do not fill the last 32-key panel, depths down to 1, a head group sharing keys."""
+    if keep > n:
+        pytest.skip("keep is at most the keys")
+    gen = torch.Generator().manual_seed(rows * 7 + n + d)
+    q = torch.randn(2, heads, rows, d, generator=gen)
+    k = torch.randn(2, kv_heads, n, d, generator=gen)
+    _assert_keeps_largest(q, k, keep, *_choose(q, k, keep))
+
+
+@needs_kernel
+def test_fused_choice_within_intervals_and_offset():
+    """Per-row intervals (several per row, overlapping, out of range, empty, broadcast over batch
+    and heads), rows with fewer allowed keys than ``keep`` and rows with none: only allowed keys are
+    valid, the rest fill up with invalid ones; the offset is added to every index."""
+    gen = torch.Generator().manual_seed(3)
+    rows, n, keep = 40, 90, 6
+    q, k = torch.randn(2, 4, rows, 16, generator=gen), torch.randn(2, 2, n, 16, generator=gen)
+    start = torch.randint(-10, n + 5, (1, 4, rows, 3), generator=gen)
+    end = start + torch.randint(-3, 30, (1, 4, rows, 3), generator=gen)
+    end[0, 0, 0], end[0, 1, 1, 0], start[0, 1, 1, 1:], end[0, 1, 1, 1:] = start[0, 0, 0], start[0, 1, 1, 0] + 2, 5, 6
+    allowed = _allowed(start, end, rows, n)
+    assert not allowed[0, 0, 0].any() and allowed[0, 1, 1].sum() == 3  # a row with none, one with 3 < keep
+    indices, valid = _choose(q, k, keep, start, end, offset=1000)
+    _assert_keeps_largest(q, k, keep, indices, valid, allowed.expand(2, 4, rows, n), offset=1000)
+    assert not valid[:, 0, 0].any() and valid[:, 1, 1].sum(-1).tolist() == [3, 3]
+
+
+@needs_kernel
+def test_fused_choice_equals_selection_from_logits_on_nan_and_strided_input():
+    """A query row with a NaN makes its scores NaN: the row is ranked as ``torch.topk`` ranks it,
+    exactly as the unfused selection does; strided q (a slice of rows) and k (not contiguous rows)."""
+    gen = torch.Generator().manual_seed(4)
+    q = torch.randn(1, 2, 50, 24, generator=gen)[:, :, 5:45]
+    k = torch.randn(1, 2, 24, 70, generator=gen).transpose(-2, -1)
+    q[0, 1, 3, 7] = float("nan")
+    indices, valid = _choose(q, k, 9)
+    want = select.top_keys(q @ k.transpose(-2, -1), 9)
+    assert torch.equal(indices[0, 1, 3], want[0][0, 1, 3]) and torch.equal(valid[0, 1, 3], want[1][0, 1, 3])
+    _assert_keeps_largest(q[:, :1], k[:, :1], 9, indices[:, :1], valid[:, :1])
+    others = [r for r in range(40) if r != 3]
+    _assert_keeps_largest(q[:, 1:, others], k[:, 1:], 9, indices[:, 1:, others], valid[:, 1:, others])
+
+
+@needs_kernel
+def test_fused_choice_refuses_bad_input():
+    ext = native.kernel()
+    q, k = torch.randn(1, 4, 8, 16), torch.randn(1, 2, 20, 16)
+    out = torch.empty(1, 4, 8, 3, dtype=torch.long), torch.empty(1, 4, 8, 3, dtype=torch.bool)
+    none = torch.empty(0, dtype=torch.long)
+    with pytest.raises(RuntimeError, match="multiple of H_kv"):
+        ext.top_keys_of_products(q, torch.randn(1, 3, 20, 16), 3, 0, none, none, *out)
+    with pytest.raises(RuntimeError, match="float32"):
+        ext.top_keys_of_products(q.double(), k.double(), 3, 0, none, none, *out)
+    with pytest.raises(RuntimeError, match="keep must be"):
+        ext.top_keys_of_products(q, k, 21, 0, none, none, *out)
+    with pytest.raises(RuntimeError, match="shape"):
+        ext.top_keys_of_products(q, k, 4, 0, none, none, *out)
+    with pytest.raises(RuntimeError, match="span"):
+        ext.top_keys_of_products(q, k, 3, 0, torch.zeros(1, 4, 7, 1, dtype=torch.long),
+                                 torch.zeros(1, 4, 7, 1, dtype=torch.long), *out)
+
+
+@needs_kernel
+@pytest.mark.parametrize("within", ["full", "causal", "window", "padding"])
+def test_topk_runs_the_fused_choice_and_keeps_what_the_unfused_one_keeps(monkeypatch, within):
+    """``TopK.resolve`` on float32 CPU input chooses through the fused kernel (one chunk: no logits
+    in memory), and keeps what the logits-then-select path keeps (as scores, up to rounding)."""
+    gen = torch.Generator().manual_seed(5)
+    n = 200
+    q, k = torch.randn(2, 4, n, 16, generator=gen), torch.randn(2, 2, n, 16, generator=gen)
+    pattern = {"full": Full(), "causal": Causal(), "window": SlidingWindow(20, 5),
+               "padding": KeyPadding(torch.arange(n).expand(2, n) >= torch.tensor([[n], [n - 30]]))}[within]
+    calls = []
+    fused = select.top_keys_of_products
+    monkeypatch.setattr(select, "top_keys_of_products", lambda *a: calls.append(a) or fused(*a))
+    got = TopK(7).resolve(q, k, 0.25, pattern).pattern
+    assert calls and (within != "full" or len(calls) == 1)
+    monkeypatch.setattr(select, "fused_choice", lambda q, k: False)
+    want = TopK(7).resolve(q, k, 0.25, pattern).pattern
+    allowed = pattern.dense_mask(n, n).expand(2, 4, n, n)
+    for chosen in (got, want):
+        _assert_keeps_largest(q, k, 7, chosen.indices, chosen.valid, allowed)
