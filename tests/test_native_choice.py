@@ -1,5 +1,6 @@
 """TopK's fused choice: the native kernel makes each block of rows' q . k itself and selects from
-it (``top_keys_of_products``), against float64 scores and against the unfused path."""
+it (``top_keys_of_products``), against float64 scores and against the unfused path, in float32,
+bfloat16 and float16."""
 
 from __future__ import annotations
 
@@ -50,14 +51,16 @@ def _choose(q, k, keep, start=None, end=None, offset=0):
 @pytest.mark.parametrize("rows,n,d", [(1, 1, 4), (7, 33, 15), (70, 1000, 64), (130, 4100, 40), (9, 31, 1)])
 @pytest.mark.parametrize("keep", [1, 5, 31])
 @pytest.mark.parametrize("heads,kv_heads", [(2, 2), (4, 2)])
-def test_fused_choice_keeps_the_largest_products(rows, n, d, keep, heads, kv_heads):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_fused_choice_keeps_the_largest_products(rows, n, d, keep, heads, kv_heads, dtype):
     """Row counts that are and are not multiples of the kernel's 8-row groups and 64-row blocks,
-    key counts that do not fill the last 32-key panel, depths down to 1, a head group sharing keys."""
+    key counts that do not fill the last 32-key panel, depths down to 1 and odd ones (a bf16 pair
+    half empty), a head group sharing keys; bf16 and fp16 scores summed in float32, not rounded."""
     if keep > n:
         pytest.skip("keep is at most the keys")
     gen = torch.Generator().manual_seed(rows * 7 + n + d)
-    q = torch.randn(2, heads, rows, d, generator=gen)
-    k = torch.randn(2, kv_heads, n, d, generator=gen)
+    q = torch.randn(2, heads, rows, d, generator=gen).to(dtype)
+    k = torch.randn(2, kv_heads, n, d, generator=gen).to(dtype)
     _assert_keeps_largest(q, k, keep, *_choose(q, k, keep))
 
 
@@ -103,8 +106,10 @@ def test_fused_choice_refuses_bad_input():
     none = torch.empty(0, dtype=torch.long)
     with pytest.raises(RuntimeError, match="multiple of H_kv"):
         ext.top_keys_of_products(q, torch.randn(1, 3, 20, 16), 3, 0, none, none, *out)
-    with pytest.raises(RuntimeError, match="float32"):
+    with pytest.raises(RuntimeError, match="float32, bfloat16 or float16"):
         ext.top_keys_of_products(q.double(), k.double(), 3, 0, none, none, *out)
+    with pytest.raises(RuntimeError, match="of one type"):
+        ext.top_keys_of_products(q, k.bfloat16(), 3, 0, none, none, *out)
     with pytest.raises(RuntimeError, match="keep must be"):
         ext.top_keys_of_products(q, k, 21, 0, none, none, *out)
     with pytest.raises(RuntimeError, match="shape"):
@@ -116,12 +121,14 @@ def test_fused_choice_refuses_bad_input():
 
 @needs_kernel
 @pytest.mark.parametrize("within", ["full", "causal", "window", "padding"])
-def test_topk_runs_the_fused_choice_and_keeps_what_the_unfused_one_keeps(monkeypatch, within):
-    """``TopK.resolve`` on float32 CPU input chooses through the fused kernel (one chunk: no logits
-    in memory), and keeps what the logits-then-select path keeps (as scores, up to rounding)."""
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_topk_runs_the_fused_choice_and_keeps_what_the_unfused_one_keeps(monkeypatch, within, dtype):
+    """``TopK.resolve`` on CPU input chooses through the fused kernel (one chunk: no logits in
+    memory), and keeps what the logits-then-select path keeps (as scores, up to rounding; in bf16
+    that path rounds the logits to bf16 first, so only the fused choice is held to float64)."""
     gen = torch.Generator().manual_seed(5)
     n = 200
-    q, k = torch.randn(2, 4, n, 16, generator=gen), torch.randn(2, 2, n, 16, generator=gen)
+    q, k = (torch.randn(2, h, n, 16, generator=gen).to(dtype) for h in (4, 2))
     pattern = {"full": Full(), "causal": Causal(), "window": SlidingWindow(20, 5),
                "padding": KeyPadding(torch.arange(n).expand(2, n) >= torch.tensor([[n], [n - 30]]))}[within]
     calls = []
@@ -132,5 +139,5 @@ def test_topk_runs_the_fused_choice_and_keeps_what_the_unfused_one_keeps(monkeyp
     monkeypatch.setattr(select, "fused_choice", lambda q, k: False)
     want = TopK(7).resolve(q, k, 0.25, pattern).pattern
     allowed = pattern.dense_mask(n, n).expand(2, 4, n, n)
-    for chosen in (got, want):
+    for chosen in (got, want) if dtype == torch.float32 else (got,):
         _assert_keeps_largest(q, k, 7, chosen.indices, chosen.valid, allowed)

@@ -10,12 +10,16 @@
 // a NaN is sorted whole, NaN above every number, as in torch.topk.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
+#include <ATen/cpu/vec/vec.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
 
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #if defined(CPU_CAPABILITY_AVX512)
@@ -184,59 +188,94 @@ void mask_outside(float* x, int64_t n, const int64_t* start, const int64_t* end,
   std::fill(x + at, x + n, kNegInf);
 }
 
-#if defined(CPU_CAPABILITY_AVX512)
 // Keys in panels of 32, transposed: panel p holds key 32 p + j's element e at [e][j] (zero past the
-// last key), so that one depth step of the product reads 32 keys as two vectors
+// last key), so that one depth step of the product reads 32 keys as whole vectors. bfloat16 keys
+// with AVX-512 BF16 are packed in pairs of elements instead ([e / 2][j], two bf16 in 32 bits), for
+// pair products; other types are widened to float32.
 constexpr int64_t kPanel = 32;
+using VecF = at::vec::Vectorized<float>;
+constexpr int kPanelVecs = kPanel / VecF::size();
 
-void pack_panels(const float* keys, int64_t ld, int64_t n, int64_t d, float* out) {
+template <typename T>
+void pack_panels(const T* keys, int64_t ld, int64_t n, int64_t d, float* out) {
   for (int64_t p = 0; p * kPanel < n; ++p, out += d * kPanel)
     for (int64_t j = 0; j < kPanel; ++j) {
       const int64_t key = p * kPanel + j;
-      for (int64_t e = 0; e < d; ++e) out[e * kPanel + j] = key < n ? keys[key * ld + e] : 0.0f;
+      for (int64_t e = 0; e < d; ++e) out[e * kPanel + j] = key < n ? static_cast<float>(keys[key * ld + e]) : 0.0f;
     }
 }
 
-// out[r][0 .. 32) = q_r . (a panel's 32 keys) for R rows: 2 R accumulators, each q element
-// broadcast once for 32 keys
+// out[r][0 .. 32) = q_r . (a panel's 32 keys) for R rows (float32): R x 32 accumulators in
+// registers, each q element broadcast once for 32 keys
 template <int R>
 void rows_dot_panel(const float* q, int64_t ldq, const float* panel, int64_t d, float* out, int64_t ldo) {
+  VecF acc[R][kPanelVecs];
+  for (int r = 0; r < R; ++r)
+    for (int v = 0; v < kPanelVecs; ++v) acc[r][v] = VecF(0.0f);
+  for (int64_t e = 0; e < d; ++e) {
+    VecF keys[kPanelVecs];
+    for (int v = 0; v < kPanelVecs; ++v) keys[v] = VecF::loadu(panel + e * kPanel + v * VecF::size());
+    for (int r = 0; r < R; ++r) {
+      const VecF qe(q[r * ldq + e]);
+      for (int v = 0; v < kPanelVecs; ++v) acc[r][v] = at::vec::fmadd(qe, keys[v], acc[r][v]);
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int v = 0; v < kPanelVecs; ++v) acc[r][v].store(out + r * ldo + v * VecF::size());
+}
+
+#if defined(CPU_CAPABILITY_AVX512) && defined(__AVX512BF16__)
+inline uint32_t pair_of(const at::BFloat16* x, int64_t e, int64_t d) {  // (x[e], x[e + 1] or 0)
+  return x[e].x | (e + 1 < d ? static_cast<uint32_t>(x[e + 1].x) << 16 : 0u);
+}
+
+void pack_pair_panels(const at::BFloat16* keys, int64_t ld, int64_t n, int64_t d, uint32_t* out) {
+  const int64_t pairs = (d + 1) / 2;
+  for (int64_t p = 0; p * kPanel < n; ++p, out += pairs * kPanel)
+    for (int64_t j = 0; j < kPanel; ++j) {
+      const int64_t key = p * kPanel + j;
+      for (int64_t e = 0; e < pairs; ++e) out[e * kPanel + j] = key < n ? pair_of(keys + key * ld, 2 * e, d) : 0u;
+    }
+}
+
+// The same for bfloat16 rows: a pair of q's elements, broadcast, times 16 keys' pairs per vdpbf16ps
+template <int R>
+void rows_dot_pair_panel(const at::BFloat16* q, int64_t ldq, const uint32_t* panel, int64_t d, float* out,
+                         int64_t ldo) {
   __m512 acc[R][2];
   for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
-  for (int64_t e = 0; e < d; ++e) {
-    const __m512 k0 = _mm512_loadu_ps(panel + e * kPanel), k1 = _mm512_loadu_ps(panel + e * kPanel + 16);
+  for (int64_t e = 0; 2 * e < d; ++e) {
+    const __m512bh k0 = (__m512bh)_mm512_loadu_si512(panel + e * kPanel);
+    const __m512bh k1 = (__m512bh)_mm512_loadu_si512(panel + e * kPanel + 16);
     for (int r = 0; r < R; ++r) {
-      const __m512 qe = _mm512_set1_ps(q[r * ldq + e]);
-      acc[r][0] = _mm512_fmadd_ps(qe, k0, acc[r][0]);
-      acc[r][1] = _mm512_fmadd_ps(qe, k1, acc[r][1]);
+      const __m512bh qe = (__m512bh)_mm512_set1_epi32(static_cast<int32_t>(pair_of(q + r * ldq, 2 * e, d)));
+      acc[r][0] = _mm512_dpbf16_ps(acc[r][0], qe, k0);
+      acc[r][1] = _mm512_dpbf16_ps(acc[r][1], qe, k1);
     }
   }
   for (int r = 0; r < R; ++r) _mm512_storeu_ps(out + r * ldo, acc[r][0]), _mm512_storeu_ps(out + r * ldo + 16, acc[r][1]);
 }
+#endif
 
-// logits[r][0 .. panels 32) = q_r . k for rows r < rows (q rows ldq apart, logits rows ldo apart):
-// each panel, read once into L1, serves every row of the block, 8 rows at a time
-void logits_of(const float* q, int64_t ldq, int64_t rows, const float* panels, int64_t count, int64_t d,
-               float* logits, int64_t ldo) {
-  for (int64_t p = 0; p < count; ++p) {
-    const float* panel = panels + p * d * kPanel;
+// dot(std::integral_constant<int, R>, r, p): rows r .. r + R against panel p, for every panel and
+// the rows [0, rows) 8 at a time; each panel, read once into L1, serves every row of the block
+template <typename Dot>
+void for_row_groups(int64_t rows, int64_t panels, const Dot& dot) {
+  for (int64_t p = 0; p < panels; ++p) {
     int64_t r = 0;
-    for (; r + 8 <= rows; r += 8) rows_dot_panel<8>(q + r * ldq, ldq, panel, d, logits + r * ldo + p * kPanel, ldo);
-    const float* qr = q + r * ldq;
-    float* out = logits + r * ldo + p * kPanel;
+    for (; r + 8 <= rows; r += 8) dot(std::integral_constant<int, 8>{}, r, p);
     switch (rows - r) {
-      case 7: rows_dot_panel<7>(qr, ldq, panel, d, out, ldo); break;
-      case 6: rows_dot_panel<6>(qr, ldq, panel, d, out, ldo); break;
-      case 5: rows_dot_panel<5>(qr, ldq, panel, d, out, ldo); break;
-      case 4: rows_dot_panel<4>(qr, ldq, panel, d, out, ldo); break;
-      case 3: rows_dot_panel<3>(qr, ldq, panel, d, out, ldo); break;
-      case 2: rows_dot_panel<2>(qr, ldq, panel, d, out, ldo); break;
-      case 1: rows_dot_panel<1>(qr, ldq, panel, d, out, ldo); break;
+      case 7: dot(std::integral_constant<int, 7>{}, r, p); break;
+      case 6: dot(std::integral_constant<int, 6>{}, r, p); break;
+      case 5: dot(std::integral_constant<int, 5>{}, r, p); break;
+      case 4: dot(std::integral_constant<int, 4>{}, r, p); break;
+      case 3: dot(std::integral_constant<int, 3>{}, r, p); break;
+      case 2: dot(std::integral_constant<int, 2>{}, r, p); break;
+      case 1: dot(std::integral_constant<int, 1>{}, r, p); break;
       default: break;
     }
   }
 }
-#endif
 
 }  // namespace
 
@@ -244,17 +283,116 @@ void logits_of(const float* q, int64_t ldq, int64_t rows, const float* panels, i
 // writes them and the selection that reads them
 constexpr int64_t kLogitsPerThread = 1 << 18;
 
+namespace {
+
+// One call's tensors and sizes
+struct Choice {
+  const at::Tensor &q, &k, &indices, &valid;
+  int64_t keep, offset, intervals;
+  const int64_t *start, *end;  // (B, H, rows, intervals) or null
+  int64_t batch, heads, rows, d, n, kv_heads;
+};
+
+// Packs each (batch, key head)'s keys into panels of P, ``width`` per key (pack(b, kv head, out)),
+// then, a block of rows at a time per thread, makes their logits (products(b, h, r0, r1, panels,
+// logits, ldo)), masks them and selects from them while they are in L2
+template <typename P, typename Pack, typename Products>
+void choose(const Choice& c, int64_t width, const Pack& pack, const Products& products) {
+  const int64_t ldo = (c.n + kPanel - 1) / kPanel * kPanel, packed = ldo * width;
+  std::vector<P> panels(c.batch * c.kv_heads * packed);
+  at::parallel_for(0, c.batch * c.kv_heads, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) pack(t / c.kv_heads, t % c.kv_heads, panels.data() + t * packed);
+  });
+  const int64_t block = std::clamp<int64_t>(kLogitsPerThread / ldo, 1, 64), blocks = (c.rows + block - 1) / block;
+  int64_t* ip = c.indices.data_ptr<int64_t>();
+  bool* vp = c.valid.data_ptr<bool>();
+  at::parallel_for(0, c.batch * c.heads * blocks, 1, [&](int64_t t0, int64_t t1) {
+    Buffers b;
+    std::vector<float> logits(block * ldo);
+    std::vector<std::pair<int64_t, int64_t>> sorted;
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t bh = t / blocks, r0 = t % blocks * block, r1 = std::min(c.rows, r0 + block);
+      const int64_t bi = bh / c.heads, h = bh % c.heads;
+      products(bi, h, r0, r1, panels.data() + (bi * c.kv_heads + h / (c.heads / c.kv_heads)) * packed,
+               logits.data(), ldo);
+      for (int64_t r = r0; r < r1; ++r) {
+        float* x = logits.data() + (r - r0) * ldo;
+        if (c.start) {
+          const int64_t at = (bh * c.rows + r) * c.intervals;
+          mask_outside(x, c.n, c.start + at, c.end + at, c.intervals, sorted);
+        }
+        int64_t* out = ip + bi * c.indices.stride(0) + h * c.indices.stride(1) + r * c.indices.stride(2);
+        top_of_row(x, c.n, c.keep, b, out, vp + bi * c.valid.stride(0) + h * c.valid.stride(1) + r * c.valid.stride(2));
+        if (c.offset != 0)
+          for (int64_t j = 0; j < c.keep; ++j) out[j] += c.offset;
+      }
+    }
+  });
+}
+
+// The choice over float32 panels: float32 rows as they are, others widened a block at a time
+template <typename T>
+void choose_widened(const Choice& c) {
+  const T* qp = c.q.data_ptr<T>();
+  const T* kp = c.k.data_ptr<T>();
+  const int64_t d = c.d;
+  auto pack = [&](int64_t b, int64_t g, float* out) {
+    pack_panels(kp + b * c.k.stride(0) + g * c.k.stride(1), c.k.stride(2), c.n, d, out);
+  };
+  std::vector<std::vector<float>> widened(at::get_num_threads());
+  auto products = [&](int64_t b, int64_t h, int64_t r0, int64_t r1, const float* panels, float* logits, int64_t ldo) {
+    const T* rows = qp + b * c.q.stride(0) + h * c.q.stride(1) + r0 * c.q.stride(2);
+    const float* q;
+    int64_t ldq = c.q.stride(2);
+    if constexpr (std::is_same_v<T, float>) {
+      q = rows;
+    } else {
+      std::vector<float>& buf = widened[at::get_thread_num()];
+      buf.resize((r1 - r0) * d);
+      for (int64_t r = 0; r < r1 - r0; ++r)
+        for (int64_t e = 0; e < d; ++e) buf[r * d + e] = static_cast<float>(rows[r * ldq + e]);
+      q = buf.data(), ldq = d;
+    }
+    for_row_groups(r1 - r0, ldo / kPanel, [&](auto R, int64_t r, int64_t p) {
+      rows_dot_panel<decltype(R)::value>(q + r * ldq, ldq, panels + p * d * kPanel, d, logits + r * ldo + p * kPanel, ldo);
+    });
+  };
+  choose<float>(c, d, pack, products);
+}
+
+#if defined(CPU_CAPABILITY_AVX512) && defined(__AVX512BF16__)
+void choose_in_pairs(const Choice& c) {
+  const auto* qp = c.q.data_ptr<at::BFloat16>();
+  const auto* kp = c.k.data_ptr<at::BFloat16>();
+  const int64_t pairs = (c.d + 1) / 2;
+  auto pack = [&](int64_t b, int64_t g, uint32_t* out) {
+    pack_pair_panels(kp + b * c.k.stride(0) + g * c.k.stride(1), c.k.stride(2), c.n, c.d, out);
+  };
+  auto products = [&](int64_t b, int64_t h, int64_t r0, int64_t r1, const uint32_t* panels, float* logits, int64_t ldo) {
+    const at::BFloat16* q = qp + b * c.q.stride(0) + h * c.q.stride(1) + r0 * c.q.stride(2);
+    const int64_t ldq = c.q.stride(2);
+    for_row_groups(r1 - r0, ldo / kPanel, [&](auto R, int64_t r, int64_t p) {
+      rows_dot_pair_panel<decltype(R)::value>(q + r * ldq, ldq, panels + p * pairs * kPanel, c.d,
+                                              logits + r * ldo + p * kPanel, ldo);
+    });
+  };
+  choose<uint32_t>(c, pairs, pack, products);
+}
+#endif
+
+}  // namespace
+
 void top_keys_of_products(const at::Tensor& q, const at::Tensor& k, int64_t keep, int64_t offset,
                           const at::Tensor& span_start, const at::Tensor& span_end, const at::Tensor& indices,
                           const at::Tensor& valid) {
   TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && q.size(0) == k.size(0) && q.size(3) == k.size(3) &&
                   k.size(1) >= 1 && q.size(1) % k.size(1) == 0,
               "top_keys_of_products: q (B, H, rows, d) and k (B, H_kv, keys, d) with H a multiple of H_kv");
-  TORCH_CHECK(q.scalar_type() == at::kFloat && k.scalar_type() == at::kFloat && q.device().is_cpu() &&
-                  k.device().is_cpu() && q.stride(3) == 1 && k.stride(3) == 1,
-              "top_keys_of_products: float32 CPU q and k with contiguous rows");
-  const int64_t batch = q.size(0), heads = q.size(1), rows = q.size(2), d = q.size(3), n = k.size(2);
-  const int64_t group = heads / k.size(1);
+  const auto type = q.scalar_type();
+  TORCH_CHECK((type == at::kFloat || type == at::kBFloat16 || type == at::kHalf) && k.scalar_type() == type &&
+                  q.device().is_cpu() && k.device().is_cpu() && q.stride(3) == 1 && k.stride(3) == 1,
+              "top_keys_of_products: float32, bfloat16 or float16 CPU q and k of one type, with contiguous rows");
+  const int64_t batch = q.size(0), heads = q.size(1), rows = q.size(2), n = k.size(2);
   TORCH_CHECK(keep >= 1 && keep <= n, "top_keys_of_products: keep must be in [1, keys], got ", keep, " for ", n);
   TORCH_CHECK(indices.scalar_type() == at::kLong && valid.scalar_type() == at::kBool &&
                   indices.sizes() == valid.sizes() && indices.dim() == 4 && indices.size(0) == batch &&
@@ -262,66 +400,22 @@ void top_keys_of_products(const at::Tensor& q, const at::Tensor& k, int64_t keep
                   indices.stride(3) == 1 && valid.stride(3) == 1,
               "top_keys_of_products: indices (int64) and valid (bool) of shape (B, H, rows, keep)");
   const bool masked = span_start.numel() > 0;
-  int64_t intervals = 0;
-  if (masked) {
+  if (masked)
     TORCH_CHECK(span_start.scalar_type() == at::kLong && span_end.scalar_type() == at::kLong &&
                     span_start.is_contiguous() && span_end.is_contiguous() && span_start.sizes() == span_end.sizes() &&
                     span_start.dim() == 4 && span_start.size(0) == batch && span_start.size(1) == heads &&
                     span_start.size(2) == rows,
                 "top_keys_of_products: contiguous int64 span starts and ends (B, H, rows, intervals)");
-    intervals = span_start.size(3);
-  }
-  const int64_t block = std::clamp<int64_t>(kLogitsPerThread / n, 1, 64), blocks = (rows + block - 1) / block;
-  const float* qp = q.data_ptr<float>();
-  const float* kp = k.data_ptr<float>();
-  const int64_t* sp = masked ? span_start.data_ptr<int64_t>() : nullptr;
-  const int64_t* ep = masked ? span_end.data_ptr<int64_t>() : nullptr;
-  int64_t* ip = indices.data_ptr<int64_t>();
-  bool* vp = valid.data_ptr<bool>();
-  const int64_t kv_heads = k.size(1);
-#if defined(CPU_CAPABILITY_AVX512)
-  const int64_t count = (n + kPanel - 1) / kPanel, ldo = count * kPanel, packed = count * kPanel * d;
-  std::vector<float> panels(batch * kv_heads * packed);
-  at::parallel_for(0, batch * kv_heads, 1, [&](int64_t t0, int64_t t1) {
-    for (int64_t t = t0; t < t1; ++t)
-      pack_panels(kp + t / kv_heads * k.stride(0) + t % kv_heads * k.stride(1), k.stride(2), n, d,
-                  panels.data() + t * packed);
-  });
+  const Choice c{q, k, indices, valid, keep, offset, masked ? span_start.size(3) : 0,
+                 masked ? span_start.data_ptr<int64_t>() : nullptr, masked ? span_end.data_ptr<int64_t>() : nullptr,
+                 batch, heads, rows, q.size(3), n, k.size(1)};
+  if (type == at::kFloat) return choose_widened<float>(c);
+  if (type == at::kHalf) return choose_widened<at::Half>(c);
+#if defined(CPU_CAPABILITY_AVX512) && defined(__AVX512BF16__)
+  return choose_in_pairs(c);
 #else
-  const int64_t ldo = n;
+  return choose_widened<at::BFloat16>(c);
 #endif
-  at::parallel_for(0, batch * heads * blocks, 1, [&](int64_t t0, int64_t t1) {
-    Buffers b;
-    std::vector<float> logits(block * ldo);
-    std::vector<std::pair<int64_t, int64_t>> sorted;
-    for (int64_t t = t0; t < t1; ++t) {
-      const int64_t bh = t / blocks, r0 = t % blocks * block, r1 = std::min(rows, r0 + block);
-      const int64_t bi = bh / heads, h = bh % heads;
-      const float* qrow = qp + bi * q.stride(0) + h * q.stride(1) + r0 * q.stride(2);
-#if defined(CPU_CAPABILITY_AVX512)
-      logits_of(qrow, q.stride(2), r1 - r0, panels.data() + (bi * kv_heads + h / group) * packed, count, d,
-                logits.data(), ldo);
-#else
-      // logits (r1 - r0, n) = Q K^T, by the BLAS that torch.mm uses (one thread inside this region)
-      const float* keys = kp + bi * k.stride(0) + h / group * k.stride(1);
-      const auto f32 = at::TensorOptions().dtype(at::kFloat);
-      at::Tensor into = at::from_blob(logits.data(), {r1 - r0, n}, f32);
-      at::mm_out(into, at::from_blob(const_cast<float*>(qrow), {r1 - r0, d}, {q.stride(2), 1}, f32),
-                 at::from_blob(const_cast<float*>(keys), {d, n}, {1, k.stride(2)}, f32));
-#endif
-      for (int64_t r = r0; r < r1; ++r) {
-        float* x = logits.data() + (r - r0) * ldo;
-        if (masked) {
-          const int64_t at = (bh * rows + r) * intervals;
-          mask_outside(x, n, sp + at, ep + at, intervals, sorted);
-        }
-        int64_t* out = ip + bi * indices.stride(0) + h * indices.stride(1) + r * indices.stride(2);
-        top_of_row(x, n, keep, b, out, vp + bi * valid.stride(0) + h * valid.stride(1) + r * valid.stride(2));
-        if (offset != 0)
-          for (int64_t j = 0; j < keep; ++j) out[j] += offset;
-      }
-    }
-  });
 }
 
 std::vector<at::Tensor> top_keys(const at::Tensor& scores, int64_t keep) {

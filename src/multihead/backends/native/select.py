@@ -2,10 +2,11 @@
 
 ``torch.topk`` over rows of thousands of scores took two thirds of a ``TopK`` pattern's choice on
 CPU (the rest is the ``q . k`` product); the kernel's ``top_keys`` (``select.cpp``) keeps the
-values above a threshold reached by at least ``keep`` of them and picks among those. On float32
-the kernel also makes the scores itself (``top_keys_of_products``), a block of rows at a time that
+values above a threshold reached by at least ``keep`` of them and picks among those. The kernel
+also makes the scores itself (``top_keys_of_products``), a block of rows at a time that
 stays in L2 until it is selected from: a whole chunk of logits written to memory and read back
-cost as much as the product.
+cost as much as the product. bfloat16 scores are products of bf16 pairs (AVX-512 BF16) summed in
+float32, float16 ones widened: neither is rounded to its type before the choice.
 """
 
 from __future__ import annotations
@@ -33,9 +34,13 @@ def top_keys(scores: Tensor, keep: int) -> tuple[Tensor, Tensor]:
 
 
 def fused_choice(q: Tensor, k: Tensor) -> bool:
-    """Whether ``top_keys_of_products`` runs on ``q`` and ``k``: float32 on CPU, kernel built."""
+    """Whether ``top_keys_of_products`` runs on ``q`` and ``k``: CPU, float32, bfloat16 or float16
+    (both of one type), kernel built."""
     cpu = q.device.type == "cpu" and k.device.type == "cpu"
-    return cpu and q.dtype == torch.float32 and k.dtype == torch.float32 and kernel() is not None
+    return cpu and q.dtype == k.dtype and q.dtype in _FUSED_TYPES and kernel() is not None
+
+
+_FUSED_TYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def top_keys_of_products(q: Tensor, k: Tensor, keep: int, start: Tensor | None, end: Tensor | None,
