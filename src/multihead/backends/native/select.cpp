@@ -8,6 +8,9 @@
 // are then kept in that order (among equal values at the cut, the first ones). A row with fewer
 // than k values above -inf keeps all of those and fills up with -inf ones (not valid). A row with
 // a NaN is sorted whole, NaN above every number, as in torch.topk.
+//
+// top_keys_of_products makes the scores too, q . k for a block of rows against every key, a block
+// at a time per thread, and selects from them while they are in L2 (see choose below).
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/vec.h>
@@ -43,8 +46,8 @@ struct Buffers {
 
 // The k-th largest of v[0 .. m) (no NaN; 1 <= k <= m), found bit by bit on keys whose unsigned
 // order is the floats' order: the largest key with at least k keys at or above it. 32 counting
-// passes that the compiler vectorizes; std::nth_element's branchy partitions took two thirds of
-// the selection.
+// passes of vector compares; std::nth_element's branchy partitions took two thirds of the
+// selection.
 inline float kth_largest(const float* v, int64_t m, int64_t k, std::vector<uint32_t>& keys) {
   keys.resize(m);
   uint32_t* u = keys.data();
