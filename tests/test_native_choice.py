@@ -83,6 +83,24 @@ def test_fused_choice_within_intervals_and_offset():
 
 
 @needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_choice_skips_the_keys_no_row_of_a_block_may_see(dtype):
+    """Causal and banded intervals over many 64-row blocks: each block makes only the panels its
+    rows may see, and what the thread's buffer held from an earlier block at the others (logits
+    of other rows) is never chosen."""
+    gen = torch.Generator().manual_seed(6)
+    rows, n, keep = 300, 1000, 8
+    q = torch.randn(1, 2, rows, 32, generator=gen).to(dtype)
+    k = torch.randn(1, 2, n, 32, generator=gen).to(dtype)
+    i = torch.arange(rows).view(1, 1, rows, 1)
+    causal = (torch.zeros_like(i), i * 3 + 1)
+    band = (i * 3 - 40, i * 3 + 40)
+    for start, end in (causal, band, (torch.cat([band[0], 999 - i], -1), torch.cat([band[1], 1000 - i], -1))):
+        allowed = _allowed(start, end, rows, n).expand(1, 2, rows, n)
+        _assert_keeps_largest(q, k, keep, *_choose(q, k, keep, start, end), allowed)
+
+
+@needs_kernel
 def test_fused_choice_equals_selection_from_logits_on_nan_and_strided_input():
     """A query row with a NaN makes its scores NaN: the row is ranked as ``torch.topk`` ranks it,
     exactly as the unfused selection does; strided q (a slice of rows) and k (not contiguous rows)."""
@@ -123,8 +141,8 @@ def test_fused_choice_refuses_bad_input():
 @pytest.mark.parametrize("within", ["full", "causal", "window", "padding"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_topk_runs_the_fused_choice_and_keeps_what_the_unfused_one_keeps(monkeypatch, within, dtype):
-    """``TopK.resolve`` on CPU input chooses through the fused kernel (one chunk: no logits in
-    memory), and keeps what the logits-then-select path keeps (as scores, up to rounding; in bf16
+    """``TopK.resolve`` on CPU input chooses through the fused kernel (one call for every row: no
+    chunks, no logits in memory), and keeps what the logits-then-select path keeps (as scores, up to rounding; in bf16
     that path rounds the logits to bf16 first, so only the fused choice is held to float64)."""
     gen = torch.Generator().manual_seed(5)
     n = 200
@@ -135,7 +153,7 @@ def test_topk_runs_the_fused_choice_and_keeps_what_the_unfused_one_keeps(monkeyp
     fused = select.top_keys_of_products
     monkeypatch.setattr(select, "top_keys_of_products", lambda *a: calls.append(a) or fused(*a))
     got = TopK(7).resolve(q, k, 0.25, pattern).pattern
-    assert calls and (within != "full" or len(calls) == 1)
+    assert len(calls) == 1
     monkeypatch.setattr(select, "fused_choice", lambda q, k: False)
     want = TopK(7).resolve(q, k, 0.25, pattern).pattern
     allowed = pattern.dense_mask(n, n).expand(2, 4, n, n)

@@ -150,8 +150,9 @@ class TopK(DynamicPattern):
     that the static part (``within``) allows: N x N alone, N x window under a local pattern
     (``TopK(8) & SlidingWindow(64, 64)``). Logits are made a chunk of rows at a time, each against
     the run of keys its rows may see, so memory stays ``chunk x run`` for the choice and ``N x k``
-    for the attention; on float32 CPU input the native kernel makes and selects them a few rows at
-    a time per thread (``multihead.backends.native.select``), without a chunk in memory.
+    for the attention. On CPU input (float32, bfloat16, float16) the native kernel makes them a
+    block of rows at a time per thread, against the keys those rows may see, and selects from them
+    there (``multihead.backends.native.select``): no chunk of logits in memory.
     """
 
     k: int
@@ -166,24 +167,21 @@ class TopK(DynamicPattern):
         kv_len = k.shape[2]
         keep = min(self.k, kv_len)
         spans = None if isinstance(within, Full) else within.spans(q_len, kv_len, q.device)
-        # the kernel makes the logits itself, a few rows at a time: no chunk of them in memory, and
-        # a head group's keys unrepeated
-        fused = fused_choice(q, k)
-        keys = k if fused else _expand_heads(k, heads)
-        budget = None if fused else max(1, SELECTION_CHUNK_ELEMENTS // (batch * heads))
         indices = torch.empty(batch, heads, q_len, keep, dtype=torch.long, device=q.device)
         valid = torch.empty(batch, heads, q_len, keep, dtype=torch.bool, device=q.device)
+        if fused_choice(q, k):
+            # the kernel makes the logits itself, a block of rows at a time against the keys those
+            # rows may see: no chunks, no logits in memory, a head group's keys unrepeated
+            start, end = (None, None) if spans is None else (spans.start, spans.end)
+            top_keys_of_products(q, k, keep, start, end, 0, indices, valid)
+            return Resolution(KeySelection(indices, valid, kv_len))
+        keys = _expand_heads(k, heads)
+        budget = max(1, SELECTION_CHUNK_ELEMENTS // (batch * heads))
         # one buffer for every chunk's logits: a fresh one per chunk (tens of MiB) would be mapped
         # anew by the allocator and page-fault on every first touch (2x the time)
         buffer = q.new_empty(0)
         with torch.no_grad():
             for lo, hi, k0, k1 in _selection_chunks(spans, q_len, kv_len, keep, budget):
-                start = None if spans is None else spans.start[:, :, lo:hi] - k0
-                end = None if spans is None else spans.end[:, :, lo:hi] - k0
-                if fused:
-                    top_keys_of_products(q[:, :, lo:hi], keys[:, :, k0:k1], keep, start, end, k0,
-                                         indices[:, :, lo:hi], valid[:, :, lo:hi])
-                    continue
                 size = batch * heads * (hi - lo) * (k1 - k0)
                 if buffer.numel() < size:
                     buffer = q.new_empty(size)
@@ -191,26 +189,26 @@ class TopK(DynamicPattern):
                 # the scale (> 0) does not change the order, so the choice needs only q . k
                 logits = torch.matmul(q[:, :, lo:hi], keys[:, :, k0:k1].transpose(-2, -1), out=out).float()
                 if spans is not None:
-                    logits.masked_fill_(~Spans(start, end, k1 - k0).mask(), float("-inf"))
+                    chunk = Spans(spans.start[:, :, lo:hi] - k0, spans.end[:, :, lo:hi] - k0, k1 - k0)
+                    logits.masked_fill_(~chunk.mask(), float("-inf"))
                 top, ok = top_keys(logits, keep)  # ascending positions in the chunk's run
                 indices[:, :, lo:hi] = top + k0
                 valid[:, :, lo:hi] = ok
         return Resolution(KeySelection(indices, valid, kv_len))
 
 
-def _selection_chunks(spans: Spans | None, q_len: int, kv_len: int, keep: int, budget: int | None):
+def _selection_chunks(spans: Spans | None, q_len: int, kv_len: int, keep: int, budget: int):
     """``(lo, hi, k0, k1)``: consecutive chunks of query rows ``[lo, hi)``, each with the run of keys
     ``[k0, k1)`` that its rows may see (at least ``keep`` keys), of at most ``budget`` (rows x run)
-    logits, one row at least (None: no limit). A chunk also stops growing once its run is 1.5x the
-    widest reach of one of its rows (a sliding window's chunks then read about 1.5x the keys each
-    row needs)."""
+    logits, one row at least. A chunk also stops growing once its run is 1.5x the widest reach of
+    one of its rows (a sliding window's chunks then read about 1.5x the keys each row needs)."""
     if spans is None:
         first, last = [0] * q_len, [kv_len] * q_len
     else:  # the first and last allowed key of each row, over batch elements, heads and intervals
         ok = spans.end > spans.start
         first = torch.where(ok, spans.start, kv_len).amin(-1).flatten(0, 1).amin(0).tolist()
         last = torch.where(ok, spans.end, 0).amax(-1).flatten(0, 1).amax(0).tolist()
-    step = 16 if budget is None else max(1, min(16, budget // kv_len))
+    step = max(1, min(16, budget // kv_len))
     lo = 0
     reach = [b - a for a, b in zip(first, last)]
     while lo < q_len:
@@ -219,8 +217,7 @@ def _selection_chunks(spans: Spans | None, q_len: int, kv_len: int, keep: int, b
             nxt = min(q_len, hi + step)
             n0, n1 = min(k0, *first[hi:nxt]), max(k1, *last[hi:nxt])
             w = max(widest, *reach[hi:nxt])
-            too_many = budget is not None and (nxt - lo) * max(keep, n1 - n0) > budget
-            if hi > lo and (too_many or n1 - n0 > 1.5 * w):
+            if hi > lo and ((nxt - lo) * max(keep, n1 - n0) > budget or n1 - n0 > 1.5 * w):
                 break
             hi, k0, k1, widest = nxt, n0, n1, w
         width = max(keep, k1 - k0)

@@ -45,9 +45,10 @@ struct Buffers {
 };
 
 // The k-th largest of v[0 .. m) (no NaN; 1 <= k <= m), found bit by bit on keys whose unsigned
-// order is the floats' order: the largest key with at least k keys at or above it. 32 counting
+// order is the floats' order: the largest key with at least k keys at or above it, in counting
 // passes of vector compares; std::nth_element's branchy partitions took two thirds of the
-// selection.
+// selection. A trial that exactly k keys reach ends the search early (the k-th largest is then
+// their minimum): on values without order a few passes past the bits they share.
 inline float kth_largest(const float* v, int64_t m, int64_t k, std::vector<uint32_t>& keys) {
   keys.resize(m);
   uint32_t* u = keys.data();
@@ -56,17 +57,27 @@ inline float kth_largest(const float* v, int64_t m, int64_t k, std::vector<uint3
     std::memcpy(&bits, v + j, 4);
     u[j] = bits & 0x80000000u ? ~bits : bits | 0x80000000u;
   }
+  auto at_least = [&](uint32_t t) {
+    int64_t count = 0, j = 0;
+#if defined(CPU_CAPABILITY_AVX512)
+    const __m512i tv = _mm512_set1_epi32(static_cast<int32_t>(t));
+    for (; j + 16 <= m; j += 16) count += __builtin_popcount(_mm512_cmpge_epu32_mask(_mm512_loadu_si512(u + j), tv));
+#endif
+    for (; j < m; ++j) count += u[j] >= t;
+    return count;
+  };
   uint32_t found = 0;
   for (int bit = 31; bit >= 0; --bit) {
     const uint32_t trial = found | (1u << bit);
-    int64_t count = 0, j = 0;
-#if defined(CPU_CAPABILITY_AVX512)
-    const __m512i tv = _mm512_set1_epi32(static_cast<int32_t>(trial));
-    for (; j + 16 <= m; j += 16)
-      count += __builtin_popcount(_mm512_cmpge_epu32_mask(_mm512_loadu_si512(u + j), tv));
-#endif
-    for (; j < m; ++j) count += u[j] >= trial;
-    if (count >= k) found = trial;
+    const int64_t count = at_least(trial);
+    if (count < k) continue;
+    found = trial;
+    if (count == k) {  // the k largest are the keys >= trial: the least of them
+      found = ~0u;
+      for (int64_t j = 0; j < m; ++j)
+        if (u[j] >= trial) found = std::min(found, u[j]);
+      break;
+    }
   }
   const uint32_t bits = found & 0x80000000u ? found & 0x7fffffffu : ~found;
   float value;
@@ -174,12 +185,13 @@ void top_of_row(const float* x, int64_t n, int64_t keep, Buffers& b, int64_t* ou
     if (b.value[j] > cut || (b.value[j] == cut && at_cut-- > 0)) out[kept] = b.index[j], valid[kept++] = true;
 }
 
-// Sets x[0 .. n) outside the union of the intervals [start[i], end[i]) (clamped to [0, n)) to -inf
-void mask_outside(float* x, int64_t n, const int64_t* start, const int64_t* end, int64_t intervals,
+// Sets x[0 .. n) outside the union of the intervals [start[i] - from, end[i] - from) (clamped to
+// [0, n)) to -inf: x holds the keys from ``from`` on
+void mask_outside(float* x, int64_t n, int64_t from, const int64_t* start, const int64_t* end, int64_t intervals,
                   std::vector<std::pair<int64_t, int64_t>>& sorted) {
   sorted.clear();
   for (int64_t i = 0; i < intervals; ++i) {
-    const int64_t a = std::clamp<int64_t>(start[i], 0, n), b = std::clamp<int64_t>(end[i], 0, n);
+    const int64_t a = std::clamp<int64_t>(start[i] - from, 0, n), b = std::clamp<int64_t>(end[i] - from, 0, n);
     if (b > a) sorted.emplace_back(a, b);
   }
   std::sort(sorted.begin(), sorted.end());
@@ -260,11 +272,11 @@ void rows_dot_pair_panel(const at::BFloat16* q, int64_t ldq, const uint32_t* pan
 }
 #endif
 
-// dot(std::integral_constant<int, R>, r, p): rows r .. r + R against panel p, for every panel and
-// the rows [0, rows) 8 at a time; each panel, read once into L1, serves every row of the block
+// dot(std::integral_constant<int, R>, r, p): rows r .. r + R against panel p, for the panels
+// [p0, p1) and the rows [0, rows) 8 at a time; each panel, read once into L1, serves every row
 template <typename Dot>
-void for_row_groups(int64_t rows, int64_t panels, const Dot& dot) {
-  for (int64_t p = 0; p < panels; ++p) {
+void for_row_groups(int64_t rows, int64_t p0, int64_t p1, const Dot& dot) {
+  for (int64_t p = p0; p < p1; ++p) {
     int64_t r = 0;
     for (; r + 8 <= rows; r += 8) dot(std::integral_constant<int, 8>{}, r, p);
     switch (rows - r) {
@@ -296,9 +308,24 @@ struct Choice {
   int64_t batch, heads, rows, d, n, kv_heads;
 };
 
+// The panels [p0, p1) that hold every key the rows [r0, r1) of (batch, head) row ``bh`` may see
+// (their intervals' union, clamped to the keys): a causal or local choice makes and selects from
+// those alone
+inline std::pair<int64_t, int64_t> panels_seen(const Choice& c, int64_t bh, int64_t r0, int64_t r1) {
+  const int64_t panels = (c.n + kPanel - 1) / kPanel;
+  if (!c.start) return {0, panels};
+  int64_t lo = c.n, hi = 0;
+  for (int64_t i = (bh * c.rows + r0) * c.intervals, end = (bh * c.rows + r1) * c.intervals; i < end; ++i) {
+    const int64_t a = std::clamp<int64_t>(c.start[i], 0, c.n), b = std::clamp<int64_t>(c.end[i], 0, c.n);
+    if (b > a) lo = std::min(lo, a), hi = std::max(hi, b);
+  }
+  return hi > lo ? std::make_pair(lo / kPanel, (hi + kPanel - 1) / kPanel) : std::make_pair(int64_t(0), int64_t(0));
+}
+
 // Packs each (batch, key head)'s keys into panels of P, ``width`` per key (pack(b, kv head, out)),
-// then, a block of rows at a time per thread, makes their logits (products(b, h, r0, r1, panels,
-// logits, ldo)), masks them and selects from them while they are in L2
+// then, a block of rows at a time per thread, makes their logits over the panels they may see
+// (products(b, h, r0, r1, panels, p0, p1, logits, ldo)), masks them and selects from them while
+// they are in L2
 template <typename P, typename Pack, typename Products>
 void choose(const Choice& c, int64_t width, const Pack& pack, const Products& products) {
   const int64_t ldo = (c.n + kPanel - 1) / kPanel * kPanel, packed = ldo * width;
@@ -316,18 +343,23 @@ void choose(const Choice& c, int64_t width, const Pack& pack, const Products& pr
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t bh = t / blocks, r0 = t % blocks * block, r1 = std::min(c.rows, r0 + block);
       const int64_t bi = bh / c.heads, h = bh % c.heads;
-      products(bi, h, r0, r1, panels.data() + (bi * c.kv_heads + h / (c.heads / c.kv_heads)) * packed,
+      const auto [p0, p1] = panels_seen(c, bh, r0, r1);
+      products(bi, h, r0, r1, panels.data() + (bi * c.kv_heads + h / (c.heads / c.kv_heads)) * packed, p0, p1,
                logits.data(), ldo);
+      // the selection's keys [from, to): those of the panels made, or every key where they are
+      // fewer than keep (the others are outside every interval, masked)
+      int64_t from = p0 * kPanel, to = std::min(c.n, p1 * kPanel);
+      if (to - from < c.keep) from = 0, to = c.n;
       for (int64_t r = r0; r < r1; ++r) {
-        float* x = logits.data() + (r - r0) * ldo;
+        float* x = logits.data() + (r - r0) * ldo + from;
         if (c.start) {
           const int64_t at = (bh * c.rows + r) * c.intervals;
-          mask_outside(x, c.n, c.start + at, c.end + at, c.intervals, sorted);
+          mask_outside(x, to - from, from, c.start + at, c.end + at, c.intervals, sorted);
         }
         int64_t* out = ip + bi * c.indices.stride(0) + h * c.indices.stride(1) + r * c.indices.stride(2);
-        top_of_row(x, c.n, c.keep, b, out, vp + bi * c.valid.stride(0) + h * c.valid.stride(1) + r * c.valid.stride(2));
-        if (c.offset != 0)
-          for (int64_t j = 0; j < c.keep; ++j) out[j] += c.offset;
+        top_of_row(x, to - from, c.keep, b, out, vp + bi * c.valid.stride(0) + h * c.valid.stride(1) + r * c.valid.stride(2));
+        if (from + c.offset != 0)
+          for (int64_t j = 0; j < c.keep; ++j) out[j] += from + c.offset;
       }
     }
   });
@@ -343,7 +375,8 @@ void choose_widened(const Choice& c) {
     pack_panels(kp + b * c.k.stride(0) + g * c.k.stride(1), c.k.stride(2), c.n, d, out);
   };
   std::vector<std::vector<float>> widened(at::get_num_threads());
-  auto products = [&](int64_t b, int64_t h, int64_t r0, int64_t r1, const float* panels, float* logits, int64_t ldo) {
+  auto products = [&](int64_t b, int64_t h, int64_t r0, int64_t r1, const float* panels, int64_t p0, int64_t p1,
+                      float* logits, int64_t ldo) {
     const T* rows = qp + b * c.q.stride(0) + h * c.q.stride(1) + r0 * c.q.stride(2);
     const float* q;
     int64_t ldq = c.q.stride(2);
@@ -356,7 +389,7 @@ void choose_widened(const Choice& c) {
         for (int64_t e = 0; e < d; ++e) buf[r * d + e] = static_cast<float>(rows[r * ldq + e]);
       q = buf.data(), ldq = d;
     }
-    for_row_groups(r1 - r0, ldo / kPanel, [&](auto R, int64_t r, int64_t p) {
+    for_row_groups(r1 - r0, p0, p1, [&](auto R, int64_t r, int64_t p) {
       rows_dot_panel<decltype(R)::value>(q + r * ldq, ldq, panels + p * d * kPanel, d, logits + r * ldo + p * kPanel, ldo);
     });
   };
@@ -371,10 +404,11 @@ void choose_in_pairs(const Choice& c) {
   auto pack = [&](int64_t b, int64_t g, uint32_t* out) {
     pack_pair_panels(kp + b * c.k.stride(0) + g * c.k.stride(1), c.k.stride(2), c.n, c.d, out);
   };
-  auto products = [&](int64_t b, int64_t h, int64_t r0, int64_t r1, const uint32_t* panels, float* logits, int64_t ldo) {
+  auto products = [&](int64_t b, int64_t h, int64_t r0, int64_t r1, const uint32_t* panels, int64_t p0, int64_t p1,
+                      float* logits, int64_t ldo) {
     const at::BFloat16* q = qp + b * c.q.stride(0) + h * c.q.stride(1) + r0 * c.q.stride(2);
     const int64_t ldq = c.q.stride(2);
-    for_row_groups(r1 - r0, ldo / kPanel, [&](auto R, int64_t r, int64_t p) {
+    for_row_groups(r1 - r0, p0, p1, [&](auto R, int64_t r, int64_t p) {
       rows_dot_pair_panel<decltype(R)::value>(q + r * ldq, ldq, panels + p * pairs * kPanel, c.d,
                                               logits + r * ldo + p * kPanel, ldo);
     });
