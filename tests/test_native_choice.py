@@ -22,7 +22,7 @@ def _allowed(start, end, rows, n):
     return inside.any(-2)
 
 
-def _assert_keeps_largest(q, k, keep, indices, valid, allowed=None, offset=0):
+def _assert_keeps_largest(q, k, keep, indices, valid, allowed=None):
     """Each row keeps distinct keys in ascending order whose float64 scores are the row's ``keep``
     largest (up to fp32 rounding: among near-equal scores at the cut either may go), valid exactly
     where the key is allowed."""
@@ -30,7 +30,6 @@ def _assert_keeps_largest(q, k, keep, indices, valid, allowed=None, offset=0):
     scores = q.double() @ k.double().repeat_interleave(group, 1).transpose(-2, -1)
     if allowed is not None:
         scores = scores.masked_fill(~allowed, NEG)
-    indices = indices - offset
     assert indices.shape == valid.shape == scores.shape[:-1] + (keep,)
     assert (indices[..., 1:] > indices[..., :-1]).all()
     got = scores.gather(-1, indices)
@@ -40,10 +39,10 @@ def _assert_keeps_largest(q, k, keep, indices, valid, allowed=None, offset=0):
     assert torch.equal(valid, got > NEG)
 
 
-def _choose(q, k, keep, start=None, end=None, offset=0):
+def _choose(q, k, keep, start=None, end=None):
     shape = q.shape[:3] + (keep,)
     indices, valid = torch.full(shape, -1, dtype=torch.long), torch.zeros(shape, dtype=torch.bool)
-    select.top_keys_of_products(q, k, keep, start, end, offset, indices, valid)
+    select.top_keys_of_products(q, k, keep, start, end, indices, valid)
     return indices, valid
 
 
@@ -65,10 +64,10 @@ def test_fused_choice_keeps_the_largest_products(rows, n, d, keep, heads, kv_hea
 
 
 @needs_kernel
-def test_fused_choice_within_intervals_and_offset():
+def test_fused_choice_within_intervals():
     """Per-row intervals (several per row, overlapping, out of range, empty, broadcast over batch
     and heads), rows with fewer allowed keys than ``keep`` and rows with none: only allowed keys are
-    valid, the rest fill up with invalid ones; the offset is added to every index."""
+    valid, the rest fill up with invalid ones."""
     gen = torch.Generator().manual_seed(3)
     rows, n, keep = 40, 90, 6
     q, k = torch.randn(2, 4, rows, 16, generator=gen), torch.randn(2, 2, n, 16, generator=gen)
@@ -77,8 +76,8 @@ def test_fused_choice_within_intervals_and_offset():
     end[0, 0, 0], end[0, 1, 1, 0], start[0, 1, 1, 1:], end[0, 1, 1, 1:] = start[0, 0, 0], start[0, 1, 1, 0] + 2, 5, 6
     allowed = _allowed(start, end, rows, n)
     assert not allowed[0, 0, 0].any() and allowed[0, 1, 1].sum() == 3  # a row with none, one with 3 < keep
-    indices, valid = _choose(q, k, keep, start, end, offset=1000)
-    _assert_keeps_largest(q, k, keep, indices, valid, allowed.expand(2, 4, rows, n), offset=1000)
+    indices, valid = _choose(q, k, keep, start, end)
+    _assert_keeps_largest(q, k, keep, indices, valid, allowed.expand(2, 4, rows, n))
     assert not valid[:, 0, 0].any() and valid[:, 1, 1].sum(-1).tolist() == [3, 3]
 
 
@@ -123,17 +122,17 @@ def test_fused_choice_refuses_bad_input():
     out = torch.empty(1, 4, 8, 3, dtype=torch.long), torch.empty(1, 4, 8, 3, dtype=torch.bool)
     none = torch.empty(0, dtype=torch.long)
     with pytest.raises(RuntimeError, match="multiple of H_kv"):
-        ext.top_keys_of_products(q, torch.randn(1, 3, 20, 16), 3, 0, none, none, *out)
+        ext.top_keys_of_products(q, torch.randn(1, 3, 20, 16), 3, none, none, *out)
     with pytest.raises(RuntimeError, match="float32, bfloat16 or float16"):
-        ext.top_keys_of_products(q.double(), k.double(), 3, 0, none, none, *out)
+        ext.top_keys_of_products(q.double(), k.double(), 3, none, none, *out)
     with pytest.raises(RuntimeError, match="of one type"):
-        ext.top_keys_of_products(q, k.bfloat16(), 3, 0, none, none, *out)
+        ext.top_keys_of_products(q, k.bfloat16(), 3, none, none, *out)
     with pytest.raises(RuntimeError, match="keep must be"):
-        ext.top_keys_of_products(q, k, 21, 0, none, none, *out)
+        ext.top_keys_of_products(q, k, 21, none, none, *out)
     with pytest.raises(RuntimeError, match="shape"):
-        ext.top_keys_of_products(q, k, 4, 0, none, none, *out)
+        ext.top_keys_of_products(q, k, 4, none, none, *out)
     with pytest.raises(RuntimeError, match="span"):
-        ext.top_keys_of_products(q, k, 3, 0, torch.zeros(1, 4, 7, 1, dtype=torch.long),
+        ext.top_keys_of_products(q, k, 3, torch.zeros(1, 4, 7, 1, dtype=torch.long),
                                  torch.zeros(1, 4, 7, 1, dtype=torch.long), *out)
 
 

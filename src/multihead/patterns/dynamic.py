@@ -173,7 +173,7 @@ class TopK(DynamicPattern):
             # the kernel makes the logits itself, a block of rows at a time against the keys those
             # rows may see: no chunks, no logits in memory, a head group's keys unrepeated
             start, end = (None, None) if spans is None else (spans.start, spans.end)
-            top_keys_of_products(q, k, keep, start, end, 0, indices, valid)
+            top_keys_of_products(q, k, keep, start, end, indices, valid)
             return Resolution(KeySelection(indices, valid, kv_len))
         keys = _expand_heads(k, heads)
         budget = max(1, SELECTION_CHUNK_ELEMENTS // (batch * heads))

@@ -1746,16 +1746,15 @@ std::vector<at::Tensor> backward(const at::Tensor& q, const at::Tensor& k, const
 
 namespace multihead_native {
 std::vector<at::Tensor> top_keys(const at::Tensor& scores, int64_t keep);  // select.cpp
-void top_keys_of_products(const at::Tensor& q, const at::Tensor& k, int64_t keep, int64_t offset,
-                          const at::Tensor& span_start, const at::Tensor& span_end, const at::Tensor& indices,
-                          const at::Tensor& valid);  // select.cpp
+void top_keys_of_products(const at::Tensor& q, const at::Tensor& k, int64_t keep, const at::Tensor& span_start,
+                          const at::Tensor& span_end, const at::Tensor& indices, const at::Tensor& valid);  // select.cpp
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("top_keys", &multihead_native::top_keys,
         "top-k selection: (indices of each row's keep largest scores, ascending; whether each is above -inf)");
   m.def("top_keys_of_products", &multihead_native::top_keys_of_products,
-        "TopK's choice fused with its q . k: writes each row's keep largest keys (+ offset) and validity");
+        "TopK's choice fused with its q . k: writes each row's keep largest keys and their validity");
   m.def("forward", &forward, "block-sparse attention forward: (out, lse)");
   m.def("backward", &backward, "block-sparse attention backward: (dq, dk, dv, dpre, dpost)");
   m.def("stream_bytes", &stream_bytes, "outputs of this many bytes or more are written past the caches");

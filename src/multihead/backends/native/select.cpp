@@ -303,7 +303,7 @@ namespace {
 // One call's tensors and sizes
 struct Choice {
   const at::Tensor &q, &k, &indices, &valid;
-  int64_t keep, offset, intervals;
+  int64_t keep, intervals;
   const int64_t *start, *end;  // (B, H, rows, intervals) or null
   int64_t batch, heads, rows, d, n, kv_heads;
 };
@@ -358,8 +358,8 @@ void choose(const Choice& c, int64_t width, const Pack& pack, const Products& pr
         }
         int64_t* out = ip + bi * c.indices.stride(0) + h * c.indices.stride(1) + r * c.indices.stride(2);
         top_of_row(x, to - from, c.keep, b, out, vp + bi * c.valid.stride(0) + h * c.valid.stride(1) + r * c.valid.stride(2));
-        if (from + c.offset != 0)
-          for (int64_t j = 0; j < c.keep; ++j) out[j] += from + c.offset;
+        if (from != 0)
+          for (int64_t j = 0; j < c.keep; ++j) out[j] += from;
       }
     }
   });
@@ -419,9 +419,8 @@ void choose_in_pairs(const Choice& c) {
 
 }  // namespace
 
-void top_keys_of_products(const at::Tensor& q, const at::Tensor& k, int64_t keep, int64_t offset,
-                          const at::Tensor& span_start, const at::Tensor& span_end, const at::Tensor& indices,
-                          const at::Tensor& valid) {
+void top_keys_of_products(const at::Tensor& q, const at::Tensor& k, int64_t keep, const at::Tensor& span_start,
+                          const at::Tensor& span_end, const at::Tensor& indices, const at::Tensor& valid) {
   TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && q.size(0) == k.size(0) && q.size(3) == k.size(3) &&
                   k.size(1) >= 1 && q.size(1) % k.size(1) == 0,
               "top_keys_of_products: q (B, H, rows, d) and k (B, H_kv, keys, d) with H a multiple of H_kv");
@@ -443,7 +442,7 @@ void top_keys_of_products(const at::Tensor& q, const at::Tensor& k, int64_t keep
                     span_start.dim() == 4 && span_start.size(0) == batch && span_start.size(1) == heads &&
                     span_start.size(2) == rows,
                 "top_keys_of_products: contiguous int64 span starts and ends (B, H, rows, intervals)");
-  const Choice c{q, k, indices, valid, keep, offset, masked ? span_start.size(3) : 0,
+  const Choice c{q, k, indices, valid, keep, masked ? span_start.size(3) : 0,
                  masked ? span_start.data_ptr<int64_t>() : nullptr, masked ? span_end.data_ptr<int64_t>() : nullptr,
                  batch, heads, rows, q.size(3), n, k.size(1)};
   if (type == at::kFloat) return choose_widened<float>(c);

@@ -44,9 +44,9 @@ _FUSED_TYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def top_keys_of_products(q: Tensor, k: Tensor, keep: int, start: Tensor | None, end: Tensor | None,
-                         offset: int, indices: Tensor, valid: Tensor) -> None:
-    """``top_keys(q @ k^T, keep)`` without the logits in memory, written into ``indices`` (+ ``offset``)
-    and ``valid``, both ``(B, H, rows, keep)``. ``q`` is ``(B, H, rows, d)``, ``k`` ``(B, H_kv, n, d)``
+                         indices: Tensor, valid: Tensor) -> None:
+    """``top_keys(q @ k^T, keep)`` without the logits in memory, written into ``indices`` and
+    ``valid``, both ``(B, H, rows, keep)``. ``q`` is ``(B, H, rows, d)``, ``k`` ``(B, H_kv, n, d)``
     (a head group shares its key head); with ``start`` / ``end`` ``(B', H', rows, I)`` (B' and H' 1
     or full), a row sees only the keys of its intervals ``[start, end)`` (others score -inf). Needs
     ``fused_choice(q, k)``."""
@@ -54,7 +54,7 @@ def top_keys_of_products(q: Tensor, k: Tensor, keep: int, start: Tensor | None, 
     if start is not None:
         shape = q.shape[:3] + start.shape[-1:]
         start, end = start.expand(shape).contiguous(), end.expand(shape).contiguous()
-    kernel().top_keys_of_products(_rows_contiguous(q), _rows_contiguous(k), keep, offset,
+    kernel().top_keys_of_products(_rows_contiguous(q), _rows_contiguous(k), keep,
                                   none if start is None else start, none if end is None else end, indices, valid)
 
 
