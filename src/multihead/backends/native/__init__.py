@@ -1,17 +1,18 @@
 """The native CPU kernel of the block-sparse backend: built once per machine, cached, optional.
 
 ``kernel()`` returns the compiled extension (``blocksparse.cpp``, ``select.cpp`` for ``TopK``'s
-choice of keys and ``pool.cpp`` for its output buffers, beside this file), building it on first use with ``torch.utils.cpp_extension`` (a
-C++ compiler and ninja) into a cache folder keyed by the sources, torch's version and the CPU's
-vector extensions, so a second process only loads it. ``status()`` says whether it is available
-and, if not, why: no compiler, a failed build, or ``MULTIHEAD_NATIVE=0`` in the environment.
-Without it the block-sparse backend runs its tiles in plain PyTorch; ``multihead.explain`` says
-which path ran.
+choice of keys and ``pool.cpp`` for its output buffers, beside this file), building it on first
+use with ``torch.utils.cpp_extension`` (a C++ compiler and ninja) into a cache folder keyed by the
+sources, torch's version and the CPU's vector extensions, so a second process only loads it.
+``status()`` says whether it is available and, if not, why: no compiler, a failed build, or
+``MULTIHEAD_NATIVE=0`` in the environment. Without it the block-sparse backend runs its tiles in
+plain PyTorch; ``multihead.explain`` says which path ran.
 
 Outputs of 1 MiB or more (out, dq, dk, dv) are kept for reuse when their tensors die, so that a
-training loop does not map, fault in and unmap them on every call: up to ``MULTIHEAD_NATIVE_POOL_MIB``
-idle (default an eighth of the machine's memory, at most 4 GiB; 0 turns this off).
-``idle_memory()`` says how much is held, ``release_memory()`` hands it back to the OS.
+training loop does not map, fault in and unmap them on every call: up to
+``MULTIHEAD_NATIVE_POOL_MIB`` idle (default an eighth of the machine's memory, at most 4 GiB; 0
+turns this off). ``idle_memory()`` says how much is held, ``release_memory()`` hands it back to
+the OS.
 
 ``python -m multihead.backends.native`` builds it (``make setup`` does) and prints the status.
 ``MULTIHEAD_NATIVE_DEBUG=assert`` (or ``asan``) builds a checked copy beside it, for the tests.

@@ -947,8 +947,6 @@ void lanes_forward(const Geometry& g, const Score<C>& sc, C scale, Scratch<T, C>
 }
 
 
-// dst[t][d] += sum_l coeffT[t][l] * rows[l][d] for KB keys t and DB vectors of d from d0: the
-// keys' rows stay in registers while the lanes stream by (coeffT: keys x lanes).
 // A key head's gradient accumulator (dK or dV: one row of ``width`` per key) whose rows are
 // cleared on first use instead of all before backward: ``seen[j]`` once row j holds a sum. Rows
 // no tile touched are cleared at the end (``finish``).
@@ -1065,8 +1063,7 @@ template <typename T, typename C>
 void lanes_backward(const Geometry& g, const Score<C>& sc, C scale, Scratch<T, C>& w, const C* const* qf, int64_t M,
                     int64_t rows, const T* kbase, const T* vbase, const int64_t* kpos, int64_t W,
                     const uint8_t* mask, const C* const* dob, C* const* dq, KeyGrads<C>& dk_acc,
-                    KeyGrads<C>& dv_acc, double* dpre,
-                    double* dpost) {
+                    KeyGrads<C>& dv_acc, double* dpre, double* dpost) {
   using V = Vec<C>;
   constexpr int64_t L = V::size(), NB = 2;
   w.b1.resize(NB * g.D * L), w.b2.resize(NB * g.Dv * L), w.s.resize(NB * W * L), w.dp.resize(NB * W * L);

@@ -22,6 +22,7 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <memory>
 #include <type_traits>
 #include <vector>
 
@@ -329,9 +330,10 @@ inline std::pair<int64_t, int64_t> panels_seen(const Choice& c, int64_t bh, int6
 template <typename P, typename Pack, typename Products>
 void choose(const Choice& c, int64_t width, const Pack& pack, const Products& products) {
   const int64_t ldo = (c.n + kPanel - 1) / kPanel * kPanel, packed = ldo * width;
-  std::vector<P> panels(c.batch * c.kv_heads * packed);
+  // every element written by pack (zeros past the last key): no clearing first
+  std::unique_ptr<P[]> panels(new P[c.batch * c.kv_heads * packed]);
   at::parallel_for(0, c.batch * c.kv_heads, 1, [&](int64_t t0, int64_t t1) {
-    for (int64_t t = t0; t < t1; ++t) pack(t / c.kv_heads, t % c.kv_heads, panels.data() + t * packed);
+    for (int64_t t = t0; t < t1; ++t) pack(t / c.kv_heads, t % c.kv_heads, panels.get() + t * packed);
   });
   const int64_t block = std::clamp<int64_t>(kLogitsPerThread / ldo, 1, 64), blocks = (c.rows + block - 1) / block;
   int64_t* ip = c.indices.data_ptr<int64_t>();
@@ -344,7 +346,7 @@ void choose(const Choice& c, int64_t width, const Pack& pack, const Products& pr
       const int64_t bh = t / blocks, r0 = t % blocks * block, r1 = std::min(c.rows, r0 + block);
       const int64_t bi = bh / c.heads, h = bh % c.heads;
       const auto [p0, p1] = panels_seen(c, bh, r0, r1);
-      products(bi, h, r0, r1, panels.data() + (bi * c.kv_heads + h / (c.heads / c.kv_heads)) * packed, p0, p1,
+      products(bi, h, r0, r1, panels.get() + (bi * c.kv_heads + h / (c.heads / c.kv_heads)) * packed, p0, p1,
                logits.data(), ldo);
       // the selection's keys [from, to): those of the panels made, or every key where they are
       // fewer than keep (the others are outside every interval, masked)

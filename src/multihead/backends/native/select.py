@@ -33,14 +33,15 @@ def top_keys(scores: Tensor, keep: int) -> tuple[Tensor, Tensor]:
     return indices.view(shape), valid.view(shape)
 
 
+_FUSED_TYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
 def fused_choice(q: Tensor, k: Tensor) -> bool:
     """Whether ``top_keys_of_products`` runs on ``q`` and ``k``: CPU, float32, bfloat16 or float16
     (both of one type), kernel built."""
     cpu = q.device.type == "cpu" and k.device.type == "cpu"
     return cpu and q.dtype == k.dtype and q.dtype in _FUSED_TYPES and kernel() is not None
 
-
-_FUSED_TYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def top_keys_of_products(q: Tensor, k: Tensor, keep: int, start: Tensor | None, end: Tensor | None,
