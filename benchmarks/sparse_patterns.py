@@ -40,7 +40,7 @@ from multihead.backends import BACKENDS
 from multihead.backends.blocksparse import BlockSparseBackend
 from multihead.backends.head_groups import head_split
 from multihead.bench.measure import peak_memory, time_call, time_interleaved
-from multihead.backends.native import describe as native_status, tiles
+from multihead.backends.native import describe as native_status
 from multihead.patterns import (Axial, Causal, CrossShapedWindow, Documents, Full, Neighborhood, Pattern, Routing,
                                 ShiftedWindow, SlidingWindow, TopK)
 from multihead.request import make_request
@@ -197,9 +197,6 @@ def kernel_of(auto: str) -> str:
 def computed_pairs(req) -> float:
     """The (query, key) pairs per (batch, head) that the native kernel computes for ``req`` (for a
     pattern that differs per head, as the ``heads`` split runs it: each run of heads on its own)."""
-    lists = req.pattern.key_lists()
-    if lists is not None:
-        return tiles.from_key_lists(*lists).pairs
     runs = head_split(req)
     if runs is not None:
         total = 0.0
@@ -207,7 +204,7 @@ def computed_pairs(req) -> float:
             part = make_request(req.q[:, h0:h1], req.k[:, h0:h1], req.v[:, h0:h1], pattern=pattern)
             total += (h1 - h0) / req.heads * computed_pairs(part)
         return total
-    return BACKENDS["blocksparse"].plan(req, native=True).table.pairs
+    return BACKENDS["blocksparse"].native_table(req).pairs
 
 
 GEMM_SIZE = 1024  # the matrix product whose rate the passes are measured against

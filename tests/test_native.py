@@ -21,7 +21,7 @@ from multihead.backends.native.function import dropout_mask, native_attention
 from multihead.backends.native.select import top_keys
 from multihead.nn.prototype_cross import KeyArgmax
 from multihead.patterns import (Axial, Causal, CrossShapedWindow, Dilated, Documents, Full, Neighborhood,
-                                PerHead, PrefixLM, ShiftedWindow, SlidingWindow, TopK)
+                                PerHead, PrefixLM, Routing, ShiftedWindow, SlidingWindow, TopK)
 from multihead.request import make_request
 from multihead.scores import (ALiBi, DynamicPositionBias, RelativePositionBias, RelativePositionBias2d, ScoreChain,
                               Softcap)
@@ -54,6 +54,8 @@ PATTERNS = {
     "per_head": lambda n: PerHead((SlidingWindow(3, 3), Causal(), Full(), SlidingWindow(20, 0))),
     "topk_causal": lambda n: TopK(8) & Causal(),
     "topk_in_window": lambda n: TopK(4) & SlidingWindow(16, 16),
+    "routing": lambda n: Routing(3),  # clusters longer than a tile's 32 rows: tables of key runs
+    "routing_causal": lambda n: Routing(5) & Causal(),  # runs with a triangular mask on their last keys
 }
 SCORES = {
     "none": lambda: None,
@@ -460,8 +462,8 @@ def test_corrupt_tile_tables_are_rejected():
     ext = native.kernel()
 
     def run(**changes):
-        arrays = dict(zip(["q_rows", "tile_q", "tile_k", "k_idx", "tile_m", "mask", "lb", "lh"],
-                          good.arrays()))
+        arrays = dict(zip(["q_rows", "tile_q", "tile_k", "k_idx", "tile_m", "mask", "widths", "mask_keys",
+                           "k_start", "lb", "lh"], good.arrays()))
         arrays.update(changes)
         return ext.forward(q, q, q, *arrays.values(), 0.35, None, None, None, 0.0, 15, 0.0, 0, None)
 
@@ -473,6 +475,11 @@ def test_corrupt_tile_tables_are_rejected():
         (dict(tile_m=good.tile_m.clamp(min=0) + good.mask.shape[1]), "mask runs past"),
         (dict(tile_k=good.tile_k * 1000), "offsets out of range"),
         (dict(lh=3), "layout slot"),
+        (dict(widths=torch.ones(3, dtype=torch.long)), "per-slot widths needs"),
+        (dict(widths=torch.diff(good.tile_k).view(1, -1) + 1), "per-slot width outside"),
+        (dict(mask_keys=torch.ones(1, dtype=torch.long)), "mask widths needs"),
+        (dict(mask_keys=torch.diff(good.tile_k) + 1), "mask width outside"),
+        (dict(mask_keys=torch.diff(good.tile_k).float()), "mask widths must be"),
     ]:
         with pytest.raises(RuntimeError, match=message):
             run(**changes)

@@ -164,12 +164,13 @@ def test_routing_without_score_equals_dense_transcription(backend, within):
 def test_routing_clusters_are_runs_of_the_frame():
     q, k, _ = inputs(8)
     pattern = Routing(5).resolve(q, k, D ** -0.5, Causal()).pattern
-    lengths, causal = pattern.runs()
-    assert causal and len(lengths) == B * H * 5 and sum(lengths) == B * H * N
+    lengths, causal = pattern.frame_runs()
+    assert causal and lengths.shape == (B, H, 5) and bool((lengths.sum(-1) == N).all())
+    lengths = lengths.flatten().tolist()
     frame_cluster = pattern.cluster.gather(2, pattern.order).flatten()  # cluster ids, run after run
     expected = torch.cat([torch.full((n,), c % 5) for c, n in enumerate(lengths)])
     assert torch.equal(frame_cluster, expected)
-    assert Routing(5).resolve(q, k, D ** -0.5, SlidingWindow(3, 0)).pattern.runs() is None
+    assert Routing(5).resolve(q, k, D ** -0.5, SlidingWindow(3, 0)).pattern.frame_runs() is None
 
 
 def test_documents_serves_plain_routing_and_auto_picks_it_for_long_clusters():

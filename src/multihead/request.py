@@ -45,7 +45,7 @@ class Request:
         if self.q_order is None:
             return out, weights
         q_back = _inverse(self.q_order)
-        out = out.gather(2, q_back.unsqueeze(-1).expand_as(out))
+        out = _permute_tokens(out, q_back)
         if weights is not None:
             weights = weights.gather(2, q_back.unsqueeze(-1).expand_as(weights))
             weights = weights.gather(3, _inverse(self.kv_order).unsqueeze(2).expand_as(weights))
@@ -95,7 +95,11 @@ def _inverse(order: Tensor) -> Tensor:
 
 
 def _permute_tokens(x: Tensor, order: Tensor) -> Tensor:
-    return x.gather(2, order.unsqueeze(-1).expand(*order.shape, x.shape[-1]))
+    """``x[b, h, order[b, h, i]]`` at ``[b, h, i]``: whole rows taken from the flattened tokens (a
+    gather along dim 2 would read an index per element)."""
+    batch, heads, length = order.shape
+    rows = order + torch.arange(0, batch * heads * length, length, device=order.device).view(batch, heads, 1)
+    return x.reshape(batch * heads * length, x.shape[-1]).index_select(0, rows.flatten()).view(x.shape)
 
 
 class _OriginalPositions(Score):
@@ -229,7 +233,8 @@ def make_request(q, k, v, *, pattern=None, score=None, scale=None, dropout=0.0,
         pattern, q_order, kv_order = resolution.pattern, resolution.q_order, resolution.kv_order
         if q_order is not None:
             heads = q.shape[1]
-            k, v = (t.repeat_interleave(heads // t.shape[1], dim=1) for t in (k, v))
+            if k.shape[1] != heads:
+                k, v = (t.repeat_interleave(heads // t.shape[1], dim=1) for t in (k, v))
             q, k, v = _permute_tokens(q, q_order), _permute_tokens(k, kv_order), _permute_tokens(v, kv_order)
             if score is not None:
                 score = _OriginalPositions(score, q_order, kv_order)

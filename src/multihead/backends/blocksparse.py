@@ -1031,9 +1031,19 @@ class BlockSparseBackend(Backend):
                 out = _BlockSparseFunction.apply(call, q, k, v, *leaves)
         return out.to(dtype), None
 
-    def _native_forward(self, req: Request) -> Tensor:
+    def native_table(self, req: Request) -> native_tiles.TileTable:
+        """The tile table the native kernel runs ``req`` on: one tile per query over its listed keys
+        (``KeySelection``), tiles inside runs of the frame (Routing's clusters: each tile against
+        its run in every head, no mask), else the (cached) plan's tiles."""
         lists = req.pattern.key_lists()
-        table = (native_tiles.from_key_lists(*lists) if lists is not None
-                 else self.plan(req, native=True).table)
+        if lists is not None:
+            return native_tiles.from_key_lists(*lists)
+        runs = req.pattern.frame_runs()
+        if runs is not None:
+            return native_tiles.from_runs(*runs)
+        return self.plan(req, native=True).table
+
+    def _native_forward(self, req: Request) -> Tensor:
+        table = self.native_table(req)
         sigmoid = req.normalizer.bias_for(req.kv_len) if isinstance(req.normalizer, Sigmoid) else None
         return native_attention(table, req.q, req.k, req.v, req.scale, req.score, req.dropout, sigmoid)

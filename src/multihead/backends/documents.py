@@ -80,13 +80,15 @@ class DocumentsBackend(Backend):
 
 
 def cluster_runs(req) -> tuple[list[int], bool] | None:
-    """Routing's clusters as runs of the frame (``ClusterPattern.runs``), where each run is plain
-    softmax attention: within ``Full`` or ``Causal``, no score, no head mixing."""
+    """Routing's clusters as runs of the frame (``ClusterPattern.frame_runs``: their lengths, cluster
+    by cluster of each (batch, head) in turn), where each run is plain softmax attention: within
+    ``Full`` or ``Causal``, no score, no head mixing."""
     pattern = req.pattern
     if (not isinstance(pattern, ClusterPattern) or req.score is not None or req.head_mix is not None
             or not isinstance(req.normalizer, Softmax)):
         return None
-    return pattern.runs()
+    runs = pattern.frame_runs()
+    return None if runs is None else (runs[0].flatten().tolist(), runs[1])
 
 
 def _clusters_by_sdpa(req, lengths: list[int], causal: bool) -> torch.Tensor:

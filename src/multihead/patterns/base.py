@@ -75,6 +75,12 @@ class Pattern:
         the pattern is given that way (``KeySelection``); None otherwise."""
         return None
 
+    def frame_runs(self) -> tuple[Tensor, bool] | None:
+        """The pattern as runs of its frame, where each query sees the keys of its own run: all of
+        them, or (``causal``) those up to itself; ``(lengths (B', H', R), causal)`` with the runs of
+        each (batch, head) in frame order (Routing's clusters), or None when it is not of that form."""
+        return None
+
     def tiling_box(self):
         """A ``grid.BoxPattern`` on a grid of 2 or more axes that allows every pair this pattern
         allows (itself, or a part of an intersection), so that a block-sparse backend may visit the

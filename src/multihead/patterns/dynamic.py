@@ -277,18 +277,17 @@ class ClusterPattern(Pattern):
         # the cluster of the token at each frame position: one lookup per index in mask_mod
         object.__setattr__(self, "_frame_cluster", self.cluster.gather(2, self.order))
 
-    def runs(self) -> tuple[list[int], bool] | None:
+    def frame_runs(self) -> tuple[Tensor, bool] | None:
         """The clusters as consecutive runs of the frame, each a dense block of its own: their
-        lengths, cluster by cluster of each (batch, head) in turn (empty clusters give 0), and
-        whether attention inside a run is causal. None unless ``within`` is ``Full`` or
-        ``Causal``: the frame keeps a cluster's tokens in original order, so only then is a run
-        plain (or causal) attention."""
+        lengths ``(B, H, clusters)`` (empty clusters give 0), and whether attention inside a run is
+        causal. None unless ``within`` is ``Full`` or ``Causal``: the frame keeps a cluster's
+        tokens in original order, so only then is a run plain (or causal) attention."""
         if not isinstance(self.within, (Full, Causal)):
             return None
         batch, heads, _ = self.cluster.shape
         offsets = torch.arange(batch * heads, device=self.cluster.device).view(batch, heads, 1) * self.clusters
         counts = torch.bincount((self.cluster + offsets).flatten(), minlength=batch * heads * self.clusters)
-        return counts.tolist(), isinstance(self.within, Causal)
+        return counts.view(batch, heads, self.clusters), isinstance(self.within, Causal)
 
     def mask_mod(self, b, h, q_idx, kv_idx):
         same = self._frame_cluster[b, h, q_idx] == self._frame_cluster[b, h, kv_idx]

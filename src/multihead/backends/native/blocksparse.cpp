@@ -29,6 +29,7 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <numeric>
 #include <vector>
 
 #include <sys/mman.h>
@@ -124,11 +125,24 @@ struct Table {
   const int64_t* k_idx;    // (S, K) key positions, per layout slot
   const int64_t* tile_m;   // (T,) offset of the tile's (keys x rows) mask in a slot, -1: none
   const uint8_t* mask;     // (S, Mtot) 1 = allowed
+  const int64_t* tile_w;   // (S, T) the tile's keys in a slot: its first tile_w ones; null: all listed
+  const int64_t* tile_mk;  // (T,) the keys its mask covers: the last tile_mk (the rest allowed); null: all
+  const int64_t* k_start;  // (S, T) the tile's keys are a run from here (k_idx unread); null: listed
   int64_t T, K, Mtot, lb, lh;
 };
 
+// An optional (T,) or (S, T) int64 array: its data, or null when empty
+inline const int64_t* optional_array(const at::Tensor& a, int64_t n, const char* what) {
+  TORCH_CHECK(a.scalar_type() == at::kLong && a.is_contiguous() && a.device().is_cpu(),
+              "tile table: ", what, " must be a contiguous int64 CPU tensor");
+  if (a.numel() == 0) return nullptr;
+  TORCH_CHECK(a.numel() == n, "tile table: ", what, " needs ", n, " entries, not ", a.numel());
+  return a.data_ptr<int64_t>();
+}
+
 Table table_of(const at::Tensor& q_rows, const at::Tensor& tile_q, const at::Tensor& tile_k,
-               const at::Tensor& k_idx, const at::Tensor& tile_m, const at::Tensor& mask, int64_t lb,
+               const at::Tensor& k_idx, const at::Tensor& tile_m, const at::Tensor& mask,
+               const at::Tensor& tile_w, const at::Tensor& tile_mk, const at::Tensor& k_start, int64_t lb,
                int64_t lh) {
   for (const auto* t : {&q_rows, &tile_q, &tile_k, &k_idx, &tile_m})
     TORCH_CHECK(t->scalar_type() == at::kLong && t->is_contiguous() && t->device().is_cpu(),
@@ -141,14 +155,20 @@ Table table_of(const at::Tensor& q_rows, const at::Tensor& tile_q, const at::Ten
               "tile table: key and mask arrays need one row per layout slot");
   Table t{q_rows.data_ptr<int64_t>(), tile_q.data_ptr<int64_t>(), tile_k.data_ptr<int64_t>(),
           k_idx.data_ptr<int64_t>(), tile_m.data_ptr<int64_t>(),
-          mask.data_ptr<uint8_t>(), T, k_idx.size(1), mask.size(1), lb, lh};
-  TORCH_CHECK(t.tile_q[0] == 0 && t.tile_q[T] <= q_rows.numel() && t.tile_k[0] == 0 && t.tile_k[T] <= t.K,
-              "tile table: offsets out of range");
+          mask.data_ptr<uint8_t>(), optional_array(tile_w, lb * lh * T, "the per-slot widths"),
+          optional_array(tile_mk, T, "the mask widths"), optional_array(k_start, lb * lh * T, "the key runs"), T,
+          k_idx.size(1), mask.size(1), lb, lh};
+  TORCH_CHECK(t.tile_q[0] == 0 && t.tile_q[T] <= q_rows.numel() && t.tile_k[0] == 0 &&
+              (t.k_start || t.tile_k[T] <= t.K), "tile table: offsets out of range");
   for (int64_t i = 0; i < T; ++i) {
     TORCH_CHECK(t.tile_q[i] <= t.tile_q[i + 1] && t.tile_k[i] <= t.tile_k[i + 1], "tile table: offsets decrease");
-    const int64_t m = t.tile_m[i];
-    TORCH_CHECK(m < 0 || m + (t.tile_q[i + 1] - t.tile_q[i]) * (t.tile_k[i + 1] - t.tile_k[i]) <= t.Mtot,
-                "tile table: a mask runs past the end");
+    const int64_t m = t.tile_m[i], W = t.tile_k[i + 1] - t.tile_k[i];
+    const int64_t mk = t.tile_mk ? t.tile_mk[i] : W;
+    TORCH_CHECK(mk >= 0 && mk <= W, "tile table: a mask width outside [0, the tile's keys]");
+    TORCH_CHECK(m < 0 || m + (t.tile_q[i + 1] - t.tile_q[i]) * mk <= t.Mtot, "tile table: a mask runs past the end");
+    for (int64_t s = 0; t.tile_w && s < lb * lh; ++s)
+      TORCH_CHECK(t.tile_w[s * T + i] >= (m < 0 ? 0 : mk) && t.tile_w[s * T + i] <= W,
+                  "tile table: a per-slot width outside [the mask's keys, the tile's keys]");
   }
   return t;
 }
@@ -157,6 +177,7 @@ Table table_of(const at::Tensor& q_rows, const at::Tensor& tile_q, const at::Ten
 inline bool covers_every_row(const Table& tab, int64_t Lq) {
   bool covers = tab.tile_q[tab.T] == Lq;
   for (int64_t t = 0; covers && t < tab.T; ++t) covers = tab.tile_k[t + 1] > tab.tile_k[t];
+  for (int64_t i = 0; covers && tab.tile_w && i < tab.lb * tab.lh * tab.T; ++i) covers = tab.tile_w[i] > 0;
   return covers;
 }
 
@@ -291,6 +312,7 @@ struct Scratch {
   std::vector<int64_t> qabs, heads, at;  // per tile row: query position, head, row in (B, H, Lq) tensors
   std::vector<uint32_t> rowkey;  // the rows' dropout keys
   std::vector<uint8_t> seen_k, seen_v;  // backward: the key rows of dK and dV that hold a sum
+  std::vector<int64_t> run, run_ahead;  // a tile's run of keys written out (``keys_of``), the next one's
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -629,6 +651,17 @@ void lanes_combine_rows(const C* PT, int64_t W, const K* base, const int64_t* id
     rows_out(OT + b * width * L, std::min(L, n - b * L), width, scale ? scale + b * L : ones, rows + b * L, stream);
 }
 
+// A tile's mask: (keys x rows) bytes, 1 = allowed, for its keys from ``first`` on; earlier keys are
+// allowed for every row. No bytes: no mask.
+struct TileMask {
+  const uint8_t* bytes = nullptr;
+  int64_t first = 0;
+  explicit operator bool() const { return bytes != nullptr; }
+  bool allows(int64_t j, int64_t rows, int64_t r) const {
+    return !bytes || j < first || bytes[(j - first) * rows + r];
+  }
+};
+
 // Lanes l < nl of ``s`` whose byte m[l] is 0 become -inf.
 template <typename C>
 inline void mask_lanes(C* s, const uint8_t* m, int64_t nl) {
@@ -650,7 +683,7 @@ inline void mask_lanes(C* s, const uint8_t* m, int64_t nl) {
 // ``raw`` (when not null) receives the pre-softcap values.
 template <typename C>
 void lanes_logits(const Score<C>& sc, const int64_t* kpos, int64_t W, int64_t nl, int64_t first, int64_t rows,
-                  const int64_t* heads, const int64_t* qabs, const uint8_t* mask, C* ST, C* raw) {
+                  const int64_t* heads, const int64_t* qabs, const TileMask& mask, C* ST, C* raw) {
   constexpr int64_t L = Vec<C>::size();
   const C ninf = -std::numeric_limits<C>::infinity();
   if (sc.pre || sc.post || sc.cap > 0) {
@@ -673,11 +706,11 @@ void lanes_logits(const Score<C>& sc, const int64_t* kpos, int64_t W, int64_t nl
   if (mask) {
     const int64_t r0 = first % rows;
     if (r0 + nl <= rows) {  // the lanes are consecutive rows of one head: contiguous mask bytes
-      for (int64_t j = 0; j < W; ++j) mask_lanes(ST + j * L, mask + j * rows + r0, nl);
+      for (int64_t j = mask.first; j < W; ++j) mask_lanes(ST + j * L, mask.bytes + (j - mask.first) * rows + r0, nl);
     } else {
-      for (int64_t j = 0; j < W; ++j)
+      for (int64_t j = mask.first; j < W; ++j)
         for (int64_t l = 0; l < nl; ++l)
-          if (!mask[j * rows + (first + l) % rows]) ST[j * L + l] = ninf;
+          if (!mask.allows(j, rows, (first + l) % rows)) ST[j * L + l] = ninf;
     }
   }
 }
@@ -872,7 +905,7 @@ struct PairProducts {
 // dropout after its sum; or sigmoid), the weighted values; the output into the rows w.op, lse (M,).
 template <typename T, typename C, typename Products>
 void lanes_attention(const Geometry& g, const Score<C>& sc, Scratch<T, C>& w, const Products& products, int64_t M,
-                   int64_t rows, const int64_t* kpos, int64_t W, const uint8_t* mask, C* ST, C* OT, C* lse) {
+                   int64_t rows, const int64_t* kpos, int64_t W, const TileMask& mask, C* ST, C* OT, C* lse) {
   using V = Vec<C>;
   constexpr int64_t L = V::size();
   const C ninf = -std::numeric_limits<C>::infinity();
@@ -928,7 +961,7 @@ void lanes_attention(const Geometry& g, const Score<C>& sc, Scratch<T, C>& w, co
 // pairs (``pair_products``).
 template <typename T, typename C>
 void lanes_forward(const Geometry& g, const Score<C>& sc, C scale, Scratch<T, C>& w, int64_t M, int64_t rows,
-                   const T* kbase, const T* vbase, const int64_t* kpos, int64_t W, const uint8_t* mask, C* lse) {
+                   const T* kbase, const T* vbase, const int64_t* kpos, int64_t W, const TileMask& mask, C* lse) {
   constexpr int64_t L = Vec<C>::size(), NB = LaneProducts<T, C>::blocks;
   w.dq.resize(NB * g.D * L), w.s.resize(NB * W * L), w.dk.resize(NB * g.Dv * L);
   C *QT = w.dq.data(), *ST = w.s.data(), *OT = w.dk.data();
@@ -1062,7 +1095,7 @@ void lanes_scatter(KeyGrads<C>& acc, const int64_t* kpos, int64_t W, const C* co
 template <typename T, typename C>
 void lanes_backward(const Geometry& g, const Score<C>& sc, C scale, Scratch<T, C>& w, const C* const* qf, int64_t M,
                     int64_t rows, const T* kbase, const T* vbase, const int64_t* kpos, int64_t W,
-                    const uint8_t* mask, const C* const* dob, C* const* dq, KeyGrads<C>& dk_acc,
+                    const TileMask& mask, const C* const* dob, C* const* dq, KeyGrads<C>& dk_acc,
                     KeyGrads<C>& dv_acc, double* dpre, double* dpost) {
   using V = Vec<C>;
   constexpr int64_t L = V::size(), NB = 2;
@@ -1279,7 +1312,7 @@ void row_logits(const Score<C>& sc, C scale, const int64_t* kpos, int64_t W, int
 // Forward of one tile a row at a time: query rows ``qf`` in the compute type, outputs to w.o (M x Dv)
 template <typename T, typename C>
 void rows_forward(const Geometry& g, const Score<C>& sc, C scale, Scratch<T, C>& w, const C* const* qf, int64_t M,
-                  int64_t rows, const T* kbase, const T* vbase, const int64_t* kpos, int64_t W, const uint8_t* mask,
+                  int64_t rows, const T* kbase, const T* vbase, const int64_t* kpos, int64_t W, const TileMask& mask,
                   C* lse) {
   w.o.resize(M * g.Dv);
   w.s.resize(W);
@@ -1288,9 +1321,9 @@ void rows_forward(const Geometry& g, const Score<C>& sc, C scale, Scratch<T, C>&
     const int64_t r = i % rows;
     row_dots(qf[i], g.D, kbase, kpos, W, g.D, s);
     row_logits(sc, scale, kpos, W, w.heads[i], w.qabs[i], s, static_cast<C*>(nullptr));
-    if (mask)  // key-major: row r of a (W x rows) block, stride rows
-      for (int64_t j = 0; j < W; ++j)
-        if (!mask[j * rows + r]) s[j] = -std::numeric_limits<C>::infinity();
+    if (mask)  // key-major: row r of a (keys x rows) block, stride rows
+      for (int64_t j = mask.first; j < W; ++j)
+        if (!mask.allows(j, rows, r)) s[j] = -std::numeric_limits<C>::infinity();
     C m = 0, sum = 1;  // sigmoid: lse 0 + log 1, no sum to divide by
     if (sc.sigmoid) {
       using V = Vec<C>;
@@ -1319,7 +1352,7 @@ void rows_forward(const Geometry& g, const Score<C>& sc, C scale, Scratch<T, C>&
 // Backward of one tile a row at a time (arguments as lanes_backward's)
 template <typename T, typename C>
 void rows_backward(const Geometry& g, const Score<C>& sc, C scale, Scratch<T, C>& w, const C* const* qf, int64_t M,
-                   int64_t rows, const T* kbase, const T* vbase, const int64_t* kpos, int64_t W, const uint8_t* mask,
+                   int64_t rows, const T* kbase, const T* vbase, const int64_t* kpos, int64_t W, const TileMask& mask,
                    const C* const* dob, C* const* dqr, KeyGrads<C>& dk_acc, KeyGrads<C>& dv_acc, double* dpre,
                    double* dpost) {
   w.s.resize(W), w.dp.resize(W);
@@ -1338,7 +1371,7 @@ void rows_backward(const Geometry& g, const Score<C>& sc, C scale, Scratch<T, C>
     row_dots(d_o, g.Dv, vbase, kpos, W, g.Dv, dp);
     const int64_t base = sc.base(w.qabs[i]);
     for (int64_t j = 0; j < W; ++j) {
-      if (mask && !mask[j * rows + r]) continue;
+      if (!mask.allows(j, rows, r)) continue;
       const C p = sc.sigmoid ? sigmoid(s[j], sc.bias) : std::exp(s[j] - lse);
       const C z = !sc.drop.on ? C(1) : sc.drop.keep(w.rowkey[i], kpos[j]) ? C(sc.drop.keep_scale) : C(0);
       if (z != C(0)) axpy(p * z, d_o, dv_acc.cleared(kpos[j]), g.Dv);
@@ -1385,20 +1418,30 @@ inline int64_t slot_of(const Table& t, int64_t b, int64_t h) {
 struct Tile {
   int64_t h0, nh, rows, W, M;
   const int64_t* qrows;
-  const int64_t* kpos;
-  const uint8_t* mask;
+  const int64_t* kpos;  // null: the run kstart, kstart + 1, ... (``keys_of``)
+  int64_t kstart;
+  TileMask mask;
 };
 inline Tile tile_of(const Table& tab, const Geometry& g, const Units& u, int64_t b, int64_t hk, int64_t set,
                     int64_t t) {
   Tile x;
   x.h0 = hk * g.gq + set * u.per_set, x.nh = u.per_set;
-  x.rows = tab.tile_q[t + 1] - tab.tile_q[t], x.W = tab.tile_k[t + 1] - tab.tile_k[t];
+  const int64_t slot = slot_of(tab, b, x.h0), listed = tab.tile_k[t + 1] - tab.tile_k[t];
+  x.rows = tab.tile_q[t + 1] - tab.tile_q[t], x.W = tab.tile_w ? tab.tile_w[slot * tab.T + t] : listed;
   x.M = x.nh * x.rows;
-  const int64_t slot = slot_of(tab, b, x.h0);
   x.qrows = tab.q_rows + tab.tile_q[t];
-  x.kpos = tab.k_idx + slot * tab.K + tab.tile_k[t];
-  x.mask = tab.tile_m[t] < 0 ? nullptr : tab.mask + slot * tab.Mtot + tab.tile_m[t];
+  x.kpos = tab.k_start ? nullptr : tab.k_idx + slot * tab.K + tab.tile_k[t];
+  x.kstart = tab.k_start ? tab.k_start[slot * tab.T + t] : 0;
+  if (tab.tile_m[t] >= 0) x.mask = {tab.mask + slot * tab.Mtot + tab.tile_m[t], x.W - (tab.tile_mk ? tab.tile_mk[t] : listed)};
   return x;
+}
+
+// The key positions of tile x: its listed ones, or its run written out into ``buf``
+inline const int64_t* keys_of(const Tile& x, std::vector<int64_t>& buf) {
+  if (x.kpos) return x.kpos;
+  buf.resize(x.W);
+  std::iota(buf.begin(), buf.end(), x.kstart);
+  return buf.data();
 }
 
 // A tile's M rows, head by head (row i: query qrows[i % rows] of head h0 + i / rows): their heads,
@@ -1510,24 +1553,25 @@ std::vector<at::Tensor> forward_impl(const at::Tensor& q, const at::Tensor& k, c
     b = bk / g.Hkv, hk = bk % g.Hkv;
     return tile_of(tab, g, u, b, hk, set, t);
   };
+  std::vector<Scratch<T, C>> scratch(std::max(1, at::get_num_threads()));
   // the next unit's keys, values and first lane block of queries into L2
   auto ahead = [&](int64_t unit) {
     int64_t b, hk;
     const Tile x = locate(unit, b, hk);
-    prefetch_keys<2>(in.keys(b, hk), x.kpos, 0, x.W, x.W, g.D, g.D);
-    prefetch_keys<2>(in.values(b, hk), x.kpos, 0, x.W, x.W, g.Dv, g.Dv);
+    const int64_t* kpos = keys_of(x, scratch[at::get_thread_num()].run_ahead);
+    prefetch_keys<2>(in.keys(b, hk), kpos, 0, x.W, x.W, g.D, g.D);
+    prefetch_keys<2>(in.values(b, hk), kpos, 0, x.W, x.W, g.Dv, g.Dv);
     for (int64_t h = 0, i = 0; h < x.nh && i < Vec<C>::size(); ++h)
       for (int64_t r = 0; r < x.rows && i < Vec<C>::size(); ++r, ++i)
         prefetch_row<2>(in.q + g.row(b, x.h0 + h, x.qrows[r]) * g.D, g.D);
   };
-  std::vector<Scratch<T, C>> scratch(std::max(1, at::get_num_threads()));
   for_each_unit(n_units, [&](int64_t unit) {
     Scratch<T, C>& w = scratch[at::get_thread_num()];
     int64_t b, hk;
     const Tile x = locate(unit, b, hk);
     const int64_t rows = x.rows, W = x.W, M = x.M;
-    const int64_t* kpos = x.kpos;
-    const uint8_t* mask = x.mask;
+    const int64_t* kpos = keys_of(x, w.run);
+    const TileMask& mask = x.mask;
     if (rows == 0 || W == 0) return;
     tile_rows(sc.drop, g, x, b, w);
     row_pointers(in.q, g.D, w.at, w.qp);
@@ -1604,8 +1648,8 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& q, const at::Tensor& k, 
       for (int64_t set = 0; set < u.sets; ++set) {
         const Tile x = tile_of(tab, g, u, b, hk, set, t);
         const int64_t rows = x.rows, W = x.W, M = x.M;
-        const int64_t* kpos = x.kpos;
-        const uint8_t* mask = x.mask;
+        const int64_t* kpos = keys_of(x, w.run);
+        const TileMask& mask = x.mask;
         if (rows == 0 || W == 0) continue;
         w.m.resize(M), w.l.resize(M);
         tile_rows(sc.drop, g, x, b, w);
@@ -1647,7 +1691,12 @@ void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v)
 
 void check_keys(const Table& t, int64_t Lk, int64_t Lq) {
   const int64_t n = t.lb * t.lh * t.K;
-  for (int64_t i = 0; i < n; ++i) TORCH_CHECK(t.k_idx[i] >= 0 && t.k_idx[i] < Lk, "tile table: key index out of range");
+  for (int64_t i = 0; !t.k_start && i < n; ++i)
+    TORCH_CHECK(t.k_idx[i] >= 0 && t.k_idx[i] < Lk, "tile table: key index out of range");
+  for (int64_t i = 0; t.k_start && i < t.lb * t.lh * t.T; ++i) {
+    const int64_t W = t.tile_w ? t.tile_w[i] : t.tile_k[i % t.T + 1] - t.tile_k[i % t.T];
+    TORCH_CHECK(t.k_start[i] >= 0 && t.k_start[i] + W <= Lk, "tile table: key run out of range");
+  }
   std::vector<bool> seen(Lq, false);  // each query row in one tile at most (outputs are written once)
   for (int64_t i = 0; i < t.tile_q[t.T]; ++i) {
     TORCH_CHECK(t.q_rows[i] >= 0 && t.q_rows[i] < Lq, "tile table: query row out of range");
@@ -1693,12 +1742,13 @@ std::vector<at::Tensor> by_dtype(at::ScalarType t, const F& f) {
 std::vector<at::Tensor> forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                 const at::Tensor& q_rows, const at::Tensor& tile_q, const at::Tensor& tile_k,
                                 const at::Tensor& k_idx, const at::Tensor& tile_m,
-                                const at::Tensor& mask, int64_t lb, int64_t lh, double scale,
+                                const at::Tensor& mask, const at::Tensor& tile_w, const at::Tensor& tile_mk,
+                                const at::Tensor& k_start, int64_t lb, int64_t lh, double scale,
                                 const c10::optional<at::Tensor>& pre, const c10::optional<at::Tensor>& post,
                                 const c10::optional<at::Tensor>& code, double cap, int64_t qmax, double dropout, int64_t seed,
                                 const c10::optional<double>& sigmoid) {
   check_inputs(q, k, v);
-  Table tab = table_of(q_rows, tile_q, tile_k, k_idx, tile_m, mask, lb, lh);
+  Table tab = table_of(q_rows, tile_q, tile_k, k_idx, tile_m, mask, tile_w, tile_mk, k_start, lb, lh);
   check_keys(tab, k.size(2), q.size(2));
   TORCH_CHECK(lh == 1 || lh == q.size(1), "tile table: layout heads must be 1 or the query heads");
   TORCH_CHECK(lb == 1 || lb == q.size(0), "tile table: layout batch must be 1 or the batch");
@@ -1714,12 +1764,13 @@ std::vector<at::Tensor> backward(const at::Tensor& q, const at::Tensor& k, const
                                  const at::Tensor& out, const at::Tensor& dout, const at::Tensor& lse,
                                  const at::Tensor& q_rows, const at::Tensor& tile_q, const at::Tensor& tile_k,
                                  const at::Tensor& k_idx, const at::Tensor& tile_m,
-                                 const at::Tensor& mask, int64_t lb, int64_t lh, double scale,
+                                 const at::Tensor& mask, const at::Tensor& tile_w, const at::Tensor& tile_mk,
+                                 const at::Tensor& k_start, int64_t lb, int64_t lh, double scale,
                                  const c10::optional<at::Tensor>& pre, const c10::optional<at::Tensor>& post,
                                  const c10::optional<at::Tensor>& code, double cap, int64_t qmax, double dropout, int64_t seed,
                                  const c10::optional<double>& sigmoid, int64_t parts, bool want_pre, bool want_post) {
   check_inputs(q, k, v);
-  Table tab = table_of(q_rows, tile_q, tile_k, k_idx, tile_m, mask, lb, lh);
+  Table tab = table_of(q_rows, tile_q, tile_k, k_idx, tile_m, mask, tile_w, tile_mk, k_start, lb, lh);
   check_keys(tab, k.size(2), q.size(2));
   const auto acc = acc_of(q.scalar_type());
   TORCH_CHECK(dout.scalar_type() == q.scalar_type() && dout.is_contiguous() && dout.dim() == 4 &&

@@ -10,7 +10,13 @@ computes the tile's logits against exactly those keys. The arrays (all on the CP
   (``lb`` x ``lh`` slots: 1 unless the pattern differs per batch element or per query head);
 * ``tile_m (T,)`` int64 and ``mask (S, M)`` uint8: the offset of the tile's mask (1 = allowed),
   or -1 when every listed key is allowed for every row; ``keys x rows`` (the kernel puts a tile's
-  rows on vector lanes, so one key's bytes for consecutive rows are adjacent).
+  rows on vector lanes, so one key's bytes for consecutive rows are adjacent);
+* optional, ``widths (S, T)`` int64: in slot ``s`` tile ``t`` uses only its first ``widths[s, t]``
+  keys (slots whose key runs differ in length share one tile without a mask);
+* optional, ``mask_keys (T,)`` int64: the tile's mask covers only its last ``mask_keys[t]`` keys
+  (``keys x rows`` bytes), the earlier ones are allowed for every row;
+* optional, ``k_start (S, T)`` int64: the tile's keys in slot ``s`` are the run ``k_start[s, t]``,
+  ``k_start[s, t] + 1``, ...; ``k_idx`` is then empty and ``tile_k`` gives only the widths.
 """
 
 from __future__ import annotations
@@ -32,14 +38,20 @@ class TileTable:
     lb: int
     lh: int
     #: computed (query, key) pairs per (batch, head)
-    pairs: int
+    pairs: float
+    widths: Tensor | None = None
+    mask_keys: Tensor | None = None
+    k_start: Tensor | None = None
 
     def arrays(self) -> tuple:
-        return self.q_rows, self.tile_q, self.tile_k, self.k_idx, self.tile_m, self.mask, self.lb, self.lh
+        optional = [torch.zeros(0, dtype=torch.long) if t is None else t
+                    for t in (self.widths, self.mask_keys, self.k_start)]
+        return (self.q_rows, self.tile_q, self.tile_k, self.k_idx, self.tile_m, self.mask, *optional, self.lb,
+                self.lh)
 
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.arrays()[:6])
+        return sum(t.numel() * t.element_size() for t in self.arrays()[:9])
 
 
 def _allowed(pattern, lb: int, lh: int, q_abs: Tensor, keys: Tensor) -> Tensor:
@@ -115,3 +127,49 @@ def from_key_lists(indices: Tensor, valid: Tensor) -> TileTable:
         mask=(valid.reshape(slots, q_len * width).to(torch.uint8).contiguous() if need
               else torch.zeros(slots, 0, dtype=torch.uint8)),
         lb=lb, lh=lh, pairs=q_len * width)
+
+
+def from_runs(lengths: Tensor, causal: bool, rows: int = 32) -> TileTable:
+    """Tiles for a frame cut into runs, where each row sees its own run: all of it, or (``causal``)
+    up to itself. ``lengths (B', H', R)``: the runs of each layout slot in frame order (Routing's
+    clusters, ``Pattern.frame_runs``; empty runs allowed).
+
+    The frame's rows are cut at every slot's run starts, then into pieces of at most ``rows``, so
+    that a tile's rows lie in one run of every slot. A tile's keys in a slot are then one run of the
+    frame (``k_start``, ``widths``): its whole run, with no mask; or, causal, its run up to the
+    tile's last row, the tile's own rows last under a ``rows x rows`` triangular mask."""
+    lb, lh, _ = lengths.shape
+    slots = lb * lh
+    lengths = lengths.reshape(slots, -1).to(device="cpu", dtype=torch.long)
+    ends = lengths.cumsum(1)
+    starts = ends - lengths
+    n = int(ends[0, -1])
+    if not bool((ends[:, -1] == n).all()):
+        raise ValueError(f"from_runs: every slot's runs must cover the same frame, got {ends[:, -1].tolist()}")
+    cuts = torch.unique(starts)  # sorted
+    cuts = cuts[cuts < n]
+    seg_len = torch.diff(cuts, append=cuts.new_tensor([n]))
+    pieces = (seg_len + rows - 1) // rows
+    seg = torch.repeat_interleave(torch.arange(len(cuts)), pieces)
+    r0 = cuts[seg] + (torch.arange(len(seg)) - (pieces.cumsum(0) - pieces)[seg]) * rows
+    r1 = torch.minimum(r0 + rows, cuts[seg] + seg_len[seg])
+    tiles, size = len(r0), r1 - r0
+    # the run holding each tile in every slot: the first whose end lies past the tile's first row
+    run = torch.searchsorted(ends, r0.expand(slots, tiles).contiguous(), right=True)
+    k_start = starts.gather(1, run)
+    widths = (r1 - k_start) if causal else (ends.gather(1, run) - k_start)  # (S, T)
+    listed = widths.amax(0)
+    table = dict(q_rows=torch.arange(n), tile_q=torch.cat([r0, r0.new_tensor([n])]),
+                 tile_k=torch.cat([listed.new_zeros(1), listed.cumsum(0)]),
+                 k_idx=torch.zeros(slots, 0, dtype=torch.long), lb=lb, lh=lh,
+                 pairs=float((widths * size).sum()) / slots, widths=widths.contiguous(), k_start=k_start.contiguous())
+    if not causal:
+        return TileTable(tile_m=torch.full((tiles,), -1, dtype=torch.long),
+                         mask=torch.zeros(slots, 0, dtype=torch.uint8), **table)
+    area = size * size
+    tile_m = area.cumsum(0) - area
+    tile_of = torch.repeat_interleave(torch.arange(tiles), area)
+    local = torch.arange(int(area.sum())) - tile_m[tile_of]
+    key, row = local // size[tile_of], local % size[tile_of]  # key-major: keys x rows
+    mask = (key <= row).to(torch.uint8).expand(slots, -1).contiguous()
+    return TileTable(tile_m=tile_m, mask=mask, mask_keys=size, **table)

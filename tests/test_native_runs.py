@@ -1,0 +1,168 @@
+"""Tile tables of key runs (``tiles.from_runs``): Routing's clusters as tiles that lie inside one
+cluster of every head, each reading its cluster's keys as one run of the frame, with per-head
+widths and, under ``Causal``, a triangular mask over the tile's own rows only. Checked against the
+same tiles written out as plain key lists and masks, and against the float64 reference (the
+pattern x score x GQA x dtype matrix of ``test_native.py`` includes routing)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+import multihead as mh
+from multihead.backends import BACKENDS, native
+from multihead.backends.native import tiles
+from multihead.backends.native.function import native_attention
+from multihead.patterns import Causal, Routing
+from multihead.request import make_request
+
+from conftest import FLOOR, max_error
+
+needs_kernel = pytest.mark.skipif(os.environ.get("MULTIHEAD_NATIVE", "1") == "0",
+                                  reason="MULTIHEAD_NATIVE=0: the kernel is disabled")
+
+
+def _lengths(seed: int, batch: int = 2, heads: int = 3, runs: int = 6, n: int = 150) -> torch.Tensor:
+    """Random run lengths per (batch, head), some of them empty, each slot's summing to n."""
+    gen = torch.Generator().manual_seed(seed)
+    weights = torch.rand(runs, generator=gen) ** 3  # uneven: long runs beside short ones
+    weights[torch.randint(runs, (2,), generator=gen)] = 0  # empty runs
+    picks = torch.multinomial(weights, batch * heads * n, replacement=True, generator=gen).view(-1, n)
+    return torch.stack([torch.bincount(p, minlength=runs) for p in picks]).view(batch, heads, runs)
+
+
+def _listed(table: tiles.TileTable) -> tiles.TileTable:
+    """The same tiles written out plainly: every key listed, the widths and the causal triangle as
+    a full (keys x rows) mask, built entry by entry."""
+    slots, T = table.lb * table.lh, table.tile_q.numel() - 1
+    listed = torch.diff(table.tile_k)
+    keys = torch.zeros(slots, int(listed.sum()), dtype=torch.long)
+    masks, tile_m, offset = [], [], 0
+    for t in range(T):
+        rows, width = int(table.tile_q[t + 1] - table.tile_q[t]), int(listed[t])
+        allowed = torch.zeros(slots, width, rows, dtype=torch.uint8)
+        for s in range(slots):
+            w = int(table.widths[s, t])
+            start = int(table.k_start[s, t])
+            k0 = int(table.tile_k[t])
+            keys[s, k0:k0 + width] = start  # padding: an allowed position, masked out
+            keys[s, k0:k0 + w] = torch.arange(start, start + w)
+            allowed[s, :w] = 1
+            if table.mask_keys is not None:  # the last mask_keys keys under the tile's triangle
+                mk = int(table.mask_keys[t])
+                tri = table.mask[s, int(table.tile_m[t]):int(table.tile_m[t]) + mk * rows].view(mk, rows)
+                allowed[s, w - mk:w] = tri
+        masks.append(allowed.reshape(slots, -1))
+        tile_m.append(offset)
+        offset += width * rows
+    return tiles.TileTable(q_rows=table.q_rows, tile_q=table.tile_q, tile_k=table.tile_k, k_idx=keys,
+                           tile_m=torch.tensor(tile_m), mask=torch.cat(masks, 1), lb=table.lb, lh=table.lh,
+                           pairs=table.pairs)
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("seed", range(4))
+def test_every_tile_lies_in_one_run_of_every_slot_and_reads_exactly_its_keys(seed, causal):
+    lengths = _lengths(seed)
+    table = tiles.from_runs(lengths, causal, rows=8)
+    flat = lengths.flatten(0, 1)
+    ends = flat.cumsum(1)
+    starts = ends - flat
+    needed = 0
+    for t in range(table.tile_q.numel() - 1):
+        r0, r1 = int(table.tile_q[t]), int(table.tile_q[t + 1])
+        assert 0 < r1 - r0 <= 8
+        for s in range(flat.shape[0]):
+            run = int(((starts[s] <= r0) & (r0 < ends[s])).nonzero())
+            assert r1 <= ends[s, run], "a tile crosses a run's end"
+            k0, w = int(table.k_start[s, t]), int(table.widths[s, t])
+            assert k0 == starts[s, run]
+            assert k0 + w == (r1 if causal else ends[s, run])
+            needed += (r1 - r0) * int(ends[s, run] - starts[s, run])
+    assert torch.equal(table.tile_q[1:] - table.tile_q[:-1] > 0, torch.ones(table.tile_q.numel() - 1, dtype=torch.bool))
+    if causal:
+        assert table.mask_keys is not None and torch.equal(table.mask_keys, torch.diff(table.tile_q))
+    else:  # exactly the needed pairs: each row against its whole run, nothing masked
+        assert table.mask.numel() == 0 and bool((table.tile_m < 0).all())
+        assert table.pairs == needed / flat.shape[0]
+
+
+def test_runs_that_cover_different_frames_are_refused():
+    with pytest.raises(ValueError, match="same frame"):
+        tiles.from_runs(torch.tensor([[[3, 4], [2, 4]]]), False)
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=["fp32", "bf16", "fp64"])
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("kv_heads", [3, 1], ids=["mha", "mqa"])
+def test_run_tables_equal_the_same_tiles_written_out(causal, kv_heads, dtype):
+    """Key runs, per-slot widths and a mask over the last keys give what listed keys under a full
+    mask give (forward and gradients), on rows tiles of 32 with runs longer and shorter than one."""
+    lengths = _lengths(7, runs=5, n=150)
+    table = tiles.from_runs(lengths, causal)
+    plain = _listed(table)
+    gen = torch.Generator().manual_seed(1)
+    q = torch.randn(2, 3, 150, 24, generator=gen).to(dtype)
+    k, v = (torch.randn(2, kv_heads, 150, 24, generator=gen).to(dtype) for _ in range(2))
+    dout = torch.randn(2, 3, 150, 24, generator=gen).to(dtype)
+    results = []
+    for tab in (table, plain):
+        leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+        out = native_attention(tab, *leaves, 0.3, None)
+        out.backward(dout)
+        results.append([out.detach()] + [t.grad for t in leaves])
+    for name, got, want in zip(["out", "dq", "dk", "dv"], *results):
+        assert max_error(got, want) <= FLOOR[dtype], name
+
+
+@needs_kernel
+@pytest.mark.parametrize("within", [None, "causal"])
+def test_routing_runs_on_run_tables_and_computes_only_the_needed_pairs(monkeypatch, within):
+    calls = []
+    from_runs = tiles.from_runs
+    monkeypatch.setattr(tiles, "from_runs", lambda *a, **kw: calls.append(a) or from_runs(*a, **kw))
+    pattern = Routing(4) if within is None else Routing(4) & Causal()
+    q, k, v = (torch.randn(2, 2, 100, 16, requires_grad=True) for _ in range(3))
+    out = mh.attention(q, k, v, pattern=pattern, backend="blocksparse")
+    assert type(out.grad_fn).__name__ == "ViewBackward0"  # the rows put back in order...
+    assert len(calls) == 1  # ...after one kernel call on a table of runs
+    req = make_request(q, k, v, pattern=pattern)
+    lengths = req.pattern.frame_runs()[0]
+    table = BACKENDS["blocksparse"].native_table(req)
+    needed = float((lengths.double() ** 2).sum() / 4) if within is None else float(
+        (lengths.double() * (lengths.double() + 1) / 2).sum() / 4)
+    if within is None:
+        assert table.pairs == needed
+    else:  # the triangles of the diagonal tiles are computed whole
+        assert needed < table.pairs <= needed + 100 * 31 / 2
+    ref = mh.attention(q, k, v, pattern=pattern, backend="reference")
+    torch.testing.assert_close(out, ref)
+    grads = torch.autograd.grad(out.sum(), (q, k, v))
+    for got, want in zip(grads, torch.autograd.grad(ref.sum(), (q, k, v))):
+        torch.testing.assert_close(got, want)
+
+
+@needs_kernel
+def test_corrupt_run_tables_are_rejected():
+    table = tiles.from_runs(_lengths(3, batch=1, heads=2), True)
+    ext = native.kernel()
+    q = torch.randn(1, 2, 150, 8)
+    names = ["q_rows", "tile_q", "tile_k", "k_idx", "tile_m", "mask", "widths", "mask_keys", "k_start", "lb", "lh"]
+
+    def run(**changes):
+        arrays = dict(zip(names, table.arrays()))
+        arrays.update(changes)
+        return ext.forward(q, q, q, *arrays.values(), 0.35, None, None, None, 0.0, 149, 0.0, 0, None)
+
+    run()
+    for changes, message in [
+        (dict(k_start=table.k_start + 150), "key run out of range"),
+        (dict(k_start=table.k_start - 1000), "key run out of range"),
+        (dict(k_start=torch.zeros(5, dtype=torch.long)), "key runs needs"),
+        (dict(widths=(table.widths - table.mask_keys).clamp(min=0)), "per-slot width outside"),
+    ]:
+        with pytest.raises(RuntimeError, match=message):
+            run(**changes)
