@@ -94,12 +94,28 @@ def _inverse(order: Tensor) -> Tensor:
     return torch.empty_like(order).scatter_(-1, order, positions)
 
 
+class _PermuteRows(torch.autograd.Function):
+    """Rows of a ``(rows, width)`` tensor in a given order; the gradient goes back by the inverse
+    order (a permutation moves each row once: no sums, unlike index_select's or gather's backward)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, rows: Tensor) -> Tensor:
+        ctx.save_for_backward(rows)
+        return x.index_select(0, rows)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (rows,) = ctx.saved_tensors
+        back = torch.empty_like(rows).scatter_(0, rows, torch.arange(rows.numel(), device=rows.device))
+        return grad.index_select(0, back), None
+
+
 def _permute_tokens(x: Tensor, order: Tensor) -> Tensor:
-    """``x[b, h, order[b, h, i]]`` at ``[b, h, i]``: whole rows taken from the flattened tokens (a
-    gather along dim 2 would read an index per element)."""
+    """``x[b, h, order[b, h, i]]`` at ``[b, h, i]``, for permutations ``order`` ``(B, H, L)``: whole
+    rows taken from the flattened tokens (a gather along dim 2 reads an index per element)."""
     batch, heads, length = order.shape
     rows = order + torch.arange(0, batch * heads * length, length, device=order.device).view(batch, heads, 1)
-    return x.reshape(batch * heads * length, x.shape[-1]).index_select(0, rows.flatten()).view(x.shape)
+    return _PermuteRows.apply(x.reshape(batch * heads * length, x.shape[-1]), rows.flatten()).view(x.shape)
 
 
 class _OriginalPositions(Score):
