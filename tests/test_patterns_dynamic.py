@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 import multihead as mh
 from multihead import PatternError
 from multihead.backends import BACKENDS
+from multihead.backends.blocksparse import BlockSparseBackend
 from multihead.patterns import (BlockLayout, Causal, Documents, Full, KeyPadding, Routing, SlidingWindow,
                                 TopK, dynamic)
 from multihead.request import make_request
@@ -173,8 +174,12 @@ def test_routing_clusters_are_runs_of_the_frame():
     assert Routing(5).resolve(q, k, D ** -0.5, SlidingWindow(3, 0)).pattern.frame_runs() is None
 
 
-def test_documents_serves_plain_routing_and_auto_picks_it_for_long_clusters():
+def test_documents_serves_plain_routing_and_auto_picks_it_for_long_clusters_without_the_kernel(monkeypatch):
     long = inputs(9, n=512, dtype=torch.float32)
+    with_kernel = BACKENDS["blocksparse"].native_unsupported(make_request(*long, pattern=Routing(4))) is None
+    for pattern in (Routing(4), Routing(4) & Causal()):  # the kernel's tiles of key runs are faster
+        assert mh.explain(*long, pattern=pattern, show=False).backend == ("blocksparse" if with_kernel else "documents")
+    monkeypatch.setitem(BACKENDS, "blocksparse", BlockSparseBackend(native=False))
     assert mh.explain(*long, pattern=Routing(4), show=False).backend == "documents"
     assert mh.explain(*long, pattern=Routing(4) & Causal(), show=False).backend == "documents"
     assert mh.explain(*inputs(9), pattern=Routing(4), show=False).backend == "blocksparse"  # 10-token clusters

@@ -9,11 +9,14 @@ import torch
 
 import multihead as mh
 from multihead import varlen
+from multihead.backends import BACKENDS as REGISTRY
+from multihead.backends.blocksparse import BlockSparseBackend
 from multihead.errors import PatternError, ShapeError
 from multihead.nn import MultiHeadAttention
 from multihead.patterns import (EMPTY, Axial, BlockLayout, BlockLocal, Causal, CrossShapedWindow, Dilated,
                                 Documents, Full, GlobalTokens, Halo, Intersection, Neighborhood,
                                 PerDocument, PrefixLM, ShiftedWindow, SlidingWindow, TopK)
+from multihead.request import make_request
 from multihead.scores import ALiBi, RoPE
 
 from conftest import assert_within_tolerance
@@ -215,10 +218,13 @@ def test_documents_backend_sees_scores_at_packed_positions():
     assert_within_tolerance(out, truth, truth, torch.float64)
 
 
-def test_auto_runs_long_documents_one_at_a_time():
+def test_auto_runs_long_documents_one_at_a_time_without_the_kernel(monkeypatch):
     long = Documents(torch.tensor([0, 100, 300])) & Causal()
     short = Documents(torch.arange(0, 301, 10)) & Causal()
     q = torch.randn(1, 2, 300, 8)
+    with_kernel = REGISTRY["blocksparse"].native_unsupported(make_request(q, q, q, pattern=long)) is None
+    assert mh.explain(q, q, q, pattern=long, show=False).backend == ("blocksparse" if with_kernel else "documents")
+    monkeypatch.setitem(REGISTRY, "blocksparse", BlockSparseBackend(native=False))
     assert mh.explain(q, q, q, pattern=long, show=False).backend == "documents"
     assert mh.explain(q[:, :, :300], q, q, pattern=short, show=False).backend == "blocksparse"
     per_row = Documents(doc_ids=torch.tensor([[0] * 150 + [1] * 150, [0] * 100 + [1] * 200]))

@@ -27,19 +27,26 @@ def _mask_free(r: Request) -> bool:
     return plain and r.score is None
 
 
+def _without_kernel(r: Request) -> bool:
+    """On CPU, where block-sparse cannot use its native kernel for ``r`` (it would run PyTorch tiles)."""
+    return r.device.type == "cpu" and BACKENDS["blocksparse"].native_unsupported(r) is not None
+
+
 def _packed_documents(r: Request) -> bool:
-    """Packed documents on CPU, long enough on average that one call per document pays off."""
+    """Packed documents on CPU without the native kernel, long enough on average that one call per
+    document pays off (with the kernel, block-sparse runs them 2x faster: docs/performance.md)."""
     split = split_documents(r.pattern)
-    if r.device.type != "cpu" or split is None or BACKENDS["documents"].unsupported(r) is not None:
+    if not _without_kernel(r) or split is None or BACKENDS["documents"].unsupported(r) is not None:
         return False
     return r.q_len / len(split[0]) >= 64
 
 
 def _plain_clusters(r: Request) -> bool:
-    """Routing's clusters on CPU whose runs are plain attention (within Full or Causal, no score),
-    of 64+ tokens on average."""
+    """Routing's clusters on CPU without the native kernel whose runs are plain attention (within
+    Full or Causal, no score), of 64+ tokens on average (with the kernel, block-sparse's tiles of
+    key runs are faster: docs/performance.md)."""
     runs = cluster_runs(r)
-    return r.device.type == "cpu" and runs is not None and r.batch * r.heads * r.q_len / max(1, len(runs[0])) >= 64
+    return _without_kernel(r) and runs is not None and r.batch * r.heads * r.q_len / max(1, len(runs[0])) >= 64
 
 
 def _dense_key_lists(r: Request) -> bool:
@@ -60,10 +67,10 @@ def _dense_key_lists(r: Request) -> bool:
 # mask is needed.
 AUTO_RULES: list[tuple[str, object, tuple[str, ...]]] = [
     ("attention weights requested", lambda r: r.return_weights, ("reference",)),
-    ("packed documents of 64+ tokens on CPU: each alone (benchmarks/varlen.py)", _packed_documents,
-     ("documents", "blocksparse", "sdpa", "reference")),
-    ("Routing's clusters of 64+ tokens on CPU, plain inside: each by SDPA (benchmarks/sparse_patterns.py)",
-     _plain_clusters, ("documents", "blocksparse", "sdpa", "reference")),
+    ("packed documents of 64+ tokens on CPU without the native kernel: each alone (benchmarks/varlen.py)",
+     _packed_documents, ("documents", "blocksparse", "sdpa", "reference")),
+    ("Routing's clusters of 64+ tokens on CPU without the native kernel, plain inside: each by SDPA "
+     "(benchmarks/sparse_patterns.py)", _plain_clusters, ("documents", "blocksparse", "sdpa", "reference")),
     ("no mask and no score: SDPA's fused kernels", _mask_free, ("sdpa", "blocksparse", "reference")),
     ("a pattern that differs per head in runs of heads, on CPU: each run alone (benchmarks/vision_blocks.py)",
      lambda r: r.device.type == "cpu" and head_split(r) is not None,
