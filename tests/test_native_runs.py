@@ -10,6 +10,7 @@ import os
 
 import pytest
 import torch
+from hypothesis import given, settings, strategies as st
 
 import multihead as mh
 from multihead.backends import BACKENDS, native
@@ -166,3 +167,38 @@ def test_corrupt_run_tables_are_rejected():
     ]:
         with pytest.raises(RuntimeError, match=message):
             run(**changes)
+
+
+def _run_mask(lengths: torch.Tensor, causal: bool) -> torch.Tensor:
+    """(B, H, n, n) booleans: a query sees the keys of its own run (up to itself when causal)."""
+    ids = torch.stack([torch.repeat_interleave(torch.arange(len(row)), row) for row in lengths.flatten(0, 1)])
+    allowed = ids.unsqueeze(-1) == ids.unsqueeze(-2)
+    if causal:
+        allowed &= torch.ones(ids.shape[-1], ids.shape[-1], dtype=torch.bool).tril()
+    return allowed.view(*lengths.shape[:2], ids.shape[-1], ids.shape[-1])
+
+
+@needs_kernel
+@settings(max_examples=40, deadline=None)
+@given(batch=st.integers(1, 2), heads=st.integers(1, 3), data=st.data(), causal=st.booleans(),
+       rows=st.sampled_from([1, 3, 8, 32]), seed=st.integers(0, 2 ** 16))
+def test_property_run_tables_match_dense_attention(batch, heads, data, causal, rows, seed):
+    """Any runs (empty ones included, a single token, one run for the whole frame), any tile
+    height: float64 forward and gradients equal dense attention under the runs' mask."""
+    n = data.draw(st.integers(1, 90))
+    runs = data.draw(st.integers(1, 6))
+    gen = torch.Generator().manual_seed(seed)
+    cuts = torch.sort(torch.randint(0, n + 1, (batch * heads, runs - 1), generator=gen), -1).values
+    edges = torch.cat([torch.zeros(batch * heads, 1, dtype=torch.long), cuts,
+                       torch.full((batch * heads, 1), n)], -1)
+    lengths = torch.diff(edges, dim=-1).view(batch, heads, runs)
+    table = tiles.from_runs(lengths, causal, rows=rows)
+    q, k, v, dout = (torch.randn(batch, heads, n, 8, generator=gen, dtype=torch.float64) for _ in range(4))
+    mask = _run_mask(lengths, causal)
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    out = native_attention(table, *leaves, 0.4, None)
+    ref = [t.clone().requires_grad_() for t in (q, k, v)]
+    want = torch.nn.functional.scaled_dot_product_attention(*ref, attn_mask=mask, scale=0.4)
+    assert max_error(out, want) <= FLOOR[torch.float64]
+    for got, expected in zip(torch.autograd.grad(out, leaves, dout), torch.autograd.grad(want, ref, dout)):
+        assert max_error(got, expected) <= FLOOR[torch.float64]
