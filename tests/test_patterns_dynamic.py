@@ -229,6 +229,27 @@ def test_kmeans_recovers_separated_clusters():
     assert torch.equal(assign, labels)
 
 
+def test_kmeans_sums_every_batch_and_head_apart_and_keeps_empty_clusters():
+    """The centroids equal the definition (one-hot sums per (batch, head), an empty cluster keeping
+    its centroid), and the normalisation equals ``F.normalize`` (zero rows included)."""
+    gen = torch.Generator().manual_seed(3)
+    points = torch.nn.functional.normalize(torch.randn(2, 3, 50, 5, generator=gen, dtype=torch.float64).abs(), dim=-1)
+    init = torch.zeros(2, 3, 4, 5, dtype=torch.float64)
+    init[:, :, :3] = points[:, :, :3]
+    init[:, :, 3, 4] = -1.0  # every point is nearer another centroid: cluster 3 stays empty
+    want = torch.nn.functional.normalize(init, dim=-1)
+    for _ in range(4):
+        members = torch.nn.functional.one_hot((points @ want.transpose(-2, -1)).argmax(-1), 4).to(points.dtype)
+        sums, counts = members.transpose(-2, -1) @ points, members.sum(2).unsqueeze(-1)
+        want = torch.where(counts > 0, torch.nn.functional.normalize(sums, dim=-1), want)
+    got = dynamic.spherical_kmeans(points, init, iterations=4)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
+    assert torch.equal(got[..., 3, :], want[..., 3, :])  # the empty cluster kept its centroid
+    x = torch.randn(4, 7, generator=gen)
+    x[1] = 0
+    assert torch.equal(dynamic._unit(x), torch.nn.functional.normalize(x, dim=-1))
+
+
 @settings(max_examples=40, deadline=None)
 @given(n=st.integers(4, 40), clusters=st.integers(1, 6), window=st.integers(0, 5), seed=st.integers(0, 99),
        qb=st.integers(1, 9), kvb=st.integers(1, 9), causal=st.booleans())

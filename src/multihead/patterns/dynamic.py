@@ -15,7 +15,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from ..errors import PatternError
@@ -229,19 +228,26 @@ def _selection_chunks(spans: Spans | None, q_len: int, kv_len: int, keep: int, b
 # -- routing --------------------------------------------------------------------------------------
 
 
+def _unit(x: Tensor, out: Tensor | None = None) -> Tensor:
+    """``F.normalize(x, dim=-1)`` (the same values), dividing by the norms as a broadcast: 6x faster
+    on CPU than ``F.normalize``'s expanded divisor."""
+    norms = torch.linalg.vector_norm(x, dim=-1, keepdim=True).clamp_min_(1e-12)
+    return torch.div(x, norms, out=out) if out is not None else x / norms
+
+
 def spherical_kmeans(points: Tensor, init: Tensor, iterations: int) -> Tensor:
     """Centroids ``(B, H, C, D)`` of unit-normalised ``points`` ``(B, H, N, D)`` after ``iterations``
     of assign-to-nearest (by cosine) and re-average; an empty cluster keeps its centroid."""
-    centroids = F.normalize(init, dim=-1)
-    clusters = centroids.shape[2]
+    centroids = _unit(init)
+    batch, heads, clusters, dim = centroids.shape
+    rows = points.reshape(-1, dim)
+    offsets = torch.arange(0, batch * heads * clusters, clusters, device=points.device).view(batch, heads, 1)
     for _ in range(iterations):
-        assign = torch.matmul(points, centroids.transpose(-2, -1)).argmax(-1)
-        # members as a one-hot (B, H, N, C) matrix: the sums are one small product, with no
-        # (B, H, N, D) index that scatter_add_ would need (twice the size of the points)
-        members = F.one_hot(assign, clusters).to(points.dtype)
-        sums = torch.matmul(members.transpose(-2, -1), points)
-        counts = members.sum(2)
-        centroids = torch.where(counts.unsqueeze(-1) > 0, F.normalize(sums, dim=-1), centroids)
+        assign = (torch.matmul(points, centroids.transpose(-2, -1)).argmax(-1) + offsets).flatten()
+        # each point's row added to its cluster's sum: one pass over the points, no one-hot matrix
+        sums = points.new_zeros(batch * heads * clusters, dim).index_add_(0, assign, rows)
+        counts = torch.bincount(assign, minlength=batch * heads * clusters).view(batch, heads, clusters, 1)
+        centroids = torch.where(counts > 0, _unit(sums.view(centroids.shape)), centroids)
     return centroids
 
 
@@ -343,8 +349,8 @@ class Routing(DynamicPattern):
         if self.clusters > n:
             raise PatternError(f"Routing.clusters ({self.clusters}) exceeds the {n} tokens; use fewer clusters")
         with torch.no_grad():
-            tokens = F.normalize(q.float(), dim=-1).add_(F.normalize(_expand_heads(k, heads).float(), dim=-1))
-            F.normalize(tokens, dim=-1, out=tokens)
+            tokens = _unit(q.float()).add_(_unit(_expand_heads(k, heads).float()))
+            _unit(tokens, out=tokens)
             if self.centroids is not None:
                 init = self.centroids.to(tokens).expand(batch, heads, self.clusters, dim)
             else:
