@@ -706,7 +706,8 @@ void lanes_logits(const Score<C>& sc, const int64_t* kpos, int64_t W, int64_t nl
   if (mask) {
     const int64_t r0 = first % rows;
     if (r0 + nl <= rows) {  // the lanes are consecutive rows of one head: contiguous mask bytes
-      for (int64_t j = mask.first; j < W; ++j) mask_lanes(ST + j * L, mask.bytes + (j - mask.first) * rows + r0, nl);
+      const uint8_t* m = mask.bytes + r0;  // held in a register across the stores
+      for (int64_t j = mask.first; j < W; ++j, m += rows) mask_lanes(ST + j * L, m, nl);
     } else {
       for (int64_t j = mask.first; j < W; ++j)
         for (int64_t l = 0; l < nl; ++l)
