@@ -27,6 +27,10 @@ import torch
 from torch import Tensor
 
 
+#: an optional array the table does not have (the kernel reads an empty one as absent)
+_ABSENT = torch.zeros(0, dtype=torch.long)
+
+
 @dataclass(eq=False)
 class TileTable:
     q_rows: Tensor
@@ -44,8 +48,7 @@ class TileTable:
     k_start: Tensor | None = None
 
     def arrays(self) -> tuple:
-        optional = [torch.zeros(0, dtype=torch.long) if t is None else t
-                    for t in (self.widths, self.mask_keys, self.k_start)]
+        optional = [_ABSENT if t is None else t for t in (self.widths, self.mask_keys, self.k_start)]
         return (self.q_rows, self.tile_q, self.tile_k, self.k_idx, self.tile_m, self.mask, *optional, self.lb,
                 self.lh)
 
