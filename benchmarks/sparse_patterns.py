@@ -99,8 +99,11 @@ def measure_case(case: Case, heads: int, head_dim: int, repeats: int, dense_limi
         # (hundreds of MiB of masks) would evict the halves' plans from the same bounded cache
         train_backends = [b for b in train_backends if b != "blocksparse"]
         forward_backends = [b for b in forward_backends if b != "blocksparse"]
-    train_backends = train_backends + [auto] * (auto not in train_backends)
-    forward_backends = forward_backends + [auto] * (auto not in forward_backends)
+    # what auto runs, and the documents backend wherever it serves the case (one SDPA call per
+    # document or cluster: the alternative auto weighs the kernel against)
+    extra = [auto] + ["documents"] * _able("documents", q, k, v, case.pattern)
+    train_backends = train_backends + [b for b in extra if b not in train_backends]
+    forward_backends = forward_backends + [b for b in extra if b not in forward_backends]
 
     def forward(backend, pattern, inputs=(q, k, v)):
         def run():
@@ -266,6 +269,10 @@ def ratios(rows: list[dict]) -> list[dict]:
         item["gemm_gflops"] = 2 * GEMM_SIZE ** 3 / r["gemm_s"] / 1e9 if r.get("gemm_s") else None
         if r.get("auto", "blocksparse") not in ("blocksparse", "heads"):
             item["auto_vs_old"] = _paired(auto, "forward", r["backends"].get("auto_torch_tiles", {}), "forward")
+        split = r["backends"].get("documents", {})
+        if split and ours:
+            item["vs_documents"] = _paired(ours, "forward", split, "forward")
+            item["train_vs_documents"] = _paired(ours, "forward_backward", split, "forward_backward")
         lists, same = ours.get("lists_forward_s"), r["backends"].get("dense_same_pairs", {})
         if lists:
             item["lists_vs_dense_same_pairs"] = _paired(ours, "lists_forward", same, "lists_forward")
@@ -331,6 +338,10 @@ def markdown(items: list[dict], machine: str) -> str:
         if i.get("auto_vs_old") is not None:
             lines.append(f"- {i['family']} {i['size']}: auto ({i['runs_on']}) forward {_fmt(i['auto_forward_s'], '.3f')} s, "
                          f"{_fmt(i['auto_vs_old'])} x the same with PyTorch tiles")
+        if i.get("vs_documents") is not None:
+            lines.append(f"- {i['family']} {i['size']}: kernel / the documents backend (one SDPA call per document "
+                         f"or cluster): forward {_fmt(i['vs_documents'])}, forward+backward "
+                         f"{_fmt(i.get('train_vs_documents'))}")
         if i.get("lists_vs_dense_same_pairs") is not None:
             lines.append(f"- {i['family']} {i['size']}: key-list attention / the same pairs dense (<= 1.5): "
                          f"{_fmt(i['lists_vs_dense_same_pairs'])}; the choice / dense SDPA forward: "

@@ -86,6 +86,18 @@ def test_one_small_case_measures_rates(bench, dense_limit):
     assert item["backward_vs_gemm"] is None or item["backward_vs_gemm"] > 0
 
 
+def test_the_kernel_is_compared_with_the_documents_backend_where_it_serves(bench):
+    row = _row(bench, forward=[2.0, 4.0], forward_backward=[7.0, 14.0], gemm=[1.0, 2.0])
+    row["backends"]["documents"] = {"forward_s": 3.0, "forward_samples": [3.0, 8.0],
+                                    "forward_backward_s": 14.0, "forward_backward_samples": [14.0, 28.0]}
+    item = bench.ratios([row])[0]
+    assert item["vs_documents"] == pytest.approx((2 / 3 + 4 / 8) / 2)  # the median of two rounds
+    assert item["train_vs_documents"] == pytest.approx(0.5)
+    assert "kernel / the documents backend (one SDPA call per document or cluster): forward 0.58, " \
+           "forward+backward 0.50" in bench.markdown([item], "test machine")
+    assert "vs_documents" not in bench.ratios([_row(bench, forward=[2.0], forward_backward=[7.0], gemm=[1.0])])[0]
+
+
 def test_a_backward_no_slower_than_the_forward_is_left_out(bench):
     row = _row(bench, forward=[2.0, 2.0, 2.0], forward_backward=[1.9, 7.0, 7.0], gemm=[1.0, 1.0, 1.0])
     assert bench.rates(row, row["backends"]["blocksparse"])["backward_vs_gemm"] == pytest.approx(0.5)

@@ -47,7 +47,7 @@ class Request:
         q_back = _inverse(self.q_order)
         out = _permute_tokens(out, q_back)
         if weights is not None:
-            weights = weights.gather(2, q_back.unsqueeze(-1).expand_as(weights))
+            weights = _permute_tokens(weights, q_back)
             weights = weights.gather(3, _inverse(self.kv_order).unsqueeze(2).expand_as(weights))
         return out, weights
 
@@ -106,8 +106,7 @@ class _PermuteRows(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         (rows,) = ctx.saved_tensors
-        back = torch.empty_like(rows).scatter_(0, rows, torch.arange(rows.numel(), device=rows.device))
-        return grad.index_select(0, back), None
+        return grad.index_select(0, _inverse(rows)), None
 
 
 def _permute_tokens(x: Tensor, order: Tensor) -> Tensor:
