@@ -11,9 +11,10 @@ multiply-adds of the computed pairs (forward: Q K^T and P V; backward: five prod
 Writes ``sparse_patterns.json``, ``sparse_patterns.png`` and ``sparse_patterns.md`` (the table of
 ratios that ``docs/performance.md`` quotes) into ``--out``. Every ratio compares figures measured
 side by side in this one run (as the median of the ratios within each round, where both were
-timed in the same rounds). The ratios are those of what ``backend="auto"`` runs ("runs on":
-block-sparse, or for routing's clusters the documents backend, one SDPA call per cluster);
-block-sparse itself is measured on every pattern and kept in the JSON. Times are the best of
+timed in the same rounds). The table's row is the kernel's, or for a pattern that differs per
+head the ``heads`` split's that ``backend="auto"`` runs ("auto runs"); where the ``documents``
+backend serves a case (packed documents, routing's clusters: one SDPA call per document or
+cluster), it is timed too and the kernel's ratio to it reported. Times are the best of
 ``--repeats`` rounds in which every backend runs once (within a budget per case), so that a
 machine whose speed drifts slows all of them alike.
 
