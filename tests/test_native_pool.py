@@ -242,3 +242,29 @@ def test_past_the_limit_the_buffers_idle_longest_go_first():
     assert done.returncode == 0, done.stderr
     # 2 MiB kept; 1 MiB more fits; 1.5 MiB more does not: the 2 MiB buffer, idle longest, goes
     assert [float(x) for x in done.stdout.split()] == [2.0, 3.0, 2.5]
+
+
+def test_empty_hands_out_kept_buffers_and_routing_permutes_into_them():
+    _kernel()
+    first = native.empty((B, H, N, D), torch.float32, "cpu")
+    assert first.shape == (B, H, N, D) and first.dtype == torch.float32 and first.is_contiguous()
+    where = first.data_ptr()
+    del first
+    assert native.empty((B, H, N, D), torch.float32, "cpu").data_ptr() == where  # the kept buffer again
+    small = native.empty((3, 5), torch.bfloat16, torch.device("cpu"))
+    assert small.shape == (3, 5) and small.dtype == torch.bfloat16
+    # routing's permuted frame lands in kept buffers, and its values and gradients are right
+    from multihead.request import _permute_tokens
+    order = torch.stack([torch.randperm(N) for _ in range(B * H)]).view(B, H, N)
+    x = torch.randn(B, H, N, D, dtype=torch.float64, requires_grad=True)
+    got = _permute_tokens(x, order)
+    want = x.gather(2, order.unsqueeze(-1).expand(B, H, N, D))
+    assert torch.equal(got, want)
+    grad = torch.randn_like(got)
+    assert torch.equal(torch.autograd.grad(got, x, grad)[0], torch.autograd.grad(want, x, grad)[0])
+
+
+def test_empty_without_the_kernel_is_torch_empty(monkeypatch):
+    monkeypatch.setattr(native, "_loaded", lambda: None)
+    t = native.empty((4, 6), torch.float16, "cpu")
+    assert t.shape == (4, 6) and t.dtype == torch.float16

@@ -101,12 +101,19 @@ class _PermuteRows(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, rows: Tensor) -> Tensor:
         ctx.save_for_backward(rows)
-        return x.index_select(0, rows)
+        return _take_rows(x, rows)
 
     @staticmethod
     def backward(ctx, grad):
         (rows,) = ctx.saved_tensors
-        return grad.index_select(0, _inverse(rows)), None
+        return _take_rows(grad, _inverse(rows)), None
+
+
+def _take_rows(x: Tensor, rows: Tensor) -> Tensor:
+    """``x[rows]`` into a kept buffer where the native kernel has one (no fresh pages to fault in)."""
+    from .backends.native import empty
+
+    return torch.index_select(x, 0, rows, out=empty((rows.numel(), x.shape[1]), x.dtype, x.device))
 
 
 def _permute_tokens(x: Tensor, order: Tensor) -> Tensor:

@@ -242,8 +242,9 @@ def spherical_kmeans(points: Tensor, init: Tensor, iterations: int) -> Tensor:
     batch, heads, clusters, dim = centroids.shape
     rows = points.reshape(-1, dim)
     offsets = torch.arange(0, batch * heads * clusters, clusters, device=points.device).view(batch, heads, 1)
+    scores = points.new_empty(*points.shape[:-1], clusters)  # one buffer for every iteration
     for _ in range(iterations):
-        assign = (torch.matmul(points, centroids.transpose(-2, -1)).argmax(-1) + offsets).flatten()
+        assign = (torch.matmul(points, centroids.transpose(-2, -1), out=scores).argmax(-1) + offsets).flatten()
         # each point's row added to its cluster's sum: one pass over the points, no one-hot matrix
         sums = points.new_zeros(batch * heads * clusters, dim).index_add_(0, assign, rows)
         counts = torch.bincount(assign, minlength=batch * heads * clusters).view(batch, heads, clusters, 1)
@@ -349,7 +350,12 @@ class Routing(DynamicPattern):
         if self.clusters > n:
             raise PatternError(f"Routing.clusters ({self.clusters}) exceeds the {n} tokens; use fewer clusters")
         with torch.no_grad():
-            tokens = _unit(q.float()).add_(_unit(_expand_heads(k, heads).float()))
+            from ..backends.native import empty  # kept buffers: no fresh pages to fault in
+
+            def unit(x):
+                return _unit(x, out=empty(x.shape, torch.float32, x.device))
+
+            tokens = unit(q.float()).add_(unit(_expand_heads(k, heads).float()))
             _unit(tokens, out=tokens)
             if self.centroids is not None:
                 init = self.centroids.to(tokens).expand(batch, heads, self.clusters, dim)

@@ -1808,6 +1808,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("backward", &backward, "block-sparse attention backward: (dq, dk, dv, dpre, dpost)");
   m.def("stream_bytes", &stream_bytes, "outputs of this many bytes or more are written past the caches");
   m.def("bf16_pairs", [] { return kBf16Pairs; }, "whether bfloat16 tiles multiply in pairs (AVX-512 BF16)");
+  m.def("empty", [](const std::vector<int64_t>& sizes, at::ScalarType dtype) {
+          bool fresh;
+          return multihead_native::pooled_empty(sizes, at::TensorOptions().dtype(dtype), &fresh);
+        }, "an uninitialised CPU tensor, from the kept output buffers when 1 MiB or more");
   m.def("release_pool", &multihead_native::release_pool, "unmap the idle output buffers kept for reuse; their bytes");
   m.def("pool_idle_bytes", &multihead_native::pool_idle_bytes, "bytes of output buffers kept for reuse, idle");
   m.def("pool_limit_bytes", &multihead_native::pool_limit_bytes, "the most idle bytes kept (0: no reuse)");
