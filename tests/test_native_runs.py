@@ -202,3 +202,13 @@ def test_property_run_tables_match_dense_attention(batch, heads, data, causal, r
     assert max_error(out, want) <= FLOOR[torch.float64]
     for got, expected in zip(torch.autograd.grad(out, leaves, dout), torch.autograd.grad(want, ref, dout)):
         assert max_error(got, expected) <= FLOOR[torch.float64]
+
+
+@needs_kernel
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_gradcheck_float64_through_run_tables(causal):
+    lengths = torch.tensor([[[5, 0, 9, 6], [1, 12, 7, 0]]])  # two heads, runs of different lengths
+    table = tiles.from_runs(lengths, causal, rows=4)
+    gen = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(1, 2, 20, 4, generator=gen, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    assert torch.autograd.gradcheck(lambda q, k, v: native_attention(table, q, k, v, 0.7, None), (q, k, v))

@@ -34,7 +34,7 @@ def _without_kernel(r: Request) -> bool:
 
 def _packed_documents(r: Request) -> bool:
     """Packed documents on CPU without the native kernel, long enough on average that one call per
-    document pays off (with the kernel, block-sparse runs them 2x faster: docs/performance.md)."""
+    document pays off (with the kernel, block-sparse runs them 1.6-2.9x faster: docs/performance.md)."""
     split = split_documents(r.pattern)
     if not _without_kernel(r) or split is None or BACKENDS["documents"].unsupported(r) is not None:
         return False
