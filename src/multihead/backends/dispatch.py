@@ -35,8 +35,8 @@ def _without_kernel(r: Request) -> bool:
 def _packed_documents(r: Request) -> bool:
     """Packed documents on CPU without the native kernel, long enough on average that one call per
     document pays off (with the kernel, block-sparse runs them 1.6-2.9x faster: docs/performance.md)."""
-    split = split_documents(r.pattern)
-    if not _without_kernel(r) or split is None or BACKENDS["documents"].unsupported(r) is not None:
+    split = split_documents(r.pattern)  # the pattern first: the kernel's checks only for documents
+    if split is None or not _without_kernel(r) or BACKENDS["documents"].unsupported(r) is not None:
         return False
     return r.q_len / len(split[0]) >= 64
 
@@ -46,7 +46,7 @@ def _plain_clusters(r: Request) -> bool:
     Full or Causal, no score), of 64+ tokens on average (with the kernel, block-sparse's tiles of
     key runs are faster: docs/performance.md)."""
     runs = cluster_runs(r)
-    return _without_kernel(r) and runs is not None and r.batch * r.heads * r.q_len / max(1, len(runs[0])) >= 64
+    return runs is not None and r.batch * r.heads * r.q_len / max(1, len(runs[0])) >= 64 and _without_kernel(r)
 
 
 def _dense_key_lists(r: Request) -> bool:

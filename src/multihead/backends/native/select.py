@@ -43,7 +43,6 @@ def fused_choice(q: Tensor, k: Tensor) -> bool:
     return cpu and q.dtype == k.dtype and q.dtype in _FUSED_TYPES and kernel() is not None
 
 
-
 def top_keys_of_products(q: Tensor, k: Tensor, keep: int, start: Tensor | None, end: Tensor | None,
                          indices: Tensor, valid: Tensor) -> None:
     """``top_keys(q @ k^T, keep)`` without the logits in memory, written into ``indices`` and
