@@ -39,10 +39,10 @@ def _assert_keeps_largest(q, k, keep, indices, valid, allowed=None):
     assert torch.equal(valid, got > NEG)
 
 
-def _choose(q, k, keep, start=None, end=None):
+def _choose(q, k, keep, start=None, end=None, screen_keys=None):
     shape = q.shape[:3] + (keep,)
     indices, valid = torch.full(shape, -1, dtype=torch.long), torch.zeros(shape, dtype=torch.bool)
-    select.top_keys_of_products(q, k, keep, start, end, indices, valid)
+    select.top_keys_of_products(q, k, keep, start, end, indices, valid, screen_keys)
     return indices, valid
 
 
@@ -122,18 +122,18 @@ def test_fused_choice_refuses_bad_input():
     out = torch.empty(1, 4, 8, 3, dtype=torch.long), torch.empty(1, 4, 8, 3, dtype=torch.bool)
     none = torch.empty(0, dtype=torch.long)
     with pytest.raises(RuntimeError, match="multiple of H_kv"):
-        ext.top_keys_of_products(q, torch.randn(1, 3, 20, 16), 3, none, none, *out)
+        ext.top_keys_of_products(q, torch.randn(1, 3, 20, 16), 3, none, none, *out, -1)
     with pytest.raises(RuntimeError, match="float32, bfloat16 or float16"):
-        ext.top_keys_of_products(q.double(), k.double(), 3, none, none, *out)
+        ext.top_keys_of_products(q.double(), k.double(), 3, none, none, *out, -1)
     with pytest.raises(RuntimeError, match="of one type"):
-        ext.top_keys_of_products(q, k.bfloat16(), 3, none, none, *out)
+        ext.top_keys_of_products(q, k.bfloat16(), 3, none, none, *out, -1)
     with pytest.raises(RuntimeError, match="keep must be"):
-        ext.top_keys_of_products(q, k, 21, none, none, *out)
+        ext.top_keys_of_products(q, k, 21, none, none, *out, -1)
     with pytest.raises(RuntimeError, match="shape"):
-        ext.top_keys_of_products(q, k, 4, none, none, *out)
+        ext.top_keys_of_products(q, k, 4, none, none, *out, -1)
     with pytest.raises(RuntimeError, match="span"):
         ext.top_keys_of_products(q, k, 3, torch.zeros(1, 4, 7, 1, dtype=torch.long),
-                                 torch.zeros(1, 4, 7, 1, dtype=torch.long), *out)
+                                 torch.zeros(1, 4, 7, 1, dtype=torch.long), *out, -1)
 
 
 @needs_kernel
@@ -158,3 +158,115 @@ def test_topk_runs_the_fused_choice_and_keeps_what_the_unfused_one_keeps(monkeyp
     allowed = pattern.dense_mask(n, n).expand(2, 4, n, n)
     for chosen in (got, want) if dtype == torch.float32 else (got,):
         _assert_keeps_largest(q, k, 7, chosen.indices, chosen.valid, allowed)
+
+
+def _both_ways(q, k, keep, start=None, end=None):
+    """The choice plain and screened by bf16 products (forced at any size): (plain, screened, rows
+    screened)."""
+    plain = _choose(q, k, keep, start, end, screen_keys=-1)
+    shape = q.shape[:3] + (keep,)
+    indices, valid = torch.full(shape, -1, dtype=torch.long), torch.zeros(shape, dtype=torch.bool)
+    screened = select.top_keys_of_products(q, k, keep, start, end, indices, valid, screen_keys=0)
+    return plain, (indices, valid), screened
+
+
+def _screens() -> bool:
+    return bool(native.kernel().bf16_pairs())
+
+
+@needs_kernel
+@pytest.mark.parametrize("rows,n,d", [(1, 40, 1), (7, 33, 15), (70, 1000, 64), (130, 2100, 40), (9, 300, 80),
+                                      (20, 64, 17)])
+@pytest.mark.parametrize("keep", [1, 5, 31])
+@pytest.mark.parametrize("heads,kv_heads", [(2, 2), (4, 2)])
+def test_screened_choice_keeps_the_plain_choices_keys(rows, n, d, keep, heads, kv_heads):
+    """float32 rows ranked by bf16 products first, then the keys within the error bound of the cut
+    scored again in float32: the same indices and validity as the plain float32 choice, to the
+    bit (depths that are and are not multiples of the 16-element transposes, and odd ones)."""
+    gen = torch.Generator().manual_seed(rows + n + d + keep)
+    q, k = torch.randn(2, heads, rows, d, generator=gen), torch.randn(2, kv_heads, n, d, generator=gen)
+    plain, screened, count = _both_ways(q, k, keep)
+    assert count == (2 * heads * rows if _screens() else 0)
+    assert torch.equal(plain[0], screened[0]) and torch.equal(plain[1], screened[1])
+
+
+@needs_kernel
+@pytest.mark.parametrize("case", ["near_ties", "exact_ties", "tiny", "subnormal", "large", "one_large_key"])
+def test_screened_choice_holds_on_hard_scores(case):
+    """Scores whose differences at the cut are below bf16's resolution (keys that are copies of one
+    key up to 1e-4), exact ties (small integers: the first keys at the cut go, as in the plain
+    path), magnitudes from subnormal to 1e15, and one key whose norm widens every row's bound."""
+    gen = torch.Generator().manual_seed(11)
+    rows, n, d, keep = 40, 700, 32, 12
+    q, k = torch.randn(1, 2, rows, d, generator=gen), torch.randn(1, 2, n, d, generator=gen)
+    if case == "near_ties":
+        k = k[:, :, :1] + 1e-4 * k
+    elif case == "exact_ties":
+        q, k = torch.randint(-2, 3, q.shape, generator=gen).float(), torch.randint(-2, 3, k.shape, generator=gen).float()
+    elif case == "tiny":
+        q, k = q * 1e-19, k * 1e-19
+    elif case == "subnormal":
+        k = k * 1e-39
+    elif case == "large":
+        q, k = q * 1e15, k * 1e3
+    else:
+        k[0, 1, 5] *= 1e4
+    plain, screened, count = _both_ways(q, k, keep)
+    assert count == (2 * rows if _screens() else 0)
+    assert torch.equal(plain[0], screened[0]) and torch.equal(plain[1], screened[1])
+    if case == "near_ties":  # the bf16 products alone rank these keys otherwise
+        approx = _choose(q.bfloat16(), k.bfloat16(), keep)[0]
+        assert not torch.equal(approx, plain[0])
+
+
+@needs_kernel
+def test_screened_choice_within_intervals():
+    """Causal, banded and scattered intervals, rows with fewer allowed keys than ``keep`` and with
+    none: the same keys and validity as the plain choice."""
+    gen = torch.Generator().manual_seed(12)
+    rows, n, keep = 150, 600, 9
+    q, k = torch.randn(1, 4, rows, 24, generator=gen), torch.randn(1, 2, n, 24, generator=gen)
+    i = torch.arange(rows).view(1, 1, rows, 1)
+    scattered = torch.randint(-10, n + 5, (1, 4, rows, 3), generator=gen)
+    for start, end in ((torch.zeros_like(i), i * 4 + 1), (i * 4 - 6, i * 4 + 6),
+                       (scattered, scattered + torch.randint(-3, 40, (1, 4, rows, 3), generator=gen))):
+        plain, screened, count = _both_ways(q, k, keep, start, end)
+        assert count == (4 * rows if _screens() else 0)
+        assert torch.equal(plain[0], screened[0]) and torch.equal(plain[1], screened[1])
+        assert (~plain[1]).any()  # some row saw fewer than keep keys
+
+
+@needs_kernel
+@pytest.mark.parametrize("bad", ["nan_q", "inf_k", "huge"])
+def test_screened_choice_falls_back_where_no_bound_holds(bad):
+    """A NaN or inf in q or k, or products near float32's range, have no finite error bound: the
+    call runs the plain choice (nothing screened) and ranks as it does."""
+    gen = torch.Generator().manual_seed(13)
+    q, k = torch.randn(1, 2, 30, 16, generator=gen), torch.randn(1, 2, 200, 16, generator=gen)
+    if bad == "nan_q":
+        q[0, 1, 3, 7] = float("nan")
+    elif bad == "inf_k":
+        k[0, 0, 9, 2] = float("inf")
+    else:
+        q, k = q * 1e19, k * 1e19
+    plain, screened, count = _both_ways(q, k, 5)
+    assert count == 0
+    assert torch.equal(plain[0], screened[0]) and torch.equal(plain[1], screened[1])
+
+
+@needs_kernel
+def test_topk_screens_long_float32_rows_only(monkeypatch):
+    """``TopK.resolve`` screens float32 rows that see ``SCREEN_KEYS`` keys or more (and 16 x k), and
+    none below; the choice is the same either way."""
+    gen = torch.Generator().manual_seed(14)
+    q, k = torch.randn(1, 2, 64, 16, generator=gen), torch.randn(1, 2, 512, 16, generator=gen)
+    counts = []
+    fused = select.top_keys_of_products
+    monkeypatch.setattr(select, "top_keys_of_products", lambda *a: counts.append(fused(*a)) or counts[-1])
+    plain = TopK(8).resolve(q, k, 1.0, Full()).pattern
+    monkeypatch.setattr(select, "SCREEN_KEYS", 512)
+    screened = TopK(8).resolve(q, k, 1.0, Full()).pattern
+    narrow = TopK(8).resolve(q, k, 1.0, SlidingWindow(100, 100)).pattern
+    assert counts == [0, 2 * 64 if _screens() else 0, 0]
+    assert torch.equal(plain.indices, screened.indices) and torch.equal(plain.valid, screened.valid)
+    assert narrow.valid.all()

@@ -10,7 +10,8 @@
 // a NaN is sorted whole, NaN above every number, as in torch.topk.
 //
 // top_keys_of_products makes the scores too, q . k for a block of rows against every key, a block
-// at a time per thread, and selects from them while they are in L2 (see choose below).
+// at a time per thread, and selects from them while they are in L2 (see choose below); long
+// float32 rows are ranked by bf16 products first (choose_screened).
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/vec.h>
@@ -124,6 +125,17 @@ inline bool chunk_maxima(const float* x, int64_t n, int64_t want, Buffers& b) {
   return nan;
 }
 
+// t - margin rounded down to a float (no value above the exact difference is missed), and at
+// least the lowest finite float (so that -inf, a masked key, is never a candidate)
+inline float lowered(float t, double margin) {
+  if (margin == 0.0) return t;
+  const double exact = static_cast<double>(t) - margin;
+  if (exact <= std::numeric_limits<float>::lowest()) return std::numeric_limits<float>::lowest();
+  float f = static_cast<float>(exact);
+  if (static_cast<double>(f) > exact) f = std::nextafter(f, kNegInf);
+  return std::max(f, std::numeric_limits<float>::lowest());
+}
+
 // The values x[i] >= t (> t when ``strict``), with their positions, in order, into b.value and
 // b.index; returns their count
 inline int64_t gather_from(const float* x, int64_t n, float t, bool strict, Buffers& b) {
@@ -150,6 +162,26 @@ inline int64_t gather_from(const float* x, int64_t n, float t, bool strict, Buff
   return count;
 }
 
+// Keeps b's candidates [0, count) whose value is >= t, in order, in place; returns their count
+inline int64_t keep_at_least(float t, int64_t count, Buffers& b) {
+  float* value = b.value.data();
+  int32_t* index = b.index.data();
+  int64_t kept = 0, j = 0;
+#if defined(CPU_CAPABILITY_AVX512)
+  for (const __m512 tv = _mm512_set1_ps(t); j + 16 <= count; j += 16) {  // writes stay at or behind the reads
+    const __m512 v = _mm512_loadu_ps(value + j);
+    const __m512i i = _mm512_loadu_si512(index + j);
+    const __mmask16 m = _mm512_cmp_ps_mask(v, tv, _CMP_GE_OQ);
+    _mm512_storeu_ps(value + kept, _mm512_maskz_compress_ps(m, v));
+    _mm512_storeu_si512(index + kept, _mm512_maskz_compress_epi32(m, i));
+    kept += __builtin_popcount(m);
+  }
+#endif
+  for (; j < count; ++j)
+    if (value[j] >= t) value[kept] = value[j], index[kept++] = index[j];
+  return kept;
+}
+
 // A row with a NaN: torch.topk's order (NaN above every number), one sort of the row
 void top_of_row_with_nan(const float* x, int64_t n, int64_t keep, int64_t* out, bool* valid) {
   std::vector<int64_t> order(n);
@@ -160,23 +192,12 @@ void top_of_row_with_nan(const float* x, int64_t n, int64_t keep, int64_t* out, 
   for (int64_t j = 0; j < keep; ++j) out[j] = order[j], valid[j] = x[order[j]] > kNegInf;
 }
 
-void top_of_row(const float* x, int64_t n, int64_t keep, Buffers& b, int64_t* out, bool* valid) {
-  if (keep >= n) {
-    for (int64_t j = 0; j < keep; ++j) out[j] = j, valid[j] = x[j] > kNegInf;
-    return;
-  }
-  if (chunk_maxima(x, n, std::min(n, 2 * keep), b)) return top_of_row_with_nan(x, n, keep, out, valid);
-  const float t = kth_largest(b.maxima.data(), static_cast<int64_t>(b.maxima.size()), keep, b.keys);
-  // at least keep candidates at or above t; when t is -inf, every value above it (maybe fewer)
-  const int64_t count = t > kNegInf ? gather_from(x, n, t, false, b) : gather_from(x, n, kNegInf, true, b);
-  if (count < keep) {  // all values above -inf, then as many -inf ones as fill the row, in order
-    for (int64_t i = 0, kept = 0, fill = keep - count; i < n && kept < keep; ++i)
-      if (x[i] > kNegInf || fill-- > 0) out[kept] = i, valid[kept++] = x[i] > kNegInf;
-    return;
-  }
-  float cut = t;
+// The keep largest of b's count >= keep candidates (values above -inf, in index order), in that
+// order: a cut value, all above it, the first ones at it
+void keep_largest(int64_t count, int64_t keep, Buffers& b, int64_t* out, bool* valid) {
+  float cut = kNegInf;
   int64_t at_cut = keep;
-  if (count > keep) {  // the keep largest candidates: a cut value, all above it, the first ones at it
+  if (count > keep) {
     cut = kth_largest(b.value.data(), count, keep, b.keys);
     int64_t over = 0;
     for (int64_t j = 0; j < count; ++j) over += b.value[j] > cut;
@@ -184,6 +205,35 @@ void top_of_row(const float* x, int64_t n, int64_t keep, Buffers& b, int64_t* ou
   }
   for (int64_t j = 0, kept = 0; j < count && kept < keep; ++j)
     if (b.value[j] > cut || (b.value[j] == cut && at_cut-- > 0)) out[kept] = b.index[j], valid[kept++] = true;
+}
+
+// A row of at most keep values, or with fewer than keep above -inf: all values above -inf, then as
+// many -inf ones as fill the row, in order (no value is compared with another)
+void keep_all_above_inf(const float* x, int64_t n, int64_t keep, int64_t above, int64_t* out, bool* valid) {
+  for (int64_t i = 0, kept = 0, fill = keep - above; i < n && kept < keep; ++i)
+    if (x[i] > kNegInf || fill-- > 0) out[kept] = i, valid[kept++] = x[i] > kNegInf;
+}
+
+// The candidates of a row: at least keep values at or above a threshold t, in index order, into b
+// (t is the keep-th largest of the maxima of 2 keep chunks, reached by one value in each of keep
+// chunks), or, when t is -inf, every value above it (maybe fewer than keep); ``margin`` widens the
+// threshold to t - margin. Returns the count, or -1 for a row with a NaN (not gathered).
+int64_t candidates(const float* x, int64_t n, int64_t keep, double margin, Buffers& b) {
+  if (chunk_maxima(x, n, std::min(n, 2 * keep), b)) return -1;
+  const float t = kth_largest(b.maxima.data(), static_cast<int64_t>(b.maxima.size()), keep, b.keys);
+  return t > kNegInf ? gather_from(x, n, lowered(t, margin), false, b) : gather_from(x, n, kNegInf, true, b);
+}
+
+void top_of_row(const float* x, int64_t n, int64_t keep, Buffers& b, int64_t* out, bool* valid) {
+  if (keep >= n) {
+    int64_t above = 0;
+    for (int64_t i = 0; i < n; ++i) above += x[i] > kNegInf;
+    return keep_all_above_inf(x, n, keep, above, out, valid);
+  }
+  const int64_t count = candidates(x, n, keep, 0.0, b);
+  if (count < 0) return top_of_row_with_nan(x, n, keep, out, valid);
+  if (count < keep) return keep_all_above_inf(x, n, keep, count, out, valid);
+  keep_largest(count, keep, b, out, valid);
 }
 
 // Sets x[0 .. n) outside the union of the intervals [start[i] - from, end[i] - from) (clamped to
@@ -241,11 +291,16 @@ void rows_dot_panel(const float* q, int64_t ldq, const float* panel, int64_t d, 
 }
 
 #if defined(CPU_CAPABILITY_AVX512) && defined(__AVX512BF16__)
-inline uint32_t pair_of(const at::BFloat16* x, int64_t e, int64_t d) {  // (x[e], x[e + 1] or 0)
-  return x[e].x | (e + 1 < d ? static_cast<uint32_t>(x[e + 1].x) << 16 : 0u);
+inline uint16_t bf16_bits(at::BFloat16 x) { return x.x; }
+inline uint16_t bf16_bits(float x) { return at::BFloat16(x).x; }  // rounded to nearest, ties to even
+
+template <typename T>
+inline uint32_t pair_of(const T* x, int64_t e, int64_t d) {  // (x[e], x[e + 1] or 0) as bf16
+  return bf16_bits(x[e]) | (e + 1 < d ? static_cast<uint32_t>(bf16_bits(x[e + 1])) << 16 : 0u);
 }
 
-void pack_pair_panels(const at::BFloat16* keys, int64_t ld, int64_t n, int64_t d, uint32_t* out) {
+template <typename T>
+void pack_pair_panels(const T* keys, int64_t ld, int64_t n, int64_t d, uint32_t* out) {
   const int64_t pairs = (d + 1) / 2;
   for (int64_t p = 0; p * kPanel < n; ++p, out += pairs * kPanel)
     for (int64_t j = 0; j < kPanel; ++j) {
@@ -326,9 +381,10 @@ inline std::pair<int64_t, int64_t> panels_seen(const Choice& c, int64_t bh, int6
 // Packs each (batch, key head)'s keys into panels of P, ``width`` per key (pack(b, kv head, out)),
 // then, a block of rows at a time per thread, makes their logits over the panels they may see
 // (products(b, h, r0, r1, panels, p0, p1, logits, ldo)), masks them and selects from them while
-// they are in L2
-template <typename P, typename Pack, typename Products>
-void choose(const Choice& c, int64_t width, const Pack& pack, const Products& products) {
+// they are in L2 (select(b, h, r, x, from, n, buffers, out, valid): the row's logits x of the keys
+// [from, from + n); by default top_of_row)
+template <typename P, typename Pack, typename Products, typename Select>
+void choose(const Choice& c, int64_t width, const Pack& pack, const Products& products, const Select& select) {
   const int64_t ldo = (c.n + kPanel - 1) / kPanel * kPanel, packed = ldo * width;
   // every element written by pack (zeros past the last key): no clearing first
   std::unique_ptr<P[]> panels(new P[c.batch * c.kv_heads * packed]);
@@ -359,12 +415,35 @@ void choose(const Choice& c, int64_t width, const Pack& pack, const Products& pr
           mask_outside(x, to - from, from, c.start + at, c.end + at, c.intervals, sorted);
         }
         int64_t* out = ip + bi * c.indices.stride(0) + h * c.indices.stride(1) + r * c.indices.stride(2);
-        top_of_row(x, to - from, c.keep, b, out, vp + bi * c.valid.stride(0) + h * c.valid.stride(1) + r * c.valid.stride(2));
+        select(bi, h, r, x, from, to - from, b, out,
+               vp + bi * c.valid.stride(0) + h * c.valid.stride(1) + r * c.valid.stride(2));
         if (from != 0)
           for (int64_t j = 0; j < c.keep; ++j) out[j] += from;
       }
     }
   });
+}
+
+template <typename P, typename Pack, typename Products>
+void choose(const Choice& c, int64_t width, const Pack& pack, const Products& products) {
+  choose<P>(c, width, pack, products,
+            [&c](int64_t, int64_t, int64_t, const float* x, int64_t, int64_t n, Buffers& b, int64_t* out, bool* valid) {
+              top_of_row(x, n, c.keep, b, out, valid);
+            });
+}
+
+// Rows [0, count) of x (row stride ld) as U: x itself when it is U, else converted into buf (row
+// stride d). float32 to bfloat16 rounds to nearest, ties to even.
+template <typename U, typename T>
+std::pair<const U*, int64_t> rows_as(const T* x, int64_t ld, int64_t count, int64_t d, std::vector<U>& buf) {
+  if constexpr (std::is_same_v<T, U>) {
+    return {x, ld};
+  } else {
+    buf.resize(count * d);
+    for (int64_t r = 0; r < count; ++r)
+      for (int64_t e = 0; e < d; ++e) buf[r * d + e] = static_cast<U>(static_cast<float>(x[r * ld + e]));
+    return {buf.data(), d};
+  }
 }
 
 // The choice over float32 panels: float32 rows as they are, others widened a block at a time
@@ -379,18 +458,8 @@ void choose_widened(const Choice& c) {
   std::vector<std::vector<float>> widened(at::get_num_threads());
   auto products = [&](int64_t b, int64_t h, int64_t r0, int64_t r1, const float* panels, int64_t p0, int64_t p1,
                       float* logits, int64_t ldo) {
-    const T* rows = qp + b * c.q.stride(0) + h * c.q.stride(1) + r0 * c.q.stride(2);
-    const float* q;
-    int64_t ldq = c.q.stride(2);
-    if constexpr (std::is_same_v<T, float>) {
-      q = rows;
-    } else {
-      std::vector<float>& buf = widened[at::get_thread_num()];
-      buf.resize((r1 - r0) * d);
-      for (int64_t r = 0; r < r1 - r0; ++r)
-        for (int64_t e = 0; e < d; ++e) buf[r * d + e] = static_cast<float>(rows[r * ldq + e]);
-      q = buf.data(), ldq = d;
-    }
+    const auto [q, ldq] = rows_as<float>(qp + b * c.q.stride(0) + h * c.q.stride(1) + r0 * c.q.stride(2),
+                                         c.q.stride(2), r1 - r0, d, widened[at::get_thread_num()]);
     for_row_groups(r1 - r0, p0, p1, [&](auto R, int64_t r, int64_t p) {
       rows_dot_panel<decltype(R)::value>(q + r * ldq, ldq, panels + p * d * kPanel, d, logits + r * ldo + p * kPanel, ldo);
     });
@@ -399,30 +468,173 @@ void choose_widened(const Choice& c) {
 }
 
 #if defined(CPU_CAPABILITY_AVX512) && defined(__AVX512BF16__)
-void choose_in_pairs(const Choice& c) {
-  const auto* qp = c.q.data_ptr<at::BFloat16>();
-  const auto* kp = c.k.data_ptr<at::BFloat16>();
+// The choice over bfloat16 pair panels: bfloat16 rows as they are, float32 ones rounded to
+// bfloat16 a block at a time (the screen below)
+template <typename T, typename Select>
+void choose_in_pairs(const Choice& c, const Select& select) {
+  const T* qp = c.q.data_ptr<T>();
+  const T* kp = c.k.data_ptr<T>();
   const int64_t pairs = (c.d + 1) / 2;
   auto pack = [&](int64_t b, int64_t g, uint32_t* out) {
     pack_pair_panels(kp + b * c.k.stride(0) + g * c.k.stride(1), c.k.stride(2), c.n, c.d, out);
   };
+  std::vector<std::vector<at::BFloat16>> rounded(at::get_num_threads());
   auto products = [&](int64_t b, int64_t h, int64_t r0, int64_t r1, const uint32_t* panels, int64_t p0, int64_t p1,
                       float* logits, int64_t ldo) {
-    const at::BFloat16* q = qp + b * c.q.stride(0) + h * c.q.stride(1) + r0 * c.q.stride(2);
-    const int64_t ldq = c.q.stride(2);
+    const auto [q, ldq] = rows_as<at::BFloat16>(qp + b * c.q.stride(0) + h * c.q.stride(1) + r0 * c.q.stride(2),
+                                                c.q.stride(2), r1 - r0, c.d, rounded[at::get_thread_num()]);
     for_row_groups(r1 - r0, p0, p1, [&](auto R, int64_t r, int64_t p) {
       rows_dot_pair_panel<decltype(R)::value>(q + r * ldq, ldq, panels + p * pairs * kPanel, c.d,
                                               logits + r * ldo + p * kPanel, ldo);
     });
   };
-  choose<uint32_t>(c, pairs, pack, products);
+  choose<uint32_t>(c, pairs, pack, products, select);
+}
+
+void choose_in_pairs(const Choice& c) {
+  choose_in_pairs<at::BFloat16>(
+      c, [&c](int64_t, int64_t, int64_t, const float* x, int64_t, int64_t n, Buffers& b, int64_t* out, bool* valid) {
+        top_of_row(x, n, c.keep, b, out, valid);
+      });
+}
+
+// a[0 .. 16), rows of 16 floats, transposed in registers: a[j] then holds element j of every row
+inline void transpose_16x16(__m512 a[16]) {
+  __m512 u[16];
+  for (int p = 0; p < 8; ++p)  // per 128-bit lane L: rows 2p, 2p + 1 interleaved at elements 4L, 4L + 1 (2L + 2, 3)
+    u[2 * p] = _mm512_unpacklo_ps(a[2 * p], a[2 * p + 1]), u[2 * p + 1] = _mm512_unpackhi_ps(a[2 * p], a[2 * p + 1]);
+  __m512 v[16];
+  for (int g = 0; g < 4; ++g) {  // v[4 g + c], lane L: element 4 L + c of rows 4 g .. 4 g + 3
+    const __m512d lo0 = _mm512_castps_pd(u[4 * g]), lo1 = _mm512_castps_pd(u[4 * g + 2]);
+    const __m512d hi0 = _mm512_castps_pd(u[4 * g + 1]), hi1 = _mm512_castps_pd(u[4 * g + 3]);
+    v[4 * g] = _mm512_castpd_ps(_mm512_unpacklo_pd(lo0, lo1));
+    v[4 * g + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(lo0, lo1));
+    v[4 * g + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(hi0, hi1));
+    v[4 * g + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(hi0, hi1));
+  }
+  for (int c = 0; c < 4; ++c) {  // a 4 x 4 transpose of 128-bit lanes: a[4 L + c] lane g = v[4 g + c] lane L
+    const __m512 w0 = _mm512_shuffle_f32x4(v[c], v[4 + c], 0x44), w1 = _mm512_shuffle_f32x4(v[c], v[4 + c], 0xEE);
+    const __m512 w2 = _mm512_shuffle_f32x4(v[8 + c], v[12 + c], 0x44), w3 = _mm512_shuffle_f32x4(v[8 + c], v[12 + c], 0xEE);
+    a[c] = _mm512_shuffle_f32x4(w0, w2, 0x88), a[4 + c] = _mm512_shuffle_f32x4(w0, w2, 0xDD);
+    a[8 + c] = _mm512_shuffle_f32x4(w1, w3, 0x88), a[12 + c] = _mm512_shuffle_f32x4(w1, w3, 0xDD);
+  }
+}
+
+// Scores of m keys (positions idx[0 .. m) in ``keys``, rows of stride ld) against one float32
+// query row q (d), 16 keys at a time, their rows transposed 16 elements at a time: each lane sums
+// q[e] * k[e] by fused multiply-adds in e's order from 0, as rows_dot_panel does, so that the
+// scores are the plain float32 choice's to the bit
+void exact_scores(const float* q, const float* keys, int64_t ld, int64_t d, const int32_t* idx, int64_t m,
+                  float* out) {
+  for (int64_t i = 0; i < m; i += 16) {
+    const int64_t lanes = std::min<int64_t>(16, m - i);
+    const float* row[16];
+    for (int l = 0; l < 16; ++l) row[l] = keys + static_cast<int64_t>(idx[i + (l < lanes ? l : 0)]) * ld;
+    __m512 acc = _mm512_setzero_ps();
+    for (int64_t e0 = 0; e0 < d; e0 += 16) {
+      const int64_t width = std::min<int64_t>(16, d - e0);
+      const __mmask16 part = width == 16 ? __mmask16(0xFFFF) : __mmask16((1u << width) - 1);
+      __m512 a[16];
+      for (int l = 0; l < 16; ++l) a[l] = _mm512_maskz_loadu_ps(part, row[l] + e0);
+      transpose_16x16(a);
+      for (int64_t e = 0; e < width; ++e) acc = _mm512_fmadd_ps(_mm512_set1_ps(q[e0 + e]), a[e], acc);
+    }
+    _mm512_mask_storeu_ps(out + i, lanes == 16 ? __mmask16(0xFFFF) : __mmask16((1u << lanes) - 1), acc);
+  }
+}
+
+// sqrt(x . x) for x[0 .. d), in float64 (each square exact), rounded up: at least the norm
+inline double norm_above(const float* x, int64_t d) {
+  double acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  int64_t e = 0;
+  for (; e + 8 <= d; e += 8)
+    for (int j = 0; j < 8; ++j) acc[j] = std::fma(double(x[e + j]), double(x[e + j]), acc[j]);
+  for (; e < d; ++e) acc[0] = std::fma(double(x[e]), double(x[e]), acc[0]);
+  double sum = 0;
+  for (double a : acc) sum += a;
+  return std::sqrt(sum * (1 + 1e-12));
+}
+
+// The float32 choice screened by bfloat16 products (vdpbf16ps: 32 multiply-adds where a float32
+// fma does 16). A product of the bf16-rounded rows, summed in float32, is within
+// E = rel ||q|| max ||k|| + abs of the float32 one: rel covers the two roundings (2u + u^2, u = 2^-8)
+// and both sums' float32 error, abs the subnormals that vdpbf16ps flushes. So every key among the
+// row's keep largest float32 scores has its bf16 product within 2 E of the keep-th largest bf16
+// product; those candidates (about keep and a few more on random data) are scored again as the
+// float32 path scores them (exact_scores) and chosen from as it chooses: the same keys, to the bit.
+// Returns false, with nothing written, where a bound would not be finite (a NaN or inf in q or k,
+// products near float32's range) or a key's offset would not fit a gather's int32.
+bool choose_screened(const Choice& c) {
+  const float* qp = c.q.data_ptr<float>();
+  const float* kp = c.k.data_ptr<float>();
+  if (c.n * c.k.stride(2) >= (int64_t(1) << 31)) return false;
+  std::vector<double> q_norm(c.batch * c.heads * c.rows), k_max(c.batch * c.kv_heads, 0.0);
+  at::parallel_for(0, c.batch * c.heads * c.rows, 256, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t b = t / (c.heads * c.rows), h = t / c.rows % c.heads, r = t % c.rows;
+      q_norm[t] = norm_above(qp + b * c.q.stride(0) + h * c.q.stride(1) + r * c.q.stride(2), c.d);
+    }
+  });
+  at::parallel_for(0, c.batch * c.kv_heads, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t)
+      for (int64_t j = 0; j < c.n; ++j) {  // a NaN norm makes the maximum NaN
+        const double norm = norm_above(kp + t / c.kv_heads * c.k.stride(0) + t % c.kv_heads * c.k.stride(1) +
+                                           j * c.k.stride(2), c.d);
+        k_max[t] = std::isnan(norm) || std::isnan(k_max[t]) ? norm : std::max(k_max[t], norm);
+      }
+  });
+  const double largest = *std::max_element(q_norm.begin(), q_norm.end()) *
+                         *std::max_element(k_max.begin(), k_max.end());
+  for (double x : q_norm)
+    if (!std::isfinite(x)) return false;
+  for (double x : k_max)
+    if (!std::isfinite(x)) return false;
+  if (!(largest < 1e37)) return false;
+  const double u = std::ldexp(1.0, -8), d = static_cast<double>(c.d), gamma = d * std::ldexp(1.0, -24) / (1 - d * std::ldexp(1.0, -24));
+  const double rel = ((2 * u + u * u) + gamma * ((1 + u) * (1 + u) + 1)) * (1 + 1e-6);
+  const double tiny = std::ldexp(1.0, -125);
+  auto select = [&](int64_t bi, int64_t h, int64_t r, const float* x, int64_t from, int64_t n, Buffers& b,
+                    int64_t* out, bool* valid) {
+    if (c.keep >= n) return top_of_row(x, n, c.keep, b, out, valid);  // no value compared with another
+    const int64_t row = (bi * c.heads + h) * c.rows + r, group = bi * c.kv_heads + h / (c.heads / c.kv_heads);
+    const double qn = q_norm[row], kn = k_max[group];
+    const double margin = 2 * (rel * qn * kn + tiny * (std::sqrt(d) * (qn + kn) + d));
+    int64_t count = candidates(x, n, c.keep, margin, b);
+    TORCH_CHECK(count >= 0, "top_keys_of_products: a NaN among screened products of finite rows");
+    if (count < c.keep) return keep_all_above_inf(x, n, c.keep, count, out, valid);
+    if (count > c.keep) {  // the candidates within the margin of the keep-th largest product
+      count = keep_at_least(lowered(kth_largest(b.value.data(), count, c.keep, b.keys), margin), count, b);
+      exact_scores(qp + bi * c.q.stride(0) + h * c.q.stride(1) + r * c.q.stride(2),
+                   kp + bi * c.k.stride(0) + (group % c.kv_heads) * c.k.stride(1) + from * c.k.stride(2),
+                   c.k.stride(2), c.d, b.index.data(), count, b.value.data());
+    }
+    keep_largest(count, c.keep, b, out, valid);
+  };
+  choose_in_pairs<float>(c, select);
+  return true;
 }
 #endif
 
+// The keys a row may see, on average over rows: the span of its intervals' union (all keys without)
+double mean_keys_seen(const Choice& c) {
+  if (!c.start) return static_cast<double>(c.n);
+  double sum = 0;
+  for (int64_t row = 0; row < c.batch * c.heads * c.rows; ++row) {
+    int64_t lo = c.n, hi = 0;
+    for (int64_t i = row * c.intervals; i < (row + 1) * c.intervals; ++i) {
+      const int64_t a = std::clamp<int64_t>(c.start[i], 0, c.n), b = std::clamp<int64_t>(c.end[i], 0, c.n);
+      if (b > a) lo = std::min(lo, a), hi = std::max(hi, b);
+    }
+    sum += static_cast<double>(std::max<int64_t>(hi - lo, 0));
+  }
+  return sum / static_cast<double>(std::max<int64_t>(1, c.batch * c.heads * c.rows));
+}
+
 }  // namespace
 
-void top_keys_of_products(const at::Tensor& q, const at::Tensor& k, int64_t keep, const at::Tensor& span_start,
-                          const at::Tensor& span_end, const at::Tensor& indices, const at::Tensor& valid) {
+int64_t top_keys_of_products(const at::Tensor& q, const at::Tensor& k, int64_t keep, const at::Tensor& span_start,
+                             const at::Tensor& span_end, const at::Tensor& indices, const at::Tensor& valid,
+                             int64_t screen_keys) {
   TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && q.size(0) == k.size(0) && q.size(3) == k.size(3) &&
                   k.size(1) >= 1 && q.size(1) % k.size(1) == 0,
               "top_keys_of_products: q (B, H, rows, d) and k (B, H_kv, keys, d) with H a multiple of H_kv");
@@ -447,13 +659,22 @@ void top_keys_of_products(const at::Tensor& q, const at::Tensor& k, int64_t keep
   const Choice c{q, k, indices, valid, keep, masked ? span_start.size(3) : 0,
                  masked ? span_start.data_ptr<int64_t>() : nullptr, masked ? span_end.data_ptr<int64_t>() : nullptr,
                  batch, heads, rows, q.size(3), n, k.size(1)};
-  if (type == at::kFloat) return choose_widened<float>(c);
-  if (type == at::kHalf) return choose_widened<at::Half>(c);
+  if (type == at::kFloat) {
 #if defined(CPU_CAPABILITY_AVX512) && defined(__AVX512BF16__)
-  return choose_in_pairs(c);
-#else
-  return choose_widened<at::BFloat16>(c);
+    if (screen_keys >= 0 && mean_keys_seen(c) >= static_cast<double>(screen_keys) && choose_screened(c))
+      return batch * heads * rows;
 #endif
+    choose_widened<float>(c);
+  } else if (type == at::kHalf) {
+    choose_widened<at::Half>(c);
+  } else {
+#if defined(CPU_CAPABILITY_AVX512) && defined(__AVX512BF16__)
+    choose_in_pairs(c);
+#else
+    choose_widened<at::BFloat16>(c);
+#endif
+  }
+  return 0;
 }
 
 std::vector<at::Tensor> top_keys(const at::Tensor& scores, int64_t keep) {
