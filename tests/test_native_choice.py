@@ -256,7 +256,7 @@ def test_screened_choice_falls_back_where_no_bound_holds(bad):
 
 @needs_kernel
 def test_topk_screens_long_float32_rows_only(monkeypatch):
-    """``TopK.resolve`` screens float32 rows that see ``SCREEN_KEYS`` keys or more (and 16 x k), and
+    """``TopK.resolve`` screens float32 rows that see ``SCREEN_KEYS`` keys or more (and 32 x k), and
     none below; the choice is the same either way."""
     gen = torch.Generator().manual_seed(14)
     q, k = torch.randn(1, 2, 64, 16, generator=gen), torch.randn(1, 2, 512, 16, generator=gen)
