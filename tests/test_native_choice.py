@@ -116,6 +116,21 @@ def test_fused_choice_equals_selection_from_logits_on_nan_and_strided_input():
 
 
 @needs_kernel
+@pytest.mark.parametrize("keep", [5, 40])
+def test_fused_choice_ranks_infinite_products(keep):
+    """A key with an infinite element makes products of +inf (chosen first) and -inf (never
+    valid; with keep = every key, kept last as invalid): as float64 scores rank them."""
+    gen = torch.Generator().manual_seed(15)
+    q, k = torch.randn(1, 2, 20, 16, generator=gen), torch.randn(1, 2, 40, 16, generator=gen)
+    k[0, 0, 9, 2] = float("inf")
+    indices, valid = _choose(q, k, keep)
+    _assert_keeps_largest(q, k, keep, indices, valid)
+    positive = q[0, 0, :, 2] > 0
+    assert (indices[0, 0] == 9).any(-1).tolist() == (positive | (keep == 40)).tolist()
+    assert valid[0, 0][indices[0, 0] == 9].tolist() == positive[(indices[0, 0] == 9).any(-1)].tolist()
+
+
+@needs_kernel
 def test_fused_choice_refuses_bad_input():
     ext = native.kernel()
     q, k = torch.randn(1, 4, 8, 16), torch.randn(1, 2, 20, 16)
