@@ -35,6 +35,7 @@ from multihead.backends import native
 from multihead.backends.native import select
 from multihead.backends.native import describe as native_status
 from multihead.bench.measure import time_interleaved
+from multihead.bench.tables import markdown_table
 from multihead.patterns import Causal, Full, SlidingWindow, TopK
 
 PATTERNS = (("TopK(64)", TopK(64), Full()), ("TopK(64) & Causal()", TopK(64), Causal()),
@@ -84,19 +85,19 @@ def measure(tokens: int, name: str, top: TopK, within, dtype, repeats: int) -> d
     return row
 
 
+COLUMNS = ("tokens", "pattern", "dtype", "rows screened", "kernel s", "no screen s", "unfused s", "dense SDPA fwd s",
+           "kernel / no screen", "kernel / unfused", "kernel / dense")
+
+
 def markdown(rows: list[dict], machine: str) -> str:
     def cell(r, key, spec):
         return format(r[key], spec) if r.get(key) is not None else "-"
 
-    lines = [f"Measured on {machine}.", "",
-             "| tokens | pattern | dtype | rows screened | kernel s | no screen s | unfused s | dense SDPA fwd s | "
-             "kernel / no screen | kernel / unfused | kernel / dense |", "|---|---|---|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        lines.append(f"| {r['tokens']} | `{r['pattern']}` | {r['dtype']} | {r['screened_rows']} / {r['rows']} | "
-                     f"{cell(r, 'kernel s', '.3f')} | {cell(r, 'no screen s', '.3f')} | {cell(r, 'unfused s', '.3f')} | "
-                     f"{cell(r, 'dense s', '.3f')} | {cell(r, 'kernel / no screen', '.2f')} | "
-                     f"{cell(r, 'kernel / unfused', '.2f')} | {cell(r, 'kernel / dense', '.2f')} |")
-    return "\n".join(lines) + "\n"
+    cells = [[str(r["tokens"]), f"`{r['pattern']}`", r["dtype"], f"{r['screened_rows']} / {r['rows']}",
+              *(cell(r, key, ".3f") for key in ("kernel s", "no screen s", "unfused s", "dense s")),
+              *(cell(r, key, ".2f") for key in ("kernel / no screen", "kernel / unfused", "kernel / dense"))]
+             for r in rows]
+    return markdown_table(f"Measured on {machine}", "", COLUMNS, COLUMNS[:4], cells) + "\n"
 
 
 def main(argv=None) -> int:
