@@ -563,11 +563,10 @@ inline double norm_above(const float* x, int64_t d) {
 // product; those candidates (about keep and a few more on random data) are scored again as the
 // float32 path scores them (exact_scores) and chosen from as it chooses: the same keys, to the bit.
 // Returns false, with nothing written, where a bound would not be finite (a NaN or inf in q or k,
-// products near float32's range) or a key's offset would not fit a gather's int32.
+// products near float32's range).
 bool choose_screened(const Choice& c) {
   const float* qp = c.q.data_ptr<float>();
   const float* kp = c.k.data_ptr<float>();
-  if (c.n * c.k.stride(2) >= (int64_t(1) << 31)) return false;
   std::vector<double> q_norm(c.batch * c.heads * c.rows), k_max(c.batch * c.kv_heads, 0.0);
   at::parallel_for(0, c.batch * c.heads * c.rows, 256, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) {
