@@ -1,0 +1,65 @@
+"""The native kernel built for CPUs without AVX-512 BF16 (AVX-512 alone, AVX2, no vector extension):
+this machine has it, so ``make test`` never compiles the other branches. Each build runs in a
+process of its own (one kernel per process), from a cache folder of its own."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from multihead.backends import native
+
+AVX512 = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c"
+AVX2 = "avx2,fma,f16c"
+
+_CHECK = """
+import torch
+import multihead as mh
+import multihead.backends.native as native
+from multihead.backends.native import select
+from multihead.patterns import SlidingWindow
+
+native.cpu_flags = lambda: set({flags!r}.split(",")) - {{""}}
+ext = native.kernel()
+assert ext is not None, native.describe()
+assert not ext.bf16_pairs()
+assert "CPU: {cpu}" in native.describe(), native.describe()
+
+gen = torch.Generator().manual_seed(0)
+q, k, v = (torch.randn(1, 4, 300, 40, generator=gen) for _ in range(3))
+want = mh.attention(q.double(), k.double(), v.double(), pattern=SlidingWindow(20, 7), backend="reference")
+for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 5e-2), (torch.float16, 5e-3)):
+    got = mh.attention(q.to(dtype), k.to(dtype), v.to(dtype), pattern=SlidingWindow(20, 7), backend="blocksparse")
+    err = (got.double() - want).abs().max().item()
+    assert err < tol, (dtype, err)
+
+keep = 9
+for dtype in (torch.float32, torch.bfloat16, torch.float16):
+    scores = q.to(dtype).double() @ k.to(dtype).double().transpose(-2, -1)  # of the values it was given
+    indices = torch.empty(1, 4, 300, keep, dtype=torch.long)
+    valid = torch.empty(1, 4, 300, keep, dtype=torch.bool)
+    screened = select.top_keys_of_products(q.to(dtype), k.to(dtype), keep, None, None, indices, valid, screen_keys=0)
+    assert screened == 0  # no bf16 products to screen with
+    got = scores.gather(-1, indices).sort(-1).values
+    best = scores.topk(keep, -1).values.sort(-1).values
+    assert (got - best).abs().max().item() < 1e-3, dtype
+    assert valid.all()
+print("ok")
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(native.kernel() is None, reason="no compiler here: the kernel does not build")
+@pytest.mark.parametrize("flags,cpu", [(AVX512, "avx2, avx512f"), (AVX2, "avx2"), ("", "baseline")],
+                         ids=["avx512-no-bf16", "avx2", "baseline"])
+def test_kernel_builds_and_runs_without_avx512_bf16(tmp_path, flags, cpu):
+    """Attention through the kernel against the float64 reference (float32, bf16, fp16), and the
+    fused top-k choice against float64 scores, unscreened (nothing to screen with)."""
+    env = dict(os.environ, MULTIHEAD_CACHE=str(tmp_path))
+    env.pop("MULTIHEAD_NATIVE", None)
+    run = subprocess.run([sys.executable, "-c", _CHECK.format(flags=flags, cpu=cpu)], env=env,
+                         capture_output=True, text=True, timeout=900)
+    assert run.returncode == 0 and run.stdout.strip().endswith("ok"), run.stdout + run.stderr
