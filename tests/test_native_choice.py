@@ -285,3 +285,24 @@ def test_topk_screens_long_float32_rows_only(monkeypatch):
     assert counts == [0, 2 * 64 if _screens() else 0, 0]
     assert torch.equal(plain.indices, screened.indices) and torch.equal(plain.valid, screened.valid)
     assert narrow.valid.all()
+
+
+@needs_kernel
+def test_explain_says_how_topk_chose(monkeypatch):
+    """``multihead.explain`` says how a dynamic pattern was resolved for this input: the kernel's
+    choice and how many rows it screened, or the unfused one; nothing for a static pattern."""
+    import multihead as mh
+
+    gen = torch.Generator().manual_seed(16)
+    q, k, v = (torch.randn(1, 2, 2048, 16, generator=gen) for _ in range(3))
+    fused = mh.explain(q, k, v, pattern=TopK(8), show=False)
+    screened = "4096 of 4096 rows ranked by bf16 products" in fused.pattern
+    assert fused.pattern.startswith("TopK(k=8): chosen by the native kernel") and screened == _screens()
+    assert f"pattern: {fused.pattern}" in str(fused).splitlines()[1]
+    small = mh.explain(q[:, :, :64], k[:, :, :64], v[:, :, :64], pattern=TopK(8) & Causal(), show=False)
+    assert small.pattern == "TopK(k=8): chosen by the native kernel"  # too few keys to screen
+    monkeypatch.setattr(select, "fused_choice", lambda q, k: False)
+    unfused = mh.explain(q, k, v, pattern=TopK(8), backend="blocksparse", show=False)
+    assert "torch.matmul" in unfused.pattern
+    static = mh.explain(q, k, v, pattern=Causal(), show=False)
+    assert static.pattern == "" and "pattern:" not in str(static)

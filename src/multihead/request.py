@@ -39,6 +39,8 @@ class Request:
     head_mix: tuple[Tensor | None, Tensor | None] | None = None
     #: How masked logits become weights (``multihead.normalizers``); backends declare which they serve.
     normalizer: Normalizer = Softmax()
+    #: How a dynamic pattern was resolved (``Resolution.how``), for ``multihead.explain``.
+    resolved_how: str = ""
 
     def restore(self, out: Tensor, weights: Tensor | None) -> tuple[Tensor, Tensor | None]:
         """Put the rows (and weight columns) of a permuted frame back in original order."""
@@ -250,9 +252,10 @@ def make_request(q, k, v, *, pattern=None, score=None, scale=None, dropout=0.0,
     head_mix = _check_head_mix(head_mix, q)
     dynamic, within = split_dynamic(pattern)
     q_order = kv_order = None
+    how = ""
     if dynamic is not None:
         resolution = dynamic.resolve(q, k, float(scale), within)
-        pattern, q_order, kv_order = resolution.pattern, resolution.q_order, resolution.kv_order
+        pattern, q_order, kv_order, how = resolution.pattern, resolution.q_order, resolution.kv_order, resolution.how
         if q_order is not None:
             heads = q.shape[1]
             if k.shape[1] != heads:
@@ -267,4 +270,4 @@ def make_request(q, k, v, *, pattern=None, score=None, scale=None, dropout=0.0,
     _check_pattern(pattern, q.shape[0], q.shape[1], q.shape[2], k.shape[2], q.device,
                    normalizer.allows_empty_rows)
     return Request(q, k, v, pattern, score, float(scale), float(dropout), bool(return_weights),
-                   q_order, kv_order, head_mix, normalizer)
+                   q_order, kv_order, head_mix, normalizer, how)

@@ -89,9 +89,13 @@ class Explanation:
     backend: str
     rule: str
     reasons: dict[str, str]
+    #: How a dynamic pattern (``TopK``) was resolved for this input; empty for a static one
+    pattern: str = ""
 
     def __str__(self) -> str:
         lines = [f"backend: {self.backend}  (auto rule: {self.rule})"]
+        if self.pattern:
+            lines.append(f"pattern: {self.pattern}")
         for name, why in self.reasons.items():
             lines.append(f"  {name:<10} {why}")
         return "\n".join(lines)
@@ -124,13 +128,14 @@ def choose(req: Request, backend: str) -> tuple[Backend, Explanation]:
             able = [n for n, why in reasons.items() if why is None]
             raise BackendError(f"backend {backend!r} cannot serve this request: it {reasons[backend]}. "
                                f"Backends that can: {able} (or backend='auto')")
-        explanation = Explanation(backend, "requested by name", _describe(req, reasons, backend, ()))
+        explanation = Explanation(backend, "requested by name", _describe(req, reasons, backend, ()), req.resolved_how)
         return BACKENDS[backend], explanation
     for rule, applies, order in AUTO_RULES:
         if applies(req):
             for name in order:
                 if reasons[name] is None:
-                    return BACKENDS[name], Explanation(name, rule, _describe(req, reasons, name, order))
+                    return BACKENDS[name], Explanation(name, rule, _describe(req, reasons, name, order),
+                                                       req.resolved_how)
     raise BackendError(f"no backend can serve this request: {reasons}")
 
 

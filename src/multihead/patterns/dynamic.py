@@ -37,6 +37,8 @@ class Resolution:
     pattern: Pattern
     q_order: Tensor | None = None
     kv_order: Tensor | None = None
+    #: How it was resolved, for ``multihead.explain`` (empty: nothing to say)
+    how: str = ""
 
 
 class DynamicPattern(Pattern):
@@ -172,8 +174,11 @@ class TopK(DynamicPattern):
             # the kernel makes the logits itself, a block of rows at a time against the keys those
             # rows may see: no chunks, no logits in memory, a head group's keys unrepeated
             start, end = (None, None) if spans is None else (spans.start, spans.end)
-            top_keys_of_products(q, k, keep, start, end, indices, valid)
-            return Resolution(KeySelection(indices, valid, kv_len))
+            screened = top_keys_of_products(q, k, keep, start, end, indices, valid)
+            how = f"{self!r}: chosen by the native kernel"
+            if screened:
+                how += f", {screened} of {batch * heads * q_len} rows ranked by bf16 products first, then rescored"
+            return Resolution(KeySelection(indices, valid, kv_len), how=how)
         keys = _expand_heads(k, heads)
         budget = max(1, SELECTION_CHUNK_ELEMENTS // (batch * heads))
         # one buffer for every chunk's logits: a fresh one per chunk (tens of MiB) would be mapped
@@ -193,7 +198,8 @@ class TopK(DynamicPattern):
                 top, ok = top_keys(logits, keep)  # ascending positions in the chunk's run
                 indices[:, :, lo:hi] = top + k0
                 valid[:, :, lo:hi] = ok
-        return Resolution(KeySelection(indices, valid, kv_len))
+        return Resolution(KeySelection(indices, valid, kv_len),
+                          how=f"{self!r}: chosen by torch.matmul and a selection, a chunk of rows at a time")
 
 
 def _selection_chunks(spans: Spans | None, q_len: int, kv_len: int, keep: int, budget: int):
