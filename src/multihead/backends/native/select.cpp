@@ -131,9 +131,8 @@ inline float lowered(float t, double margin) {
   if (margin == 0.0) return t;
   const double exact = static_cast<double>(t) - margin;
   if (exact <= std::numeric_limits<float>::lowest()) return std::numeric_limits<float>::lowest();
-  float f = static_cast<float>(exact);
-  if (static_cast<double>(f) > exact) f = std::nextafter(f, kNegInf);
-  return std::max(f, std::numeric_limits<float>::lowest());
+  const float f = static_cast<float>(exact);  // above lowest: so is f, and its next float down
+  return static_cast<double>(f) > exact ? std::nextafter(f, kNegInf) : f;
 }
 
 // The values x[i] >= t (> t when ``strict``), with their positions, in order, into b.value and
@@ -364,25 +363,37 @@ struct Choice {
   int64_t batch, heads, rows, d, n, kv_heads;
 };
 
-// The panels [p0, p1) that hold every key the rows [r0, r1) of (batch, head) row ``bh`` may see
-// (their intervals' union, clamped to the keys): a causal or local choice makes and selects from
-// those alone
-inline std::pair<int64_t, int64_t> panels_seen(const Choice& c, int64_t bh, int64_t r0, int64_t r1) {
-  const int64_t panels = (c.n + kPanel - 1) / kPanel;
-  if (!c.start) return {0, panels};
+// The keys [lo, hi) spanning the intervals' union of the rows [row0, row1) (indices into the
+// (B, H, rows) rows), clamped to the keys; every key without intervals; hi <= lo: none
+inline std::pair<int64_t, int64_t> keys_seen(const Choice& c, int64_t row0, int64_t row1) {
+  if (!c.start) return {0, c.n};
   int64_t lo = c.n, hi = 0;
-  for (int64_t i = (bh * c.rows + r0) * c.intervals, end = (bh * c.rows + r1) * c.intervals; i < end; ++i) {
+  for (int64_t i = row0 * c.intervals; i < row1 * c.intervals; ++i) {
     const int64_t a = std::clamp<int64_t>(c.start[i], 0, c.n), b = std::clamp<int64_t>(c.end[i], 0, c.n);
     if (b > a) lo = std::min(lo, a), hi = std::max(hi, b);
   }
+  return {lo, hi};
+}
+
+// The panels [p0, p1) that hold every key the rows [r0, r1) of (batch, head) row ``bh`` may see:
+// a causal or local choice makes and selects from those alone
+inline std::pair<int64_t, int64_t> panels_seen(const Choice& c, int64_t bh, int64_t r0, int64_t r1) {
+  const auto [lo, hi] = keys_seen(c, bh * c.rows + r0, bh * c.rows + r1);
   return hi > lo ? std::make_pair(lo / kPanel, (hi + kPanel - 1) / kPanel) : std::make_pair(int64_t(0), int64_t(0));
+}
+
+// The plain selection of a row of logits x (keys [from, from + n)): top_of_row
+inline auto plain_select(const Choice& c) {
+  return [&c](int64_t, int64_t, int64_t, const float* x, int64_t, int64_t n, Buffers& b, int64_t* out, bool* valid) {
+    top_of_row(x, n, c.keep, b, out, valid);
+  };
 }
 
 // Packs each (batch, key head)'s keys into panels of P, ``width`` per key (pack(b, kv head, out)),
 // then, a block of rows at a time per thread, makes their logits over the panels they may see
 // (products(b, h, r0, r1, panels, p0, p1, logits, ldo)), masks them and selects from them while
 // they are in L2 (select(b, h, r, x, from, n, buffers, out, valid): the row's logits x of the keys
-// [from, from + n); by default top_of_row)
+// [from, from + n); plain_select: top_of_row)
 template <typename P, typename Pack, typename Products, typename Select>
 void choose(const Choice& c, int64_t width, const Pack& pack, const Products& products, const Select& select) {
   const int64_t ldo = (c.n + kPanel - 1) / kPanel * kPanel, packed = ldo * width;
@@ -424,14 +435,6 @@ void choose(const Choice& c, int64_t width, const Pack& pack, const Products& pr
   });
 }
 
-template <typename P, typename Pack, typename Products>
-void choose(const Choice& c, int64_t width, const Pack& pack, const Products& products) {
-  choose<P>(c, width, pack, products,
-            [&c](int64_t, int64_t, int64_t, const float* x, int64_t, int64_t n, Buffers& b, int64_t* out, bool* valid) {
-              top_of_row(x, n, c.keep, b, out, valid);
-            });
-}
-
 // Rows [0, count) of x (row stride ld) as U: x itself when it is U, else converted into buf (row
 // stride d). float32 to bfloat16 rounds to nearest, ties to even.
 template <typename U, typename T>
@@ -464,7 +467,7 @@ void choose_widened(const Choice& c) {
       rows_dot_panel<decltype(R)::value>(q + r * ldq, ldq, panels + p * d * kPanel, d, logits + r * ldo + p * kPanel, ldo);
     });
   };
-  choose<float>(c, d, pack, products);
+  choose<float>(c, d, pack, products, plain_select(c));
 }
 
 #if defined(CPU_CAPABILITY_AVX512) && defined(__AVX512BF16__)
@@ -489,13 +492,6 @@ void choose_in_pairs(const Choice& c, const Select& select) {
     });
   };
   choose<uint32_t>(c, pairs, pack, products, select);
-}
-
-void choose_in_pairs(const Choice& c) {
-  choose_in_pairs<at::BFloat16>(
-      c, [&c](int64_t, int64_t, int64_t, const float* x, int64_t, int64_t n, Buffers& b, int64_t* out, bool* valid) {
-        top_of_row(x, n, c.keep, b, out, valid);
-      });
 }
 
 // a[0 .. 16), rows of 16 floats, transposed in registers: a[j] then holds element j of every row
@@ -619,11 +615,7 @@ double mean_keys_seen(const Choice& c) {
   if (!c.start) return static_cast<double>(c.n);
   double sum = 0;
   for (int64_t row = 0; row < c.batch * c.heads * c.rows; ++row) {
-    int64_t lo = c.n, hi = 0;
-    for (int64_t i = row * c.intervals; i < (row + 1) * c.intervals; ++i) {
-      const int64_t a = std::clamp<int64_t>(c.start[i], 0, c.n), b = std::clamp<int64_t>(c.end[i], 0, c.n);
-      if (b > a) lo = std::min(lo, a), hi = std::max(hi, b);
-    }
+    const auto [lo, hi] = keys_seen(c, row, row + 1);
     sum += static_cast<double>(std::max<int64_t>(hi - lo, 0));
   }
   return sum / static_cast<double>(std::max<int64_t>(1, c.batch * c.heads * c.rows));
@@ -668,7 +660,7 @@ int64_t top_keys_of_products(const at::Tensor& q, const at::Tensor& k, int64_t k
     choose_widened<at::Half>(c);
   } else {
 #if defined(CPU_CAPABILITY_AVX512) && defined(__AVX512BF16__)
-    choose_in_pairs(c);
+    choose_in_pairs<at::BFloat16>(c, plain_select(c));
 #else
     choose_widened<at::BFloat16>(c);
 #endif
