@@ -1295,6 +1295,14 @@ void row_combine(const C* p, const T* base, const int64_t* idx, int64_t n, int64
 template <typename C>
 void row_logits(const Score<C>& sc, C scale, const int64_t* kpos, int64_t W, int64_t head, int64_t qabs, C* s,
                 C* raw) {
+  if (!sc.pre && !sc.post && !(sc.cap > 0)) {  // scale alone
+    using V = Vec<C>;
+    const V vs(scale);
+    int64_t j = 0;
+    for (; j + V::size() <= W; j += V::size()) (vs * V::loadu(s + j)).store(s + j);
+    for (; j < W; ++j) s[j] *= scale;
+    return;
+  }
   const int64_t base = sc.base(qabs);
   const C* pre = sc.pre ? sc.pre + head * sc.lvec + base : nullptr;
   const C* post = sc.post ? sc.post + head * sc.lvec + base : nullptr;
@@ -1499,15 +1507,18 @@ inline bool streams(const at::Tensor& t) {  // every row starts on a 16-element 
 }
 
 // Dynamic scheduling: each thread pulls units from a shared counter one ahead, so that
-// ``ahead(next)`` can ask for the next unit's data before ``f(current)`` runs.
+// ``ahead(next)`` can ask for the next unit's data before ``f(current)`` runs; ``batch`` units a
+// pull, so that small units (a key list's row: about a microsecond) do not each pass the counter's
+// cache line between the cores.
 template <typename F, typename A>
-void for_each_unit(int64_t n, const F& f, const A& ahead) {
+void for_each_unit(int64_t n, const F& f, const A& ahead, int64_t batch = 1) {
   std::atomic<int64_t> next{0};
   const int64_t threads = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), n));
   at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
-    int64_t i = next.fetch_add(1);
+    int64_t i = next.fetch_add(batch), end = std::min(i + batch, n);
     while (i < n) {
-      const int64_t j = next.fetch_add(1);
+      int64_t j = i + 1;
+      if (j == end) j = next.fetch_add(batch), end = std::min(j + batch, n);
       if (j < n) ahead(j);
       f(i);
       i = j;
@@ -1516,6 +1527,10 @@ void for_each_unit(int64_t n, const F& f, const A& ahead) {
     _mm_sfence();  // streaming stores seen before the threads join
 #endif
   });
+}
+// Units a pull: up to 16, while leaving each thread 32 pulls or more to balance the load
+inline int64_t claim_size(int64_t units) {
+  return std::max<int64_t>(1, std::min<int64_t>(16, units / (32 * std::max(1, at::get_num_threads()))));
 }
 template <typename F>
 void for_each_unit(int64_t n, const F& f) {
@@ -1592,7 +1607,7 @@ std::vector<at::Tensor> forward_impl(const at::Tensor& q, const at::Tensor& k, c
       }
     }
     for (int64_t i = 0; i < M; ++i) lse_p[w.at[i]] = w.m[i];
-  }, ahead);
+  }, ahead, claim_size(n_units));
   return {out, lse};
 }
 
