@@ -137,18 +137,18 @@ def test_fused_choice_refuses_bad_input():
     out = torch.empty(1, 4, 8, 3, dtype=torch.long), torch.empty(1, 4, 8, 3, dtype=torch.bool)
     none = torch.empty(0, dtype=torch.long)
     with pytest.raises(RuntimeError, match="multiple of H_kv"):
-        ext.top_keys_of_products(q, torch.randn(1, 3, 20, 16), 3, none, none, *out, -1)
+        ext.top_keys_of_products(q, torch.randn(1, 3, 20, 16), 3, none, none, *out, -1, "auto")
     with pytest.raises(RuntimeError, match="float32, bfloat16 or float16"):
-        ext.top_keys_of_products(q.double(), k.double(), 3, none, none, *out, -1)
+        ext.top_keys_of_products(q.double(), k.double(), 3, none, none, *out, -1, "auto")
     with pytest.raises(RuntimeError, match="of one type"):
-        ext.top_keys_of_products(q, k.bfloat16(), 3, none, none, *out, -1)
+        ext.top_keys_of_products(q, k.bfloat16(), 3, none, none, *out, -1, "auto")
     with pytest.raises(RuntimeError, match="keep must be"):
-        ext.top_keys_of_products(q, k, 21, none, none, *out, -1)
+        ext.top_keys_of_products(q, k, 21, none, none, *out, -1, "auto")
     with pytest.raises(RuntimeError, match="shape"):
-        ext.top_keys_of_products(q, k, 4, none, none, *out, -1)
+        ext.top_keys_of_products(q, k, 4, none, none, *out, -1, "auto")
     with pytest.raises(RuntimeError, match="span"):
         ext.top_keys_of_products(q, k, 3, torch.zeros(1, 4, 7, 1, dtype=torch.long),
-                                 torch.zeros(1, 4, 7, 1, dtype=torch.long), *out, -1)
+                                 torch.zeros(1, 4, 7, 1, dtype=torch.long), *out, -1, "auto")
 
 
 @needs_kernel
@@ -175,42 +175,52 @@ def test_topk_runs_the_fused_choice_and_keeps_what_the_unfused_one_keeps(monkeyp
         _assert_keeps_largest(q, k, 7, chosen.indices, chosen.valid, allowed)
 
 
-def _both_ways(q, k, keep, start=None, end=None):
-    """The choice plain and screened by bf16 products (forced at any size): (plain, screened, rows
-    screened)."""
+def _both_ways(q, k, keep, by, start=None, end=None):
+    """The choice plain and screened by ``by`` products (forced at any size): (plain, screened,
+    ``Screened``)."""
     plain = _choose(q, k, keep, start, end, screen_keys=-1)
     shape = q.shape[:3] + (keep,)
     indices, valid = torch.full(shape, -1, dtype=torch.long), torch.zeros(shape, dtype=torch.bool)
-    screened = select.top_keys_of_products(q, k, keep, start, end, indices, valid, screen_keys=0)
+    screened = select.top_keys_of_products(q, k, keep, start, end, indices, valid, screen_keys=0, screen_by=by)
     return plain, (indices, valid), screened
 
 
-def _screens() -> bool:
-    return bool(native.kernel().bf16_pairs())
+def _screened(by: str, rows: int) -> select.Screened:
+    """What a forced screen by ``by`` reports on finite rows: all rows where the build has it."""
+    return select.Screened(rows, by) if by in select.screens() else select.Screened(0, "")
+
+
+SCREENS = pytest.mark.parametrize("by", ["int8", "bf16"])
 
 
 @needs_kernel
+@SCREENS
 @pytest.mark.parametrize("rows,n,d", [(1, 40, 1), (7, 33, 15), (70, 1000, 64), (130, 2100, 40), (9, 300, 80),
-                                      (20, 64, 17)])
+                                      (20, 64, 17), (6, 90, 6)])
 @pytest.mark.parametrize("keep", [1, 5, 31])
 @pytest.mark.parametrize("heads,kv_heads", [(2, 2), (4, 2)])
-def test_screened_choice_keeps_the_plain_choices_keys(rows, n, d, keep, heads, kv_heads):
-    """float32 rows ranked by bf16 products first, then the keys within the error bound of the cut
-    scored again in float32: the same indices and validity as the plain float32 choice, to the
-    bit (depths that are and are not multiples of the 16-element transposes, and odd ones)."""
+def test_screened_choice_keeps_the_plain_choices_keys(rows, n, d, keep, heads, kv_heads, by):
+    """float32 rows ranked by int8 or bf16 products first, then the keys within the error bound of
+    the cut scored again in float32: the same indices and validity as the plain float32 choice, to
+    the bit (depths that are and are not multiples of the 16-element transposes, of int8 quads
+    and of bf16 pairs)."""
     gen = torch.Generator().manual_seed(rows + n + d + keep)
     q, k = torch.randn(2, heads, rows, d, generator=gen), torch.randn(2, kv_heads, n, d, generator=gen)
-    plain, screened, count = _both_ways(q, k, keep)
-    assert count == (2 * heads * rows if _screens() else 0)
+    plain, screened, how = _both_ways(q, k, keep, by)
+    assert how == _screened(by, 2 * heads * rows)
     assert torch.equal(plain[0], screened[0]) and torch.equal(plain[1], screened[1])
 
 
 @needs_kernel
-@pytest.mark.parametrize("case", ["near_ties", "exact_ties", "tiny", "subnormal", "large", "one_large_key"])
-def test_screened_choice_holds_on_hard_scores(case):
+@SCREENS
+@pytest.mark.parametrize("case", ["near_ties", "exact_ties", "tiny", "subnormal", "large", "one_large_key",
+                                  "outlier_element", "zero_rows"])
+def test_screened_choice_holds_on_hard_scores(case, by):
     """Scores whose differences at the cut are below bf16's resolution (keys that are copies of one
     key up to 1e-4), exact ties (small integers: the first keys at the cut go, as in the plain
-    path), magnitudes from subnormal to 1e15, and one key whose norm widens every row's bound."""
+    path), magnitudes from subnormal to 1e15 (int8 scales whose products are subnormal), one key
+    whose norm widens every row's bound, an element that widens its row's int8 step, and rows and
+    keys of zeros."""
     gen = torch.Generator().manual_seed(11)
     rows, n, d, keep = 40, 700, 32, 12
     q, k = torch.randn(1, 2, rows, d, generator=gen), torch.randn(1, 2, n, d, generator=gen)
@@ -224,10 +234,15 @@ def test_screened_choice_holds_on_hard_scores(case):
         k = k * 1e-39
     elif case == "large":
         q, k = q * 1e15, k * 1e3
-    else:
+    elif case == "one_large_key":
         k[0, 1, 5] *= 1e4
-    plain, screened, count = _both_ways(q, k, keep)
-    assert count == (2 * rows if _screens() else 0)
+    elif case == "outlier_element":
+        q[..., 3] *= 100
+        k[..., 7] *= 100
+    else:
+        q[0, 0, ::3], k[0, 1, ::5] = 0, 0
+    plain, screened, how = _both_ways(q, k, keep, by)
+    assert how == _screened(by, 2 * rows)
     assert torch.equal(plain[0], screened[0]) and torch.equal(plain[1], screened[1])
     if case == "near_ties":  # the bf16 products alone rank these keys otherwise
         approx = _choose(q.bfloat16(), k.bfloat16(), keep)[0]
@@ -235,7 +250,8 @@ def test_screened_choice_holds_on_hard_scores(case):
 
 
 @needs_kernel
-def test_screened_choice_within_intervals():
+@SCREENS
+def test_screened_choice_within_intervals(by):
     """Causal, banded and scattered intervals, rows with fewer allowed keys than ``keep`` and with
     none: the same keys and validity as the plain choice."""
     gen = torch.Generator().manual_seed(12)
@@ -245,15 +261,16 @@ def test_screened_choice_within_intervals():
     scattered = torch.randint(-10, n + 5, (1, 4, rows, 3), generator=gen)
     for start, end in ((torch.zeros_like(i), i * 4 + 1), (i * 4 - 6, i * 4 + 6),
                        (scattered, scattered + torch.randint(-3, 40, (1, 4, rows, 3), generator=gen))):
-        plain, screened, count = _both_ways(q, k, keep, start, end)
-        assert count == (4 * rows if _screens() else 0)
+        plain, screened, how = _both_ways(q, k, keep, by, start, end)
+        assert how == _screened(by, 4 * rows)
         assert torch.equal(plain[0], screened[0]) and torch.equal(plain[1], screened[1])
         assert (~plain[1]).any()  # some row saw fewer than keep keys
 
 
 @needs_kernel
+@pytest.mark.parametrize("by", ["auto", "int8", "bf16"])
 @pytest.mark.parametrize("bad", ["nan_q", "inf_k", "huge"])
-def test_screened_choice_falls_back_where_no_bound_holds(bad):
+def test_screened_choice_falls_back_where_no_bound_holds(bad, by):
     """A NaN or inf in q or k, or products near float32's range, have no finite error bound: the
     call runs the plain choice (nothing screened) and ranks as it does."""
     gen = torch.Generator().manual_seed(13)
@@ -264,9 +281,37 @@ def test_screened_choice_falls_back_where_no_bound_holds(bad):
         k[0, 0, 9, 2] = float("inf")
     else:
         q, k = q * 1e19, k * 1e19
-    plain, screened, count = _both_ways(q, k, 5)
-    assert count == 0
+    plain, screened, how = _both_ways(q, k, 5, by)
+    assert how == select.Screened(0, "")
     assert torch.equal(plain[0], screened[0]) and torch.equal(plain[1], screened[1])
+
+
+@needs_kernel
+def test_auto_screen_takes_int8_unless_outliers_widen_its_bound():
+    """"auto" screens Gaussian rows by int8 products (their bound about 1.8 x the bf16 one), and
+    rows with an outlying element (an int8 step 40 x wider) by bf16 products; the same keys."""
+    gen = torch.Generator().manual_seed(17)
+    q, k = torch.randn(1, 2, 50, 64, generator=gen), torch.randn(1, 2, 600, 64, generator=gen)
+    outlying_q, outlying_k = q.clone(), k.clone()
+    outlying_q[..., 0] *= 40
+    outlying_k[..., 0] *= 40
+    have = select.screens()
+    fallback = "bf16" if "bf16" in have else ""  # where int8's bound is too wide, or there is no int8
+    for rows, keys, want in ((q, k, "int8" if "int8" in have else fallback), (outlying_q, outlying_k, fallback)):
+        plain, screened, how = _both_ways(rows, keys, 7, "auto")
+        assert how == (select.Screened(2 * 50, want) if want else select.Screened(0, ""))
+        assert torch.equal(plain[0], screened[0]) and torch.equal(plain[1], screened[1])
+
+
+def test_screen_by_is_checked():
+    ext = native.kernel()
+    if ext is None:
+        pytest.skip("no kernel")
+    q, k = torch.randn(1, 2, 8, 16), torch.randn(1, 2, 20, 16)
+    out = torch.empty(1, 2, 8, 3, dtype=torch.long), torch.empty(1, 2, 8, 3, dtype=torch.bool)
+    none = torch.empty(0, dtype=torch.long)
+    with pytest.raises(RuntimeError, match="screen_by must be"):
+        ext.top_keys_of_products(q, k, 3, none, none, *out, 0, "fp8")
 
 
 @needs_kernel
@@ -282,7 +327,7 @@ def test_topk_screens_long_float32_rows_only(monkeypatch):
     monkeypatch.setattr(select, "SCREEN_KEYS", 512)
     screened = TopK(8).resolve(q, k, 1.0, Full()).pattern
     narrow = TopK(8).resolve(q, k, 1.0, SlidingWindow(100, 100)).pattern
-    assert counts == [0, 2 * 64 if _screens() else 0, 0]
+    assert [c.rows for c in counts] == [0, 2 * 64 if select.screens() else 0, 0]
     assert torch.equal(plain.indices, screened.indices) and torch.equal(plain.valid, screened.valid)
     assert narrow.valid.all()
 
@@ -296,8 +341,10 @@ def test_explain_says_how_topk_chose(monkeypatch):
     gen = torch.Generator().manual_seed(16)
     q, k, v = (torch.randn(1, 2, 2048, 16, generator=gen) for _ in range(3))
     fused = mh.explain(q, k, v, pattern=TopK(8), show=False)
-    screened = "4096 of 4096 rows ranked by bf16 products" in fused.pattern
-    assert fused.pattern.startswith("TopK(k=8): chosen by the native kernel") and screened == _screens()
+    have = select.screens()
+    if have:
+        assert f"4096 of 4096 rows ranked by {have[0]} products first, then rescored" in fused.pattern
+    assert fused.pattern.startswith("TopK(k=8): chosen by the native kernel") and ("ranked" in fused.pattern) == bool(have)
     assert f"pattern: {fused.pattern}" in str(fused).splitlines()[1]
     small = mh.explain(q[:, :, :64], k[:, :, :64], v[:, :, :64], pattern=TopK(8) & Causal(), show=False)
     assert small.pattern == "TopK(k=8): chosen by the native kernel"  # too few keys to screen

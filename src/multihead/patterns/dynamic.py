@@ -176,8 +176,9 @@ class TopK(DynamicPattern):
             start, end = (None, None) if spans is None else (spans.start, spans.end)
             screened = top_keys_of_products(q, k, keep, start, end, indices, valid)
             how = f"{self!r}: chosen by the native kernel"
-            if screened:
-                how += f", {screened} of {batch * heads * q_len} rows ranked by bf16 products first, then rescored"
+            if screened.rows:
+                how += (f", {screened.rows} of {batch * heads * q_len} rows ranked by {screened.by} products first, "
+                        "then rescored")
             return Resolution(KeySelection(indices, valid, kv_len), how=how)
         keys = _expand_heads(k, heads)
         budget = max(1, SELECTION_CHUNK_ELEMENTS // (batch * heads))

@@ -50,7 +50,8 @@ def _vector_flags(flags: set[str]) -> list[str]:
     f16c = ["-mf16c"] if "f16c" in flags else []  # one-instruction float16 -> float32 scalars
     if {"avx512f", "avx512bw", "avx512vl", "avx512dq", "fma"} <= flags:
         bf16 = ["-mavx512bf16"] if "avx512_bf16" in flags else []  # bf16 pair products (vdpbf16ps)
-        return ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx2", "-mfma", *f16c, *bf16,
+        vnni = ["-mavx512vnni"] if "avx512_vnni" in flags else []  # int8 quad products (vpdpbusd)
+        return ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx2", "-mfma", *f16c, *bf16, *vnni,
                 "-DCPU_CAPABILITY=AVX512", "-DCPU_CAPABILITY_AVX512"]
     if {"avx2", "fma"} <= flags:
         return ["-mavx2", "-mfma", *f16c, "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"]

@@ -1810,9 +1810,11 @@ std::vector<at::Tensor> backward(const at::Tensor& q, const at::Tensor& k, const
 
 namespace multihead_native {
 std::vector<at::Tensor> top_keys(const at::Tensor& scores, int64_t keep);  // select.cpp
-int64_t top_keys_of_products(const at::Tensor& q, const at::Tensor& k, int64_t keep, const at::Tensor& span_start,
-                             const at::Tensor& span_end, const at::Tensor& indices, const at::Tensor& valid,
-                             int64_t screen_keys);  // select.cpp
+std::tuple<int64_t, std::string> top_keys_of_products(const at::Tensor& q, const at::Tensor& k, int64_t keep,
+                                                     const at::Tensor& span_start, const at::Tensor& span_end,
+                                                     const at::Tensor& indices, const at::Tensor& valid,
+                                                     int64_t screen_keys, const std::string& screen_by);  // select.cpp
+std::vector<std::string> screens();  // select.cpp
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -1820,8 +1822,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "top-k selection: (indices of each row's keep largest scores, ascending; whether each is above -inf)");
   m.def("top_keys_of_products", &multihead_native::top_keys_of_products,
         "TopK's choice fused with its q . k: writes each row's keep largest keys and their validity; float32 "
-        "rows that see screen_keys keys or more on average (-1: none) are screened by bf16 products where the CPU "
-        "has them; returns the rows screened");
+        "rows that see screen_keys keys or more on average (-1: none) are screened by int8 or bf16 products "
+        "(screen_by: 'auto', 'int8', 'bf16') where the CPU has them; returns (rows screened, by what)");
+  m.def("screens", &multihead_native::screens,
+        "the products this build can screen a float32 choice with ('int8': AVX-512 VNNI, 'bf16': AVX-512 BF16)");
   m.def("forward", &forward, "block-sparse attention forward: (out, lse)");
   m.def("backward", &backward, "block-sparse attention backward: (dq, dk, dv, dpre, dpost)");
   m.def("stream_bytes", &stream_bytes, "outputs of this many bytes or more are written past the caches");

@@ -24,6 +24,8 @@
 #include <cstring>
 #include <limits>
 #include <memory>
+#include <string>
+#include <tuple>
 #include <type_traits>
 #include <vector>
 
@@ -394,14 +396,20 @@ inline auto plain_select(const Choice& c) {
 // (products(b, h, r0, r1, panels, p0, p1, logits, ldo)), masks them and selects from them while
 // they are in L2 (select(b, h, r, x, from, n, buffers, out, valid): the row's logits x of the keys
 // [from, from + n); plain_select: top_of_row)
-template <typename P, typename Pack, typename Products, typename Select>
-void choose(const Choice& c, int64_t width, const Pack& pack, const Products& products, const Select& select) {
-  const int64_t ldo = (c.n + kPanel - 1) / kPanel * kPanel, packed = ldo * width;
+template <typename P, typename Pack>
+std::unique_ptr<P[]> packed_keys(const Choice& c, int64_t width, const Pack& pack) {
+  const int64_t packed = (c.n + kPanel - 1) / kPanel * kPanel * width;
   // every element written by pack (zeros past the last key): no clearing first
   std::unique_ptr<P[]> panels(new P[c.batch * c.kv_heads * packed]);
   at::parallel_for(0, c.batch * c.kv_heads, 1, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) pack(t / c.kv_heads, t % c.kv_heads, panels.get() + t * packed);
   });
+  return panels;
+}
+
+template <typename P, typename Products, typename Select>
+void choose_from(const Choice& c, int64_t width, const P* panels, const Products& products, const Select& select) {
+  const int64_t ldo = (c.n + kPanel - 1) / kPanel * kPanel, packed = ldo * width;
   const int64_t block = std::clamp<int64_t>(kLogitsPerThread / ldo, 1, 64), blocks = (c.rows + block - 1) / block;
   int64_t* ip = c.indices.data_ptr<int64_t>();
   bool* vp = c.valid.data_ptr<bool>();
@@ -413,7 +421,7 @@ void choose(const Choice& c, int64_t width, const Pack& pack, const Products& pr
       const int64_t bh = t / blocks, r0 = t % blocks * block, r1 = std::min(c.rows, r0 + block);
       const int64_t bi = bh / c.heads, h = bh % c.heads;
       const auto [p0, p1] = panels_seen(c, bh, r0, r1);
-      products(bi, h, r0, r1, panels.get() + (bi * c.kv_heads + h / (c.heads / c.kv_heads)) * packed, p0, p1,
+      products(bi, h, r0, r1, panels + (bi * c.kv_heads + h / (c.heads / c.kv_heads)) * packed, p0, p1,
                logits.data(), ldo);
       // the selection's keys [from, to): those of the panels made, or every key where they are
       // fewer than keep (the others are outside every interval, masked)
@@ -433,6 +441,11 @@ void choose(const Choice& c, int64_t width, const Pack& pack, const Products& pr
       }
     }
   });
+}
+
+template <typename P, typename Pack, typename Products, typename Select>
+void choose(const Choice& c, int64_t width, const Pack& pack, const Products& products, const Select& select) {
+  choose_from(c, width, packed_keys<P>(c, width, pack).get(), products, select);
 }
 
 // Rows [0, count) of x (row stride ld) as U: x itself when it is U, else converted into buf (row
@@ -493,7 +506,9 @@ void choose_in_pairs(const Choice& c, const Select& select) {
   };
   choose<uint32_t>(c, pairs, pack, products, select);
 }
+#endif
 
+#if defined(CPU_CAPABILITY_AVX512)
 // a[0 .. 16), rows of 16 floats, transposed in registers: a[j] then holds element j of every row
 inline void transpose_16x16(__m512 a[16]) {
   __m512 u[16];
@@ -551,61 +566,247 @@ inline double norm_above(const float* x, int64_t d) {
   return std::sqrt(sum * (1 + 1e-12));
 }
 
-// The float32 choice screened by bfloat16 products (vdpbf16ps: 32 multiply-adds where a float32
-// fma does 16). A product of the bf16-rounded rows, summed in float32, is within
-// E = rel ||q|| max ||k|| + abs of the float32 one: rel covers the two roundings (2u + u^2, u = 2^-8)
-// and both sums' float32 error, abs the subnormals that vdpbf16ps flushes. So every key among the
-// row's keep largest float32 scores has its bf16 product within 2 E of the keep-th largest bf16
-// product; those candidates (about keep and a few more on random data) are scored again as the
-// float32 path scores them (exact_scores) and chosen from as it chooses: the same keys, to the bit.
-// Returns false, with nothing written, where a bound would not be finite (a NaN or inf in q or k,
-// products near float32's range).
-bool choose_screened(const Choice& c) {
-  const float* qp = c.q.data_ptr<float>();
-  const float* kp = c.k.data_ptr<float>();
-  std::vector<double> q_norm(c.batch * c.heads * c.rows), k_max(c.batch * c.kv_heads, 0.0);
+// The float32 choice screened: every row's scores first come from a cheaper product (int8 or
+// bfloat16 roundings of q and k) whose error against the float32 product the plain path makes has
+// a bound E per row. Every key among the row's keep largest float32 scores then has a screen score
+// within 2 E of the keep-th largest screen score (k keys reach that one, so their float32 scores
+// are at least it - E); those candidates (about keep and a few dozen more on random data) are
+// scored again as the float32 path scores them (exact_scores) and chosen from as it chooses: the
+// same keys, to the bit.
+//
+// Both bounds are built from norms computed in float64 and rounded up (u: the screen's rounding,
+// gamma = d 2^-24 / (1 - d 2^-24): a float32 sum of d products):
+// - bf16 (vdpbf16ps: 32 multiply-adds where a float32 fma does 16): ||q|| max ||k|| times
+//   (2u + u^2) + gamma ((1 + u)^2 + 1), u = 2^-8, for the two roundings and both sums;
+// - int8 (vpdpbusd: 64 multiply-adds, exact in int32): q ~ s_q q8 with s_q = max |q| / 127 and the
+//   same for each key; then q . k - (s_q q8) . (s_k k8) = e_q . k + (s_q q8) . e_k, so
+//   ||e_q|| max ||k|| + ||s_q q8|| max ||e_k||, plus the float32 sum's gamma ||q|| max ||k||, plus
+//   2^-23 ||s_q q8|| max ||s_k k8|| for the two float32 products that scale the exact integer sum.
+// An absolute term covers subnormals (flushed by vdpbf16ps, or results of the scaling).
+struct Screen {
+  std::vector<double> q_norm, k_max;  // ||q|| per row, max ||k|| per (batch, key head)
+  bool finite = true;                 // every norm finite and products far from float32's range
+};
+
+inline const float* q_row(const Choice& c, int64_t row) {  // row of the (B, H, rows) rows
+  return c.q.data_ptr<float>() + row / (c.heads * c.rows) * c.q.stride(0) + row / c.rows % c.heads * c.q.stride(1) +
+         row % c.rows * c.q.stride(2);
+}
+inline const float* k_row(const Choice& c, int64_t group, int64_t j) {  // key j of (batch, key head) group
+  return c.k.data_ptr<float>() + group / c.kv_heads * c.k.stride(0) + group % c.kv_heads * c.k.stride(1) +
+         j * c.k.stride(2);
+}
+inline int64_t group_of(const Choice& c, int64_t bi, int64_t h) { return bi * c.kv_heads + h / (c.heads / c.kv_heads); }
+
+Screen screen_of(const Choice& c) {
+  Screen s;
+  s.q_norm.resize(c.batch * c.heads * c.rows), s.k_max.assign(c.batch * c.kv_heads, 0.0);
   at::parallel_for(0, c.batch * c.heads * c.rows, 256, [&](int64_t t0, int64_t t1) {
-    for (int64_t t = t0; t < t1; ++t) {
-      const int64_t b = t / (c.heads * c.rows), h = t / c.rows % c.heads, r = t % c.rows;
-      q_norm[t] = norm_above(qp + b * c.q.stride(0) + h * c.q.stride(1) + r * c.q.stride(2), c.d);
-    }
+    for (int64_t t = t0; t < t1; ++t) s.q_norm[t] = norm_above(q_row(c, t), c.d);
   });
   at::parallel_for(0, c.batch * c.kv_heads, 1, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t)
       for (int64_t j = 0; j < c.n; ++j) {  // a NaN norm makes the maximum NaN
-        const double norm = norm_above(kp + t / c.kv_heads * c.k.stride(0) + t % c.kv_heads * c.k.stride(1) +
-                                           j * c.k.stride(2), c.d);
-        k_max[t] = std::isnan(norm) || std::isnan(k_max[t]) ? norm : std::max(k_max[t], norm);
+        const double norm = norm_above(k_row(c, t, j), c.d);
+        s.k_max[t] = std::isnan(norm) || std::isnan(s.k_max[t]) ? norm : std::max(s.k_max[t], norm);
       }
   });
-  const double largest = *std::max_element(q_norm.begin(), q_norm.end()) *
-                         *std::max_element(k_max.begin(), k_max.end());
-  for (double x : q_norm)
-    if (!std::isfinite(x)) return false;
-  for (double x : k_max)
-    if (!std::isfinite(x)) return false;
-  if (!(largest < 1e37)) return false;
-  const double u = std::ldexp(1.0, -8), d = static_cast<double>(c.d), gamma = d * std::ldexp(1.0, -24) / (1 - d * std::ldexp(1.0, -24));
-  const double rel = ((2 * u + u * u) + gamma * ((1 + u) * (1 + u) + 1)) * (1 + 1e-6);
-  const double tiny = std::ldexp(1.0, -125);
-  auto select = [&](int64_t bi, int64_t h, int64_t r, const float* x, int64_t from, int64_t n, Buffers& b,
-                    int64_t* out, bool* valid) {
+  for (double x : s.q_norm) s.finite = s.finite && std::isfinite(x);
+  for (double x : s.k_max) s.finite = s.finite && std::isfinite(x);
+  if (s.finite)
+    s.finite = *std::max_element(s.q_norm.begin(), s.q_norm.end()) * *std::max_element(s.k_max.begin(), s.k_max.end()) < 1e37;
+  return s;
+}
+
+inline double gamma_of(int64_t d) {
+  const double x = static_cast<double>(d) * std::ldexp(1.0, -24);
+  return x / (1 - x);
+}
+// The absolute part of both bounds: subnormal products and sums
+inline double tiny_term(const Choice& c, double qn, double kn) {
+  const double d = static_cast<double>(c.d);
+  return std::ldexp(1.0, -125) * (std::sqrt(d) * (qn + kn) + d) + std::ldexp(1.0, -149) * (127.0 * 127.0 * d + 1);
+}
+// E for a row against bf16 products
+inline double bf16_bound(const Choice& c, double qn, double kn) {
+  const double u = std::ldexp(1.0, -8), gamma = gamma_of(c.d);
+  return ((2 * u + u * u) + gamma * ((1 + u) * (1 + u) + 1)) * (1 + 1e-6) * qn * kn + tiny_term(c, qn, kn);
+}
+
+// The screened selection of a row x (screen scores of the keys [from, from + n)): the candidates
+// within margin(row, group) of the cut, scored again in float32, then chosen from
+template <typename Margin>
+auto screened_select(const Choice& c, const Margin& margin_of) {
+  return [&c, margin_of](int64_t bi, int64_t h, int64_t r, const float* x, int64_t from, int64_t n, Buffers& b,
+                         int64_t* out, bool* valid) {
     if (c.keep >= n) return top_of_row(x, n, c.keep, b, out, valid);  // no value compared with another
-    const int64_t row = (bi * c.heads + h) * c.rows + r, group = bi * c.kv_heads + h / (c.heads / c.kv_heads);
-    const double qn = q_norm[row], kn = k_max[group];
-    const double margin = 2 * (rel * qn * kn + tiny * (std::sqrt(d) * (qn + kn) + d));
+    const int64_t row = (bi * c.heads + h) * c.rows + r, group = group_of(c, bi, h);
+    const double margin = margin_of(row, group);
     int64_t count = candidates(x, n, c.keep, margin, b);
     TORCH_CHECK(count >= 0, "top_keys_of_products: a NaN among screened products of finite rows");
     if (count < c.keep) return keep_all_above_inf(x, n, c.keep, count, out, valid);
-    if (count > c.keep) {  // the candidates within the margin of the keep-th largest product
+    if (count > c.keep) {  // the candidates within the margin of the keep-th largest screen score
       count = keep_at_least(lowered(kth_largest(b.value.data(), count, c.keep, b.keys), margin), count, b);
-      exact_scores(qp + bi * c.q.stride(0) + h * c.q.stride(1) + r * c.q.stride(2),
-                   kp + bi * c.k.stride(0) + (group % c.kv_heads) * c.k.stride(1) + from * c.k.stride(2),
-                   c.k.stride(2), c.d, b.index.data(), count, b.value.data());
+      exact_scores(q_row(c, row), k_row(c, group, from), c.k.stride(2), c.d, b.index.data(), count, b.value.data());
     }
     keep_largest(count, c.keep, b, out, valid);
   };
-  choose_in_pairs<float>(c, select);
+}
+#endif
+
+#if defined(CPU_CAPABILITY_AVX512) && defined(__AVX512BF16__)
+void choose_screened_bf16(const Choice& c, const Screen& s) {
+  choose_in_pairs<float>(c, screened_select(c, [&](int64_t row, int64_t group) {
+    return 2 * bf16_bound(c, s.q_norm[row], s.k_max[group]);
+  }));
+}
+#endif
+
+#if defined(CPU_CAPABILITY_AVX512) && defined(__AVX512VNNI__)
+constexpr int64_t kInt8Depth = 1024;  // d * 127^2 below 2^24: the integer sums are exact in float32
+// int8 screens where their bounds average at most this many times the bf16 ones (1.8 on Gaussian rows,
+// whose int8 screen leaves about 150 candidates of 16k for 105): the products cost
+// 0.42 x (measured: 64 multiply-adds per vpdpbusd at 3.2 G/s a core, 32 per vdpbf16ps at 2.6 G/s)
+constexpr double kInt8Worse = 3.0;
+
+// x[0 .. d) in steps of s = max |x| / 127 (float32): x ~ s q, q[e] in [-127, 127] (d rounded up to
+// whole quads of int8, zeros past d, into q); ||x - s q|| and ||s q|| in float64, rounded up
+struct Rounded {
+  float scale;
+  double error, norm;
+  int32_t sum;  // of q
+};
+inline Rounded round_to_int8(const float* x, int64_t d, int8_t* q) {
+  float top = 0;
+  for (int64_t e = 0; e < d; ++e) top = std::max(top, std::fabs(x[e]));
+  const float scale = top / 127.0f;
+  double error = 0, norm = 0;
+  int32_t sum = 0;
+  for (int64_t e = 0; e < (d + 3) / 4 * 4; ++e) {
+    int32_t v = 0;
+    if (e < d && scale > 0) v = static_cast<int32_t>(std::clamp(std::nearbyint(x[e] / scale), -127.0f, 127.0f));
+    q[e] = static_cast<int8_t>(v), sum += v;
+    if (e >= d) continue;
+    const double kept = static_cast<double>(scale) * v, lost = static_cast<double>(x[e]) - kept;  // kept exact
+    error = std::fma(lost, lost, error), norm = std::fma(kept, kept, norm);
+  }
+  return {scale, std::sqrt(error * (1 + 1e-12)) * (1 + 1e-12), std::sqrt(norm * (1 + 1e-12)) * (1 + 1e-12), sum};
+}
+
+// Keys in int8 quad panels: key 32 p + j's elements 4 e .. 4 e + 3 (each k8 + 128, unsigned bytes)
+// at [e][j] of panel p, and its scale at scales[32 p + j] (0 past the last key)
+struct Int8Keys {
+  std::vector<float> scales;   // (groups, ldo)
+  std::vector<double> error, norm;  // max ||e_k|| and max ||s_k k8|| per group
+};
+void pack_int8_panels(const Choice& c, int64_t group, int64_t ldo, uint32_t* out, Int8Keys& keys) {
+  const int64_t quads = (c.d + 3) / 4;
+  std::vector<int8_t> q(quads * 4);
+  float* scales = keys.scales.data() + group * ldo;
+  double error = 0, norm = 0;
+  for (int64_t key = 0; key < ldo; ++key) {
+    uint32_t* at = out + key / kPanel * quads * kPanel + key % kPanel;
+    if (key >= c.n) {
+      scales[key] = 0;
+      for (int64_t e = 0; e < quads; ++e) at[e * kPanel] = 0x80808080u;
+      continue;
+    }
+    const Rounded r = round_to_int8(k_row(c, group, key), c.d, q.data());
+    scales[key] = r.scale, error = std::max(error, r.error), norm = std::max(norm, r.norm);
+    for (int64_t e = 0; e < quads; ++e) {
+      uint32_t quad;
+      std::memcpy(&quad, q.data() + 4 * e, 4);
+      at[e * kPanel] = quad ^ 0x80808080u;  // each byte plus 128
+    }
+  }
+  keys.error[group] = error, keys.norm[group] = norm;
+}
+
+// out[r][0 .. 32) = s_q[r] s_k[j] (q8_r . k8_j) for R rows against a panel's 32 keys: the keys'
+// bytes (k8 + 128) times a broadcast quad of q8 (vpdpbusd), less 128 sum(q8), exact in int32,
+// then scaled in float32 (two roundings)
+template <int R>
+void rows_dot_int8_panel(const uint32_t* q, int64_t ldq, const int32_t* offset, const float* q_scale,
+                         const uint32_t* panel, const float* k_scale, int64_t quads, float* out, int64_t ldo) {
+  __m512i acc[R][2];
+  for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_si512();
+  for (int64_t e = 0; e < quads; ++e) {
+    const __m512i k0 = _mm512_loadu_si512(panel + e * kPanel), k1 = _mm512_loadu_si512(panel + e * kPanel + 16);
+    for (int r = 0; r < R; ++r) {
+      const __m512i qe = _mm512_set1_epi32(static_cast<int32_t>(q[r * ldq + e]));
+      acc[r][0] = _mm512_dpbusd_epi32(acc[r][0], k0, qe);
+      acc[r][1] = _mm512_dpbusd_epi32(acc[r][1], k1, qe);
+    }
+  }
+  const __m512 s0 = _mm512_loadu_ps(k_scale), s1 = _mm512_loadu_ps(k_scale + 16);
+  for (int r = 0; r < R; ++r) {
+    const __m512i o = _mm512_set1_epi32(offset[r]);
+    const __m512 sq = _mm512_set1_ps(q_scale[r]);
+    _mm512_storeu_ps(out + r * ldo, _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(acc[r][0], o)), _mm512_mul_ps(sq, s0)));
+    _mm512_storeu_ps(out + r * ldo + 16,
+                     _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(acc[r][1], o)), _mm512_mul_ps(sq, s1)));
+  }
+}
+
+// Every row rounded to int8 quads (all rows at once: 4 d bytes each), with its bound's terms
+struct Int8Rows {
+  std::vector<uint32_t> quads;
+  std::vector<int32_t> offset;  // 128 sum(q8)
+  std::vector<float> scale;
+  std::vector<double> error, norm;
+};
+Int8Rows int8_rows(const Choice& c) {
+  const int64_t rows = c.batch * c.heads * c.rows, quads = (c.d + 3) / 4;
+  Int8Rows q{std::vector<uint32_t>(rows * quads), std::vector<int32_t>(rows), std::vector<float>(rows),
+             std::vector<double>(rows), std::vector<double>(rows)};
+  at::parallel_for(0, rows, 256, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      const Rounded r = round_to_int8(q_row(c, t), c.d, reinterpret_cast<int8_t*>(q.quads.data() + t * quads));
+      q.offset[t] = 128 * r.sum, q.scale[t] = r.scale, q.error[t] = r.error, q.norm[t] = r.norm;
+    }
+  });
+  return q;
+}
+
+// E for a row against int8 products (keys: its group's maxima)
+inline double int8_bound(const Choice& c, double qn, double kn, double q_error, double q_norm, double k_error,
+                         double k_norm) {
+  return (q_error * kn + q_norm * k_error + gamma_of(c.d) * qn * kn + std::ldexp(1.0, -23) * q_norm * k_norm) *
+             (1 + 1e-6) + tiny_term(c, qn, kn);
+}
+
+// The choice screened by int8 products, where their bounds are within ``worse`` x the bf16 ones
+// on average over rows (outlying elements widen an int8 step: then false, nothing written)
+bool choose_screened_int8(const Choice& c, const Screen& s, double worse) {
+  const Int8Rows q = int8_rows(c);
+  const int64_t quads = (c.d + 3) / 4, ldo = (c.n + kPanel - 1) / kPanel * kPanel, groups = c.batch * c.kv_heads;
+  Int8Keys keys{std::vector<float>(groups * ldo), std::vector<double>(groups), std::vector<double>(groups)};
+  // the keys' maxima (for every row's bound) are known once every group is packed
+  const auto panels = packed_keys<uint32_t>(c, quads, [&](int64_t b, int64_t g, uint32_t* out) {
+    pack_int8_panels(c, b * c.kv_heads + g, ldo, out, keys);
+  });
+  auto bound = [&](int64_t row, int64_t group) {
+    return int8_bound(c, s.q_norm[row], s.k_max[group], q.error[row], q.norm[row], keys.error[group], keys.norm[group]);
+  };
+  double int8 = 0, bf16 = 0;
+  for (int64_t row = 0; row < c.batch * c.heads * c.rows; ++row) {
+    const int64_t group = group_of(c, row / (c.heads * c.rows), row / c.rows % c.heads);
+    int8 += bound(row, group), bf16 += bf16_bound(c, s.q_norm[row], s.k_max[group]);
+  }
+  if (!(int8 <= worse * bf16)) return false;
+  auto products = [&](int64_t b, int64_t h, int64_t r0, int64_t r1, const uint32_t* panels, int64_t p0, int64_t p1,
+                      float* logits, int64_t ldo_) {
+    const int64_t row0 = (b * c.heads + h) * c.rows + r0;
+    const float* k_scale = keys.scales.data() + group_of(c, b, h) * ldo_;
+    for_row_groups(r1 - r0, p0, p1, [&](auto R, int64_t r, int64_t p) {
+      rows_dot_int8_panel<decltype(R)::value>(q.quads.data() + (row0 + r) * quads, quads, q.offset.data() + row0 + r,
+                                              q.scale.data() + row0 + r, panels + p * quads * kPanel,
+                                              k_scale + p * kPanel, quads, logits + r * ldo_ + p * kPanel, ldo_);
+    });
+  };
+  choose_from(c, quads, panels.get(), products, screened_select(c, [&](int64_t row, int64_t group) {
+    return 2 * bound(row, group);
+  }));
   return true;
 }
 #endif
@@ -623,9 +824,10 @@ double mean_keys_seen(const Choice& c) {
 
 }  // namespace
 
-int64_t top_keys_of_products(const at::Tensor& q, const at::Tensor& k, int64_t keep, const at::Tensor& span_start,
-                             const at::Tensor& span_end, const at::Tensor& indices, const at::Tensor& valid,
-                             int64_t screen_keys) {
+std::tuple<int64_t, std::string> top_keys_of_products(const at::Tensor& q, const at::Tensor& k, int64_t keep,
+                                                     const at::Tensor& span_start, const at::Tensor& span_end,
+                                                     const at::Tensor& indices, const at::Tensor& valid,
+                                                     int64_t screen_keys, const std::string& screen_by) {
   TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && q.size(0) == k.size(0) && q.size(3) == k.size(3) &&
                   k.size(1) >= 1 && q.size(1) % k.size(1) == 0,
               "top_keys_of_products: q (B, H, rows, d) and k (B, H_kv, keys, d) with H a multiple of H_kv");
@@ -640,6 +842,8 @@ int64_t top_keys_of_products(const at::Tensor& q, const at::Tensor& k, int64_t k
                   indices.size(1) == heads && indices.size(2) == rows && indices.size(3) == keep &&
                   indices.stride(3) == 1 && valid.stride(3) == 1,
               "top_keys_of_products: indices (int64) and valid (bool) of shape (B, H, rows, keep)");
+  TORCH_CHECK(screen_by == "auto" || screen_by == "int8" || screen_by == "bf16",
+              "top_keys_of_products: screen_by must be 'auto', 'int8' or 'bf16', got '", screen_by, "'");
   const bool masked = span_start.numel() > 0;
   if (masked)
     TORCH_CHECK(span_start.scalar_type() == at::kLong && span_end.scalar_type() == at::kLong &&
@@ -651,9 +855,22 @@ int64_t top_keys_of_products(const at::Tensor& q, const at::Tensor& k, int64_t k
                  masked ? span_start.data_ptr<int64_t>() : nullptr, masked ? span_end.data_ptr<int64_t>() : nullptr,
                  batch, heads, rows, q.size(3), n, k.size(1)};
   if (type == at::kFloat) {
-#if defined(CPU_CAPABILITY_AVX512) && defined(__AVX512BF16__)
-    if (screen_keys >= 0 && mean_keys_seen(c) >= static_cast<double>(screen_keys) && choose_screened(c))
-      return batch * heads * rows;
+#if defined(CPU_CAPABILITY_AVX512)
+    if (screen_keys >= 0 && mean_keys_seen(c) >= static_cast<double>(screen_keys)) {
+      const Screen s = screen_of(c);
+      const int64_t all = batch * heads * rows;
+#if defined(__AVX512VNNI__)
+      if (s.finite && screen_by != "bf16" && c.d <= kInt8Depth &&
+          choose_screened_int8(c, s, screen_by == "int8" ? std::numeric_limits<double>::infinity() : kInt8Worse))
+        return {all, "int8"};
+#endif
+#if defined(__AVX512BF16__)
+      if (s.finite && screen_by != "int8") {
+        choose_screened_bf16(c, s);
+        return {all, "bf16"};
+      }
+#endif
+    }
 #endif
     choose_widened<float>(c);
   } else if (type == at::kHalf) {
@@ -665,7 +882,19 @@ int64_t top_keys_of_products(const at::Tensor& q, const at::Tensor& k, int64_t k
     choose_widened<at::BFloat16>(c);
 #endif
   }
-  return 0;
+  return {0, ""};
+}
+
+// The screens this build has, in the order "auto" tries them
+std::vector<std::string> screens() {
+  std::vector<std::string> out;
+#if defined(CPU_CAPABILITY_AVX512) && defined(__AVX512VNNI__)
+  out.push_back("int8");
+#endif
+#if defined(CPU_CAPABILITY_AVX512) && defined(__AVX512BF16__)
+  out.push_back("bf16");
+#endif
+  return out;
 }
 
 std::vector<at::Tensor> top_keys(const at::Tensor& scores, int64_t keep) {
