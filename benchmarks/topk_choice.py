@@ -1,12 +1,15 @@
-"""``TopK``'s choice of keys on CPU: the native kernel (screened by bf16 products where it applies),
-the kernel without the screen, and the unfused path, against a dense SDPA forward.
+"""``TopK``'s choice of keys on CPU: the native kernel (screened by int8 or bf16 products where it
+applies), the kernel screened by bf16 products, without the screen, and the unfused path, against a
+dense SDPA forward.
 
 For each case (B=1, H=8, D=64; ``TopK(64)`` alone and under ``Causal()``, ``TopK(16)`` in a
 128-key window; float32 and bfloat16) ``TopK(k).resolve`` is timed in interleaved rounds (best of
-``--repeats``) three ways:
+``--repeats``) four ways:
 
 - ``kernel``: what runs by default, ``top_keys_of_products``; float32 rows that see
-  ``select.SCREEN_KEYS`` keys or more are ranked by bf16 products first, then rescored in float32;
+  ``select.SCREEN_KEYS`` keys or more are ranked by int8 products first (bf16 ones where int8's
+  error bound is too wide, or the CPU lacks AVX-512 VNNI), then rescored in float32;
+- ``bf16 screen``: the same kernel screening by bf16 products (float32, where the CPU has them);
 - ``no screen``: the same kernel with the screen off (float32 only; it keeps the same keys);
 - ``unfused``: ``torch.matmul`` into chunks of logits, then ``top_keys``;
 
@@ -42,8 +45,9 @@ PATTERNS = (("TopK(64)", TopK(64), Full()), ("TopK(64) & Causal()", TopK(64), Ca
             ("TopK(16) & SlidingWindow(128, 128)", TopK(16), SlidingWindow(128, 128)))
 
 
-def _screened_rows(q, k, keep: int, within) -> int:
-    """How many rows the kernel screens for this input (0 without AVX-512 BF16 or below the size)."""
+def _screened(q, k, keep: int, within) -> select.Screened:
+    """How many rows the kernel screens for this input, and by what (none without the products or
+    below the size)."""
     n = k.shape[2]
     spans = None if isinstance(within, Full) else within.spans(q.shape[2], n, q.device)
     shape = q.shape[:3] + (keep,)
@@ -69,9 +73,12 @@ def measure(tokens: int, name: str, top: TopK, within, dtype, repeats: int) -> d
     fns = {"kernel": choose(), "unfused": choose(fused_choice=lambda q, k: False), "dense": dense}
     if dtype == torch.float32:
         fns["no screen"] = choose(SCREEN_KEYS=sys.maxsize)
+        if "bf16" in select.screens():
+            fns["bf16 screen"] = choose(SCREEN_BY="bf16")
     got = time_interleaved(fns, repeats=repeats, warmup=1)
+    screened = _screened(q, k, min(top.k, tokens), within)
     row = {"tokens": tokens, "pattern": name, "dtype": str(dtype).removeprefix("torch."),
-           "screened_rows": _screened_rows(q, k, min(top.k, tokens), within), "rows": 8 * tokens}
+           "screened_rows": screened.rows, "screened_by": screened.by, "rows": 8 * tokens}
     for path, timing in got.items():
         row[f"{path} s"] = min(timing.samples)
 
@@ -80,22 +87,27 @@ def measure(tokens: int, name: str, top: TopK, within, dtype, repeats: int) -> d
 
     row["kernel / unfused"] = ratio("kernel", "unfused")
     row["kernel / dense"] = ratio("kernel", "dense")
-    if "no screen" in got:
-        row["kernel / no screen"] = ratio("kernel", "no screen")
+    for other in ("no screen", "bf16 screen"):
+        if other in got:
+            row[f"kernel / {other}"] = ratio("kernel", other)
     return row
 
 
-COLUMNS = ("tokens", "pattern", "dtype", "rows screened", "kernel s", "no screen s", "unfused s", "dense SDPA fwd s",
-           "kernel / no screen", "kernel / unfused", "kernel / dense")
+COLUMNS = ("tokens", "pattern", "dtype", "rows screened", "kernel s", "bf16 screen s", "no screen s", "unfused s",
+           "dense SDPA fwd s", "kernel / bf16 screen", "kernel / no screen", "kernel / unfused", "kernel / dense")
 
 
 def markdown(rows: list[dict], machine: str) -> str:
     def cell(r, key, spec):
         return format(r[key], spec) if r.get(key) is not None else "-"
 
-    cells = [[str(r["tokens"]), f"`{r['pattern']}`", r["dtype"], f"{r['screened_rows']} / {r['rows']}",
-              *(cell(r, key, ".3f") for key in ("kernel s", "no screen s", "unfused s", "dense s")),
-              *(cell(r, key, ".2f") for key in ("kernel / no screen", "kernel / unfused", "kernel / dense"))]
+    def screened(r):
+        return f"{r['screened_rows']} / {r['rows']}" + (f" ({r['screened_by']})" if r["screened_by"] else "")
+
+    cells = [[str(r["tokens"]), f"`{r['pattern']}`", r["dtype"], screened(r),
+              *(cell(r, key, ".3f") for key in ("kernel s", "bf16 screen s", "no screen s", "unfused s", "dense s")),
+              *(cell(r, key, ".2f") for key in ("kernel / bf16 screen", "kernel / no screen", "kernel / unfused",
+                                                 "kernel / dense"))]
              for r in rows]
     return markdown_table(f"Measured on {machine}", "", COLUMNS, COLUMNS[:4], cells) + "\n"
 

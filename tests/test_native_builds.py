@@ -1,6 +1,6 @@
-"""The native kernel built for CPUs without AVX-512 BF16 (AVX-512 alone, AVX2, no vector extension):
-this machine has it, so ``make test`` never compiles the other branches. Each build runs in a
-process of its own (one kernel per process), from a cache folder of its own."""
+"""The native kernel built for CPUs without AVX-512 BF16 (AVX-512 with VNNI, AVX-512 alone, AVX2, no
+vector extension): this machine has it, so ``make test`` never compiles the other branches. Each
+build runs in a process of its own (one kernel per process), from a cache folder of its own."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ import pytest
 from multihead.backends import native
 
 AVX512 = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c"
+AVX512_VNNI = AVX512 + ",avx512_vnni"
 AVX2 = "avx2,fma,f16c"
 
 _CHECK = """
@@ -42,7 +43,13 @@ for dtype in (torch.float32, torch.bfloat16, torch.float16):
     indices = torch.empty(1, 4, 300, keep, dtype=torch.long)
     valid = torch.empty(1, 4, 300, keep, dtype=torch.bool)
     screened = select.top_keys_of_products(q.to(dtype), k.to(dtype), keep, None, None, indices, valid, screen_keys=0)
-    assert screened == 0  # no bf16 products to screen with
+    # int8 products screen float32 rows where the build has AVX-512 VNNI; nothing else is screened
+    int8 = dtype == torch.float32 and "avx512_vnni" in {flags!r}
+    assert select.screens() == (["int8"] if "avx512_vnni" in {flags!r} else [])
+    assert screened == ((4 * 300, "int8") if int8 else (0, "")), screened
+    plain = torch.empty_like(indices), torch.empty_like(valid)
+    assert select.top_keys_of_products(q.to(dtype), k.to(dtype), keep, None, None, *plain, screen_keys=-1) == (0, "")
+    assert torch.equal(plain[0], indices) and torch.equal(plain[1], valid)
     got = scores.gather(-1, indices).sort(-1).values
     best = scores.topk(keep, -1).values.sort(-1).values
     assert (got - best).abs().max().item() < 1e-3, dtype
@@ -53,11 +60,13 @@ print("ok")
 
 @pytest.mark.slow
 @pytest.mark.skipif(native.kernel() is None, reason="no compiler here: the kernel does not build")
-@pytest.mark.parametrize("flags,cpu", [(AVX512, "avx2, avx512f"), (AVX2, "avx2"), ("", "baseline")],
-                         ids=["avx512-no-bf16", "avx2", "baseline"])
+@pytest.mark.parametrize("flags,cpu", [(AVX512_VNNI, "avx2, avx512_vnni, avx512f"), (AVX512, "avx2, avx512f"),
+                                       (AVX2, "avx2"), ("", "baseline")],
+                         ids=["avx512-vnni-no-bf16", "avx512-no-bf16", "avx2", "baseline"])
 def test_kernel_builds_and_runs_without_avx512_bf16(tmp_path, flags, cpu):
     """Attention through the kernel against the float64 reference (float32, bf16, fp16), and the
-    fused top-k choice against float64 scores, unscreened (nothing to screen with)."""
+    fused top-k choice against float64 scores: screened by int8 products where the build has VNNI
+    (the plain choice's keys), else unscreened (nothing to screen with)."""
     env = dict(os.environ, MULTIHEAD_CACHE=str(tmp_path))
     env.pop("MULTIHEAD_NATIVE", None)
     run = subprocess.run([sys.executable, "-c", _CHECK.format(flags=flags, cpu=cpu)], env=env,

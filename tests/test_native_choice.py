@@ -316,8 +316,8 @@ def test_screen_by_is_checked():
 
 @needs_kernel
 def test_topk_screens_long_float32_rows_only(monkeypatch):
-    """``TopK.resolve`` screens float32 rows that see ``SCREEN_KEYS`` keys or more (and 32 x k), and
-    none below; the choice is the same either way."""
+    """``TopK.resolve`` screens float32 rows that see ``SCREEN_KEYS`` keys or more and
+    ``SCREEN_RATIO`` x k or more, and none below either; the choice is the same either way."""
     gen = torch.Generator().manual_seed(14)
     q, k = torch.randn(1, 2, 64, 16, generator=gen), torch.randn(1, 2, 512, 16, generator=gen)
     counts = []
@@ -327,7 +327,8 @@ def test_topk_screens_long_float32_rows_only(monkeypatch):
     monkeypatch.setattr(select, "SCREEN_KEYS", 512)
     screened = TopK(8).resolve(q, k, 1.0, Full()).pattern
     narrow = TopK(8).resolve(q, k, 1.0, SlidingWindow(100, 100)).pattern
-    assert [c.rows for c in counts] == [0, 2 * 64 if select.screens() else 0, 0]
+    TopK(512 // select.SCREEN_RATIO + 1).resolve(q, k, 1.0, Full())  # too many kept for 512 keys
+    assert [c.rows for c in counts] == [0, 2 * 64 if select.screens() else 0, 0, 0]
     assert torch.equal(plain.indices, screened.indices) and torch.equal(plain.valid, screened.valid)
     assert narrow.valid.all()
 

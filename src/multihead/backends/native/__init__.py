@@ -162,8 +162,10 @@ def describe() -> str:
     module, why = status()
     if module is None:
         return f"native kernel unavailable: {why}"
-    cpu = sorted(f for f in cpu_flags() if f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16"))
+    cpu = sorted(f for f in cpu_flags() if f in ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16"))
     pairs = "; bf16 pair products (AVX-512 BF16)" if module.bf16_pairs() else ""
+    screens = list(module.screens())
+    pairs += f"; top-k choice screened by {' or '.join(screens)} products" if screens else ""
     limit = module.pool_limit_bytes()
     kept = f"; outputs kept for reuse, up to {limit >> 20} MiB idle" if limit else "; outputs not kept for reuse"
     return f"native kernel available (CPU: {', '.join(cpu) or 'baseline'}{pairs}{kept})"

@@ -11,7 +11,7 @@
 //
 // top_keys_of_products makes the scores too, q . k for a block of rows against every key, a block
 // at a time per thread, and selects from them while they are in L2 (see choose below); long
-// float32 rows are ranked by bf16 products first (choose_screened).
+// float32 rows are ranked by int8 or bf16 products first (screened_select).
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/vec.h>
@@ -391,11 +391,11 @@ inline auto plain_select(const Choice& c) {
   };
 }
 
-// Packs each (batch, key head)'s keys into panels of P, ``width`` per key (pack(b, kv head, out)),
-// then, a block of rows at a time per thread, makes their logits over the panels they may see
-// (products(b, h, r0, r1, panels, p0, p1, logits, ldo)), masks them and selects from them while
-// they are in L2 (select(b, h, r, x, from, n, buffers, out, valid): the row's logits x of the keys
-// [from, from + n); plain_select: top_of_row)
+// packed_keys: each (batch, key head)'s keys packed into panels of P, ``width`` per key
+// (pack(b, kv head, out)). choose_from: a block of rows at a time per thread, their logits made
+// over the panels they may see (products(b, h, r0, r1, panels, p0, p1, logits, ldo)), masked and
+// selected from while they are in L2 (select(b, h, r, x, from, n, buffers, out, valid): the row's
+// logits x of the keys [from, from + n); plain_select: top_of_row). choose: both.
 template <typename P, typename Pack>
 std::unique_ptr<P[]> packed_keys(const Choice& c, int64_t width, const Pack& pack) {
   const int64_t packed = (c.n + kPanel - 1) / kPanel * kPanel * width;
