@@ -723,13 +723,13 @@ void pack_int8_panels(const Choice& c, int64_t group, int64_t ldo, uint32_t* out
 }
 
 // out[r][0 .. 32) = s_q[r] s_k[j] (q8_r . k8_j) for R rows against a panel's 32 keys: the keys'
-// bytes (k8 + 128) times a broadcast quad of q8 (vpdpbusd), less 128 sum(q8), exact in int32,
-// then scaled in float32 (two roundings)
+// bytes (k8 + 128) times a broadcast quad of q8 (vpdpbusd), summed from -128 sum(q8): exact in
+// int32, then scaled in float32 (two roundings)
 template <int R>
 void rows_dot_int8_panel(const uint32_t* q, int64_t ldq, const int32_t* offset, const float* q_scale,
                          const uint32_t* panel, const float* k_scale, int64_t quads, float* out, int64_t ldo) {
   __m512i acc[R][2];
-  for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_si512();
+  for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm512_set1_epi32(-offset[r]);
   for (int64_t e = 0; e < quads; ++e) {
     const __m512i k0 = _mm512_loadu_si512(panel + e * kPanel), k1 = _mm512_loadu_si512(panel + e * kPanel + 16);
     for (int r = 0; r < R; ++r) {
@@ -740,11 +740,9 @@ void rows_dot_int8_panel(const uint32_t* q, int64_t ldq, const int32_t* offset, 
   }
   const __m512 s0 = _mm512_loadu_ps(k_scale), s1 = _mm512_loadu_ps(k_scale + 16);
   for (int r = 0; r < R; ++r) {
-    const __m512i o = _mm512_set1_epi32(offset[r]);
     const __m512 sq = _mm512_set1_ps(q_scale[r]);
-    _mm512_storeu_ps(out + r * ldo, _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(acc[r][0], o)), _mm512_mul_ps(sq, s0)));
-    _mm512_storeu_ps(out + r * ldo + 16,
-                     _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(acc[r][1], o)), _mm512_mul_ps(sq, s1)));
+    _mm512_storeu_ps(out + r * ldo, _mm512_mul_ps(_mm512_cvtepi32_ps(acc[r][0]), _mm512_mul_ps(sq, s0)));
+    _mm512_storeu_ps(out + r * ldo + 16, _mm512_mul_ps(_mm512_cvtepi32_ps(acc[r][1]), _mm512_mul_ps(sq, s1)));
   }
 }
 
