@@ -343,3 +343,31 @@ def test_key_selection_may_repeat_a_key_in_invalid_slots():
     q, k, v = inputs(4)
     torch.testing.assert_close(mh.attention(q, k, v, pattern=pattern, backend="blocksparse"),
                                mh.attention(q, k, v, pattern=pattern, backend="reference"))
+
+
+@pytest.mark.parametrize("width", [1, 5, 8, 16, 24])
+@pytest.mark.parametrize("density", [0.0, 0.02, 0.5, 1.0])
+def test_slot_reductions_read_as_words_equal_torchs(width, density):
+    """``any_slot`` / ``every_slot`` (slots read 8 at a time as int64 words where rows pack into
+    them) equal ``any(-1)`` / ``all()``: widths that do and do not pack, views that start off a
+    word or skip rows, a true slot in every byte position of a word."""
+    gen = torch.Generator().manual_seed(width)
+    valid = torch.rand(2, 3, 9, width, generator=gen) < density
+    for view in (valid, valid[:, :, 1:], valid[:, 1:], valid[..., 1:], valid.transpose(1, 2)):
+        assert torch.equal(dynamic.any_slot(view), view.any(-1))
+        assert dynamic.every_slot(view) == bool(view.all())
+    one_hot = torch.eye(width, dtype=torch.bool).view(1, 1, width, width)  # each row: one slot set
+    assert dynamic.any_slot(one_hot).all()
+    assert dynamic.every_slot(one_hot) == (width == 1)
+
+
+def test_key_selection_names_its_empty_rows():
+    """A row whose slots are all invalid is empty (and the request refuses it); others are not."""
+    indices, valid = key_selection()
+    valid[0, 1, 5] = False
+    pattern = dynamic.KeySelection(indices, valid, N)
+    assert torch.equal(pattern.empty_rows(N, N), pattern.key_counts(N, N) == 0)
+    assert pattern.empty_rows(N, N).nonzero().tolist() == [[0, 1, 5]]
+    q, k, v = inputs(5)
+    with pytest.raises(PatternError, match="query 5 .batch element 0, head 1. can see no key"):
+        mh.attention(q, k, v, pattern=pattern, backend="blocksparse")

@@ -187,7 +187,7 @@ def _check_pattern(pattern: Pattern, batch: int, heads: int, q_len: int, kv_len:
 
 def _first_empty_row(pattern: Pattern, q_len: int, kv_len: int, device) -> tuple[int, int, int] | None:
     """(batch, head, query) of the first query that sees no key, or None; checks the lengths."""
-    empty = (pattern.key_counts(q_len, kv_len, device) == 0).nonzero()
+    empty = pattern.empty_rows(q_len, kv_len, device).nonzero()
     return tuple(empty[0].tolist()) if len(empty) else None
 
 

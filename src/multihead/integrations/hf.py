@@ -41,7 +41,7 @@ NAME = "multihead"
 def without_empty_rows(pattern: Pattern, batch: int, q_len: int, kv_len: int, device) -> Pattern:
     """``pattern``, or where some query sees no key (a padded query under a window), a
     ``BooleanMask`` in which those queries see every key, as in transformers' eager attention."""
-    if not (pattern.key_counts(q_len, kv_len, device) == 0).any():
+    if not pattern.empty_rows(q_len, kv_len, device).any():
         return pattern
     mask = pattern.dense_mask(q_len, kv_len, device=device).expand(batch, -1, -1, -1)
     return BooleanMask(mask | ~mask.any(-1, keepdim=True))

@@ -126,6 +126,10 @@ class Pattern:
         """How many keys each query row may see, ``(B', H', q_len)`` (0: an empty row)."""
         return self.spans(q_len, kv_len, device).counts()
 
+    def empty_rows(self, q_len: int, kv_len: int, device=None) -> Tensor:
+        """Which query rows may see no key, ``(B', H', q_len)`` bool."""
+        return self.key_counts(q_len, kv_len, device) == 0
+
     def density(self, q_len: int, kv_len: int, device=None) -> float:
         """Fraction of all (query, key) pairs that are allowed."""
         counts = self.key_counts(q_len, kv_len, device)

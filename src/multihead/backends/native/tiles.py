@@ -26,6 +26,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from ...patterns.dynamic import every_slot
+
 
 #: an optional array the table does not have (the kernel reads an empty one as absent)
 _ABSENT = torch.zeros(0, dtype=torch.long)
@@ -121,7 +123,7 @@ def from_key_lists(indices: Tensor, valid: Tensor) -> TileTable:
     lb, lh, q_len, width = indices.shape
     slots = lb * lh
     indices, valid = indices.cpu(), valid.cpu()
-    need = not bool(valid.all())
+    need = not every_slot(valid)
     keys = torch.where(valid, indices, indices.new_zeros(())) if need else indices  # padding -> key 0
     return TileTable(
         q_rows=torch.arange(q_len), tile_q=torch.arange(q_len + 1),
