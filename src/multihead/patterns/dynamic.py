@@ -68,7 +68,8 @@ def _expand_heads(k: Tensor, heads: int) -> Tensor:
 def _words(valid: Tensor) -> Tensor | None:
     """``valid`` (bool, ``(..., k)``) read 8 slots at a time as int64 words, where its rows pack into
     them: torch reduces bools a byte at a time, 15-50x slower on 16k x 64 slots."""
-    if valid.shape[-1] % 8 or not valid.is_contiguous() or valid.storage_offset() % 8 or valid.data_ptr() % 8:
+    width = valid.shape[-1]
+    if width == 0 or width % 8 or not valid.is_contiguous() or valid.storage_offset() % 8 or valid.data_ptr() % 8:
         return None
     return valid.view(torch.int64)
 

@@ -52,6 +52,8 @@ side: 0.85 at 2048 keys and keep 16, 1.12 at 1024; 0.76-0.96 where keys are 64 x
 at 32 x keep)."""
 
 SCREEN_RATIO = 64
+"""...and whose rows see this many keys per kept one, or more: fewer, and the band of candidates
+near the cut costs what the cheaper products save."""
 
 SCREEN_BY = "auto"
 """The screen's products: "auto" (int8 where their bound is within 3 x the bf16 one on average,
