@@ -289,7 +289,8 @@ def test_screened_choice_falls_back_where_no_bound_holds(bad, by):
 @needs_kernel
 def test_auto_screen_takes_int8_unless_outliers_widen_its_bound():
     """"auto" screens Gaussian rows by int8 products (their bound about 1.8 x the bf16 one), and
-    rows with an outlying element (an int8 step 40 x wider) by bf16 products; the same keys."""
+    rows with an element at 40 x the others' scale (its int8 bound about 4.7 x) by bf16 products;
+    the same keys."""
     gen = torch.Generator().manual_seed(17)
     q, k = torch.randn(1, 2, 50, 64, generator=gen), torch.randn(1, 2, 600, 64, generator=gen)
     outlying_q, outlying_k = q.clone(), k.clone()
