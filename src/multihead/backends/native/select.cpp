@@ -554,6 +554,10 @@ void exact_scores(const float* q, const float* keys, int64_t ld, int64_t d, cons
   }
 }
 
+// The square root of a float64 sum of squares, rounded up: 1 + 1e-12 covers the roundings of up to
+// about 9000 additions of nonnegative terms (2^-53 each) and the root's own
+inline double sqrt_above(double sum_of_squares) { return std::sqrt(sum_of_squares * (1 + 1e-12)); }
+
 // sqrt(x . x) for x[0 .. d), in float64 (each square exact), rounded up: at least the norm
 inline double norm_above(const float* x, int64_t d) {
   double acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
@@ -563,7 +567,7 @@ inline double norm_above(const float* x, int64_t d) {
   for (; e < d; ++e) acc[0] = std::fma(double(x[e]), double(x[e]), acc[0]);
   double sum = 0;
   for (double a : acc) sum += a;
-  return std::sqrt(sum * (1 + 1e-12));
+  return sqrt_above(sum);
 }
 
 // The float32 choice screened: every row's scores first come from a cheaper product (int8 or
@@ -690,7 +694,7 @@ inline Rounded round_to_int8(const float* x, int64_t d, int8_t* q) {
     const double kept = static_cast<double>(scale) * v, lost = static_cast<double>(x[e]) - kept;  // kept exact
     error = std::fma(lost, lost, error), norm = std::fma(kept, kept, norm);
   }
-  return {scale, std::sqrt(error * (1 + 1e-12)) * (1 + 1e-12), std::sqrt(norm * (1 + 1e-12)) * (1 + 1e-12), sum};
+  return {scale, sqrt_above(error), sqrt_above(norm), sum};
 }
 
 // Keys in int8 quad panels: key 32 p + j's elements 4 e .. 4 e + 3 (each k8 + 128, unsigned bytes)
@@ -783,13 +787,13 @@ bool choose_screened_int8(const Choice& c, const Screen& s, double worse) {
   const auto panels = packed_keys<uint32_t>(c, quads, [&](int64_t b, int64_t g, uint32_t* out) {
     pack_int8_panels(c, b * c.kv_heads + g, ldo, out, keys);
   });
-  auto bound = [&](int64_t row, int64_t group) {
-    return int8_bound(c, s.q_norm[row], s.k_max[group], q.error[row], q.norm[row], keys.error[group], keys.norm[group]);
-  };
+  std::vector<double> bound(c.batch * c.heads * c.rows);  // E per row
   double int8 = 0, bf16 = 0;
-  for (int64_t row = 0; row < c.batch * c.heads * c.rows; ++row) {
+  for (int64_t row = 0; row < static_cast<int64_t>(bound.size()); ++row) {
     const int64_t group = group_of(c, row / (c.heads * c.rows), row / c.rows % c.heads);
-    int8 += bound(row, group), bf16 += bf16_bound(c, s.q_norm[row], s.k_max[group]);
+    bound[row] = int8_bound(c, s.q_norm[row], s.k_max[group], q.error[row], q.norm[row], keys.error[group],
+                            keys.norm[group]);
+    int8 += bound[row], bf16 += bf16_bound(c, s.q_norm[row], s.k_max[group]);
   }
   if (!(int8 <= worse * bf16)) return false;
   auto products = [&](int64_t b, int64_t h, int64_t r0, int64_t r1, const uint32_t* panels, int64_t p0, int64_t p1,
@@ -802,9 +806,8 @@ bool choose_screened_int8(const Choice& c, const Screen& s, double worse) {
                                               k_scale + p * kPanel, quads, logits + r * ldo_ + p * kPanel, ldo_);
     });
   };
-  choose_from(c, quads, panels.get(), products, screened_select(c, [&](int64_t row, int64_t group) {
-    return 2 * bound(row, group);
-  }));
+  choose_from(c, quads, panels.get(), products,
+              screened_select(c, [&](int64_t row, int64_t) { return 2 * bound[row]; }));
   return true;
 }
 #endif
