@@ -44,7 +44,9 @@ def measure(pattern, tokens: int, dtype, normalizer, repeats: int) -> dict:
     def train(backend):
         leaves = [t.detach().requires_grad_() for t in (q, k, v)]
 
-        def run():
+        def run():  # a step: its leaves' last gradients dropped, not accumulated into
+            for t in leaves:
+                t.grad = None
             out = backend.forward(make_request(*leaves, pattern=pattern, normalizer=normalizer))[0]
             out.backward(grad)
         return run
