@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -258,6 +259,29 @@ def test_bfloat16_pair_products_are_built_where_the_cpu_has_them():
     expected = {"avx512f", "avx512bw", "avx512vl", "avx512dq", "fma", "avx512_bf16"} <= flags
     assert native.kernel().bf16_pairs() == expected
     assert ("bf16 pair products" in native.describe()) == expected
+
+
+def test_the_cpu_is_named_with_its_family_and_model(monkeypatch):
+    """Benchmarks record the CPU by name, family and model (Zen 4 and Zen 5 share "AMD EPYC" and
+    differ twofold in AVX-512 multiply-adds); flags and name come from the first processor."""
+    info = {"model name": "AMD EPYC", "cpu family": "26", "model": "2", "flags": "fpu avx2 avx512f"}
+    monkeypatch.setattr(native, "_cpuinfo", lambda: info)
+    assert native.cpu_name() == "AMD EPYC, family 26 model 2"
+    assert native.cpu_flags() == {"fpu", "avx2", "avx512f"}
+    monkeypatch.setattr(native, "_cpuinfo", lambda: {})
+    assert native.cpu_name() == "" and native.cpu_flags() == set()
+    if native.status()[0] is not None:
+        assert " on AMD EPYC" not in native.describe()
+
+
+def test_cpuinfo_reads_the_first_processor():
+    if not Path("/proc/cpuinfo").exists():
+        pytest.skip("no /proc/cpuinfo")
+    first = dict(line.split(":", 1) for line in Path("/proc/cpuinfo").read_text().split("\n\n")[0].splitlines()
+                 if ":" in line)
+    first = {key.strip(): value.strip() for key, value in first.items()}
+    assert native.cpu_flags() == set(first.get("flags", "").split())
+    assert native.cpu_name().startswith(first.get("model name", ""))
 
 
 @needs_kernel

@@ -34,15 +34,35 @@ _lock = threading.Lock()
 _state: dict = {}
 
 
+def _cpuinfo() -> dict[str, str]:
+    """The first processor's fields in ``/proc/cpuinfo`` (empty elsewhere)."""
+    fields: dict[str, str] = {}
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return fields
+    for line in lines:
+        if not line.strip():
+            break
+        key, _, value = line.partition(":")
+        fields[key.strip()] = value.strip()
+    return fields
+
+
 def cpu_flags() -> set[str]:
     """The CPU's feature flags (``/proc/cpuinfo``; empty elsewhere)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
+    return set(_cpuinfo().get("flags", "").split())
+
+
+def cpu_name() -> str:
+    """The CPU's model name with its family and model numbers ("" where ``/proc/cpuinfo`` is
+    missing). The numbers tell apart cores that share a name and differ in speed: an "AMD EPYC" of
+    family 25 (Zen 4) runs an AVX-512 multiply-add in two halves, one of family 26 (Zen 5) in one."""
+    info = _cpuinfo()
+    name = info.get("model name", "")
+    if name and "cpu family" in info and "model" in info:
+        name += f", family {info['cpu family']} model {info['model']}"
+    return name
 
 
 def _vector_flags(flags: set[str]) -> list[str]:
@@ -168,7 +188,8 @@ def describe() -> str:
     pairs += f"; top-k choice screened by {' or '.join(screens)} products" if screens else ""
     limit = module.pool_limit_bytes()
     kept = f"; outputs kept for reuse, up to {limit >> 20} MiB idle" if limit else "; outputs not kept for reuse"
-    return f"native kernel available (CPU: {', '.join(cpu) or 'baseline'}{pairs}{kept})"
+    on = f" on {cpu_name()}" if cpu_name() else ""
+    return f"native kernel available (CPU: {', '.join(cpu) or 'baseline'}{on}{pairs}{kept})"
 
 
 def main() -> int:
