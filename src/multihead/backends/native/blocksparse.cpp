@@ -662,18 +662,16 @@ struct TileMask {
   }
 };
 
-// Lanes l < nl of ``s`` whose byte m[l] is 0 become -inf.
+// Lanes l < nl of ``s`` whose byte m[l] is 0 become -inf (m: nl bytes).
 template <typename C>
 inline void mask_lanes(C* s, const uint8_t* m, int64_t nl) {
 #if defined(CPU_CAPABILITY_AVX512)
   if constexpr (std::is_same_v<C, float>) {
-    if (nl == 16) {
-      const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(m));
-      const __mmask16 off = _mm_testn_epi8_mask(bytes, bytes);
-      _mm512_storeu_ps(s, _mm512_mask_mov_ps(_mm512_loadu_ps(s), off,
-                                             _mm512_set1_ps(-std::numeric_limits<float>::infinity())));
-      return;
-    }
+    const __mmask16 lanes = first_n(nl);
+    const __m128i bytes = _mm_maskz_loadu_epi8(lanes, m);  // no byte past m[nl - 1] is read
+    const __mmask16 off = _mm_mask_testn_epi8_mask(lanes, bytes, bytes);
+    _mm512_mask_storeu_ps(s, off, _mm512_set1_ps(-std::numeric_limits<float>::infinity()));
+    return;
   }
 #endif
   for (int64_t l = 0; l < nl; ++l) s[l] = m[l] ? s[l] : -std::numeric_limits<C>::infinity();
@@ -685,7 +683,6 @@ template <typename C>
 void lanes_logits(const Score<C>& sc, const int64_t* kpos, int64_t W, int64_t nl, int64_t first, int64_t rows,
                   const int64_t* heads, const int64_t* qabs, const TileMask& mask, C* ST, C* raw) {
   constexpr int64_t L = Vec<C>::size();
-  const C ninf = -std::numeric_limits<C>::infinity();
   if (sc.pre || sc.post || sc.cap > 0) {
     for (int64_t l = 0; l < nl; ++l) {
       const int64_t i = first + l, base = sc.base(qabs[i]);
@@ -705,13 +702,17 @@ void lanes_logits(const Score<C>& sc, const int64_t* kpos, int64_t W, int64_t nl
   }
   if (mask) {
     const int64_t r0 = first % rows;
+    const uint8_t* m = mask.bytes + r0;  // key j's bytes: mask.bytes + (j - mask.first) rows
     if (r0 + nl <= rows) {  // the lanes are consecutive rows of one head: contiguous mask bytes
-      const uint8_t* m = mask.bytes + r0;  // held in a register across the stores
       for (int64_t j = mask.first; j < W; ++j, m += rows) mask_lanes(ST + j * L, m, nl);
-    } else {
-      for (int64_t j = mask.first; j < W; ++j)
-        for (int64_t l = 0; l < nl; ++l)
-          if (!mask.allows(j, rows, (first + l) % rows)) ST[j * L + l] = ninf;
+    } else {  // the lanes wrap to the next head's rows: each lane's byte gathered
+      int64_t at[L];
+      for (int64_t l = 0; l < nl; ++l) at[l] = (first + l) % rows - r0;
+      uint8_t lane_bytes[L];
+      for (int64_t j = mask.first; j < W; ++j, m += rows) {
+        for (int64_t l = 0; l < nl; ++l) lane_bytes[l] = m[at[l]];
+        mask_lanes(ST + j * L, lane_bytes, nl);
+      }
     }
   }
 }
