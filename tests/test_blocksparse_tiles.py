@@ -5,10 +5,12 @@ N x N anywhere."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
-from multihead.backends.blocksparse import BlockSparseBackend, _axis_tiles, _choose_tile
+from multihead.backends.blocksparse import NATIVE_LANES, BlockSparseBackend, _axis_tiles, _choose_tile
 from multihead.backends.reference import ReferenceBackend
 from multihead.patterns import dynamic
 from multihead.patterns import (Axial, BlockLocal, Causal, Halo, KeyPadding, KeySelection, Neighborhood,
@@ -143,6 +145,24 @@ def test_choose_tile_prefers_windows_and_small_boxes():
     assert _choose_tile(ShiftedWindow(8, 0, grid=(64, 64))) in ((8, 8), (8, 16), (16, 8), (16, 16))
     tile = _choose_tile(Neighborhood(7, grid=(64, 64)))
     assert 16 <= tile[0] * tile[1] <= 256
+
+
+def test_native_tiles_are_charged_for_whole_lane_blocks():
+    """The native kernel computes a tile's rows 16 at a time: a 13 x 13 neighborhood's 4 x 6 tiles
+    (24 rows, computed as 32) lose to 4 x 4 once rows are rounded up to whole blocks, and a tile too
+    small for the lanes (run a row at a time) is taken only where no larger one stays within twice
+    the needed pairs."""
+    native = dict(target_rows=8, max_excess=2.0, max_rows=64)
+    box = Neighborhood(13, grid=(128, 128)).tiling_box()
+    assert math.prod(_choose_tile(box, **native)) == 24
+    assert _choose_tile(box, **native, lanes=NATIVE_LANES) == (4, 4)
+    for kernel in (5, 7, 9, 11, 15, 21):
+        assert math.prod(_choose_tile(Neighborhood(kernel, grid=(64, 64)).tiling_box(), **native, lanes=16)) >= 8
+    assert math.prod(_choose_tile(Neighborhood(3, grid=(64, 64)).tiling_box(), **native, lanes=16)) < 8
+    q = torch.randn(1, 1, 64 * 64, 8)
+    plan = BlockSparseBackend().plan(make_request(q, q, q, pattern=Neighborhood(13, grid=(64, 64))), native=True)
+    rows = plan.table.tile_q.diff()
+    assert (rows == 16).float().mean() > 0.9
 
 
 def test_tile_option_is_checked():

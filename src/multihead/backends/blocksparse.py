@@ -83,6 +83,8 @@ from .native import tiles as native_tiles
 from .native.function import native_attention, split_score
 
 _NEG_INF = float("-inf")
+#: rows per block of the native kernel's lane kernels (float32 on AVX-512; AVX2's 8 divide it)
+NATIVE_LANES = 16
 _MISSING = object()
 
 
@@ -300,11 +302,14 @@ def _product(per_axis: list, grid: tuple) -> tuple[Tensor, Tensor]:
 
 
 def _choose_tile(box, target_rows: int = 64, max_excess: float | None = None,
-                 max_rows: int | None = None) -> tuple[int, ...]:
+                 max_rows: int | None = None, lanes: int = 1) -> tuple[int, ...]:
     """Per-axis tile sizes with about ``target_rows`` queries per tile (at most ``max_rows``,
     default 4x that) that compute the fewest (query, key) pairs, a small tile being charged for
     its matrix products' overhead. With ``max_excess``, only tiles computing at most that multiple
-    of the needed pairs are considered (when any does)."""
+    of the needed pairs are considered (when any does). ``lanes``: the tile's rows are computed in
+    blocks of that many (the native kernel's vector lanes), so a tile is charged for its rows
+    rounded up to a whole block: 24 rows cost 32, and a tile of fewer than 8 (which the kernel runs a
+    row at a time, at under half the lanes' rate per pair) costs 16."""
     max_rows = max_rows or 4 * target_rows
     grid = box.grid
     odd = {3, 6} if max_excess is not None else set()  # finer choices for the native kernel
@@ -326,7 +331,8 @@ def _choose_tile(box, target_rows: int = 64, max_excess: float | None = None,
             keys = math.prod(per_query[i][t] for i, t in enumerate(tile))
             if strict and keys > max_excess * needed:
                 continue
-            cost = keys * (1 + target_rows / rows)
+            padded = math.ceil(rows / lanes) * lanes if lanes > 1 else rows
+            cost = keys * (padded / rows) * (1 + target_rows / rows)
             if cost < best_cost:
                 best, best_cost = tile, cost
         if best is not None:
@@ -974,7 +980,7 @@ class BlockSparseBackend(Backend):
         box = pattern.tiling_box() if self.tiles else None
         if box is not None and pattern.num_heads is None:
             # the native kernel pays less per tile: smaller tiles, within twice the needed pairs
-            choose = dict(target_rows=8, max_excess=2.0, max_rows=64) if native else {}
+            choose = dict(target_rows=8, max_excess=2.0, max_rows=64, lanes=NATIVE_LANES) if native else {}
             tile = (self.tile if self.tile is not None and len(self.tile) == len(box.grid)
                     else _choose_tile(box, **choose))
             # a group of up to 4 tiles whose logits stay within 2 MiB: joining tiles amortises the
