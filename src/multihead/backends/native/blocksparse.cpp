@@ -736,7 +736,10 @@ inline void pairs_in(const BFloat16* const* rows, int64_t nl, int64_t D, pair_t*
   rows_in<float, float>(words, nl, D / 2, 1.f, reinterpret_cast<float*>(QT2));
 }
 
-// ST[j][lane] = scale sum_p QT2[p][lane] . K_j[pair p] (keys read in place, rows ld apart)
+// ST[j][lane] = scale sum_p QT2[p][lane] . K_j[pair p] (keys read in place, rows ld apart), for NB
+// lane blocks at once (block b: QT2 + b P 16, ST + b n 16): a key's pair, broadcast once, feeds NB
+// products
+template <int NB>
 inline void lanes_dot_pairs(const pair_t* QT2, int64_t P, const BFloat16* base, const int64_t* idx, int64_t n,
                             int64_t ld, float scale, float* ST) {
   constexpr int64_t KB = 8;
@@ -745,24 +748,41 @@ inline void lanes_dot_pairs(const pair_t* QT2, int64_t P, const BFloat16* base, 
   for (; j + KB <= n; j += KB) {
     prefetch_keys(base, idx, j + KB, j + 2 * KB, n, ld, 2 * P);
     const pair_t* b[KB];
-    __m512 acc[KB];
+    __m512 acc[NB][KB];
 #pragma GCC unroll 8
-    for (int64_t t = 0; t < KB; ++t)
-      b[t] = reinterpret_cast<const pair_t*>(base + idx[j + t] * ld), acc[t] = _mm512_setzero_ps();
+    for (int64_t t = 0; t < KB; ++t) {
+      b[t] = reinterpret_cast<const pair_t*>(base + idx[j + t] * ld);
+#pragma GCC unroll 2
+      for (int u = 0; u < NB; ++u) acc[u][t] = _mm512_setzero_ps();
+    }
     for (int64_t p = 0; p < P; ++p) {
-      const __m512bh a = as_bh(_mm512_loadu_si512(QT2 + p * 16));
+      __m512bh a[NB];
+#pragma GCC unroll 2
+      for (int u = 0; u < NB; ++u) a[u] = as_bh(_mm512_loadu_si512(QT2 + (u * P + p) * 16));
 #pragma GCC unroll 8
-      for (int64_t t = 0; t < KB; ++t) acc[t] = _mm512_dpbf16_ps(acc[t], a, as_bh(_mm512_set1_epi32(b[t][p])));
+      for (int64_t t = 0; t < KB; ++t) {
+        const __m512bh bt = as_bh(_mm512_set1_epi32(b[t][p]));
+#pragma GCC unroll 2
+        for (int u = 0; u < NB; ++u) acc[u][t] = _mm512_dpbf16_ps(acc[u][t], a[u], bt);
+      }
     }
 #pragma GCC unroll 8
-    for (int64_t t = 0; t < KB; ++t) _mm512_storeu_ps(ST + (j + t) * 16, _mm512_mul_ps(acc[t], vs));
+    for (int64_t t = 0; t < KB; ++t)
+#pragma GCC unroll 2
+      for (int u = 0; u < NB; ++u) _mm512_storeu_ps(ST + (u * n + j + t) * 16, _mm512_mul_ps(acc[u][t], vs));
   }
   for (; j < n; ++j) {
     const pair_t* b0 = reinterpret_cast<const pair_t*>(base + idx[j] * ld);
-    __m512 acc = _mm512_setzero_ps();
-    for (int64_t p = 0; p < P; ++p)
-      acc = _mm512_dpbf16_ps(acc, as_bh(_mm512_loadu_si512(QT2 + p * 16)), as_bh(_mm512_set1_epi32(b0[p])));
-    _mm512_storeu_ps(ST + j * 16, _mm512_mul_ps(acc, vs));
+    __m512 acc[NB];
+#pragma GCC unroll 2
+    for (int u = 0; u < NB; ++u) acc[u] = _mm512_setzero_ps();
+    for (int64_t p = 0; p < P; ++p) {
+      const __m512bh bt = as_bh(_mm512_set1_epi32(b0[p]));
+#pragma GCC unroll 2
+      for (int u = 0; u < NB; ++u) acc[u] = _mm512_dpbf16_ps(acc[u], as_bh(_mm512_loadu_si512(QT2 + (u * P + p) * 16)), bt);
+    }
+#pragma GCC unroll 2
+    for (int u = 0; u < NB; ++u) _mm512_storeu_ps(ST + (u * n + j) * 16, _mm512_mul_ps(acc[u], vs));
   }
 }
 
@@ -880,25 +900,31 @@ struct LaneProducts {
 };
 
 #if defined(CPU_CAPABILITY_AVX512) && defined(__AVX512BF16__)
-// The same products as bf16 pairs: the tile's values in key pairs read in place (``VP``).
+// The same products as bf16 pairs: the tile's values in key pairs read in place (``VP``); Q K^T
+// on two lane blocks at once, the weighted values one block at a time.
 struct PairProducts {
-  static constexpr int64_t blocks = 1;
+  static constexpr int64_t blocks = 2;
   const Geometry& g;
   const BFloat16* kbase;
   const int64_t* kpos;
   int64_t W;
   float scale;
   const BFloat16* const* q;  // the tile's query rows, in place
-  pair_t* QT2;
+  pair_t* QT2;               // (blocks x D / 2 x 16)
   ValuePairs VP;
   pair_t* PT2;
   void logits(int64_t first, int64_t nl, float* ST) const {
-    pairs_in(q + first, nl, g.D, QT2);
-    lanes_dot_pairs(QT2, g.D / 2, kbase, kpos, W, g.D, scale, ST);
+    const int64_t P = g.D / 2;
+    for (int64_t b = 0; b * 16 < nl; ++b) pairs_in(q + first + b * 16, std::min<int64_t>(16, nl - b * 16), g.D, QT2 + b * P * 16);
+    if (nl > 16) lanes_dot_pairs<2>(QT2, P, kbase, kpos, W, g.D, scale, ST);
+    else lanes_dot_pairs<1>(QT2, P, kbase, kpos, W, g.D, scale, ST);
   }
   void combine(int64_t n, const float* PT, const float* scale, BFloat16* const* rows, bool stream, float* OT) const {
-    pack_weight_pairs(PT, W, PT2);
-    lanes_combine_pairs(PT2, VP, (W + 1) / 2, g.Dv, n, scale, rows, stream);
+    for (int64_t b = 0; b * 16 < n; ++b) {
+      pack_weight_pairs(PT + b * W * 16, W, PT2);
+      lanes_combine_pairs(PT2, VP, (W + 1) / 2, g.Dv, std::min<int64_t>(16, n - b * 16), scale + b * 16,
+                          rows + b * 16, stream);
+    }
   }
 };
 #endif
