@@ -184,6 +184,20 @@ def test_grid_patterns_match_reference(pattern_name, dtype):
 
 @needs_kernel
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("kv_heads", [2, 1], ids=["gqa", "mqa"])
+def test_masked_lane_blocks_that_span_two_heads_match_reference(kv_heads, dtype):
+    """Tiles of 9 masked rows with the query heads of a key head stacked: a lane block holds the end
+    of one head's rows and the start of the next's, each lane reading its own row's mask bytes."""
+    pattern = Neighborhood(5, grid=(20, 20))
+    q, k, v, dout = _inputs(400, kv_heads, torch.float64, seed=4)
+    table = BlockSparseBackend().native_table(make_request(q.float(), k.float(), v.float(), pattern=pattern))
+    rows = table.tile_q.diff()
+    assert (rows % 16 != 0).all() and (table.tile_m >= 0).any()
+    _check_against_reference(pattern, None, q, k, v, dout, dtype)
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("case", ["swin_table", "neighborhood_dpb", "dilated_table_softcap", "table_mqa"])
 def test_2d_relative_biases_run_in_the_kernel(case, dtype):
     """Swin's table and CrossFormer's DPB (2-D offsets on a grid, with dilation, under a softcap)
