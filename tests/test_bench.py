@@ -11,6 +11,7 @@ import torch
 
 from multihead import catalog
 from multihead.backends import BACKENDS
+from multihead.backends.native import cpu_name
 from multihead.bench.implementations import TORCH_DENSE, backends_used, default_peers, with_backend
 from multihead.bench.measure import matmul_gflops, time_and_peak, time_interleaved
 from multihead.bench.readouts import READOUTS
@@ -57,6 +58,7 @@ def test_bench_schema(tiny_bench):
     out, result = tiny_bench
     assert {"machine", "versions", "settings", "matmul_ceiling", "conventions", "rows", "skipped"} <= result.keys()
     assert result["versions"]["torch"] == torch.__version__
+    assert result["machine"]["cpu"] == (cpu_name() or None)  # with its family and model
     assert result["matmul_ceiling"]["gflops"] > 0
     assert TIMING_KEYS <= result["matmul_ceiling"]["timing"].keys()
     assert result["settings"]["peers"] == default_peers()

@@ -307,7 +307,7 @@ def _choose_tile(box, target_rows: int = 64, max_excess: float | None = None,
     default 4x that) that compute the fewest (query, key) pairs, a small tile being charged for
     its matrix products' overhead. With ``max_excess``, only tiles computing at most that multiple
     of the needed pairs are considered (when any does). ``lanes``: the tile's rows are computed in
-    blocks of that many (the native kernel's vector lanes), so a tile is charged for its rows
+    blocks of that many (the native kernel's vector lanes), so each tile is charged for its rows
     rounded up to a whole block: 24 rows cost 32, and a tile of fewer than 8 (which the kernel runs a
     row at a time, at under half the lanes' rate per pair) costs 16."""
     max_rows = max_rows or 4 * target_rows
@@ -316,11 +316,14 @@ def _choose_tile(box, target_rows: int = 64, max_excess: float | None = None,
     options = [sorted({min(2 ** e, n) for e in range(n.bit_length() + 1)} | {min(o, n) for o in odd})
                for n in grid]
     per_query, per_tile = [{} for _ in grid], [{} for _ in grid]  # keys per query, rows per tile
+    sizes = [{} for _ in grid]  # per axis and size: each segment's rows and keys
     for i, n in enumerate(grid):
         for t in options[i]:
             segments, keys, _ = _axis_tiles(box, i, t)
             per_query[i][t] = sum(len(s) * len(k) for s, k in zip(segments, keys)) / n
             per_tile[i][t] = n / len(segments)
+            sizes[i][t] = (torch.tensor([len(s) for s in segments], dtype=torch.float64),
+                           torch.tensor([len(k) for k in keys], dtype=torch.float64))
     needed = math.prod(per_query[i][1] for i in range(len(grid)))  # one query per tile: its own keys
     best, best_cost = None, math.inf
     for strict in ((True, False) if max_excess is not None else (False,)):
@@ -331,13 +334,24 @@ def _choose_tile(box, target_rows: int = 64, max_excess: float | None = None,
             keys = math.prod(per_query[i][t] for i, t in enumerate(tile))
             if strict and keys > max_excess * needed:
                 continue
-            padded = math.ceil(rows / lanes) * lanes if lanes > 1 else rows
-            cost = keys * (padded / rows) * (1 + target_rows / rows)
+            cost = keys * _lane_excess([sizes[i][t] for i, t in enumerate(tile)], lanes) * (1 + target_rows / rows)
             if cost < best_cost:
                 best, best_cost = tile, cost
         if best is not None:
             break
     return best
+
+
+def _lane_excess(axis_sizes: list, lanes: int) -> float:
+    """Pairs computed on ``lanes``-row blocks over pairs computed, for the tiles that combine one
+    segment per axis (``axis_sizes``: per axis, its segments' rows and keys): a tile's rows are
+    rounded up to whole blocks, tile by tile (a grid's edge tiles are smaller)."""
+    if lanes == 1:
+        return 1.0
+    rows, keys = torch.ones(()), torch.ones(())
+    for seg_rows, seg_keys in axis_sizes:  # outer products: every tile of the grid
+        rows, keys = rows.unsqueeze(-1) * seg_rows, keys.unsqueeze(-1) * seg_keys
+    return float(((rows / lanes).ceil() * lanes * keys).sum() / (rows * keys).sum())
 
 
 def _tiled_plan(pattern, box, device, *, tile: tuple[int, ...], group_rows: int,

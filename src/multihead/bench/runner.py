@@ -24,6 +24,7 @@ from torch import nn
 
 from .. import catalog
 from ..backends import BACKENDS
+from ..backends.native import cpu_name
 from ..errors import MultiheadError
 from ..patterns.base import Pattern
 from .implementations import LABELS, TORCH_DENSE, TorchDense, backends_used, default_peers, known, with_backend
@@ -99,7 +100,7 @@ def versions() -> dict:
 
 def machine() -> dict:
     return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-            "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "cpu": cpu_name() or None, "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
             "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
 
 
