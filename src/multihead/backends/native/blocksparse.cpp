@@ -526,7 +526,13 @@ void rows_in(const T* const* rows, int64_t nl, int64_t width, C alpha, C* XT) {
         for (int64_t l = 0; l < 16; ++l) r[l] = l < nl ? load16(rows[l] + c0, m) : _mm512_setzero_ps();
       }
       transpose16(r);
-      for (int64_t c = 0; c < nc; ++c) _mm512_storeu_ps(XT + (c0 + c) * 16, alpha == 1.f ? r[c] : _mm512_mul_ps(r[c], a));
+      if (nc == 16 && alpha == 1.f) {  // a constant count, stored from registers: the loop below
+                                        // became a memcpy of the block spilled to the stack here
+#pragma GCC unroll 16
+        for (int64_t c = 0; c < 16; ++c) _mm512_storeu_ps(XT + (c0 + c) * 16, r[c]);
+      } else {
+        for (int64_t c = 0; c < nc; ++c) _mm512_storeu_ps(XT + (c0 + c) * 16, alpha == 1.f ? r[c] : _mm512_mul_ps(r[c], a));
+      }
     }
     return;
   }
