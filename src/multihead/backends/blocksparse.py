@@ -320,10 +320,10 @@ def _choose_tile(box, target_rows: int = 64, max_excess: float | None = None,
     for i, n in enumerate(grid):
         for t in options[i]:
             segments, keys, _ = _axis_tiles(box, i, t)
-            per_query[i][t] = sum(len(s) * len(k) for s, k in zip(segments, keys)) / n
+            rows, width = (torch.tensor([len(x) for x in xs], dtype=torch.float64) for xs in (segments, keys))
+            sizes[i][t] = rows, width
+            per_query[i][t] = float((rows * width).sum()) / n
             per_tile[i][t] = n / len(segments)
-            sizes[i][t] = (torch.tensor([len(s) for s in segments], dtype=torch.float64),
-                           torch.tensor([len(k) for k in keys], dtype=torch.float64))
     needed = math.prod(per_query[i][1] for i in range(len(grid)))  # one query per tile: its own keys
     best, best_cost = None, math.inf
     for strict in ((True, False) if max_excess is not None else (False,)):

@@ -188,7 +188,8 @@ def describe() -> str:
     pairs += f"; top-k choice screened by {' or '.join(screens)} products" if screens else ""
     limit = module.pool_limit_bytes()
     kept = f"; outputs kept for reuse, up to {limit >> 20} MiB idle" if limit else "; outputs not kept for reuse"
-    on = f" on {cpu_name()}" if cpu_name() else ""
+    name = cpu_name()
+    on = f" on {name}" if name else ""
     return f"native kernel available (CPU: {', '.join(cpu) or 'baseline'}{on}{pairs}{kept})"
 
 
