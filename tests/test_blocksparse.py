@@ -15,7 +15,7 @@ from multihead.patterns import Causal, Full, KeyPadding, PrefixLM, SlidingWindow
 from multihead.request import make_request
 from multihead.scores import ALiBi, RelativePositionBias, Score, ScoreChain, Softcap
 
-from conftest import FACTOR, FLOOR, max_error, sequence_patterns
+from conftest import assert_within_tolerance, sequence_patterns
 
 B, H, L, D = 2, 4, 37, 16
 
@@ -70,9 +70,7 @@ def _run(backend, q, k, v, dtype, pattern, score, dout, dropout=0.0):
 
 def _check(got, want, base, dtype, names):
     for name, g, w, b in zip(names, got, want, base):
-        err, ref_err = max_error(g, w), max_error(b, w)
-        assert err <= FACTOR * ref_err + FLOOR[dtype], \
-            f"{name}: error {err:.3g} exceeds {FACTOR} x the reference's error {ref_err:.3g} + floor"
+        assert_within_tolerance(g, w, b, dtype, name)
 
 
 def _inputs(seed, q_len, kv_len, kv_heads):
