@@ -3,7 +3,9 @@
 The block-sparse backend is measured on its native kernel ("blocksparse") and, in the same rounds,
 on its PyTorch tiles ("torch_tiles": the path before the kernel), with its bfloat16 forward, its
 computed pairs (the kernel's tile table) against the pairs the pattern needs, and for top-k the
-key-list attention alone against the same number of pairs run densely. How close each pass comes
+key-list attention alone against the same number of pairs run densely and against the gather
+floor: torch's ``embedding_bag`` summing the same key and value rows, each query's own (the
+memory traffic of the lists, with no products or softmax). How close each pass comes
 to the machine's limit: the kernel's forward and backward and dense SDPA as fractions of the rate
 of a float32 matrix product (``torch.mm``, 1024 cubed) timed in the same rounds, counting the
 multiply-adds of the computed pairs (forward: Q K^T and P V; backward: five products).
@@ -156,6 +158,7 @@ def measure_case(case: Case, heads: int, head_dim: int, repeats: int, dense_limi
         timed[("lists_forward_s", "blocksparse")] = forward("blocksparse", resolved)
         timed[("lists_forward_s", "dense_same_pairs")] = forward(
             "sdpa", Full(), (q, k[:, :, :kept].contiguous(), v[:, :, :kept].contiguous()))
+        timed[("lists_forward_s", "gather_floor")] = gather_floor(resolved.indices, k, v)
         timed[("choice_s", "topk")] = lambda: make_request(q, k, v, pattern=case.pattern)
     trainers = {}
     for backend in train_backends:
@@ -193,6 +196,29 @@ def measure_case(case: Case, heads: int, head_dim: int, repeats: int, dense_limi
             else forward(backend, case.pattern)
         entry["forward_peak_bytes"] = peak_memory(run, device)
     return row
+
+
+def list_rows(indices, kv_heads: int, kv_len: int):
+    """Key lists ``indices`` (B, H, Lq, n) as rows of keys flattened to (B * kv_heads * kv_len, D):
+    one list of n rows per query (query head h reads key head h // (H / kv_heads))."""
+    batch, heads, _, n = indices.shape
+    head = torch.arange(heads, device=indices.device).view(1, heads, 1, 1) // (heads // kv_heads)
+    start = (torch.arange(batch, device=indices.device).view(batch, 1, 1, 1) * kv_heads + head) * kv_len
+    return (indices + start).reshape(-1, n)
+
+
+def gather_floor(indices, k, v):
+    """A call that reads the rows of ``k`` and ``v`` that key lists ``indices`` (B, H, Lq, n)
+    name, each query's own, and sums them per query (``embedding_bag``): the memory traffic of
+    key-list attention alone, the least its forward can take where its rows do not stay in L1."""
+    rows = list_rows(indices, k.shape[1], k.shape[2])
+    keys, values = k.reshape(-1, k.shape[-1]), v.reshape(-1, v.shape[-1])
+
+    def run():
+        with torch.no_grad():
+            torch.nn.functional.embedding_bag(rows, keys, mode="sum")
+            torch.nn.functional.embedding_bag(rows, values, mode="sum")
+    return run
 
 
 def kernel_of(auto: str) -> str:
@@ -280,6 +306,9 @@ def ratios(rows: list[dict]) -> list[dict]:
         lists, same = ours.get("lists_forward_s"), r["backends"].get("dense_same_pairs", {})
         if lists:
             item["lists_vs_dense_same_pairs"] = _paired(ours, "lists_forward", same, "lists_forward")
+            floor = r["backends"].get("gather_floor", {})
+            item["lists_vs_gather_floor"] = _paired(ours, "lists_forward", floor, "lists_forward")
+            item["gather_floor_vs_dense_same_pairs"] = _paired(floor, "lists_forward", same, "lists_forward")
             choice = r["backends"].get("topk", {})
             item["choice_vs_dense"] = _paired(choice, "choice", dense, "forward")
         out.append(item)
@@ -348,8 +377,10 @@ def markdown(items: list[dict], machine: str) -> str:
                          f"{_fmt(i.get('train_vs_documents'))}")
         if i.get("lists_vs_dense_same_pairs") is not None:
             lines.append(f"- {i['family']} {i['size']}: key-list attention / the same pairs dense (<= 1.5): "
-                         f"{_fmt(i['lists_vs_dense_same_pairs'])}; the choice / dense SDPA forward: "
-                         f"{_fmt(i['choice_vs_dense'])}")
+                         f"{_fmt(i['lists_vs_dense_same_pairs'])}; / the gather floor (reading the same rows "
+                         f"and summing them): {_fmt(i.get('lists_vs_gather_floor'))}, the floor itself / the "
+                         f"same pairs dense: {_fmt(i.get('gather_floor_vs_dense_same_pairs'))}; the choice / "
+                         f"dense SDPA forward: {_fmt(i['choice_vs_dense'])}")
         if i.get("old_train_over_forward") is not None and i["family"].startswith("sliding"):
             lines.append(f"- {i['family']} {i['size']}: PyTorch tiles fwd+bwd / fwd {_fmt(i['old_train_over_forward'])}")
     return "\n".join(lines) + "\n"

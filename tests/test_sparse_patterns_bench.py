@@ -5,8 +5,9 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
-from multihead.patterns import SlidingWindow
+from multihead.patterns import SlidingWindow, TopK
 
 _PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "sparse_patterns.py"
 
@@ -103,3 +104,38 @@ def test_a_backward_no_slower_than_the_forward_is_left_out(bench):
     assert bench.rates(row, row["backends"]["blocksparse"])["backward_vs_gemm"] == pytest.approx(0.5)
     row = _row(bench, forward=[2.0], forward_backward=[1.9], gemm=[1.0])
     assert bench.rates(row, row["backends"]["blocksparse"])["backward_vs_gemm"] is None
+
+
+def test_list_rows_name_each_querys_keys_in_the_flattened_keys(bench):
+    batch, heads, kv_heads, q_len, kv_len, n = 2, 4, 2, 5, 7, 3
+    k = torch.randn(batch, kv_heads, kv_len, 8)
+    indices = torch.randint(0, kv_len, (batch, heads, q_len, n))
+    rows = bench.list_rows(indices, kv_heads, kv_len)
+    gathered = k.reshape(-1, 8)[rows].view(batch, heads, q_len, n, 8)
+    for b, h, i, j in [(0, 0, 0, 0), (1, 3, 4, 2), (1, 2, 1, 1), (0, 1, 3, 0)]:
+        assert torch.equal(gathered[b, h, i, j], k[b, h // 2, indices[b, h, i, j]])
+
+
+def test_key_lists_are_compared_with_the_same_pairs_dense_and_the_gather_floor(bench):
+    row = _row(bench, forward=[2.0, 4.0], forward_backward=[7.0, 14.0], gemm=[1.0, 2.0], dynamic=True)
+    row["backends"]["blocksparse"].update({"lists_forward_s": 3.0, "lists_forward_samples": [3.0, 6.0]})
+    row["backends"]["dense_same_pairs"] = {"lists_forward_s": 1.0, "lists_forward_samples": [1.0, 2.0]}
+    row["backends"]["gather_floor"] = {"lists_forward_s": 2.0, "lists_forward_samples": [2.0, 4.0]}
+    row["backends"]["topk"] = {"choice_s": 0.5, "choice_samples": [0.5, 1.0]}
+    item = bench.ratios([row])[0]
+    assert item["lists_vs_dense_same_pairs"] == pytest.approx(3.0)
+    assert item["lists_vs_gather_floor"] == pytest.approx(1.5)
+    assert item["gather_floor_vs_dense_same_pairs"] == pytest.approx(2.0)
+    text = bench.markdown([item], "test machine")
+    assert "key-list attention / the same pairs dense (<= 1.5): 3.00; / the gather floor (reading the same " \
+           "rows and summing them): 1.50, the floor itself / the same pairs dense: 2.00" in text
+
+
+def test_one_small_top_k_case_times_the_lists_and_the_gather_floor(bench):
+    case = bench.Case("topk_8", "256", 256, TopK(8))
+    row = bench.measure_case(case, heads=2, head_dim=16, repeats=1, dense_limit=256, flex_limit=0,
+                             train_backends=["blocksparse"], forward_backends=["blocksparse"])
+    item = bench.ratios([row])[0]
+    for key in ("lists_vs_dense_same_pairs", "lists_vs_gather_floor", "gather_floor_vs_dense_same_pairs",
+                "choice_vs_dense"):
+        assert item[key] is not None and item[key] > 0, key
