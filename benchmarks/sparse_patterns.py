@@ -5,7 +5,8 @@ on its PyTorch tiles ("torch_tiles": the path before the kernel), with its bfloa
 computed pairs (the kernel's tile table) against the pairs the pattern needs, and for top-k the
 key-list attention alone against the same number of pairs run densely and against the gather
 floor: torch's ``embedding_bag`` summing the same key and value rows, each query's own (the
-memory traffic of the lists, with no products or softmax). How close each pass comes
+memory traffic of the lists, with no products or softmax). Beside the kernel's fwd+bwd / fwd, the
+same ratio of PyTorch's fused dense attention (``--peer-tokens``). How close each pass comes
 to the machine's limit: the kernel's forward and backward and dense SDPA as fractions of the rate
 of a float32 matrix product (``torch.mm``, 1024 cubed) timed in the same rounds, counting the
 multiply-adds of the computed pairs (forward: Q K^T and P V; backward: five products).
@@ -221,6 +222,29 @@ def gather_floor(indices, k, v):
     return run
 
 
+def peer_training(tokens: int, heads: int, head_dim: int, repeats: int, device: str = "cpu") -> dict:
+    """PyTorch's own fused attention (dense SDPA on ``tokens`` tokens, no mask) timed forward and
+    forward+backward in the same rounds: its fwd+bwd / fwd (the median of the rounds' ratios) is
+    the peer of the kernel's, since both recompute the weights in backward."""
+    q, k, v, grad = _inputs(tokens, heads, head_dim, device)
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+
+    def forward():
+        with torch.no_grad():
+            torch.nn.functional.scaled_dot_product_attention(q, k, v)
+
+    def train():
+        for t in leaves:
+            t.grad = None
+        torch.nn.functional.scaled_dot_product_attention(*leaves).backward(grad)
+
+    timings = time_interleaved({"forward": forward, "forward_backward": train}, repeats=repeats, warmup=1,
+                               budget_s=60)
+    f, fb = timings["forward"].samples, timings["forward_backward"].samples
+    return {"tokens": tokens, "forward_s": min(f), "forward_backward_s": min(fb),
+            "train_over_forward": statistics.median(b / a for a, b in zip(f, fb))}
+
+
 def kernel_of(auto: str) -> str:
     """The backend whose figures the kernel's row reports: block-sparse, or the per-head split
     (``heads``) that runs each run of heads through it."""
@@ -352,7 +376,8 @@ COLUMNS = [  # (header, key, format) of the table; targets of the native-kernel 
 ]
 
 
-def markdown(items: list[dict], machine: str) -> str:
+def markdown(items: list[dict], machine: str, peer: dict | None = None) -> str:
+    """The table and the notes below it; ``peer``: ``peer_training``'s figures, where measured."""
     lines = [f"Measured on {machine}.", "",
              "| " + " | ".join(h for h, _, _ in COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     for i in items:
@@ -365,6 +390,10 @@ def markdown(items: list[dict], machine: str) -> str:
     if gemm:
         lines.append(f"- float32 GEMM (torch.mm, {GEMM_SIZE} cubed) in these rounds, the rates' yardstick: "
                      f"{min(gemm):.0f}-{max(gemm):.0f} GFLOP/s")
+    if peer:
+        lines.append(f"- PyTorch's fused attention (dense SDPA, {peer['tokens']} tokens, no mask) fwd+bwd / fwd: "
+                     f"{peer['train_over_forward']:.2f}, the peer of the column fwd+bwd / fwd (forward "
+                     f"{peer['forward_s']:.4f} s, fwd+bwd {peer['forward_backward_s']:.4f} s)")
     for i in items:
         if "memory_growth" in i:
             lines.append(f"- Sliding window fwd+bwd {i['size']} ({i['backend']}): {i['memory_growth']:.2f} (target <= 4.3)")
@@ -431,6 +460,9 @@ def main(argv=None) -> int:
                         help="largest N at which SDPA gets a dense mask")
     parser.add_argument("--flex-limit", type=int, default=16384,
                         help="largest N at which FlexAttention runs (a run at 65536 was killed for memory)")
+    parser.add_argument("--peer-tokens", type=int, default=None,
+                        help="tokens of the dense SDPA whose fwd+bwd / fwd is reported beside the kernel's "
+                             "(default 2048, 512 with --quick; 0: not measured)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     console = Console(width=160)
@@ -444,15 +476,21 @@ def main(argv=None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
 
+    peer_tokens = args.peer_tokens if args.peer_tokens is not None else (512 if args.quick else 2048)
+    peer = None
+
     def write(rows):  # after every case, so a run cut short keeps what it measured
         items = ratios(rows)
-        (out / "sparse_patterns.json").write_text(json.dumps({"machine": machine, "rows": rows, "ratios": items},
-                                                             indent=2))
-        (out / "sparse_patterns.md").write_text(markdown(items, machine))
+        (out / "sparse_patterns.json").write_text(json.dumps({"machine": machine, "peer_dense_training": peer,
+                                                              "rows": rows, "ratios": items}, indent=2))
+        (out / "sparse_patterns.md").write_text(markdown(items, machine, peer))
         return items
 
     rows = []
     with Progress(console=console) as progress:
+        if peer_tokens:
+            progress.console.print(f"dense SDPA fwd and fwd+bwd at {peer_tokens} tokens (the training peer)")
+            peer = peer_training(peer_tokens, args.heads, args.head_dim, args.repeats, args.device)
         task = progress.add_task("sparse patterns", total=len(selected))
         for case in selected:
             progress.update(task, description=f"{case.family} {case.size}")
@@ -469,7 +507,7 @@ def main(argv=None) -> int:
         if "memory_growth" not in i:
             table.add_row(*(_fmt(i.get(key), spec) if spec != "s" else str(i[key]) for _, key, spec in COLUMNS))
     console.print(table)
-    console.print(markdown(items, machine).split("\n\n", 1)[1].split("|\n\n", 1)[-1])
+    console.print(markdown(items, machine, peer).split("\n\n", 1)[1].split("|\n\n", 1)[-1])
     console.print(f"written to {out}/")
     return 0
 

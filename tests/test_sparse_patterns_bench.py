@@ -139,3 +139,20 @@ def test_one_small_top_k_case_times_the_lists_and_the_gather_floor(bench):
     for key in ("lists_vs_dense_same_pairs", "lists_vs_gather_floor", "gather_floor_vs_dense_same_pairs",
                 "choice_vs_dense"):
         assert item[key] is not None and item[key] > 0, key
+
+
+def test_the_dense_training_peer_is_timed_and_reported(bench):
+    peer = bench.peer_training(64, heads=2, head_dim=16, repeats=2)
+    assert peer["tokens"] == 64 and peer["forward_s"] > 0 and peer["forward_backward_s"] > 0
+    assert peer["train_over_forward"] > 0
+    row = _row(bench, forward=[0.02], forward_backward=[0.07], gemm=[0.01])
+    text = bench.markdown(bench.ratios([row]), "test machine",
+                          {"tokens": 2048, "forward_s": 0.05, "forward_backward_s": 0.18, "train_over_forward": 3.6})
+    assert "PyTorch's fused attention (dense SDPA, 2048 tokens, no mask) fwd+bwd / fwd: 3.60" in text
+    assert "PyTorch's fused attention" not in bench.markdown(bench.ratios([row]), "test machine")
+
+
+def test_a_quick_run_writes_the_peer_beside_the_table(bench, tmp_path):
+    assert bench.main(["--quick", "--only", "sliding_window", "--repeats", "1", "--peer-tokens", "128",
+                       "--out", str(tmp_path)]) == 0
+    assert "dense SDPA, 128 tokens" in (tmp_path / "sparse_patterns.md").read_text()
