@@ -5,7 +5,8 @@ on its PyTorch tiles ("torch_tiles": the path before the kernel), with its bfloa
 computed pairs (the kernel's tile table) against the pairs the pattern needs, and for top-k the
 key-list attention alone against the same number of pairs run densely and against the gather
 floor: torch's ``embedding_bag`` summing the same key and value rows, each query's own (the
-memory traffic of the lists, with no products or softmax). Beside the kernel's fwd+bwd / fwd, the
+memory traffic of the lists, with no products or softmax) and the same lists with every row in L1
+(their compute alone). Beside the kernel's fwd+bwd / fwd, the
 same ratio of PyTorch's fused dense attention (``--peer-tokens``). How close each pass comes
 to the machine's limit: the kernel's forward and backward and dense SDPA as fractions of the rate
 of a float32 matrix product (``torch.mm``, 1024 cubed) timed in the same rounds, counting the
@@ -45,8 +46,8 @@ from multihead.backends.blocksparse import BlockSparseBackend
 from multihead.backends.head_groups import head_split
 from multihead.bench.measure import peak_memory, time_call, time_interleaved
 from multihead.backends.native import describe as native_status
-from multihead.patterns import (Axial, Causal, CrossShapedWindow, Documents, Full, Neighborhood, Pattern, Routing,
-                                ShiftedWindow, SlidingWindow, TopK)
+from multihead.patterns import (Axial, Causal, CrossShapedWindow, Documents, Full, KeySelection, Neighborhood,
+                                Pattern, Routing, ShiftedWindow, SlidingWindow, TopK)
 from multihead.request import make_request
 
 
@@ -160,6 +161,7 @@ def measure_case(case: Case, heads: int, head_dim: int, repeats: int, dense_limi
         timed[("lists_forward_s", "dense_same_pairs")] = forward(
             "sdpa", Full(), (q, k[:, :, :kept].contiguous(), v[:, :, :kept].contiguous()))
         timed[("lists_forward_s", "gather_floor")] = gather_floor(resolved.indices, k, v)
+        timed[("lists_forward_s", "lists_in_l1")] = forward("blocksparse", lists_in_l1(resolved))
         timed[("choice_s", "topk")] = lambda: make_request(q, k, v, pattern=case.pattern)
     trainers = {}
     for backend in train_backends:
@@ -206,6 +208,14 @@ def list_rows(indices, kv_heads: int, kv_len: int):
     head = torch.arange(heads, device=indices.device).view(1, heads, 1, 1) // (heads // kv_heads)
     start = (torch.arange(batch, device=indices.device).view(batch, 1, 1, 1) * kv_heads + head) * kv_len
     return (indices + start).reshape(-1, n)
+
+
+def lists_in_l1(lists: KeySelection) -> KeySelection:
+    """Key lists of the same shape in which every query names the first keys: the same work with
+    its rows in L1, what the key-list kernel costs without waiting on memory."""
+    batch, heads, q_len, n = lists.indices.shape
+    first = torch.arange(n, device=lists.indices.device).expand(batch, heads, q_len, n).contiguous()
+    return KeySelection(first, torch.ones_like(first, dtype=torch.bool), lists.kv_len)
 
 
 def gather_floor(indices, k, v):
@@ -333,6 +343,8 @@ def ratios(rows: list[dict]) -> list[dict]:
             floor = r["backends"].get("gather_floor", {})
             item["lists_vs_gather_floor"] = _paired(ours, "lists_forward", floor, "lists_forward")
             item["gather_floor_vs_dense_same_pairs"] = _paired(floor, "lists_forward", same, "lists_forward")
+            in_l1 = r["backends"].get("lists_in_l1", {})
+            item["lists_in_l1_vs_dense_same_pairs"] = _paired(in_l1, "lists_forward", same, "lists_forward")
             choice = r["backends"].get("topk", {})
             item["choice_vs_dense"] = _paired(choice, "choice", dense, "forward")
         out.append(item)
@@ -408,8 +420,9 @@ def markdown(items: list[dict], machine: str, peer: dict | None = None) -> str:
             lines.append(f"- {i['family']} {i['size']}: key-list attention / the same pairs dense (<= 1.5): "
                          f"{_fmt(i['lists_vs_dense_same_pairs'])}; / the gather floor (reading the same rows "
                          f"and summing them): {_fmt(i.get('lists_vs_gather_floor'))}, the floor itself / the "
-                         f"same pairs dense: {_fmt(i.get('gather_floor_vs_dense_same_pairs'))}; the choice / "
-                         f"dense SDPA forward: {_fmt(i['choice_vs_dense'])}")
+                         f"same pairs dense: {_fmt(i.get('gather_floor_vs_dense_same_pairs'))}, the lists with "
+                         f"every row in L1 / the same pairs dense: {_fmt(i.get('lists_in_l1_vs_dense_same_pairs'))}; "
+                         f"the choice / dense SDPA forward: {_fmt(i['choice_vs_dense'])}")
         if i.get("old_train_over_forward") is not None and i["family"].startswith("sliding"):
             lines.append(f"- {i['family']} {i['size']}: PyTorch tiles fwd+bwd / fwd {_fmt(i['old_train_over_forward'])}")
     return "\n".join(lines) + "\n"

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from multihead.patterns import SlidingWindow, TopK
+from multihead.request import make_request
 
 _PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "sparse_patterns.py"
 
@@ -121,14 +122,17 @@ def test_key_lists_are_compared_with_the_same_pairs_dense_and_the_gather_floor(b
     row["backends"]["blocksparse"].update({"lists_forward_s": 3.0, "lists_forward_samples": [3.0, 6.0]})
     row["backends"]["dense_same_pairs"] = {"lists_forward_s": 1.0, "lists_forward_samples": [1.0, 2.0]}
     row["backends"]["gather_floor"] = {"lists_forward_s": 2.0, "lists_forward_samples": [2.0, 4.0]}
+    row["backends"]["lists_in_l1"] = {"lists_forward_s": 1.5, "lists_forward_samples": [1.5, 3.0]}
     row["backends"]["topk"] = {"choice_s": 0.5, "choice_samples": [0.5, 1.0]}
     item = bench.ratios([row])[0]
     assert item["lists_vs_dense_same_pairs"] == pytest.approx(3.0)
     assert item["lists_vs_gather_floor"] == pytest.approx(1.5)
     assert item["gather_floor_vs_dense_same_pairs"] == pytest.approx(2.0)
+    assert item["lists_in_l1_vs_dense_same_pairs"] == pytest.approx(1.5)
     text = bench.markdown([item], "test machine")
     assert "key-list attention / the same pairs dense (<= 1.5): 3.00; / the gather floor (reading the same " \
-           "rows and summing them): 1.50, the floor itself / the same pairs dense: 2.00" in text
+           "rows and summing them): 1.50, the floor itself / the same pairs dense: 2.00, the lists with every " \
+           "row in L1 / the same pairs dense: 1.50" in text
 
 
 def test_one_small_top_k_case_times_the_lists_and_the_gather_floor(bench):
@@ -137,7 +141,7 @@ def test_one_small_top_k_case_times_the_lists_and_the_gather_floor(bench):
                              train_backends=["blocksparse"], forward_backends=["blocksparse"])
     item = bench.ratios([row])[0]
     for key in ("lists_vs_dense_same_pairs", "lists_vs_gather_floor", "gather_floor_vs_dense_same_pairs",
-                "choice_vs_dense"):
+                "lists_in_l1_vs_dense_same_pairs", "choice_vs_dense"):
         assert item[key] is not None and item[key] > 0, key
 
 
@@ -156,3 +160,11 @@ def test_a_quick_run_writes_the_peer_beside_the_table(bench, tmp_path):
     assert bench.main(["--quick", "--only", "sliding_window", "--repeats", "1", "--peer-tokens", "128",
                        "--out", str(tmp_path)]) == 0
     assert "dense SDPA, 128 tokens" in (tmp_path / "sparse_patterns.md").read_text()
+
+
+def test_lists_in_l1_name_the_first_keys_in_the_lists_shape(bench):
+    q, k = torch.randn(1, 2, 6, 4), torch.randn(1, 2, 9, 4)
+    lists = make_request(q, k, k, pattern=TopK(3)).pattern
+    first = bench.lists_in_l1(lists)
+    assert first.indices.shape == lists.indices.shape and first.kv_len == 9 and bool(first.valid.all())
+    assert first.indices[0, 1, 4].tolist() == [0, 1, 2]
