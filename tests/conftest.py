@@ -7,22 +7,30 @@ alone moves a result by about that much; a sum over many pairs (a bias table's g
 that far off while the naive computation's own roundings happen to cancel its share.
 
 Every test starts from the same seed of torch's generator (one per test, from its name), so a
-failure reproduces whatever ran before it and whatever ``PYTHONHASHSEED`` is.
+failure reproduces whatever ran before it and whatever ``PYTHONHASHSEED`` is. Hypothesis draws
+the same examples on every run too (profile "deterministic"); ``HYPOTHESIS_PROFILE=explore``
+draws new ones each run, to search for failures.
 """
 
 from __future__ import annotations
 
 import math
+import os
 import zlib
 
 import pytest
 import torch
 import torch.nn.functional as F
+from hypothesis import settings
 
 from multihead.backends.base import repeat_kv
 from multihead.normalizers import as_normalizer
 from multihead.patterns import Causal, Documents, Full, KeyPadding, PrefixLM, SlidingWindow
 from multihead.scores import as_score
+
+settings.register_profile("deterministic", derandomize=True, database=None)
+settings.register_profile("explore")
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "deterministic"))
 
 FACTOR = 3.0
 FLOOR = {torch.float64: 1e-10, torch.float32: 1e-5, torch.bfloat16: 2e-3, torch.float16: 1e-3}
