@@ -3,14 +3,14 @@
 The block-sparse backend is measured on its native kernel ("blocksparse") and, in the same rounds,
 on its PyTorch tiles ("torch_tiles": the path before the kernel), with its bfloat16 forward, its
 computed pairs (the kernel's tile table) against the pairs the pattern needs, and for top-k the
-key-list attention alone against the same number of pairs run densely and against the gather
-floor: torch's ``embedding_bag`` summing the same key and value rows, each query's own (the
-memory traffic of the lists, with no products or softmax) and the same lists with every row in L1
-(their compute alone). Beside the kernel's fwd+bwd / fwd, the
-same ratio of PyTorch's fused dense attention (``--peer-tokens``). How close each pass comes
-to the machine's limit: the kernel's forward and backward and dense SDPA as fractions of the rate
-of a float32 matrix product (``torch.mm``, 1024 cubed) timed in the same rounds, counting the
-multiply-adds of the computed pairs (forward: Q K^T and P V; backward: five products).
+key-list attention alone against the same number of pairs run densely, against the gather floor
+(torch's ``embedding_bag`` summing the same key and value rows, each query's own: the lists'
+memory traffic with no products or softmax) and against the same lists with every row in L1
+(their compute alone). Beside the kernel's fwd+bwd / fwd, the same ratio of PyTorch's fused dense
+attention (``--peer-tokens``). How close each pass comes to the machine's limit: the kernel's
+forward and backward and dense SDPA as fractions of the rate of a float32 matrix product
+(``torch.mm``, 1024 cubed) timed in the same rounds, counting the multiply-adds of the computed
+pairs (forward: Q K^T and P V; backward: five products).
 
 Writes ``sparse_patterns.json``, ``sparse_patterns.png`` and ``sparse_patterns.md`` (the table of
 ratios that ``docs/performance.md`` quotes) into ``--out``. Every ratio compares figures measured
