@@ -241,6 +241,18 @@ def test_widths_match_reference(pattern_name, d, dtype):
 
 
 @needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("keys", [8, 96], ids=["short", "long"])
+def test_key_lists_short_and_long_match_reference(keys, dtype):
+    """One query per tile with 8 or 96 keys of 64 dimensions: the long lists (96 x 128 values,
+    past ROW_PREFETCH_BYTES in fp32 and bf16) run without the next tile's prefetch, the short ones
+    with it; both equal the reference."""
+    n = 160
+    q, k, v, dout = _inputs(n, 2, torch.float64, seed=stable_seed("lists", keys), d=64, batch=1, heads=2)
+    _check_against_reference(TopK(keys), None, q, k, v, dout, dtype)
+
+
+@needs_kernel
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])
 @pytest.mark.parametrize("d", [64, 40, 15], ids=["d64", "d40", "d15_odd"])
 def test_every_lane_tile_height_matches_reference(d, dtype):
