@@ -3,9 +3,9 @@
 The block-sparse backend is measured on its native kernel ("blocksparse") and, in the same rounds,
 on its PyTorch tiles ("torch_tiles": the path before the kernel), with its bfloat16 forward, its
 computed pairs (the kernel's tile table) against the pairs the pattern needs, and for top-k the
-key-list attention alone against the same number of pairs run densely, against the gather floor
-(torch's ``embedding_bag`` summing the same key and value rows, each query's own: the lists'
-memory traffic with no products or softmax) and against the same lists with every row in L1
+key-list attention alone against the same number of pairs run densely, against a gather of the
+same rows (torch's ``embedding_bag`` summing each query's own key and value rows: the lists'
+memory traffic with no products or softmax, a yardstick rather than a bound) and against the same lists with every row in L1
 (their compute alone). Beside the kernel's fwd+bwd / fwd, the same ratio of PyTorch's fused dense
 attention (``--peer-tokens``). How close each pass comes to the machine's limit: the kernel's
 forward and backward and dense SDPA as fractions of the rate of a float32 matrix product
@@ -160,7 +160,7 @@ def measure_case(case: Case, heads: int, head_dim: int, repeats: int, dense_limi
         timed[("lists_forward_s", "blocksparse")] = forward("blocksparse", resolved)
         timed[("lists_forward_s", "dense_same_pairs")] = forward(
             "sdpa", Full(), (q, k[:, :, :kept].contiguous(), v[:, :, :kept].contiguous()))
-        timed[("lists_forward_s", "gather_floor")] = gather_floor(resolved.indices, k, v)
+        timed[("lists_forward_s", "embedding_bag_gather")] = embedding_bag_gather(resolved.indices, k, v)
         timed[("lists_forward_s", "lists_in_l1")] = forward("blocksparse", lists_in_l1(resolved))
         timed[("choice_s", "topk")] = lambda: make_request(q, k, v, pattern=case.pattern)
     trainers = {}
@@ -218,10 +218,10 @@ def lists_in_l1(lists: KeySelection) -> KeySelection:
     return KeySelection(first, torch.ones_like(first, dtype=torch.bool), lists.kv_len)
 
 
-def gather_floor(indices, k, v):
+def embedding_bag_gather(indices, k, v):
     """A call that reads the rows of ``k`` and ``v`` that key lists ``indices`` (B, H, Lq, n)
     name, each query's own, and sums them per query (``embedding_bag``): the memory traffic of
-    key-list attention alone, the least its forward can take where its rows do not stay in L1."""
+    key-list attention with no products or softmax (a yardstick: a kernel can read faster)."""
     rows = list_rows(indices, k.shape[1], k.shape[2])
     keys, values = k.reshape(-1, k.shape[-1]), v.reshape(-1, v.shape[-1])
 
@@ -340,9 +340,9 @@ def ratios(rows: list[dict]) -> list[dict]:
         lists, same = ours.get("lists_forward_s"), r["backends"].get("dense_same_pairs", {})
         if lists:
             item["lists_vs_dense_same_pairs"] = _paired(ours, "lists_forward", same, "lists_forward")
-            floor = r["backends"].get("gather_floor", {})
-            item["lists_vs_gather_floor"] = _paired(ours, "lists_forward", floor, "lists_forward")
-            item["gather_floor_vs_dense_same_pairs"] = _paired(floor, "lists_forward", same, "lists_forward")
+            gather = r["backends"].get("embedding_bag_gather", {})
+            item["lists_vs_gather"] = _paired(ours, "lists_forward", gather, "lists_forward")
+            item["gather_vs_dense_same_pairs"] = _paired(gather, "lists_forward", same, "lists_forward")
             in_l1 = r["backends"].get("lists_in_l1", {})
             item["lists_in_l1_vs_dense_same_pairs"] = _paired(in_l1, "lists_forward", same, "lists_forward")
             choice = r["backends"].get("topk", {})
@@ -418,9 +418,8 @@ def markdown(items: list[dict], machine: str, peer: dict | None = None) -> str:
                          f"{_fmt(i.get('train_vs_documents'))}")
         if i.get("lists_vs_dense_same_pairs") is not None:
             lines.append(f"- {i['family']} {i['size']}: key-list attention / the same pairs dense (<= 1.5): "
-                         f"{_fmt(i['lists_vs_dense_same_pairs'])}; / the gather floor (reading the same rows "
-                         f"and summing them): {_fmt(i.get('lists_vs_gather_floor'))}, the floor itself / the "
-                         f"same pairs dense: {_fmt(i.get('gather_floor_vs_dense_same_pairs'))}, the lists with "
+                         f"{_fmt(i['lists_vs_dense_same_pairs'])}; / embedding_bag summing the same rows: "
+                         f"{_fmt(i.get('lists_vs_gather'))}, that gather itself / the same pairs dense: {_fmt(i.get('gather_vs_dense_same_pairs'))}, the lists with "
                          f"every row in L1 / the same pairs dense: {_fmt(i.get('lists_in_l1_vs_dense_same_pairs'))}; "
                          f"the choice / dense SDPA forward: {_fmt(i['choice_vs_dense'])}")
         if i.get("old_train_over_forward") is not None and i["family"].startswith("sliding"):

@@ -117,30 +117,30 @@ def test_list_rows_name_each_querys_keys_in_the_flattened_keys(bench):
         assert torch.equal(gathered[b, h, i, j], k[b, h // 2, indices[b, h, i, j]])
 
 
-def test_key_lists_are_compared_with_the_same_pairs_dense_and_the_gather_floor(bench):
+def test_key_lists_are_compared_with_the_same_pairs_dense_and_the_embedding_bag_gather(bench):
     row = _row(bench, forward=[2.0, 4.0], forward_backward=[7.0, 14.0], gemm=[1.0, 2.0], dynamic=True)
     row["backends"]["blocksparse"].update({"lists_forward_s": 3.0, "lists_forward_samples": [3.0, 6.0]})
     row["backends"]["dense_same_pairs"] = {"lists_forward_s": 1.0, "lists_forward_samples": [1.0, 2.0]}
-    row["backends"]["gather_floor"] = {"lists_forward_s": 2.0, "lists_forward_samples": [2.0, 4.0]}
+    row["backends"]["embedding_bag_gather"] = {"lists_forward_s": 2.0, "lists_forward_samples": [2.0, 4.0]}
     row["backends"]["lists_in_l1"] = {"lists_forward_s": 1.5, "lists_forward_samples": [1.5, 3.0]}
     row["backends"]["topk"] = {"choice_s": 0.5, "choice_samples": [0.5, 1.0]}
     item = bench.ratios([row])[0]
     assert item["lists_vs_dense_same_pairs"] == pytest.approx(3.0)
-    assert item["lists_vs_gather_floor"] == pytest.approx(1.5)
-    assert item["gather_floor_vs_dense_same_pairs"] == pytest.approx(2.0)
+    assert item["lists_vs_gather"] == pytest.approx(1.5)
+    assert item["gather_vs_dense_same_pairs"] == pytest.approx(2.0)
     assert item["lists_in_l1_vs_dense_same_pairs"] == pytest.approx(1.5)
     text = bench.markdown([item], "test machine")
-    assert "key-list attention / the same pairs dense (<= 1.5): 3.00; / the gather floor (reading the same " \
-           "rows and summing them): 1.50, the floor itself / the same pairs dense: 2.00, the lists with every " \
-           "row in L1 / the same pairs dense: 1.50" in text
+    assert "key-list attention / the same pairs dense (<= 1.5): 3.00; / embedding_bag summing the same rows: " \
+           "1.50, that gather itself / the same pairs dense: 2.00, the lists with every row in L1 / the same " \
+           "pairs dense: 1.50" in text
 
 
-def test_one_small_top_k_case_times_the_lists_and_the_gather_floor(bench):
+def test_one_small_top_k_case_times_the_lists_and_the_embedding_bag_gather(bench):
     case = bench.Case("topk_8", "256", 256, TopK(8))
     row = bench.measure_case(case, heads=2, head_dim=16, repeats=1, dense_limit=256, flex_limit=0,
                              train_backends=["blocksparse"], forward_backends=["blocksparse"])
     item = bench.ratios([row])[0]
-    for key in ("lists_vs_dense_same_pairs", "lists_vs_gather_floor", "gather_floor_vs_dense_same_pairs",
+    for key in ("lists_vs_dense_same_pairs", "lists_vs_gather", "gather_vs_dense_same_pairs",
                 "lists_in_l1_vs_dense_same_pairs", "choice_vs_dense"):
         assert item[key] is not None and item[key] > 0, key
 
