@@ -7,10 +7,10 @@ key-list attention alone against the same number of pairs run densely, against a
 same rows (torch's ``embedding_bag`` summing each query's own key and value rows: the lists'
 memory traffic with no products or softmax, a yardstick rather than a bound) and against the same
 lists with every row in L1 (their compute alone). Beside the kernel's fwd+bwd / fwd, the same ratio
-of PyTorch's fused dense attention (``--peer-tokens``). How close each pass comes to the machine's limit: the kernel's
-forward and backward and dense SDPA as fractions of the rate of a float32 matrix product
-(``torch.mm``, 1024 cubed) timed in the same rounds, counting the multiply-adds of the computed
-pairs (forward: Q K^T and P V; backward: five products).
+of PyTorch's fused dense attention (``--peer-tokens``). How close each pass comes to the machine's
+limit: the kernel's forward and backward and dense SDPA as fractions of the rate of a float32
+matrix product (``torch.mm``, 1024 cubed) timed in the same rounds, counting the multiply-adds of
+the computed pairs (forward: Q K^T and P V; backward: five products).
 
 Writes ``sparse_patterns.json``, ``sparse_patterns.png`` and ``sparse_patterns.md`` (the table of
 ratios that ``docs/performance.md`` quotes) into ``--out``. Every ratio compares figures measured
