@@ -535,6 +535,26 @@ def test_corrupt_tile_tables_are_rejected():
 
 
 @needs_kernel
+@pytest.mark.parametrize("where", [0, 70_000, -1])
+@pytest.mark.parametrize("bad", [-1, 512, -(2 ** 62)])
+def test_a_key_list_index_out_of_range_is_rejected_wherever_it_lies(where, bad):
+    """Key lists are checked by all threads in blocks of 65536 entries: a bad index in the first
+    block, a middle one or the last entry is found, before any key row is read, in forward and
+    backward."""
+    q = torch.randn(1, 2, 512, 8)
+    indices = torch.randint(0, 512, (1, 2, 512, 128))  # 131072 entries: more than one block
+    table = tiles.from_key_lists(indices, torch.ones_like(indices, dtype=torch.bool))
+    ext = native.kernel()
+    args = (*table.arrays(), 0.35, None, None, None, 0.0, 511, 0.0, 0, None)
+    out, lse = ext.forward(q, q, q, *args)  # the lists as drawn run
+    table.k_idx.view(-1)[where] = bad
+    with pytest.raises(RuntimeError, match="key index out of range"):
+        ext.forward(q, q, q, *args)
+    with pytest.raises(RuntimeError, match="key index out of range"):
+        ext.backward(q, q, q, out, torch.ones_like(out), lse, *args, 1, False, False)
+
+
+@needs_kernel
 def test_what_runs_in_the_kernel_and_what_stays_on_the_torch_tiles():
     q = torch.randn(1, 2, 32, 8)
     backend = BlockSparseBackend()

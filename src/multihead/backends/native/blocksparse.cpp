@@ -1747,10 +1747,19 @@ void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v)
               "native kernel: inconsistent shapes");
 }
 
+// Every listed key and run of keys inside [0, Lk), every query row inside [0, Lq) and in one tile
+// at most. Key lists (a TopK's: B H Lq k entries) are checked by all threads, without a branch per
+// entry.
 void check_keys(const Table& t, int64_t Lk, int64_t Lq) {
-  const int64_t n = t.lb * t.lh * t.K;
-  for (int64_t i = 0; !t.k_start && i < n; ++i)
-    TORCH_CHECK(t.k_idx[i] >= 0 && t.k_idx[i] < Lk, "tile table: key index out of range");
+  if (!t.k_start) {
+    std::atomic<bool> outside{false};
+    at::parallel_for(0, t.lb * t.lh * t.K, int64_t(1) << 16, [&](int64_t i0, int64_t i1) {
+      bool any = false;  // a negative index is a huge unsigned one
+      for (int64_t i = i0; i < i1; ++i) any |= static_cast<uint64_t>(t.k_idx[i]) >= static_cast<uint64_t>(Lk);
+      if (any) outside = true;
+    });
+    TORCH_CHECK(!outside, "tile table: key index out of range");
+  }
   for (int64_t i = 0; t.k_start && i < t.lb * t.lh * t.T; ++i) {
     const int64_t W = t.tile_w ? t.tile_w[i] : t.tile_k[i % t.T + 1] - t.tile_k[i % t.T];
     TORCH_CHECK(t.k_start[i] >= 0 && t.k_start[i] + W <= Lk, "tile table: key run out of range");
