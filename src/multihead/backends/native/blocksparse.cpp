@@ -1293,23 +1293,34 @@ void row_dots(const C* a, int64_t depth, const T* base, const int64_t* idx, int6
 }
 
 // o[d] = sum_j p[j] B_j[d] for d < width (B_j = base + idx[j] * ld, T), four vectors of o held in
-// registers while the keys stream by; keys with p = 0 skipped
+// registers while the keys stream by, two keys at a time into two sets (eight chains of adds, not
+// four: a key list's row waits on the additions, not the loads); pairs of keys with p = 0 skipped
 template <typename C, typename T>
 void row_combine(const C* p, const T* base, const int64_t* idx, int64_t n, int64_t ld, int64_t width, C* o) {
   using V = Vec<C>;
   constexpr int64_t L = V::size();
   int64_t d0 = 0;
   for (; d0 + 4 * L <= width; d0 += 4 * L) {
-    V acc[4] = {V(C(0)), V(C(0)), V(C(0)), V(C(0))};
-    for (int64_t j = 0; j < n; ++j) {
-      if (p[j] == C(0)) continue;
+    V acc[2][4] = {{V(C(0)), V(C(0)), V(C(0)), V(C(0))}, {V(C(0)), V(C(0)), V(C(0)), V(C(0))}};
+    int64_t j = 0;
+    for (; j + 2 <= n; j += 2) {
+      if (p[j] == C(0) && p[j + 1] == C(0)) continue;
+#pragma GCC unroll 2
+      for (int t = 0; t < 2; ++t) {
+        const V c(p[j + t]);
+        const T* b = base + idx[j + t] * ld + d0;
+#pragma GCC unroll 4
+        for (int u = 0; u < 4; ++u) acc[t][u] = at::vec::fmadd(c, load_as<C>(b + u * L), acc[t][u]);
+      }
+    }
+    if (j < n && p[j] != C(0)) {
       const V c(p[j]);
       const T* b = base + idx[j] * ld + d0;
 #pragma GCC unroll 4
-      for (int u = 0; u < 4; ++u) acc[u] = at::vec::fmadd(c, load_as<C>(b + u * L), acc[u]);
+      for (int u = 0; u < 4; ++u) acc[0][u] = at::vec::fmadd(c, load_as<C>(b + u * L), acc[0][u]);
     }
 #pragma GCC unroll 4
-    for (int u = 0; u < 4; ++u) acc[u].store(o + d0 + u * L);
+    for (int u = 0; u < 4; ++u) (acc[0][u] + acc[1][u]).store(o + d0 + u * L);
   }
   for (; d0 + L <= width; d0 += L) {
     V acc(C(0));
