@@ -21,8 +21,8 @@ from multihead.backends.native import tiles
 from multihead.backends.native.function import dropout_mask, native_attention
 from multihead.backends.native.select import top_keys
 from multihead.nn.prototype_cross import KeyArgmax
-from multihead.patterns import (Axial, Causal, CrossShapedWindow, Dilated, Documents, Full, Neighborhood,
-                                PerHead, PrefixLM, Routing, ShiftedWindow, SlidingWindow, TopK)
+from multihead.patterns import (Axial, Causal, CrossShapedWindow, Dilated, Documents, Full, KeySelection,
+                                Neighborhood, PerHead, PrefixLM, Routing, ShiftedWindow, SlidingWindow, TopK)
 from multihead.request import make_request
 from multihead.scores import (ALiBi, DynamicPositionBias, RelativePositionBias, RelativePositionBias2d, ScoreChain,
                               Softcap)
@@ -250,6 +250,53 @@ def test_key_lists_short_and_long_match_reference(keys, dtype):
     n = 160
     q, k, v, dout = _inputs(n, 2, torch.float64, seed=stable_seed("lists", keys), d=64, batch=1, heads=2)
     _check_against_reference(TopK(keys), None, q, k, v, dout, dtype)
+
+
+def _key_lists(batch, heads, q_len, kv_len, width, seed):
+    """Distinct random keys per row, about a fifth of the slots invalid (padding), one valid at least."""
+    gen = torch.Generator().manual_seed(seed)
+    indices = torch.stack([torch.randperm(kv_len, generator=gen)[:width]
+                           for _ in range(batch * heads * q_len)]).view(batch, heads, q_len, width)
+    valid = torch.rand(batch, heads, q_len, width, generator=gen) > 0.2
+    valid[..., 0] = True
+    return indices, valid
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=["fp32", "bf16", "fp64"])
+@pytest.mark.parametrize("d", [64, 72, 12])
+@pytest.mark.parametrize("q_len", [5, 6, 7, 8])
+def test_key_lists_in_groups_of_rows_match_reference(q_len, d, dtype):
+    """The kernel sums the values of four key lists at once, four vectors of d at a time, then one,
+    then the last few d a row at a time: 15, 18, 21 and 24 lists (three heads) leave a last group of
+    3, 2, 1 and 4; padded lists mask their invalid slots."""
+    q, k, v, dout = _inputs(q_len, 3, torch.float64, seed=stable_seed("groups", q_len, d), d=d, batch=1, heads=3)
+    pattern = KeySelection(*_key_lists(1, 3, q_len, q_len, min(q_len, 5), seed=q_len), q_len)
+    _check_against_reference(pattern, None, q, k, v, dout, dtype)
+
+
+@needs_kernel
+def test_a_key_list_with_no_valid_key_beside_live_ones():
+    """A row whose slots are all invalid (``mh.attention`` refuses it under softmax; a table can
+    still hold one) gets output 0 and lse +inf; the other rows of its group of four are computed one
+    at a time and equal the rows computed four at a time."""
+    q = torch.randn(1, 2, 8, 64)
+    indices, valid = _key_lists(1, 2, 8, 8, 4, seed=3)
+    ext = native.kernel()
+
+    def run(valid):
+        table = tiles.from_key_lists(indices, valid)
+        return ext.forward(q, q, q, *table.arrays(), 0.125, None, None, None, 0.0, 7, 0.0, 0, None)
+
+    out, lse = run(valid)
+    dead = valid.clone()
+    dead[0, 0, 1] = False
+    out_dead, lse_dead = run(dead)
+    assert torch.equal(out_dead[0, 0, 1], torch.zeros(64)) and lse_dead[0, 0, 1] == float("inf")
+    rest = torch.ones(1, 2, 8, dtype=torch.bool)
+    rest[0, 0, 1] = False
+    torch.testing.assert_close(out_dead[rest], out[rest], rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(lse_dead[rest], lse[rest], rtol=1e-6, atol=1e-6)
 
 
 @needs_kernel

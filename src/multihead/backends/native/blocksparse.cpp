@@ -1362,6 +1362,78 @@ void row_logits(const Score<C>& sc, C scale, const int64_t* kpos, int64_t W, int
   }
 }
 
+// One row's weights from its products s (W keys; row r of a tile of ``rows``): the logits, the
+// mask, softmax (or sigmoid) and dropout, in place. Returns false for a row that sees no key;
+// else m and sum such that the output is (sum_j s[j] V_j) / sum and lse = m + log(sum).
+template <typename C>
+bool row_weights(const Score<C>& sc, C scale, const int64_t* kpos, int64_t W, const TileMask& mask, int64_t rows,
+                 int64_t r, int64_t head, int64_t qabs, uint32_t rowkey, C* s, C& m, C& sum) {
+  row_logits(sc, scale, kpos, W, head, qabs, s, static_cast<C*>(nullptr));
+  if (mask)  // key-major: row r of a (keys x rows) block, stride rows
+    for (int64_t j = mask.first; j < W; ++j)
+      if (!mask.allows(j, rows, r)) s[j] = -std::numeric_limits<C>::infinity();
+  m = 0, sum = 1;  // sigmoid: lse 0 + log 1, no sum to divide by
+  if (sc.sigmoid) {
+    using V = Vec<C>;
+    int64_t j = 0;
+    for (; j + V::size() <= W; j += V::size()) vsigmoid(V::loadu(s + j), sc.bias).store(s + j);
+    for (; j < W; ++j) s[j] = sigmoid(s[j], sc.bias);
+  } else {
+    m = row_max(s, W);
+    if (m == -std::numeric_limits<C>::infinity()) return false;
+    sum = exp_sum(s, W, m);
+  }
+  if (sc.drop.on)
+    for (int64_t j = 0; j < W; ++j) s[j] = sc.drop.keep(rowkey, kpos[j]) ? s[j] * sc.drop.keep_scale : C(0);
+  return true;
+}
+
+// o_r[d] = sum_j p_r[j] V_r[idx_r[j]][d] for R rows at once (DB vectors of d from d0), each with
+// its own weights, values (rows ld apart) and keys, all of count n: a key of every row a step, so
+// that the rows' loads and chains of additions interleave (one key list alone waits on them)
+template <int R, int DB, typename C, typename T>
+void rows_combine_block(const C* const* p, const T* const* values, const int64_t* const* idx, int64_t n, int64_t ld,
+                        int64_t d0, C* const* o) {
+  using V = Vec<C>;
+  constexpr int64_t L = V::size();
+  const C* pr[R];
+  const T* vr[R];
+  const int64_t* ir[R];
+  V acc[R][DB];
+#pragma GCC unroll 4
+  for (int r = 0; r < R; ++r) {
+    pr[r] = p[r], vr[r] = values[r] + d0, ir[r] = idx[r];
+#pragma GCC unroll 4
+    for (int u = 0; u < DB; ++u) acc[r][u] = V(C(0));
+  }
+  for (int64_t j = 0; j < n; ++j) {
+    V c[R];
+    const T* b[R];
+#pragma GCC unroll 4
+    for (int r = 0; r < R; ++r) c[r] = V(pr[r][j]), b[r] = vr[r] + ir[r][j] * ld;
+#pragma GCC unroll 4
+    for (int u = 0; u < DB; ++u)
+#pragma GCC unroll 4
+      for (int r = 0; r < R; ++r) acc[r][u] = at::vec::fmadd(c[r], load_as<C>(b[r] + u * L), acc[r][u]);
+  }
+#pragma GCC unroll 4
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 4
+    for (int u = 0; u < DB; ++u) acc[r][u].store(o[r] + d0 + u * L);
+}
+
+// rows_combine_block over every d < width: four vectors at a time, then one, the last few d of
+// each row alone
+template <int R, typename C, typename T>
+void rows_combine(const C* const* p, const T* const* values, const int64_t* const* idx, int64_t n, int64_t ld,
+                  int64_t width, C* const* o) {
+  constexpr int64_t L = Vec<C>::size();
+  int64_t d0 = 0;
+  for (; d0 + 4 * L <= width; d0 += 4 * L) rows_combine_block<R, 4>(p, values, idx, n, ld, d0, o);
+  for (; d0 + L <= width; d0 += L) rows_combine_block<R, 1>(p, values, idx, n, ld, d0, o);
+  for (int r = 0; d0 < width && r < R; ++r) row_combine(p[r], values[r] + d0, idx[r], n, ld, width - d0, o[r] + d0);
+}
+
 // Forward of one tile a row at a time: query rows ``qf`` in the compute type, outputs to w.o (M x Dv)
 template <typename T, typename C>
 void rows_forward(const Geometry& g, const Score<C>& sc, C scale, Scratch<T, C>& w, const C* const* qf, int64_t M,
@@ -1371,30 +1443,15 @@ void rows_forward(const Geometry& g, const Score<C>& sc, C scale, Scratch<T, C>&
   w.s.resize(W);
   C* s = w.s.data();
   for (int64_t i = 0; i < M; ++i) {
-    const int64_t r = i % rows;
     row_dots(qf[i], g.D, kbase, kpos, W, g.D, s);
-    row_logits(sc, scale, kpos, W, w.heads[i], w.qabs[i], s, static_cast<C*>(nullptr));
-    if (mask)  // key-major: row r of a (keys x rows) block, stride rows
-      for (int64_t j = mask.first; j < W; ++j)
-        if (!mask.allows(j, rows, r)) s[j] = -std::numeric_limits<C>::infinity();
-    C m = 0, sum = 1;  // sigmoid: lse 0 + log 1, no sum to divide by
-    if (sc.sigmoid) {
-      using V = Vec<C>;
-      int64_t j = 0;
-      for (; j + V::size() <= W; j += V::size()) vsigmoid(V::loadu(s + j), sc.bias).store(s + j);
-      for (; j < W; ++j) s[j] = sigmoid(s[j], sc.bias);
-    } else {
-      m = row_max(s, W);
-      if (m == -std::numeric_limits<C>::infinity()) {  // a row that sees no key: 0
-        std::fill(w.o.data() + i * g.Dv, w.o.data() + (i + 1) * g.Dv, C(0));
-        lse[i] = std::numeric_limits<C>::infinity();
-        continue;
-      }
-      sum = exp_sum(s, W, m);
-    }
-    if (sc.drop.on)
-      for (int64_t j = 0; j < W; ++j) s[j] = sc.drop.keep(w.rowkey[i], kpos[j]) ? s[j] * sc.drop.keep_scale : C(0);
+    C m, sum;
     C* o = w.o.data() + i * g.Dv;
+    if (!row_weights(sc, scale, kpos, W, mask, rows, i % rows, w.heads[i], w.qabs[i],
+                     sc.drop.on ? w.rowkey[i] : 0u, s, m, sum)) {  // a row that sees no key: 0
+      std::fill(o, o + g.Dv, C(0));
+      lse[i] = std::numeric_limits<C>::infinity();
+      continue;
+    }
     row_combine(s, vbase, kpos, W, g.Dv, g.Dv, o);
     const C inv = C(1) / sum;
     for (int64_t d = 0; d < g.Dv; ++d) o[d] *= inv;
@@ -1556,6 +1613,14 @@ inline bool streams(const at::Tensor& t) {  // every row starts on a 16-element 
 // keys in a window 1.14-1.53 x (A/B builds in one process, interleaved rounds).
 constexpr int64_t ROW_PREFETCH_BYTES = 16 << 10;
 
+// Key lists (TopK's: a tile of one query row, its own keys) run this many tiles at a time, their
+// products with the values interleaved (``rows_combine``): one list alone waits on its loads and
+// its chains of additions. Against one at a time (A/B builds in one process, 31 interleaved rounds,
+// forward of the resolved lists, Zen 5): fp32 TopK(64) 0.935 at 4k and 0.92 at 16k, TopK(32)
+// 0.955, TopK(16) 0.98, TopK(16) in a window 0.81 and 0.97; bf16 0.77-0.89. Two at a time gained
+// 0.91-1.01 in runs where four gained 0.88-0.95.
+constexpr int LIST_ROWS = 4;
+
 // Dynamic scheduling: each thread pulls units from a shared counter one ahead, so that
 // ``ahead(next)`` can ask for the next unit's data before ``f(current)`` runs; ``batch`` units a
 // pull, so that small units (a key list's row: about a microsecond) do not each pass the counter's
@@ -1634,6 +1699,62 @@ std::vector<at::Tensor> forward_impl(const at::Tensor& q, const at::Tensor& k, c
       for (int64_t r = 0; r < x.rows && i < Vec<C>::size(); ++r, ++i)
         prefetch_row<2>(in.q + g.row(b, x.h0 + h, x.qrows[r]) * g.D, g.D);
   };
+  // key lists (every tile one query row of one head, its keys listed: TopK's): LIST_ROWS units at
+  // a time, whose weighted values are summed together (rows_combine)
+  if (tab.tile_q[tab.T] == tab.T && u.per_set == 1 && !tab.k_start) {
+    constexpr int R = LIST_ROWS;
+    const int64_t groups = (n_units + R - 1) / R;
+    int64_t widest = 0;
+    for (int64_t t = 0; t < tab.T; ++t) widest = std::max(widest, tab.tile_k[t + 1] - tab.tile_k[t]);
+    for_each_unit(groups, [&](int64_t group) {
+      Scratch<T, C>& w = scratch[at::get_thread_num()];
+      const int64_t first = group * R, count = std::min<int64_t>(R, n_units - first);
+      w.s.resize(R * widest), w.o.resize(R * g.Dv), w.qf.resize(R * g.D);
+      const C* p[R];
+      const T* values[R];
+      const int64_t* keys[R];
+      C* o[R];
+      int64_t W[R], at_row[R];
+      C m[R], sum[R];
+      bool live[R];  // a row that sees a key
+      for (int64_t e = 0; e < count; ++e) {
+        int64_t b, hk;
+        const Tile x = locate(first + e, b, hk);
+        live[e] = x.rows > 0 && x.W > 0;
+        if (!live[e]) continue;  // its output row and lse were cleared
+        const int64_t q = x.qrows[0];
+        C* s = w.s.data() + e * widest;
+        W[e] = x.W, keys[e] = x.kpos, values[e] = in.values(b, hk), at_row[e] = g.row(b, x.h0, q);
+        p[e] = s, o[e] = w.o.data() + e * g.Dv;
+        const T* qrow = in.q + at_row[e] * g.D;
+        const C* qc = reinterpret_cast<const C*>(qrow);
+        if constexpr (!std::is_same_v<T, C>) convert(qrow, w.qf.data() + e * g.D, g.D), qc = w.qf.data() + e * g.D;
+        row_dots(qc, g.D, in.keys(b, hk), x.kpos, x.W, g.D, s);
+        const uint32_t rowkey = sc.drop.on ? sc.drop.row(b, x.h0, g.H, q) : 0u;
+        live[e] = row_weights(sc, scale, x.kpos, x.W, x.mask, 1, 0, x.h0, q + g.offset, rowkey, s, m[e], sum[e]);
+        if (!live[e]) {  // its keys all masked
+          std::fill(out_p + at_row[e] * g.Dv, out_p + (at_row[e] + 1) * g.Dv, T(0));
+          lse_p[at_row[e]] = std::numeric_limits<C>::infinity();
+        }
+      }
+      const bool together = count == R && std::all_of(live, live + R, [](bool l) { return l; }) &&
+                            std::all_of(W, W + R, [&](int64_t n) { return n == W[0]; });
+      if (together) rows_combine<R>(p, values, keys, W[0], g.Dv, g.Dv, o);
+      for (int64_t e = 0; e < count; ++e) {
+        if (!live[e]) continue;
+        if (!together) row_combine(p[e], values[e], keys[e], W[e], g.Dv, g.Dv, o[e]);
+        const C inv = C(1) / sum[e];
+        for (int64_t d = 0; d < g.Dv; ++d) o[e][d] *= inv;
+        T* out_row = out_p + at_row[e] * g.Dv;
+        if constexpr (std::is_same_v<T, C>) std::memcpy(out_row, o[e], g.Dv * sizeof(T));
+        else convert(o[e], out_row, g.Dv);
+        lse_p[at_row[e]] = m[e] + std::log(sum[e]);
+      }
+    }, [&](int64_t group) {
+      for (int64_t e = group * R; e < std::min(n_units, (group + 1) * R); ++e) ahead(e);
+    }, claim_size(groups));
+    return {out, lse};
+  }
   for_each_unit(n_units, [&](int64_t unit) {
     Scratch<T, C>& w = scratch[at::get_thread_num()];
     int64_t b, hk;
