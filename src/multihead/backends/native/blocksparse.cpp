@@ -1617,8 +1617,8 @@ constexpr int64_t ROW_PREFETCH_BYTES = 16 << 10;
 // products with the values interleaved (``rows_combine``): one list alone waits on its loads and
 // its chains of additions. Against one at a time (A/B builds in one process, 31 interleaved rounds,
 // forward of the resolved lists, Zen 5): fp32 TopK(64) 0.935 at 4k and 0.92 at 16k, TopK(32)
-// 0.955, TopK(16) 0.98, TopK(16) in a window 0.81 and 0.97; bf16 0.77-0.89. Two at a time gained
-// 0.91-1.01 in runs where four gained 0.88-0.95.
+// 0.955, TopK(16) 0.98, TopK(16) in a window 0.81 and 0.97; bf16 0.77-0.89. Over the same cases in
+// earlier rounds two at a time read 0.87-1.01, four 0.77-1.0.
 constexpr int LIST_ROWS = 4;
 
 // Dynamic scheduling: each thread pulls units from a shared counter one ahead, so that
