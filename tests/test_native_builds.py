@@ -21,7 +21,7 @@ import torch
 import multihead as mh
 import multihead.backends.native as native
 from multihead.backends.native import select
-from multihead.patterns import SlidingWindow
+from multihead.patterns import KeySelection, SlidingWindow
 
 native.cpu_flags = lambda: set({flags!r}.split(",")) - {{""}}
 ext = native.kernel()
@@ -36,6 +36,14 @@ for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 5e-2), (torch.float16
     got = mh.attention(q.to(dtype), k.to(dtype), v.to(dtype), pattern=SlidingWindow(20, 7), backend="blocksparse")
     err = (got.double() - want).abs().max().item()
     assert err < tol, (dtype, err)
+# key lists: one query row a tile, four tiles at a time
+idx = torch.stack([torch.randperm(300, generator=gen)[:16] for _ in range(4 * 300)]).view(1, 4, 300, 16)
+lists = KeySelection(idx, torch.ones_like(idx, dtype=torch.bool), 300)
+want = mh.attention(q.double(), k.double(), v.double(), pattern=lists, backend="reference")
+for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 5e-2), (torch.float16, 5e-3)):
+    got = mh.attention(q.to(dtype), k.to(dtype), v.to(dtype), pattern=lists, backend="blocksparse")
+    err = (got.double() - want).abs().max().item()
+    assert err < tol, ("key lists", dtype, err)
 
 keep = 9
 for dtype in (torch.float32, torch.bfloat16, torch.float16):
@@ -64,9 +72,9 @@ print("ok")
                                        (AVX2, "avx2"), ("", "baseline")],
                          ids=["avx512-vnni-no-bf16", "avx512-no-bf16", "avx2", "baseline"])
 def test_kernel_builds_and_runs_without_avx512_bf16(tmp_path, flags, cpu):
-    """Attention through the kernel against the float64 reference (float32, bf16, fp16), and the
-    fused top-k choice against float64 scores: screened by int8 products where the build has VNNI
-    (the plain choice's keys), else unscreened (nothing to screen with)."""
+    """Attention through the kernel against the float64 reference (float32, bf16, fp16) on a window
+    and on key lists, and the fused top-k choice against float64 scores: screened by int8 products
+    where the build has VNNI (the plain choice's keys), else unscreened (nothing to screen with)."""
     env = dict(os.environ, MULTIHEAD_CACHE=str(tmp_path))
     env.pop("MULTIHEAD_NATIVE", None)
     run = subprocess.run([sys.executable, "-c", _CHECK.format(flags=flags, cpu=cpu)], env=env,
