@@ -419,9 +419,10 @@ def markdown(items: list[dict], machine: str, peer: dict | None = None) -> str:
         if i.get("lists_vs_dense_same_pairs") is not None:
             lines.append(f"- {i['family']} {i['size']}: key-list attention / the same pairs dense (<= 1.5): "
                          f"{_fmt(i['lists_vs_dense_same_pairs'])}; / embedding_bag summing the same rows: "
-                         f"{_fmt(i.get('lists_vs_gather'))}, that gather itself / the same pairs dense: {_fmt(i.get('gather_vs_dense_same_pairs'))}, the lists with "
-                         f"every row in L1 / the same pairs dense: {_fmt(i.get('lists_in_l1_vs_dense_same_pairs'))}; "
-                         f"the choice / dense SDPA forward: {_fmt(i['choice_vs_dense'])}")
+                         f"{_fmt(i.get('lists_vs_gather'))}, that gather itself / the same pairs dense: "
+                         f"{_fmt(i.get('gather_vs_dense_same_pairs'))}, the lists with every row in L1 / the same "
+                         f"pairs dense: {_fmt(i.get('lists_in_l1_vs_dense_same_pairs'))}; the choice / dense SDPA "
+                         f"forward: {_fmt(i['choice_vs_dense'])}")
         if i.get("old_train_over_forward") is not None and i["family"].startswith("sliding"):
             lines.append(f"- {i['family']} {i['size']}: PyTorch tiles fwd+bwd / fwd {_fmt(i['old_train_over_forward'])}")
     return "\n".join(lines) + "\n"

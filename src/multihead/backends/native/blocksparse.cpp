@@ -59,6 +59,12 @@ inline void convert(const float* src, BFloat16* dst, int64_t n) {
 inline void convert(const BFloat16* src, float* dst, int64_t n) { at::vec::convert(src, dst, n); }
 inline void convert(const float* src, at::Half* dst, int64_t n) { at::vec::convert(src, dst, n); }
 inline void convert(const at::Half* src, float* dst, int64_t n) { at::vec::convert(src, dst, n); }
+// dst[0 .. n) = src[0 .. n) as D (a copy, or a conversion)
+template <typename S, typename D>
+inline void copy_as(const S* src, D* dst, int64_t n) {
+  if constexpr (std::is_same_v<S, D>) std::memcpy(dst, src, n * sizeof(D));
+  else convert(src, dst, n);
+}
 
 template <typename C>
 using Vec = at::vec::Vectorized<C>;
@@ -1745,9 +1751,7 @@ std::vector<at::Tensor> forward_impl(const at::Tensor& q, const at::Tensor& k, c
         if (!together) row_combine(p[e], values[e], keys[e], W[e], g.Dv, g.Dv, o[e]);
         const C inv = C(1) / sum[e];
         for (int64_t d = 0; d < g.Dv; ++d) o[e][d] *= inv;
-        T* out_row = out_p + at_row[e] * g.Dv;
-        if constexpr (std::is_same_v<T, C>) std::memcpy(out_row, o[e], g.Dv * sizeof(T));
-        else convert(o[e], out_row, g.Dv);
+        copy_as(o[e], out_p + at_row[e] * g.Dv, g.Dv);
         lse_p[at_row[e]] = m[e] + std::log(sum[e]);
       }
     }, [&](int64_t group) {
@@ -1775,10 +1779,7 @@ std::vector<at::Tensor> forward_impl(const at::Tensor& q, const at::Tensor& k, c
     } else {
       rows_forward(g, sc, scale, w, as_compute(w.qp, g.D, w.qf, w.qc), M, rows, kbase, vbase, kpos, W, mask,
                    w.m.data());
-      for (int64_t i = 0; i < M; ++i) {
-        if constexpr (std::is_same_v<T, C>) std::memcpy(w.op[i], w.o.data() + i * g.Dv, g.Dv * sizeof(T));
-        else convert(w.o.data() + i * g.Dv, w.op[i], g.Dv);
-      }
+      for (int64_t i = 0; i < M; ++i) copy_as(w.o.data() + i * g.Dv, w.op[i], g.Dv);
     }
     for (int64_t i = 0; i < M; ++i) lse_p[w.at[i]] = w.m[i];
   }, ahead, claim_size(n_units));
