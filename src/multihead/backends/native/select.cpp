@@ -100,13 +100,24 @@ inline bool chunk_maxima(const float* x, int64_t n, int64_t want, Buffers& b) {
     __mmask16 unordered = 0;
     alignas(64) float lanes[16];
     for (int64_t r = 0; r < runs; ++r) {
-      __m512 m = _mm512_set1_ps(kNegInf);
-      for (int64_t v = r * vectors / runs, end = (r + 1) * vectors / runs; v < end; ++v) {
+      // four chains of maxima, a vector of each in turn (one chain waits on every vmaxps)
+      __m512 m[4] = {_mm512_set1_ps(kNegInf), _mm512_set1_ps(kNegInf), _mm512_set1_ps(kNegInf),
+                     _mm512_set1_ps(kNegInf)};
+      int64_t v = r * vectors / runs;
+      const int64_t end = (r + 1) * vectors / runs;
+      for (; v + 4 <= end; v += 4)
+#pragma GCC unroll 4
+        for (int u = 0; u < 4; ++u) {
+          const __m512 xv = _mm512_loadu_ps(x + (v + u) * 16);
+          unordered |= _mm512_cmp_ps_mask(xv, xv, _CMP_UNORD_Q);
+          m[u] = _mm512_max_ps(xv, m[u]);  // a NaN in x keeps m
+        }
+      for (; v < end; ++v) {
         const __m512 xv = _mm512_loadu_ps(x + v * 16);
         unordered |= _mm512_cmp_ps_mask(xv, xv, _CMP_UNORD_Q);
-        m = _mm512_max_ps(xv, m);  // a NaN in x keeps m
+        m[0] = _mm512_max_ps(xv, m[0]);
       }
-      _mm512_store_ps(lanes, m);
+      _mm512_store_ps(lanes, _mm512_max_ps(_mm512_max_ps(m[0], m[1]), _mm512_max_ps(m[2], m[3])));
       b.maxima.insert(b.maxima.end(), lanes, lanes + 16);
     }
     bool nan = unordered != 0;
@@ -146,20 +157,20 @@ inline int64_t gather_from(const float* x, int64_t n, float t, bool strict, Buff
   int64_t count = 0, i = 0;
 #if defined(CPU_CAPABILITY_AVX512)
   const __m512 tv = _mm512_set1_ps(t);
-  const __m512i iota = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-  for (; i + 16 <= n; i += 16) {
+  __m512i at = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  for (; i + 16 <= n; i += 16, at = _mm512_add_epi32(at, _mm512_set1_epi32(16))) {
     const __m512 v = _mm512_loadu_ps(x + i);
     const __mmask16 m = strict ? _mm512_cmp_ps_mask(v, tv, _CMP_GT_OQ) : _mm512_cmp_ps_mask(v, tv, _CMP_GE_OQ);
-    // compress in registers, then a whole store (the buffers have 16 spare slots): a compress
-    // straight to memory is microcoded on some CPUs (Zen 4), ten times slower
-    _mm512_storeu_ps(value + count, _mm512_maskz_compress_ps(m, v));
-    _mm512_storeu_si512(index + count,
-                        _mm512_maskz_compress_epi32(m, _mm512_add_epi32(iota, _mm512_set1_epi32(static_cast<int32_t>(i)))));
+    // the positions alone, compressed in registers, then a whole store (the buffer has 16 spare
+    // slots): a compress straight to memory is microcoded on some CPUs (Zen 4), ten times slower;
+    // the few values are read back after
+    _mm512_storeu_si512(index + count, _mm512_maskz_compress_epi32(m, at));
     count += __builtin_popcount(m);
   }
 #endif
   for (; i < n; ++i)
-    if (strict ? x[i] > t : x[i] >= t) value[count] = x[i], index[count++] = static_cast<int32_t>(i);
+    if (strict ? x[i] > t : x[i] >= t) index[count++] = static_cast<int32_t>(i);
+  for (int64_t j = 0; j < count; ++j) value[j] = x[index[j]];
   return count;
 }
 
@@ -193,19 +204,46 @@ void top_of_row_with_nan(const float* x, int64_t n, int64_t keep, int64_t* out, 
   for (int64_t j = 0; j < keep; ++j) out[j] = order[j], valid[j] = x[order[j]] > kNegInf;
 }
 
+#if defined(CPU_CAPABILITY_AVX512)
+inline __mmask8 low_lanes(int n) { return static_cast<__mmask8>((1u << n) - 1); }  // lanes 0 .. n (n <= 8)
+#endif
+
 // The keep largest of b's count >= keep candidates (values above -inf, in index order), in that
-// order: a cut value, all above it, the first ones at it
+// order: a cut value, all above it, the first ones at it. On AVX-512 sixteen candidates a step, the
+// kept ones' positions compressed out (whether one is kept is a coin toss on random scores: a
+// branch per candidate mispredicts half the time).
 void keep_largest(int64_t count, int64_t keep, Buffers& b, int64_t* out, bool* valid) {
-  float cut = kNegInf;
-  int64_t at_cut = keep;
+  const float* value = b.value.data();
+  const int32_t* index = b.index.data();
+  const float cut = count > keep ? kth_largest(value, count, keep, b.keys) : kNegInf;
+  int64_t at_cut = keep, j = 0, kept = 0;  // at_cut: how many values equal to the cut are kept
+#if defined(CPU_CAPABILITY_AVX512)
+  const __m512 cv = _mm512_set1_ps(cut);
   if (count > keep) {
-    cut = kth_largest(b.value.data(), count, keep, b.keys);
-    int64_t over = 0;
-    for (int64_t j = 0; j < count; ++j) over += b.value[j] > cut;
-    at_cut = keep - over;
+    for (; j + 16 <= count; j += 16) at_cut -= __builtin_popcount(_mm512_cmp_ps_mask(_mm512_loadu_ps(value + j), cv, _CMP_GT_OQ));
+    for (; j < count; ++j) at_cut -= value[j] > cut;
   }
-  for (int64_t j = 0, kept = 0; j < count && kept < keep; ++j)
-    if (b.value[j] > cut || (b.value[j] == cut && at_cut-- > 0)) out[kept] = b.index[j], valid[kept++] = true;
+  for (j = 0; j + 16 <= count && kept < keep; j += 16) {
+    const __m512 v = _mm512_loadu_ps(value + j);
+    __mmask16 take = _mm512_cmp_ps_mask(v, cv, _CMP_GT_OQ);
+    for (uint32_t tie = _mm512_cmp_ps_mask(v, cv, _CMP_EQ_OQ); tie && at_cut > 0; tie &= tie - 1, --at_cut)
+      take |= static_cast<__mmask16>(tie & -tie);  // the first ties
+    // the kept positions in order, widened to int64 (kept + their count <= keep: masked stores)
+    const __m512i at = _mm512_maskz_compress_epi32(take, _mm512_loadu_si512(index + j));
+    const int n = __builtin_popcount(take);
+    _mm512_mask_storeu_epi64(out + kept, low_lanes(std::min(n, 8)), _mm512_cvtepi32_epi64(_mm512_castsi512_si256(at)));
+    if (n > 8)
+      _mm512_mask_storeu_epi64(out + kept + 8, low_lanes(n - 8), _mm512_cvtepi32_epi64(_mm512_extracti64x4_epi64(at, 1)));
+    kept += n;
+  }
+#else
+  if (count > keep)
+    for (; j < count; ++j) at_cut -= value[j] > cut;
+  j = 0;
+#endif
+  for (; j < count && kept < keep; ++j)
+    if (value[j] > cut || (value[j] == cut && at_cut-- > 0)) out[kept++] = index[j];
+  std::fill(valid, valid + keep, true);
 }
 
 // A row of at most keep values, or with fewer than keep above -inf: all values above -inf, then as
