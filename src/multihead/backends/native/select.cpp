@@ -205,7 +205,7 @@ void top_of_row_with_nan(const float* x, int64_t n, int64_t keep, int64_t* out, 
 }
 
 #if defined(CPU_CAPABILITY_AVX512)
-inline __mmask8 low_lanes(int n) { return static_cast<__mmask8>((1u << n) - 1); }  // lanes 0 .. n (n <= 8)
+inline __mmask8 low_lanes(int n) { return static_cast<__mmask8>((1u << n) - 1); }  // lanes [0, n), n <= 8
 #endif
 
 // The keep largest of b's count >= keep candidates (values above -inf, in index order), in that
@@ -219,11 +219,15 @@ void keep_largest(int64_t count, int64_t keep, Buffers& b, int64_t* out, bool* v
   int64_t at_cut = keep, j = 0, kept = 0;  // at_cut: how many values equal to the cut are kept
 #if defined(CPU_CAPABILITY_AVX512)
   const __m512 cv = _mm512_set1_ps(cut);
-  if (count > keep) {
-    for (; j + 16 <= count; j += 16) at_cut -= __builtin_popcount(_mm512_cmp_ps_mask(_mm512_loadu_ps(value + j), cv, _CMP_GT_OQ));
+  if (count > keep)
+    for (; j + 16 <= count; j += 16)
+      at_cut -= __builtin_popcount(_mm512_cmp_ps_mask(_mm512_loadu_ps(value + j), cv, _CMP_GT_OQ));
+#endif
+  if (count > keep)
     for (; j < count; ++j) at_cut -= value[j] > cut;
-  }
-  for (j = 0; j + 16 <= count && kept < keep; j += 16) {
+  j = 0;
+#if defined(CPU_CAPABILITY_AVX512)
+  for (; j + 16 <= count && kept < keep; j += 16) {
     const __m512 v = _mm512_loadu_ps(value + j);
     __mmask16 take = _mm512_cmp_ps_mask(v, cv, _CMP_GT_OQ);
     for (uint32_t tie = _mm512_cmp_ps_mask(v, cv, _CMP_EQ_OQ); tie && at_cut > 0; tie &= tie - 1, --at_cut)
@@ -231,15 +235,14 @@ void keep_largest(int64_t count, int64_t keep, Buffers& b, int64_t* out, bool* v
     // the kept positions in order, widened to int64 (kept + their count <= keep: masked stores)
     const __m512i at = _mm512_maskz_compress_epi32(take, _mm512_loadu_si512(index + j));
     const int n = __builtin_popcount(take);
-    _mm512_mask_storeu_epi64(out + kept, low_lanes(std::min(n, 8)), _mm512_cvtepi32_epi64(_mm512_castsi512_si256(at)));
-    if (n > 8)
-      _mm512_mask_storeu_epi64(out + kept + 8, low_lanes(n - 8), _mm512_cvtepi32_epi64(_mm512_extracti64x4_epi64(at, 1)));
+    const __m512i low = _mm512_cvtepi32_epi64(_mm512_castsi512_si256(at));
+    _mm512_mask_storeu_epi64(out + kept, low_lanes(std::min(n, 8)), low);
+    if (n > 8) {
+      const __m512i high = _mm512_cvtepi32_epi64(_mm512_extracti64x4_epi64(at, 1));
+      _mm512_mask_storeu_epi64(out + kept + 8, low_lanes(n - 8), high);
+    }
     kept += n;
   }
-#else
-  if (count > keep)
-    for (; j < count; ++j) at_cut -= value[j] > cut;
-  j = 0;
 #endif
   for (; j < count && kept < keep; ++j)
     if (value[j] > cut || (value[j] == cut && at_cut-- > 0)) out[kept++] = index[j];
