@@ -274,13 +274,14 @@ def _unit(x: Tensor, out: Tensor | None = None) -> Tensor:
 def spherical_kmeans(points: Tensor, init: Tensor, iterations: int) -> Tensor:
     """Centroids ``(B, H, C, D)`` of unit-normalised ``points`` ``(B, H, N, D)`` after ``iterations``
     of assign-to-nearest (by cosine) and re-average; an empty cluster keeps its centroid."""
+    from ..backends.native.cluster import nearest_centroids  # the kernel's, where it runs
+
     centroids = _unit(init)
     batch, heads, clusters, dim = centroids.shape
     rows = points.reshape(-1, dim)
     offsets = torch.arange(0, batch * heads * clusters, clusters, device=points.device).view(batch, heads, 1)
-    scores = points.new_empty(*points.shape[:-1], clusters)  # one buffer for every iteration
     for _ in range(iterations):
-        assign = (torch.matmul(points, centroids.transpose(-2, -1), out=scores).argmax(-1) + offsets).flatten()
+        assign = (nearest_centroids(points, centroids) + offsets).flatten()
         # each point's row added to its cluster's sum: one pass over the points, no one-hot matrix
         sums = points.new_zeros(batch * heads * clusters, dim).index_add_(0, assign, rows)
         counts = torch.bincount(assign, minlength=batch * heads * clusters).view(batch, heads, clusters, 1)
@@ -387,6 +388,7 @@ class Routing(DynamicPattern):
             raise PatternError(f"Routing.clusters ({self.clusters}) exceeds the {n} tokens; use fewer clusters")
         with torch.no_grad():
             from ..backends.native import empty  # kept buffers: no fresh pages to fault in
+            from ..backends.native.cluster import nearest_centroids
 
             def unit(x):
                 return _unit(x, out=empty(x.shape, torch.float32, x.device))
@@ -399,7 +401,7 @@ class Routing(DynamicPattern):
                 seeds = torch.linspace(0, n - 1, self.clusters, device=q.device).round().long()
                 init = tokens[:, :, seeds]
             centroids = spherical_kmeans(tokens, init, self.iterations)
-            cluster = torch.matmul(tokens, centroids.transpose(-2, -1)).argmax(-1)
+            cluster = nearest_centroids(tokens, centroids)
             order = torch.sort(cluster, dim=-1, stable=True).indices
         return Resolution(ClusterPattern(order, cluster, self.clusters, within), order, order)
 

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-_SOURCES = [Path(__file__).with_name(name) for name in ("blocksparse.cpp", "select.cpp", "pool.cpp")]
+_SOURCES = [Path(__file__).with_name(name) for name in ("blocksparse.cpp", "select.cpp", "cluster.cpp", "pool.cpp")]
 _lock = threading.Lock()
 _state: dict = {}
 

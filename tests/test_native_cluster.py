@@ -1,0 +1,94 @@
+"""Routing's assignment of tokens to clusters in the native kernel (``nearest_centroids``): the
+nearest centroid of each point against float64 scores and ``torch.argmax``, ties and NaN as
+``torch.argmax`` ranks them, the fallback, bad input, and ``Routing`` running it."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from multihead.backends import native
+from multihead.backends.native import cluster
+from multihead.patterns import Full, Routing
+
+needs_kernel = pytest.mark.skipif(native.kernel() is None, reason="native kernel not built")
+
+
+def _unit(*shape, seed):
+    gen = torch.Generator().manual_seed(seed)
+    return torch.nn.functional.normalize(torch.randn(*shape, generator=gen), dim=-1)
+
+
+@needs_kernel
+@pytest.mark.parametrize("n,clusters,dim", [(1, 1, 1), (7, 3, 5), (33, 16, 64), (100, 17, 12), (259, 40, 3)])
+def test_each_point_gets_its_nearest_centroid(n, clusters, dim):
+    """Point counts that are and are not whole groups of eight, centroid counts past one vector of
+    lanes and not filling the last, small and odd depths; against float64 scores (the kernel's
+    float32 sums run in another order than torch.matmul's, so a point whose two best scores are
+    within a rounding may go either way) and against the torch path where the gap is wider."""
+    points, centroids = _unit(2, 3, n, dim, seed=n), _unit(2, 3, clusters, dim, seed=clusters)
+    got = cluster.nearest_centroids(points, centroids)
+    assert got.shape == (2, 3, n) and got.dtype == torch.long
+    scores = points.double() @ centroids.double().transpose(-2, -1)
+    top2 = scores.topk(min(2, clusters), -1).values
+    assert (scores.max(-1).values - scores.gather(-1, got.unsqueeze(-1)).squeeze(-1)).max() <= 1e-5
+    clear = top2[..., 0] - top2[..., -1] > 1e-5 if clusters > 1 else torch.ones_like(got, dtype=torch.bool)
+    want = torch.matmul(points, centroids.transpose(-2, -1)).argmax(-1)
+    assert torch.equal(got[clear], want[clear])
+
+
+@needs_kernel
+def test_ties_go_to_the_first_centroid_and_nan_ranks_first():
+    centroids = _unit(1, 2, 5, 8, seed=1)
+    centroids[:, :, 3] = centroids[:, :, 1]  # two equal centroids: the first of them wins
+    points = torch.cat([centroids[:, :, 1:2], torch.zeros(1, 2, 1, 8), _unit(1, 2, 3, 8, seed=2)], 2)
+    points[0, 1, 3, 2] = float("nan")  # every score of this point NaN: the first
+    got = cluster.nearest_centroids(points, centroids)
+    assert torch.equal(got[..., :2], torch.tensor([[[1, 0], [1, 0]]]))  # a zero point scores 0 everywhere
+    assert torch.equal(got, torch.matmul(points, centroids.transpose(-2, -1)).argmax(-1))
+    centroids[0, 0, 2, 0] = float("nan")  # one NaN score per point: it outranks every number
+    assert torch.equal(cluster.nearest_centroids(points, centroids)[0, 0], torch.full((5,), 2))
+
+
+@needs_kernel
+def test_centroids_broadcast_over_batch_and_heads_and_strided_points():
+    points = _unit(2, 3, 40, 16, seed=3)
+    centroids = _unit(1, 1, 6, 16, seed=4)
+    got = cluster.nearest_centroids(points.transpose(1, 2).contiguous().transpose(1, 2), centroids)
+    assert torch.equal(got, cluster.nearest_centroids(points, centroids.expand(2, 3, 6, 16).contiguous()))
+
+
+def test_the_torch_path_serves_other_types_and_no_kernel(monkeypatch):
+    points, centroids = _unit(1, 2, 30, 4, seed=5), _unit(1, 2, 3, 4, seed=6)
+    want = torch.matmul(points.double(), centroids.double().transpose(-2, -1)).argmax(-1)
+    assert torch.equal(cluster.nearest_centroids(points.double(), centroids.double()), want)
+    monkeypatch.setattr(cluster, "kernel", lambda: None)
+    assert torch.equal(cluster.nearest_centroids(points, centroids),
+                       torch.matmul(points, centroids.transpose(-2, -1)).argmax(-1))
+
+
+@needs_kernel
+def test_bad_input_is_refused():
+    ext = native.kernel()
+    points, centroids = _unit(1, 2, 10, 4, seed=7), _unit(1, 2, 3, 4, seed=8)
+    with pytest.raises(RuntimeError, match="float32"):
+        ext.nearest_centroids(points.double(), centroids.double())
+    with pytest.raises(RuntimeError, match="do not match"):
+        ext.nearest_centroids(points, centroids[..., :3])
+    with pytest.raises(RuntimeError, match="do not match"):
+        ext.nearest_centroids(points, torch.empty(1, 2, 0, 4))
+    with pytest.raises(RuntimeError, match="dim"):
+        ext.nearest_centroids(points[0], centroids)
+
+
+@needs_kernel
+def test_routing_assigns_through_the_kernel(monkeypatch):
+    """Every k-means step and the final assignment of a float32 ``Routing`` run in the kernel."""
+    calls = []
+    real = native.kernel()
+    monkeypatch.setattr(cluster, "kernel", lambda: calls.append(1) or real)
+    q, k = _unit(1, 4, 64, 16, seed=9), _unit(1, 2, 64, 16, seed=10)
+    with_kernel = Routing(4, iterations=3).resolve(q, k, 0.25, Full()).pattern.cluster
+    assert len(calls) == 4
+    monkeypatch.setattr(cluster, "kernel", lambda: None)
+    assert torch.equal(with_kernel, Routing(4, iterations=3).resolve(q, k, 0.25, Full()).pattern.cluster)
