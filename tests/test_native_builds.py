@@ -62,6 +62,11 @@ for dtype in (torch.float32, torch.bfloat16, torch.float16):
     best = scores.topk(keep, -1).values.sort(-1).values
     assert (got - best).abs().max().item() < 1e-3, dtype
     assert valid.all()
+points = torch.nn.functional.normalize(torch.randn(1, 2, 301, 64), dim=-1)
+centroids = torch.nn.functional.normalize(torch.randn(1, 2, 19, 64), dim=-1)
+assign = ext.nearest_centroids(points, centroids)
+scores = points.double() @ centroids.double().transpose(-2, -1)
+assert (scores.max(-1).values - scores.gather(-1, assign.unsqueeze(-1)).squeeze(-1)).max() < 1e-5
 print("ok")
 """
 
@@ -73,8 +78,9 @@ print("ok")
                          ids=["avx512-vnni-no-bf16", "avx512-no-bf16", "avx2", "baseline"])
 def test_kernel_builds_and_runs_without_avx512_bf16(tmp_path, flags, cpu):
     """Attention through the kernel against the float64 reference (float32, bf16, fp16) on a window
-    and on key lists, and the fused top-k choice against float64 scores: screened by int8 products
-    where the build has VNNI (the plain choice's keys), else unscreened (nothing to screen with)."""
+    and on key lists, the fused top-k choice against float64 scores (screened by int8 products
+    where the build has VNNI, the plain choice's keys, else unscreened: nothing to screen with), and
+    routing's nearest centroids (19 of them: lanes of 8 or 16, the last vector part full)."""
     env = dict(os.environ, MULTIHEAD_CACHE=str(tmp_path))
     env.pop("MULTIHEAD_NATIVE", None)
     run = subprocess.run([sys.executable, "-c", _CHECK.format(flags=flags, cpu=cpu)], env=env,
