@@ -48,8 +48,8 @@ test-gpu:
 # build of the kernel, with libasan preloaded into Python.
 test-native-asan: $(STAMP)
 	MULTIHEAD_NATIVE_DEBUG=asan ASAN_OPTIONS=detect_leaks=0:log_path=results/asan LD_PRELOAD="$$(gcc -print-file-name=libasan.so) $$(gcc -print-file-name=libstdc++.so)" \
-		$(PY) -m pytest -q -p no:cacheprovider tests/test_native.py tests/test_native_runs.py tests/test_native_choice.py tests/test_patterns_dynamic.py \
-		tests/test_blocksparse.py
+		$(PY) -m pytest -q -p no:cacheprovider tests/test_native.py tests/test_native_runs.py tests/test_native_choice.py tests/test_native_cluster.py \
+		tests/test_patterns_dynamic.py tests/test_blocksparse.py
 
 # Regenerate the README's variant table from the catalog.
 readme: $(STAMP)
