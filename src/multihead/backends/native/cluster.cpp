@@ -2,7 +2,7 @@
 // largest score (the first among equal ones; a NaN above every number, as torch.argmax ranks
 // it), without the (N, C) score tensor that torch.matmul writes and torch.argmax reads back (an
 // argmax over a last dimension of 16 reads about one value a nanosecond: at 4k tokens, 8 heads and
-// 16 clusters the product and the argmax took 1.1 ms a call, four calls a Routing resolve).
+// 16 clusters the product and the argmax took about 1 ms a call, four calls a Routing resolve).
 //
 // The centroids of a (batch, head) are transposed once (depth x clusters, rounded up to whole
 // vectors with zeros), so that a point's depth element, broadcast, multiplies a vector of
@@ -13,6 +13,7 @@
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/vec.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <vector>

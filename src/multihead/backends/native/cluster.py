@@ -3,7 +3,7 @@ kernel where it runs.
 
 ``torch.matmul`` then ``argmax(-1)`` writes an ``(n, clusters)`` score tensor and reads it back, and
 an argmax over a last dimension of 16 is slow on CPU (at 4k tokens, 8 heads and 16 clusters the pair
-took about 1.1 ms, four times a resolve). The kernel's ``nearest_centroids`` (``cluster.cpp``) makes
+took about 1 ms, four times a resolve). The kernel's ``nearest_centroids`` (``cluster.cpp``) makes
 each point's scores in registers and keeps the first largest.
 """
 
