@@ -86,9 +86,26 @@ def test_routing_assigns_through_the_kernel(monkeypatch):
     """Every k-means step and the final assignment of a float32 ``Routing`` run in the kernel."""
     calls = []
     real = native.kernel()
-    monkeypatch.setattr(cluster, "kernel", lambda: calls.append(1) or real)
+
+    class Counting:  # the kernel, counting its assignments
+        def nearest_centroids(self, points, centroids):
+            calls.append(1)
+            return real.nearest_centroids(points, centroids)
+
+    monkeypatch.setattr(cluster, "kernel", Counting)
     q, k = _unit(1, 4, 64, 16, seed=9), _unit(1, 2, 64, 16, seed=10)
     with_kernel = Routing(4, iterations=3).resolve(q, k, 0.25, Full()).pattern.cluster
     assert len(calls) == 4
     monkeypatch.setattr(cluster, "kernel", lambda: None)
     assert torch.equal(with_kernel, Routing(4, iterations=3).resolve(q, k, 0.25, Full()).pattern.cluster)
+
+
+def test_explain_says_how_routing_assigned(monkeypatch):
+    import multihead as mh
+
+    q, k, v = _unit(1, 2, 64, 16, seed=11), _unit(1, 2, 64, 16, seed=12), _unit(1, 2, 64, 16, seed=13)
+    said = mh.explain(q, k, v, pattern=Routing(4), show=False).pattern
+    by = "the native kernel" if native.kernel() is not None else "torch.matmul and argmax"
+    assert said == f"Routing(clusters=4, iterations=3): tokens assigned to their nearest centroids by {by}"
+    monkeypatch.setattr(cluster, "kernel", lambda: None)
+    assert mh.explain(q, k, v, pattern=Routing(4), show=False).pattern.endswith("by torch.matmul and argmax")

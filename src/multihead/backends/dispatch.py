@@ -89,7 +89,7 @@ class Explanation:
     backend: str
     rule: str
     reasons: dict[str, str]
-    #: How a dynamic pattern (``TopK``) was resolved for this input; empty for a static one
+    #: How a dynamic pattern (``TopK``, ``Routing``) was resolved for this input; empty for a static one
     pattern: str = ""
 
     def __str__(self) -> str:

@@ -388,7 +388,7 @@ class Routing(DynamicPattern):
             raise PatternError(f"Routing.clusters ({self.clusters}) exceeds the {n} tokens; use fewer clusters")
         with torch.no_grad():
             from ..backends.native import empty  # kept buffers: no fresh pages to fault in
-            from ..backends.native.cluster import nearest_centroids
+            from ..backends.native.cluster import native_assignment, nearest_centroids
 
             def unit(x):
                 return _unit(x, out=empty(x.shape, torch.float32, x.device))
@@ -403,7 +403,9 @@ class Routing(DynamicPattern):
             centroids = spherical_kmeans(tokens, init, self.iterations)
             cluster = nearest_centroids(tokens, centroids)
             order = torch.sort(cluster, dim=-1, stable=True).indices
-        return Resolution(ClusterPattern(order, cluster, self.clusters, within), order, order)
+        by = "the native kernel" if native_assignment(tokens, centroids) else "torch.matmul and argmax"
+        how = f"{self!r}: tokens assigned to their nearest centroids by {by}"
+        return Resolution(ClusterPattern(order, cluster, self.clusters, within), order, order, how=how)
 
 
 def split_dynamic(pattern: Pattern) -> tuple[DynamicPattern | None, Pattern]:

@@ -15,6 +15,12 @@ from torch import Tensor
 from . import kernel
 
 
+def native_assignment(points: Tensor, centroids: Tensor) -> bool:
+    """Whether ``nearest_centroids`` runs in the kernel on these tensors: CPU, float32, kernel built."""
+    cpu = points.device.type == "cpu" and centroids.device.type == "cpu"
+    return cpu and points.dtype == centroids.dtype == torch.float32 and kernel() is not None
+
+
 def nearest_centroids(points: Tensor, centroids: Tensor) -> Tensor:
     """The index ``(B, H, N)`` of each point's nearest centroid by dot product: ``points`` ``(B, H,
     N, D)`` against ``centroids`` ``(B, H, C, D)`` (broadcast over batch and heads), the first of
@@ -22,9 +28,7 @@ def nearest_centroids(points: Tensor, centroids: Tensor) -> Tensor:
     native kernel, whose float32 sums run in the depth's order: a point whose two best scores differ
     by a rounding may get the other one than ``torch.matmul`` gives it. Anything else is
     ``torch.matmul(points, centroids^T).argmax(-1)``."""
-    cpu = points.device.type == "cpu" and centroids.device.type == "cpu"
-    ext = kernel() if cpu and points.dtype == centroids.dtype == torch.float32 else None
-    if ext is None:
+    if not native_assignment(points, centroids):
         return torch.matmul(points, centroids.transpose(-2, -1)).argmax(-1)
     batch, heads = points.shape[:2]
-    return ext.nearest_centroids(points, centroids.expand(batch, heads, *centroids.shape[2:]))
+    return kernel().nearest_centroids(points, centroids.expand(batch, heads, *centroids.shape[2:]))
