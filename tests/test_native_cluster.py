@@ -58,6 +58,25 @@ def test_centroids_broadcast_over_batch_and_heads_and_strided_points():
     assert torch.equal(got, cluster.nearest_centroids(points, centroids.expand(2, 3, 6, 16).contiguous()))
 
 
+@needs_kernel
+@pytest.mark.parametrize("n,clusters,dim", [(1, 1, 4), (300, 5, 7), (600, 16, 64)])
+def test_a_kmeans_step_sums_what_index_add_sums(monkeypatch, n, clusters, dim):
+    """The kernel's sums and counts per cluster against the torch path's ``index_add_`` and
+    ``bincount`` (units of 256 points: one, two and three of them), an empty cluster included."""
+    points, centroids = _unit(2, 3, n, dim, seed=n), _unit(2, 3, clusters, dim, seed=dim)
+    if clusters > 1:
+        centroids[:, :, -1] = -centroids[:, :, 0]  # the far side of another centroid: no point nearer
+        points = torch.where((points @ centroids[:, :, -1:].transpose(-2, -1)) > 0, -points, points)
+    assign, sums, counts = cluster.assign_and_sum(points, centroids)
+    monkeypatch.setattr(cluster, "kernel", lambda: None)
+    want = cluster.assign_and_sum(points, centroids)
+    assert torch.equal(assign, want[0]) and torch.equal(counts, want[2])
+    torch.testing.assert_close(sums, want[1], rtol=1e-5, atol=1e-5)
+    assert counts.sum(-1).eq(n).all()
+    if clusters > 1:
+        assert counts[..., -1].eq(0).all() and sums[..., -1, :].eq(0).all()
+
+
 def test_the_torch_path_serves_other_types_and_no_kernel(monkeypatch):
     points, centroids = _unit(1, 2, 30, 4, seed=5), _unit(1, 2, 3, 4, seed=6)
     want = torch.matmul(points.double(), centroids.double().transpose(-2, -1)).argmax(-1)
@@ -88,9 +107,9 @@ def test_routing_assigns_through_the_kernel(monkeypatch):
     real = native.kernel()
 
     class Counting:  # the kernel, counting its assignments
-        def nearest_centroids(self, points, centroids):
+        def nearest_centroids(self, *args):
             calls.append(1)
-            return real.nearest_centroids(points, centroids)
+            return real.nearest_centroids(*args)
 
     monkeypatch.setattr(cluster, "kernel", Counting)
     q, k = _unit(1, 4, 64, 16, seed=9), _unit(1, 2, 64, 16, seed=10)

@@ -274,18 +274,12 @@ def _unit(x: Tensor, out: Tensor | None = None) -> Tensor:
 def spherical_kmeans(points: Tensor, init: Tensor, iterations: int) -> Tensor:
     """Centroids ``(B, H, C, D)`` of unit-normalised ``points`` ``(B, H, N, D)`` after ``iterations``
     of assign-to-nearest (by cosine) and re-average; an empty cluster keeps its centroid."""
-    from ..backends.native.cluster import nearest_centroids  # the kernel's, where it runs
+    from ..backends.native.cluster import assign_and_sum  # the kernel's, where it runs
 
     centroids = _unit(init)
-    batch, heads, clusters, dim = centroids.shape
-    rows = points.reshape(-1, dim)
-    offsets = torch.arange(0, batch * heads * clusters, clusters, device=points.device).view(batch, heads, 1)
     for _ in range(iterations):
-        assign = (nearest_centroids(points, centroids) + offsets).flatten()
-        # each point's row added to its cluster's sum: one pass over the points, no one-hot matrix
-        sums = points.new_zeros(batch * heads * clusters, dim).index_add_(0, assign, rows)
-        counts = torch.bincount(assign, minlength=batch * heads * clusters).view(batch, heads, clusters, 1)
-        centroids = torch.where(counts > 0, _unit(sums.view(centroids.shape)), centroids)
+        _, sums, counts = assign_and_sum(points, centroids)
+        centroids = torch.where(counts.unsqueeze(-1) > 0, _unit(sums), centroids)
     return centroids
 
 

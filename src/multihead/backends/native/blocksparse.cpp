@@ -1999,7 +1999,8 @@ std::tuple<int64_t, std::string> top_keys_of_products(const at::Tensor& q, const
                                                      const at::Tensor& indices, const at::Tensor& valid,
                                                      int64_t screen_keys, const std::string& screen_by);  // select.cpp
 std::vector<std::string> screens();  // select.cpp
-at::Tensor nearest_centroids(const at::Tensor& points, const at::Tensor& centroids);  // cluster.cpp
+std::vector<at::Tensor> nearest_centroids(const at::Tensor& points, const at::Tensor& centroids,
+                                          bool sums);  // cluster.cpp
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -2012,8 +2013,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("screens", &multihead_native::screens,
         "the products this build can screen a float32 choice with ('int8': AVX-512 VNNI, 'bf16': AVX-512 BF16)");
   m.def("nearest_centroids", &multihead_native::nearest_centroids,
-        "Routing's assignment: each point's nearest centroid by dot product (first of equals, NaN highest), "
-        "(batch, heads, n) int64");
+        "Routing's assignment: [each point's nearest centroid by dot product (first of equals, NaN highest), "
+        "(batch, heads, n) int64]; with sums, also each cluster's sum of points (batch, heads, clusters, dim) and "
+        "count (batch, heads, clusters)", py::arg("points"), py::arg("centroids"), py::arg("sums") = false);
   m.def("forward", &forward, "block-sparse attention forward: (out, lse)");
   m.def("backward", &backward, "block-sparse attention backward: (dq, dk, dv, dpre, dpost)");
   m.def("stream_bytes", &stream_bytes, "outputs of this many bytes or more are written past the caches");

@@ -4,7 +4,8 @@ kernel where it runs.
 ``torch.matmul`` then ``argmax(-1)`` writes an ``(n, clusters)`` score tensor and reads it back, and
 an argmax over a last dimension of 16 is slow on CPU (at 4k tokens, 8 heads and 16 clusters the pair
 took about 1 ms, four times a resolve). The kernel's ``nearest_centroids`` (``cluster.cpp``) makes
-each point's scores in registers and keeps the first largest.
+each point's scores in registers and keeps the first largest, and for a k-means step
+(``assign_and_sum``) adds each point to its cluster's sum as it goes.
 """
 
 from __future__ import annotations
@@ -31,4 +32,22 @@ def nearest_centroids(points: Tensor, centroids: Tensor) -> Tensor:
     if not native_assignment(points, centroids):
         return torch.matmul(points, centroids.transpose(-2, -1)).argmax(-1)
     batch, heads = points.shape[:2]
-    return kernel().nearest_centroids(points, centroids.expand(batch, heads, *centroids.shape[2:]))
+    return kernel().nearest_centroids(points, centroids.expand(batch, heads, *centroids.shape[2:]))[0]
+
+
+def assign_and_sum(points: Tensor, centroids: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """A k-means step's data: each point's nearest centroid ``(B, H, N)`` (as ``nearest_centroids``),
+    each cluster's sum of its points ``(B, H, C, D)`` and their count ``(B, H, C)``. The kernel adds
+    the points up as it assigns them; elsewhere ``index_add_`` and ``bincount`` over the
+    assignments (one pass over the points each, no one-hot matrix)."""
+    batch, heads, n, dim = points.shape
+    clusters = centroids.shape[2]
+    if native_assignment(points, centroids):
+        assign, sums, counts = kernel().nearest_centroids(points, centroids.expand(batch, heads, clusters, dim), True)
+        return assign, sums, counts
+    assign = nearest_centroids(points, centroids)
+    offsets = torch.arange(0, batch * heads * clusters, clusters, device=points.device).view(batch, heads, 1)
+    flat = (assign + offsets).flatten()
+    sums = points.new_zeros(batch * heads * clusters, dim).index_add_(0, flat, points.reshape(-1, dim))
+    counts = torch.bincount(flat, minlength=batch * heads * clusters)
+    return assign, sums.view(batch, heads, clusters, dim), counts.view(batch, heads, clusters)
