@@ -64,9 +64,12 @@ for dtype in (torch.float32, torch.bfloat16, torch.float16):
     assert valid.all()
 points = torch.nn.functional.normalize(torch.randn(1, 2, 301, 64), dim=-1)
 centroids = torch.nn.functional.normalize(torch.randn(1, 2, 19, 64), dim=-1)
-assign = ext.nearest_centroids(points, centroids)
+assign, sums, counts = ext.nearest_centroids(points, centroids, True)
 scores = points.double() @ centroids.double().transpose(-2, -1)
 assert (scores.max(-1).values - scores.gather(-1, assign.unsqueeze(-1)).squeeze(-1)).max() < 1e-5
+members = torch.nn.functional.one_hot(assign, 19).double()
+torch.testing.assert_close(sums.double(), members.transpose(-2, -1) @ points.double(), rtol=1e-5, atol=1e-5)
+assert torch.equal(counts, members.sum(2).long())
 print("ok")
 """
 
@@ -80,7 +83,8 @@ def test_kernel_builds_and_runs_without_avx512_bf16(tmp_path, flags, cpu):
     """Attention through the kernel against the float64 reference (float32, bf16, fp16) on a window
     and on key lists, the fused top-k choice against float64 scores (screened by int8 products
     where the build has VNNI, the plain choice's keys, else unscreened: nothing to screen with), and
-    routing's nearest centroids (19 of them: lanes of 8 or 16, the last vector part full)."""
+    routing's k-means step (19 centroids: lanes of 8 or 16, the last vector part full; the sums of
+    301 points, two units of 256)."""
     env = dict(os.environ, MULTIHEAD_CACHE=str(tmp_path))
     env.pop("MULTIHEAD_NATIVE", None)
     run = subprocess.run([sys.executable, "-c", _CHECK.format(flags=flags, cpu=cpu)], env=env,
