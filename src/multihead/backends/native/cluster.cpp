@@ -45,6 +45,11 @@ inline int64_t first_largest(const float* s, int64_t C) {
   return c;
 }
 
+// dst[0 .. n) += src[0 .. n)
+inline void add_into(float* dst, const float* src, int64_t n) {
+  at::vec::map2([](V a, V b) { return a + b; }, dst, dst, src, n);
+}
+
 // scores[p][c] = x_p . centroid c for P points (x_p = x + p ld) against the centroids on lanes
 // (CT: D rows of Cp, zeros past the centroids), then each point's first largest into out
 template <int P>
@@ -105,7 +110,7 @@ std::vector<at::Tensor> nearest_centroids(const at::Tensor& points, const at::Te
       int64_t* co = part_counts.data() + t * C;
       for (i = i0; i < i1; ++i) {
         const int64_t c = op[g * N + i];
-        at::vec::map2([](V a, V b) { return a + b; }, su + c * D, su + c * D, xp + (g * N + i) * D, D);
+        add_into(su + c * D, xp + (g * N + i) * D, D);
         ++co[c];
       }
     }
@@ -119,7 +124,7 @@ std::vector<at::Tensor> nearest_centroids(const at::Tensor& points, const at::Te
     for (int64_t g = g0; g < g1; ++g)
       for (int64_t u = 0; u < chunks; ++u) {  // the units in order
         const float* su = part_sums.data() + (g * chunks + u) * C * D;
-        at::vec::map2([](V a, V b) { return a + b; }, sp + g * C * D, sp + g * C * D, su, C * D);
+        add_into(sp + g * C * D, su, C * D);
         for (int64_t c = 0; c < C; ++c) np[g * C + c] += part_counts[(g * chunks + u) * C + c];
       }
   });

@@ -31,8 +31,7 @@ def nearest_centroids(points: Tensor, centroids: Tensor) -> Tensor:
     ``torch.matmul(points, centroids^T).argmax(-1)``."""
     if not native_assignment(points, centroids):
         return torch.matmul(points, centroids.transpose(-2, -1)).argmax(-1)
-    batch, heads = points.shape[:2]
-    return kernel().nearest_centroids(points, centroids.expand(batch, heads, *centroids.shape[2:]))[0]
+    return _in_kernel(points, centroids, sums=False)[0]
 
 
 def assign_and_sum(points: Tensor, centroids: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -40,14 +39,19 @@ def assign_and_sum(points: Tensor, centroids: Tensor) -> tuple[Tensor, Tensor, T
     each cluster's sum of its points ``(B, H, C, D)`` and their count ``(B, H, C)``. The kernel adds
     the points up as it assigns them; elsewhere ``index_add_`` and ``bincount`` over the
     assignments (one pass over the points each, no one-hot matrix)."""
-    batch, heads, n, dim = points.shape
-    clusters = centroids.shape[2]
     if native_assignment(points, centroids):
-        assign, sums, counts = kernel().nearest_centroids(points, centroids.expand(batch, heads, clusters, dim), True)
-        return assign, sums, counts
+        return tuple(_in_kernel(points, centroids, sums=True))
+    batch, heads, _, dim = points.shape
+    clusters = centroids.shape[2]
     assign = nearest_centroids(points, centroids)
     offsets = torch.arange(0, batch * heads * clusters, clusters, device=points.device).view(batch, heads, 1)
     flat = (assign + offsets).flatten()
     sums = points.new_zeros(batch * heads * clusters, dim).index_add_(0, flat, points.reshape(-1, dim))
     counts = torch.bincount(flat, minlength=batch * heads * clusters)
     return assign, sums.view(batch, heads, clusters, dim), counts.view(batch, heads, clusters)
+
+
+def _in_kernel(points: Tensor, centroids: Tensor, sums: bool) -> list[Tensor]:
+    """The kernel's ``nearest_centroids``, the centroids broadcast to every (batch, head)."""
+    batch, heads = points.shape[:2]
+    return kernel().nearest_centroids(points, centroids.expand(batch, heads, *centroids.shape[2:]), sums)
