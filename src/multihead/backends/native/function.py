@@ -136,8 +136,7 @@ class NativeBlockSparse(torch.autograd.Function):
         dq, dk, dv, dpre, dpost = kernel().backward(
             q, k, v, out, dout, lse, *ctx.table.arrays(), ctx.scale, pre, post, codes, ctx.cap, ctx.center,
             ctx.dropout, ctx.seed, ctx.sigmoid, parts, want_pre, want_post)
-        return (None,) * 8 + (dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype),
-                              dpre if want_pre else None, dpost if want_post else None)
+        return (None,) * 8 + (dq, dk, dv, dpre if want_pre else None, dpost if want_post else None)
 
 
 def native_attention(table, q: Tensor, k: Tensor, v: Tensor, scale: float, score, dropout: float = 0.0,
