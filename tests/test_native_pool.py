@@ -1,6 +1,8 @@
 """The native kernel's output buffers kept for reuse (``pool.cpp``): a dead output's buffer serves
 the next one of its size, with the rows no tile writes and the gradient accumulators cleared; a
-pooled tensor behaves as any other; the idle bytes are bounded, inspectable and releasable."""
+pooled tensor behaves as any other; the idle bytes are bounded, inspectable and releasable. The
+large tensors made around the kernel come from the same buffers: gradients in the inputs' dtype,
+the ``heads`` backend's joins of its runs, contiguous copies of a run's heads."""
 
 from __future__ import annotations
 
@@ -268,3 +270,85 @@ def test_empty_without_the_kernel_is_torch_empty(monkeypatch):
     monkeypatch.setattr(native, "_loaded", lambda: None)
     t = native.empty((4, 6), torch.float16, "cpu")
     assert t.shape == (4, 6) and t.dtype == torch.float16
+
+
+def _step_buffers(leaves, pattern, grad):
+    """One training step; the data pointers of its output and of the leaves' gradients."""
+    out = mh.attention(*leaves, pattern=pattern)
+    out.backward(grad)
+    where = {out.data_ptr()} | {t.grad.data_ptr() for t in leaves}
+    for t in leaves:
+        t.grad = None  # their buffers go back to the pool
+    return where
+
+
+def test_gradients_come_back_in_the_inputs_dtype_in_kept_buffers():
+    _kernel()
+    gen = torch.Generator().manual_seed(4)
+    pattern = SlidingWindow(64, 64)
+    # bf16 gradients of 1 MiB; and MQA's, whose one key head's accumulators are summed over parts
+    for dtype, kv_heads, n in ((torch.bfloat16, H, N), (torch.float32, 1, 2 * N)):
+        q = torch.randn(B, H, n, D, generator=gen).to(dtype).requires_grad_()
+        k, v = (torch.randn(B, kv_heads, n, D, generator=gen).to(dtype).requires_grad_() for _ in range(2))
+        grad = torch.randn(B, H, n, D, generator=gen).to(dtype)
+        where = _step_buffers([q, k, v], pattern, grad)
+        assert _step_buffers([q, k, v], pattern, grad) == where  # the same buffers serve the next step
+        mh.attention(q, k, v, pattern=pattern).backward(grad)
+        got = [t.grad for t in (q, k, v)]
+        assert all(g.dtype == dtype for g in got)
+        leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
+        naive_attention(*leaves, pattern=pattern).backward(grad.double())
+        for g, want in zip(got, leaves):
+            assert max_error(g.double(), want.grad) < (3e-2 if dtype == torch.bfloat16 else 1e-4)
+
+
+def test_runs_of_heads_are_joined_in_kept_buffers():
+    """CrossShapedWindow on the ``heads`` backend: each run's output joined along the heads, and the
+    runs' gradients joined back, in kept buffers; a batch of two takes each run's heads as a copy
+    (not contiguous), also kept."""
+    from multihead.patterns import CrossShapedWindow
+
+    _kernel()
+    batch, heads, grid = 2, 4, (32, 32)  # outputs of 2 MiB
+    n = grid[0] * grid[1]
+    gen = torch.Generator().manual_seed(5)
+    leaves = [torch.randn(batch, heads, n, D, generator=gen).requires_grad_() for _ in range(3)]
+    grad = torch.randn(batch, heads, n, D, generator=gen)
+    pattern = CrossShapedWindow(4, grid, heads)
+    assert mh.explain(*leaves, pattern=pattern, show=False).backend == "heads"
+    where = _step_buffers(leaves, pattern, grad)
+    assert _step_buffers(leaves, pattern, grad) == where  # the joins' buffers again, not fresh ones
+    out = mh.attention(*leaves, pattern=pattern)
+    out.backward(grad)
+    ref = [t.detach().double().requires_grad_() for t in leaves]
+    want = mh.attention(*ref, pattern=pattern, backend="reference")
+    want.backward(grad.double())
+    assert max_error(out.double(), want) < 1e-5
+    for got, r in zip(leaves, ref):
+        assert max_error(got.grad.double(), r.grad) < 1e-4
+
+
+def test_joins_of_heads_stay_differentiable_twice():
+    from multihead.backends.head_groups import _JoinHeads, _SplitHeads
+
+    x = torch.randn(2, 5, 3, 4, dtype=torch.float64, requires_grad=True)
+
+    def f(x):
+        return _JoinHeads.apply(*(p * p for p in _SplitHeads.apply(x, [2, 3])))
+
+    assert torch.equal(f(x), x * x)
+    assert torch.autograd.gradgradcheck(f, (x,))
+
+
+def test_contiguous_copies_into_a_kept_buffer_only_when_needed():
+    _kernel()
+    x = torch.randn(2, 2 * H, N, D)
+    assert native.contiguous(x) is x
+    part = x[:, H:]  # a run of heads of a batch of two: not contiguous
+    copy = native.contiguous(part)
+    assert copy.is_contiguous() and torch.equal(copy, part)
+    where, size = copy.data_ptr(), copy.nbytes
+    before = native.idle_memory()
+    del copy
+    assert native.idle_memory() >= before + size
+    assert native.contiguous(part).data_ptr() == where

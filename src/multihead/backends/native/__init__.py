@@ -177,6 +177,12 @@ def empty(shape, dtype: torch.dtype, device) -> torch.Tensor:
     return module.empty(list(shape), dtype)
 
 
+def contiguous(x: torch.Tensor) -> torch.Tensor:
+    """``x.contiguous()``, copied into a kept buffer (``empty``) when it is not contiguous: a run of
+    heads split from a batch of two or more, whose copy would otherwise fault in fresh pages."""
+    return x if x.is_contiguous() else empty(x.shape, x.dtype, x.device).copy_(x)
+
+
 def describe() -> str:
     """One line on the kernel: available (with the CPU features it uses) or why not."""
     module, why = status()

@@ -19,7 +19,7 @@ from torch import Tensor
 from ...scores.base import ScoreChain
 from ...scores.reindexed import Reindexed
 from ...scores.softcap import Softcap
-from . import kernel
+from . import contiguous, kernel
 
 
 def _cap_of(term) -> float | None:
@@ -129,7 +129,7 @@ class NativeBlockSparse(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, dout):
         q, k, v, out, lse, pre, post, codes = ctx.saved_tensors
-        dout = dout.contiguous()
+        dout = contiguous(dout)
         parts = partitions(q.shape[0], k.shape[1], ctx.table.tile_q.numel() - 1)
         want_pre = pre is not None and ctx.needs_input_grad[11]
         want_post = post is not None and ctx.needs_input_grad[12]
@@ -157,7 +157,7 @@ def native_attention(table, q: Tensor, k: Tensor, v: Tensor, scale: float, score
         codes, center = None, kv_len - 1
         pre = relative_vector(pre_terms, heads, q_len, kv_len, compute, q.device)
         post = relative_vector(post_terms, heads, q_len, kv_len, compute, q.device)
-    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    q, k, v = contiguous(q), contiguous(k), contiguous(v)
     seed = int(torch.randint(0, 2 ** 31, ()).item()) if dropout > 0 else 0
     sigmoid = None if sigmoid is None else float(sigmoid)
     return NativeBlockSparse.apply(table, float(scale), float(cap or 0.0), float(dropout), seed, center, sigmoid,
