@@ -1465,41 +1465,61 @@ void rows_forward(const Geometry& g, const Score<C>& sc, C scale, Scratch<T, C>&
   }
 }
 
+// One row's backward coefficients against its W keys: a[j] = p z (dV_j += a[j] dO) and b[j] =
+// dS scale (dQ += b[j] K_j, dK_j += b[j] q), 0 for a masked pair; the score's bias gradients
+// (dpre, dpost) summed on the way. ``qrow`` and ``d_o`` in the compute type; lse and delta =
+// rowsum(dO * O) the row's; row r of a tile of ``rows`` (its mask's column).
+template <typename T, typename C>
+void row_coefficients(const Geometry& g, const Score<C>& sc, C scale, Scratch<T, C>& w, const C* qrow, const C* d_o,
+                      C lse, C delta, int64_t head, int64_t qabs, uint32_t rowkey, const T* kbase,
+                      const T* vbase, const int64_t* kpos, int64_t W, const TileMask& mask, int64_t rows, int64_t r,
+                      double* dpre, double* dpost, C* a, C* b) {
+  w.s.resize(W), w.dp.resize(W);
+  if (sc.cap > 0) w.raw.resize(W);
+  C *s = w.s.data(), *dp = w.dp.data();
+  row_dots(qrow, g.D, kbase, kpos, W, g.D, s);
+  row_logits(sc, scale, kpos, W, head, qabs, s, sc.cap > 0 ? w.raw.data() : nullptr);
+  row_dots(d_o, g.Dv, vbase, kpos, W, g.Dv, dp);
+  const int64_t base = sc.base(qabs);
+  for (int64_t j = 0; j < W; ++j) {
+    if (!mask.allows(j, rows, r)) {
+      a[j] = b[j] = C(0);
+      continue;
+    }
+    const C p = sc.sigmoid ? sigmoid(s[j], sc.bias) : std::exp(s[j] - lse);
+    const C z = !sc.drop.on ? C(1) : sc.drop.keep(rowkey, kpos[j]) ? C(sc.drop.keep_scale) : C(0);
+    C ds = sc.sigmoid ? z * dp[j] * p * (C(1) - p) : p * (z * dp[j] - delta);
+    if (dpost) dpost[head * sc.lvec + base + sc.key(kpos[j])] += ds;
+    if (sc.cap > 0) {
+      const C th = std::tanh(w.raw[j] / sc.cap);
+      ds *= C(1) - th * th;
+    }
+    if (dpre) dpre[head * sc.lvec + base + sc.key(kpos[j])] += ds;
+    a[j] = p * z, b[j] = ds * scale;
+  }
+}
+
 // Backward of one tile a row at a time (arguments as lanes_backward's)
 template <typename T, typename C>
 void rows_backward(const Geometry& g, const Score<C>& sc, C scale, Scratch<T, C>& w, const C* const* qf, int64_t M,
                    int64_t rows, const T* kbase, const T* vbase, const int64_t* kpos, int64_t W, const TileMask& mask,
                    const C* const* dob, C* const* dqr, KeyGrads<C>& dk_acc, KeyGrads<C>& dv_acc, double* dpre,
                    double* dpost) {
-  w.s.resize(W), w.dp.resize(W);
-  if (sc.cap > 0) w.raw.resize(W);
-  C *s = w.s.data(), *dp = w.dp.data();
+  w.b1.resize(W), w.b2.resize(W);
+  C *a = w.b1.data(), *b = w.b2.data();
   for (int64_t i = 0; i < M; ++i) {
-    const int64_t r = i % rows;
-    const C lse = w.m[i], delta = w.l[i];
-    C* dq = dqr[i];
-    std::fill(dq, dq + g.D, C(0));
-    if (lse == std::numeric_limits<C>::infinity()) continue;  // a row that sees no key
-    const C* qrow = qf[i];
-    const C* d_o = dob[i];
-    row_dots(qrow, g.D, kbase, kpos, W, g.D, s);
-    row_logits(sc, scale, kpos, W, w.heads[i], w.qabs[i], s, sc.cap > 0 ? w.raw.data() : nullptr);
-    row_dots(d_o, g.Dv, vbase, kpos, W, g.Dv, dp);
-    const int64_t base = sc.base(w.qabs[i]);
+    if (w.m[i] == std::numeric_limits<C>::infinity()) {  // a row that sees no key
+      std::fill(dqr[i], dqr[i] + g.D, C(0));
+      continue;
+    }
+    const uint32_t rowkey = sc.drop.on ? w.rowkey[i] : 0u;
+    row_coefficients(g, sc, scale, w, qf[i], dob[i], w.m[i], w.l[i], w.heads[i], w.qabs[i], rowkey, kbase, vbase, kpos,
+                     W, mask, rows, i % rows, dpre, dpost, a, b);
+    row_combine(b, kbase, kpos, W, g.D, g.D, dqr[i]);
     for (int64_t j = 0; j < W; ++j) {
-      if (!mask.allows(j, rows, r)) continue;
-      const C p = sc.sigmoid ? sigmoid(s[j], sc.bias) : std::exp(s[j] - lse);
-      const C z = !sc.drop.on ? C(1) : sc.drop.keep(w.rowkey[i], kpos[j]) ? C(sc.drop.keep_scale) : C(0);
-      if (z != C(0)) axpy(p * z, d_o, dv_acc.cleared(kpos[j]), g.Dv);
-      C ds = sc.sigmoid ? z * dp[j] * p * (C(1) - p) : p * (z * dp[j] - delta);
-      if (dpost) dpost[w.heads[i] * sc.lvec + base + sc.key(kpos[j])] += ds;
-      if (sc.cap > 0) {
-        const C th = std::tanh(w.raw[j] / sc.cap);
-        ds *= C(1) - th * th;
-      }
-      if (dpre) dpre[w.heads[i] * sc.lvec + base + sc.key(kpos[j])] += ds;
-      axpy(ds * scale, kbase + kpos[j] * g.D, dq, g.D);
-      axpy(ds * scale, qrow, dk_acc.cleared(kpos[j]), g.D);
+      if (!mask.allows(j, rows, i % rows)) continue;
+      if (a[j] != C(0)) axpy(a[j], dob[i], dv_acc.cleared(kpos[j]), g.Dv);
+      axpy(b[j], qf[i], dk_acc.cleared(kpos[j]), g.D);
     }
   }
 }
@@ -1808,6 +1828,107 @@ std::vector<at::Tensor> forward_impl(const at::Tensor& q, const at::Tensor& k, c
   return {out, lse};
 }
 
+// The width W of a table of key lists of one width (TopK's: tile t is query row t alone, over its
+// W listed keys), or 0 for any other table.
+inline int64_t list_width(const Table& tab) {
+  if (tab.k_start || tab.tile_w || tab.T == 0) return 0;
+  const int64_t W = tab.tile_k[1] - tab.tile_k[0];
+  for (int64_t t = 0; t <= tab.T; ++t)
+    if (tab.tile_q[t] != t || tab.tile_k[t] != t * W) return 0;
+  return W;
+}
+
+// Backward of key lists (``list_width``), one key head at a time with every thread on it, in three
+// passes: over the rows, counting each key's pairs; over the rows again, dQ and each pair's
+// coefficients (``row_coefficients``), each pair's written to its key's next slot (a counting
+// sort: the pairs of a key in order of rows); over the keys, each key's dK and dV rows summed in
+// registers from its pairs' query and output-gradient rows (``row_combine``) and written once. A
+// row at a time (the other tables' form), every pair is added into the dK and dV rows of a random
+// key: two read-modify-writes of rows scattered over the head's gradients, which at 16k tokens,
+// with each thread on its own head, no longer fit the last-level cache beside the keys and values.
+template <typename T, typename C>
+void lists_backward(const Geometry& g, const Score<C>& sc, C scale, const Inputs<T>& in, const Table& tab,
+                    const Units& u, int64_t W, const T* do_p, const T* out_p, const C* lse_p, C* dq_p, C* dk_p,
+                    C* dv_p, std::vector<Scratch<T, C>>& scratch, double* dpre, double* dpost, int64_t lvec) {
+  const int64_t threads = static_cast<int64_t>(scratch.size()), n = u.sets * tab.T;
+  std::vector<int64_t> rows_at(n);  // each row's index into (B, H, Lq) tensors
+  std::vector<int64_t> by_key(n * W), next(threads * g.Lk), off(g.Lk + 1);  // the sorted pairs' rows
+  std::vector<C> a_by_key(n * W), b_by_key(n * W);                          // and coefficients
+  auto chunk = [&](int64_t c) { return std::make_pair(c * n / threads, (c + 1) * n / threads); };
+  auto each_chunk = [&](const auto& f) {  // f(chunk, its first row, its end)
+    at::parallel_for(0, threads, 1, [&](int64_t c0, int64_t c1) {
+      for (int64_t c = c0; c < c1; ++c) f(c, chunk(c).first, chunk(c).second);
+    });
+  };
+  const C dead = std::numeric_limits<C>::infinity();  // the lse of a row that sees no key
+  for (int64_t b = 0; b < g.B; ++b)
+    for (int64_t hk = 0; hk < g.Hkv; ++hk) {
+      const T *kbase = in.keys(b, hk), *vbase = in.values(b, hk);
+      std::fill(next.begin(), next.end(), 0);
+      each_chunk([&](int64_t c, int64_t r0, int64_t r1) {
+        int64_t* count = next.data() + c * g.Lk;
+        for (int64_t r = r0; r < r1; ++r) {
+          const Tile x = tile_of(tab, g, u, b, hk, r / tab.T, r % tab.T);
+          rows_at[r] = g.row(b, x.h0, x.qrows[0]);
+          if (lse_p[rows_at[r]] == dead) continue;
+          for (int64_t j = 0; j < W; ++j) count[x.kpos[j]] += x.mask.allows(j, 1, 0);
+        }
+      });
+      int64_t total = 0;  // each chunk's first slot for each key: keys in order, chunks in order
+      for (int64_t k = 0; k < g.Lk; ++k) {
+        off[k] = total;
+        for (int64_t c = 0; c < threads; ++c) {
+          const int64_t count = next[c * g.Lk + k];
+          next[c * g.Lk + k] = total, total += count;
+        }
+      }
+      off[g.Lk] = total;
+      each_chunk([&](int64_t c, int64_t r0, int64_t r1) {
+        Scratch<T, C>& w = scratch[at::get_thread_num()];
+        double* dpre_t = dpre ? dpre + at::get_thread_num() * g.H * lvec : nullptr;
+        double* dpost_t = dpost ? dpost + at::get_thread_num() * g.H * lvec : nullptr;
+        int64_t* slot = next.data() + c * g.Lk;
+        w.qf.resize(g.D), w.dof.resize(g.Dv), w.b1.resize(W), w.b2.resize(W);
+        for (int64_t r = r0; r < r1; ++r) {
+          const int64_t at = rows_at[r];
+          C* dq = dq_p + at * g.D;
+          if (lse_p[at] == dead) {
+            std::fill(dq, dq + g.D, C(0));
+            continue;
+          }
+          const Tile x = tile_of(tab, g, u, b, hk, r / tab.T, r % tab.T);
+          const int64_t q = x.qrows[0];
+          const T *qrow = in.q + at * g.D, *d_o = do_p + at * g.Dv;
+          const C* qc = reinterpret_cast<const C*>(qrow);
+          const C* dc = reinterpret_cast<const C*>(d_o);
+          if constexpr (!std::is_same_v<T, C>) {
+            convert(qrow, w.qf.data(), g.D), convert(d_o, w.dof.data(), g.Dv);
+            qc = w.qf.data(), dc = w.dof.data();
+          }
+          const uint32_t rowkey = sc.drop.on ? sc.drop.row(b, x.h0, g.H, q) : 0u;
+          row_coefficients(g, sc, scale, w, qc, dc, lse_p[at], dot<C>(out_p + at * g.Dv, d_o, g.Dv), x.h0,
+                           q + g.offset, rowkey, kbase, vbase, x.kpos, W, x.mask, 1, 0, dpre_t, dpost_t,
+                           w.b1.data(), w.b2.data());
+          row_combine(w.b2.data(), kbase, x.kpos, W, g.D, g.D, dq);
+          for (int64_t j = 0; j < W; ++j) {
+            if (!x.mask.allows(j, 1, 0)) continue;
+            const int64_t i = slot[x.kpos[j]]++;
+            by_key[i] = at, a_by_key[i] = w.b1[j], b_by_key[i] = w.b2[j];
+          }
+        }
+      });
+      C* dk_head = dk_p + (b * g.Hkv + hk) * g.Lk * g.D;
+      C* dv_head = dv_p + (b * g.Hkv + hk) * g.Lk * g.Dv;
+      at::parallel_for(0, g.Lk, 64, [&](int64_t k0, int64_t k1) {
+        for (int64_t k = k0; k < k1; ++k) {
+          const int64_t i = off[k], count = off[k + 1] - i;
+          row_combine(a_by_key.data() + i, do_p, by_key.data() + i, count, g.Dv, g.Dv, dv_head + k * g.Dv);
+          row_combine(b_by_key.data() + i, in.q, by_key.data() + i, count, g.D, g.D, dk_head + k * g.D);
+        }
+      });
+    }
+}
+
 template <typename T>
 std::vector<at::Tensor> backward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                       const at::Tensor& out, const at::Tensor& dout, const at::Tensor& lse,
@@ -1820,6 +1941,10 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& q, const at::Tensor& k, 
              q.size(1) / k.size(1), k.size(2) - q.size(2)};
   const auto copt = q.options().dtype(c10::CppTypeToScalarType<C>::value);
   const bool covers = covers_every_row(tab, g.Lq);  // every row's dq written by its tile
+  const Units u = units_of(g, tab);
+  const int64_t list_w = u.per_set == 1 ? list_width(tab) : 0;
+  const bool lists = list_w > 0 && u.sets * tab.T * list_w < std::numeric_limits<int32_t>::max();
+  if (lists) parts = 1;  // each key's dK and dV rows written once, by one thread
   bool fresh_q, fresh_k, fresh_v;
   auto dq = pooled_empty({g.B, g.H, g.Lq, g.D}, copt, &fresh_q);
   auto dk = pooled_empty({parts, g.B, g.Hkv, g.Lk, g.D}, copt, &fresh_k);
@@ -1841,50 +1966,56 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& q, const at::Tensor& k, 
   const C* lse_p = static_cast<C*>(lse.data_ptr());
   const T* out_p = static_cast<T*>(out.data_ptr());
   C *dq_p = static_cast<C*>(dq.data_ptr()), *dk_p = static_cast<C*>(dk.data_ptr()), *dv_p = static_cast<C*>(dv.data_ptr());
-  const Units u = units_of(g, tab);
   const int64_t per_part = (tab.T + parts - 1) / parts;
   const int64_t n_units = g.B * g.Hkv * parts;
 
   std::vector<Scratch<T, C>> scratch(threads);
-  for_each_unit(n_units, [&](int64_t unit) {
-    Scratch<T, C>& w = scratch[at::get_thread_num()];
-    const int64_t part = unit % parts, bk = unit / parts;
-    const int64_t b = bk / g.Hkv, hk = bk % g.Hkv;
-    w.seen_k.assign(g.Lk, 0), w.seen_v.assign(g.Lk, 0);
-    KeyGrads<C> dk_acc{dk_p + ((part * g.B + b) * g.Hkv + hk) * g.Lk * g.D, g.D, w.seen_k.data()};
-    KeyGrads<C> dv_acc{dv_p + ((part * g.B + b) * g.Hkv + hk) * g.Lk * g.Dv, g.Dv, w.seen_v.data()};
-    double* dpre_t = want_pre ? static_cast<double*>(dpre.data_ptr()) + at::get_thread_num() * g.H * lvec : nullptr;
-    double* dpost_t = want_post ? static_cast<double*>(dpost.data_ptr()) + at::get_thread_num() * g.H * lvec : nullptr;
-    const T *kbase = in.keys(b, hk), *vbase = in.values(b, hk);
-    const int64_t t_end = std::min(tab.T, (part + 1) * per_part);
-    for (int64_t t = part * per_part; t < t_end; ++t)
-      for (int64_t set = 0; set < u.sets; ++set) {
-        const Tile x = tile_of(tab, g, u, b, hk, set, t);
-        const int64_t rows = x.rows, W = x.W, M = x.M;
-        const int64_t* kpos = keys_of(x, w.run);
-        const TileMask& mask = x.mask;
-        if (rows == 0 || W == 0) continue;
-        w.m.resize(M), w.l.resize(M);
-        tile_rows(sc.drop, g, x, b, w);
-        row_pointers(in.q, g.D, w.at, w.qp);
-        row_pointers(do_p, g.Dv, w.at, w.dop);
-        row_pointers(out_p, g.Dv, w.at, w.orp);
-        row_pointers(dq_p, g.D, w.at, w.dqp);
-        for (int64_t i = 0; i < M; ++i) {  // lse, and delta = rowsum(dO * O)
-          w.m[i] = lse_p[w.at[i]];
-          w.l[i] = dot<C>(w.orp[i], w.dop[i], g.Dv);
+  if (lists) {
+    lists_backward(g, sc, scale, in, tab, u, list_w, do_p, out_p, lse_p, dq_p, dk_p, dv_p, scratch,
+                   want_pre ? static_cast<double*>(dpre.data_ptr()) : nullptr,
+                   want_post ? static_cast<double*>(dpost.data_ptr()) : nullptr, lvec);
+  } else {
+    for_each_unit(n_units, [&](int64_t unit) {
+      Scratch<T, C>& w = scratch[at::get_thread_num()];
+      const int64_t part = unit % parts, bk = unit / parts;
+      const int64_t b = bk / g.Hkv, hk = bk % g.Hkv;
+      w.seen_k.assign(g.Lk, 0), w.seen_v.assign(g.Lk, 0);
+      KeyGrads<C> dk_acc{dk_p + ((part * g.B + b) * g.Hkv + hk) * g.Lk * g.D, g.D, w.seen_k.data()};
+      KeyGrads<C> dv_acc{dv_p + ((part * g.B + b) * g.Hkv + hk) * g.Lk * g.Dv, g.Dv, w.seen_v.data()};
+      const int64_t bias_at = at::get_thread_num() * g.H * lvec;
+      double* dpre_t = want_pre ? static_cast<double*>(dpre.data_ptr()) + bias_at : nullptr;
+      double* dpost_t = want_post ? static_cast<double*>(dpost.data_ptr()) + bias_at : nullptr;
+      const T *kbase = in.keys(b, hk), *vbase = in.values(b, hk);
+      const int64_t t_end = std::min(tab.T, (part + 1) * per_part);
+      for (int64_t t = part * per_part; t < t_end; ++t)
+        for (int64_t set = 0; set < u.sets; ++set) {
+          const Tile x = tile_of(tab, g, u, b, hk, set, t);
+          const int64_t rows = x.rows, W = x.W, M = x.M;
+          const int64_t* kpos = keys_of(x, w.run);
+          const TileMask& mask = x.mask;
+          if (rows == 0 || W == 0) continue;
+          w.m.resize(M), w.l.resize(M);
+          tile_rows(sc.drop, g, x, b, w);
+          row_pointers(in.q, g.D, w.at, w.qp);
+          row_pointers(do_p, g.Dv, w.at, w.dop);
+          row_pointers(out_p, g.Dv, w.at, w.orp);
+          row_pointers(dq_p, g.D, w.at, w.dqp);
+          for (int64_t i = 0; i < M; ++i) {  // lse, and delta = rowsum(dO * O)
+            w.m[i] = lse_p[w.at[i]];
+            w.l[i] = dot<C>(w.orp[i], w.dop[i], g.Dv);
+          }
+          const C* const* qc = as_compute(w.qp, g.D, w.qf, w.qc);
+          const C* const* dc = as_compute(w.dop, g.Dv, w.dof, w.doc);
+          if (use_lanes<T>(M))
+            lanes_backward(g, sc, scale, w, qc, M, rows, kbase, vbase, kpos, W, mask, dc, w.dqp.data(), dk_acc,
+                           dv_acc, dpre_t, dpost_t);
+          else
+            rows_backward(g, sc, scale, w, qc, M, rows, kbase, vbase, kpos, W, mask, dc, w.dqp.data(), dk_acc,
+                          dv_acc, dpre_t, dpost_t);
         }
-        const C* const* qc = as_compute(w.qp, g.D, w.qf, w.qc);
-        const C* const* dc = as_compute(w.dop, g.Dv, w.dof, w.doc);
-        if (use_lanes<T>(M))
-          lanes_backward(g, sc, scale, w, qc, M, rows, kbase, vbase, kpos, W, mask, dc, w.dqp.data(), dk_acc,
-                         dv_acc, dpre_t, dpost_t);
-        else
-          rows_backward(g, sc, scale, w, qc, M, rows, kbase, vbase, kpos, W, mask, dc, w.dqp.data(), dk_acc,
-                        dv_acc, dpre_t, dpost_t);
-      }
-    dk_acc.finish(g.Lk), dv_acc.finish(g.Lk);
-  });
+      dk_acc.finish(g.Lk), dv_acc.finish(g.Lk);
+    });
+  }
   const auto acc = c10::CppTypeToScalarType<C>::value, dtype = q.scalar_type();
   return {kept_as(dq, dtype), kept_as(kept_sum(dk), dtype), kept_as(kept_sum(dv), dtype),
           want_pre ? dpre.sum(0).to(acc) : at::Tensor(), want_post ? dpost.sum(0).to(acc) : at::Tensor()};
