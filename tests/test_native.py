@@ -299,6 +299,60 @@ def test_a_key_list_with_no_valid_key_beside_live_ones():
     torch.testing.assert_close(lse_dead[rest], lse[rest], rtol=1e-6, atol=1e-6)
 
 
+def _lists_backward(table, q, k, v, dout, scale):
+    """The kernel's forward and backward on a tile table: (dq, dk, dv)."""
+    ext = native.kernel()
+    args = (*table.arrays(), scale, None, None, None, 0.0, q.shape[2] - 1, 0.0, 0, None)
+    out, lse = ext.forward(q, k, v, *args)
+    return ext.backward(q, k, v, out, dout, lse, *args, 1, False, False)[:3]
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+def test_key_lists_backward_skips_a_row_that_sees_no_key(dtype):
+    """Key lists' backward sorts each head's pairs by key (``lists_backward``): a row whose slots
+    are all invalid (lse +inf) gets dq 0 and adds nothing to dk and dv, which equal the reference's
+    with that row's output gradient zeroed (its weights then drop out of every gradient)."""
+    heads, kv_heads, n, d = 4, 2, 24, 16
+    gen = torch.Generator().manual_seed(8)
+    q = torch.randn(1, heads, n, d, generator=gen, dtype=torch.float64)
+    k, v = (torch.randn(1, kv_heads, n, d, generator=gen, dtype=torch.float64) for _ in range(2))
+    dout = torch.randn(1, heads, n, d, generator=gen, dtype=torch.float64)
+    indices, valid = _key_lists(1, heads, n, n, 6, seed=9)
+    dead = valid.clone()
+    dead[0, 3, 5] = False  # head 3 (key head 1), query 5: no key
+    got = _lists_backward(tiles.from_key_lists(indices, dead), *(t.to(dtype) for t in (q, k, v, dout)), 0.25)
+    assert torch.equal(got[0][0, 3, 5], torch.zeros(d, dtype=dtype))
+    quiet = dout.clone()
+    quiet[0, 3, 5] = 0
+    allowed = torch.zeros(1, heads, n, n, dtype=torch.bool)
+    allowed.scatter_(3, indices, valid)
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    ref = torch.nn.functional.scaled_dot_product_attention(*leaves, attn_mask=allowed, scale=0.25, enable_gqa=True)
+    ref.backward(quiet)
+    for name, g, leaf in zip("qkv", got, leaves):
+        assert max_error(g.double(), leaf.grad) <= FLOOR[dtype], f"d{name}"
+
+
+@needs_kernel
+def test_key_lists_backward_is_the_same_for_any_number_of_threads():
+    """Each key's pairs are summed in the order of their rows whatever the threads' shares of the
+    rows: the gradients are bitwise equal for 1, 2 and 3 threads."""
+    gen = torch.Generator().manual_seed(10)
+    q, k, v, dout = (torch.randn(2, 3, 70, 16, generator=gen) for _ in range(4))
+    table = tiles.from_key_lists(*_key_lists(2, 3, 70, 70, 9, seed=11))
+    threads = torch.get_num_threads()
+    try:
+        runs = []
+        for count in (1, 2, 3):
+            torch.set_num_threads(count)
+            runs.append(_lists_backward(table, q, k, v, dout, 0.25))
+    finally:
+        torch.set_num_threads(threads)
+    for grads in runs[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(runs[0], grads))
+
+
 @needs_kernel
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])
 @pytest.mark.parametrize("d", [64, 40, 15], ids=["d64", "d40", "d15_odd"])
