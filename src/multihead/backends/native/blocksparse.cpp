@@ -1851,9 +1851,18 @@ void lists_backward(const Geometry& g, const Score<C>& sc, C scale, const Inputs
                     const Units& u, int64_t W, const T* do_p, const T* out_p, const C* lse_p, C* dq_p, C* dk_p,
                     C* dv_p, std::vector<Scratch<T, C>>& scratch, double* dpre, double* dpost, int64_t lvec) {
   const int64_t threads = static_cast<int64_t>(scratch.size()), n = u.sets * tab.T;
-  std::vector<int64_t> rows_at(n);  // each row's index into (B, H, Lq) tensors
-  std::vector<int64_t> by_key(n * W), next(threads * g.Lk), off(g.Lk + 1);  // the sorted pairs' rows
-  std::vector<C> a_by_key(n * W), b_by_key(n * W);                          // and coefficients
+  std::vector<int64_t> rows_at(n), next(threads * g.Lk), off(g.Lk + 1);  // rows_at: into (B, H, Lq) tensors
+  // the pairs sorted by key: their rows and coefficients (kept buffers: 16 MiB at 16k tokens)
+  const auto opt = at::TensorOptions().dtype(c10::CppTypeToScalarType<C>::value);
+  auto kept = [&](const at::TensorOptions& o) {
+    bool fresh;
+    at::Tensor t = pooled_empty({n * W}, o, &fresh);
+    ready(t, fresh, false);
+    return t;
+  };
+  at::Tensor rows_t = kept(opt.dtype(at::kLong)), a_t = kept(opt), b_t = kept(opt);
+  int64_t* by_key = rows_t.data_ptr<int64_t>();
+  C *a_by_key = static_cast<C*>(a_t.data_ptr()), *b_by_key = static_cast<C*>(b_t.data_ptr());
   auto chunk = [&](int64_t c) { return std::make_pair(c * n / threads, (c + 1) * n / threads); };
   auto each_chunk = [&](const auto& f) {  // f(chunk, its first row, its end)
     at::parallel_for(0, threads, 1, [&](int64_t c0, int64_t c1) {
@@ -1922,8 +1931,8 @@ void lists_backward(const Geometry& g, const Score<C>& sc, C scale, const Inputs
       at::parallel_for(0, g.Lk, 64, [&](int64_t k0, int64_t k1) {
         for (int64_t k = k0; k < k1; ++k) {
           const int64_t i = off[k], count = off[k + 1] - i;
-          row_combine(a_by_key.data() + i, do_p, by_key.data() + i, count, g.Dv, g.Dv, dv_head + k * g.Dv);
-          row_combine(b_by_key.data() + i, in.q, by_key.data() + i, count, g.D, g.D, dk_head + k * g.D);
+          row_combine(a_by_key + i, do_p, by_key + i, count, g.Dv, g.Dv, dv_head + k * g.Dv);
+          row_combine(b_by_key + i, in.q, by_key + i, count, g.D, g.D, dk_head + k * g.D);
         }
       });
     }
