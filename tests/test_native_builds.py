@@ -44,6 +44,14 @@ for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 5e-2), (torch.float16
     got = mh.attention(q.to(dtype), k.to(dtype), v.to(dtype), pattern=lists, backend="blocksparse")
     err = (got.double() - want).abs().max().item()
     assert err < tol, ("key lists", dtype, err)
+# their backward: each head's pairs sorted by key, each key's gradients summed from its pairs
+leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+ref = [t.double().requires_grad_() for t in (q, k, v)]
+grad = torch.randn(1, 4, 300, 40, generator=gen)
+mh.attention(*leaves, pattern=lists, backend="blocksparse").backward(grad)
+mh.attention(*ref, pattern=lists, backend="reference").backward(grad.double())
+for got, want in zip(leaves, ref):
+    assert (got.grad.double() - want.grad).abs().max().item() < 1e-4, "key lists backward"
 
 keep = 9
 for dtype in (torch.float32, torch.bfloat16, torch.float16):
@@ -81,7 +89,7 @@ print("ok")
                          ids=["avx512-vnni-no-bf16", "avx512-no-bf16", "avx2", "baseline"])
 def test_kernel_builds_and_runs_without_avx512_bf16(tmp_path, flags, cpu):
     """Attention through the kernel against the float64 reference (float32, bf16, fp16) on a window
-    and on key lists, the fused top-k choice against float64 scores (screened by int8 products
+    and on key lists (and the lists' float32 gradients), the fused top-k choice against float64 scores (screened by int8 products
     where the build has VNNI, the plain choice's keys, else unscreened: nothing to screen with), and
     routing's k-means step (19 centroids: lanes of 8 or 16, the last vector part full; the sums of
     301 points, two units of 256)."""
