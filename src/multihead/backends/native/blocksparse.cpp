@@ -1480,8 +1480,18 @@ void row_coefficients(const Geometry& g, const Score<C>& sc, C scale, Scratch<T,
   row_dots(qrow, g.D, kbase, kpos, W, g.D, s);
   row_logits(sc, scale, kpos, W, head, qabs, s, sc.cap > 0 ? w.raw.data() : nullptr);
   row_dots(d_o, g.Dv, vbase, kpos, W, g.Dv, dp);
+  int64_t j = 0;
+  if (!mask && !sc.sigmoid && !sc.drop.on && !(sc.cap > 0) && !dpre && !dpost) {  // softmax alone: vectors
+    using V = Vec<C>;
+    const V vlse(lse), vdelta(delta), vscale(scale);
+    for (; j + V::size() <= W; j += V::size()) {
+      const V p = vexp(V::loadu(s + j) - vlse);
+      p.store(a + j);
+      (p * (V::loadu(dp + j) - vdelta) * vscale).store(b + j);
+    }
+  }
   const int64_t base = sc.base(qabs);
-  for (int64_t j = 0; j < W; ++j) {
+  for (; j < W; ++j) {
     if (!mask.allows(j, rows, r)) {
       a[j] = b[j] = C(0);
       continue;
