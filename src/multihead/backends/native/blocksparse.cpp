@@ -1481,8 +1481,11 @@ void row_coefficients(const Geometry& g, const Score<C>& sc, C scale, Scratch<T,
   row_logits(sc, scale, kpos, W, head, qabs, s, sc.cap > 0 ? w.raw.data() : nullptr);
   row_dots(d_o, g.Dv, vbase, kpos, W, g.Dv, dp);
   int64_t j = 0;
-  if (!mask && !sc.sigmoid && !sc.drop.on && !(sc.cap > 0) && !dpre && !dpost) {  // softmax alone: vectors
+  if (!sc.sigmoid && !sc.drop.on && !(sc.cap > 0) && !dpre && !dpost) {  // softmax alone: vectors
     using V = Vec<C>;
+    if (mask)  // a masked pair's logit -inf: its p, and both coefficients, 0
+      for (int64_t i = mask.first; i < W; ++i)
+        if (!mask.allows(i, rows, r)) s[i] = -std::numeric_limits<C>::infinity();
     const V vlse(lse), vdelta(delta), vscale(scale);
     for (; j + V::size() <= W; j += V::size()) {
       const V p = vexp(V::loadu(s + j) - vlse);
