@@ -1273,6 +1273,25 @@ inline __m512 lane_sums16(const __m512* a) {
 }
 #endif
 
+#if defined(CPU_CAPABILITY_AVX512)
+// Sixteen dot products as the lanes of one vector: lane t is q[t / (16 / G)] . rows[t], over
+// ``depth`` (a multiple of 16) elements; G query vectors, each against 16 / G rows.
+template <int G, typename T>
+inline __m512 dots16(const float* const* q, const T* const* rows, int64_t depth) {
+  __m512 acc[16];
+#pragma GCC unroll 16
+  for (int t = 0; t < 16; ++t) acc[t] = _mm512_setzero_ps();
+  for (int64_t d = 0; d < depth; d += 16) {
+    __m512 qv[G];
+#pragma GCC unroll 2
+    for (int i = 0; i < G; ++i) qv[i] = _mm512_loadu_ps(q[i] + d);
+#pragma GCC unroll 16
+    for (int t = 0; t < 16; ++t) acc[t] = _mm512_fmadd_ps(qv[t / (16 / G)], load_as<float>(rows[t] + d), acc[t]);
+  }
+  return lane_sums16(acc);
+}
+#endif
+
 // s[j] = a . B_j for j < n, B_j = base + idx[j] * ld (T): sixteen keys at a time on AVX-512 float
 template <typename C, typename T>
 void row_dots(const C* a, int64_t depth, const T* base, const int64_t* idx, int64_t n, int64_t ld, C* s) {
@@ -1282,15 +1301,9 @@ void row_dots(const C* a, int64_t depth, const T* base, const int64_t* idx, int6
     if (depth % 16 == 0) {
       for (; j + 16 <= n; j += 16) {
         const T* b[16];
-        __m512 acc[16];
 #pragma GCC unroll 16
-        for (int t = 0; t < 16; ++t) b[t] = base + idx[j + t] * ld, acc[t] = _mm512_setzero_ps();
-        for (int64_t d = 0; d < depth; d += 16) {
-          const __m512 av = _mm512_loadu_ps(a + d);
-#pragma GCC unroll 16
-          for (int t = 0; t < 16; ++t) acc[t] = _mm512_fmadd_ps(av, load_as<float>(b[t] + d), acc[t]);
-        }
-        _mm512_storeu_ps(s + j, lane_sums16(acc));
+        for (int t = 0; t < 16; ++t) b[t] = base + idx[j + t] * ld;
+        _mm512_storeu_ps(s + j, dots16<1>(&a, b, depth));
       }
     }
   }
@@ -1298,7 +1311,7 @@ void row_dots(const C* a, int64_t depth, const T* base, const int64_t* idx, int6
   for (; j < n; ++j) s[j] = dot<C>(a, base + idx[j] * ld, depth);
 }
 
-// row_dots of two rows against the same keys' rows in two tensors (depth and ld each): s[j] =
+// row_dots of two rows against the same keys' rows in two tensors (rows of ``depth``): s[j] =
 // a . A_j and t[j] = b . B_j. On AVX-512 float eight keys of each a step, reduced together by one
 // lane_sums16, so that the two gathers are in flight at once (backward's scores and dO V^T).
 template <typename C, typename T>
@@ -1308,23 +1321,12 @@ void row_dots2(const C* a, const T* abase, const C* b, const T* bbase, const int
 #if defined(CPU_CAPABILITY_AVX512)
   if constexpr (std::is_same_v<C, float>) {
     if (depth % 16 == 0) {
+      const float* q[2] = {a, b};
       for (; j + 8 <= n; j += 8) {
         const T* r[16];
-        __m512 acc[16];
 #pragma GCC unroll 8
-        for (int u = 0; u < 8; ++u) {
-          r[u] = abase + idx[j + u] * depth, r[8 + u] = bbase + idx[j + u] * depth;
-          acc[u] = acc[8 + u] = _mm512_setzero_ps();
-        }
-        for (int64_t d = 0; d < depth; d += 16) {
-          const __m512 av = _mm512_loadu_ps(a + d), bv = _mm512_loadu_ps(b + d);
-#pragma GCC unroll 8
-          for (int u = 0; u < 8; ++u) {
-            acc[u] = _mm512_fmadd_ps(av, load_as<float>(r[u] + d), acc[u]);
-            acc[8 + u] = _mm512_fmadd_ps(bv, load_as<float>(r[8 + u] + d), acc[8 + u]);
-          }
-        }
-        const __m512 sums = lane_sums16(acc);
+        for (int u = 0; u < 8; ++u) r[u] = abase + idx[j + u] * depth, r[8 + u] = bbase + idx[j + u] * depth;
+        const __m512 sums = dots16<2>(q, r, depth);
         _mm256_storeu_ps(s + j, _mm512_castps512_ps256(sums));
         _mm256_storeu_ps(t + j, _mm512_extractf32x8_ps(sums, 1));
       }
