@@ -162,6 +162,20 @@ def test_routing_without_score_equals_dense_transcription(backend, within):
         torch.testing.assert_close(a, b)
 
 
+def test_routing_tokens_of_bf16_and_grouped_heads_are_those_of_their_float32_values_per_head():
+    """Routing clusters each query head's tokens, normalize(normalize(q) + normalize(k of its key
+    head)), in float32: bf16 inputs are widened (into kept buffers) and a key head is added to each
+    of its query heads; the clusters equal those of float32 inputs with the key heads repeated."""
+    gen = torch.Generator().manual_seed(21)
+    q = torch.randn(B, H, 64, D, generator=gen).bfloat16()
+    k = torch.randn(B, HKV, 64, D, generator=gen).bfloat16()
+    wide = q.float(), k.float().repeat_interleave(H // HKV, dim=1)
+    for within in (Full(), Causal()):
+        got = Routing(5).resolve(q, k, D ** -0.5, within).pattern.cluster
+        want = Routing(5).resolve(*wide, D ** -0.5, within).pattern.cluster
+        assert torch.equal(got, want)
+
+
 def test_routing_clusters_are_runs_of_the_frame():
     q, k, _ = inputs(8)
     pattern = Routing(5).resolve(q, k, D ** -0.5, Causal()).pattern

@@ -384,10 +384,13 @@ class Routing(DynamicPattern):
             from ..backends.native import empty  # kept buffers: no fresh pages to fault in
             from ..backends.native.cluster import native_assignment, nearest_centroids
 
-            def unit(x):
-                return _unit(x, out=empty(x.shape, torch.float32, x.device))
+            def unit(x):  # in float32, in a kept buffer (bf16 converted into it, not into a fresh one)
+                out = empty(x.shape, torch.float32, x.device)
+                return _unit(x if x.dtype == torch.float32 else out.copy_(x), out=out)
 
-            tokens = unit(q.float()).add_(unit(_expand_heads(k, heads).float()))
+            tokens = unit(q)  # q's unit vector plus its key head's, normalised
+            kv_heads = k.shape[1]
+            tokens.view(batch, kv_heads, heads // kv_heads, n, dim).add_(unit(k).unsqueeze(2))
             _unit(tokens, out=tokens)
             if self.centroids is not None:
                 init = self.centroids.to(tokens).expand(batch, heads, self.clusters, dim)
