@@ -1132,6 +1132,32 @@ void lanes_scatter(KeyGrads<C>& acc, const int64_t* kpos, int64_t W, const C* co
 // dK and dV rows are accumulated in place. ``qf`` and ``dob``: the tile's query and
 // output-gradient rows in the compute type. Block b's logits / weights are at ST + b W L, its dS at
 // DPT + b W L.
+// Backward's scores (times the scale) and dO V^T for the pass's n rows from ``first`` as bf16 pair
+// products (``pair_products``), from the tile's bf16 query and output-gradient rows in place (w.qp,
+// w.dop) into ST and DPT, QT2 scratch (two lane blocks of D / 2 pairs); false (nothing done) for
+// other dtypes or CPUs, whose products run in the compute type.
+template <typename T, typename C>
+inline bool backward_pair_dots(const Geometry& g, const Scratch<T, C>& w, int64_t first, int64_t n, const T* kbase,
+                               const T* vbase, const int64_t* kpos, int64_t W, C scale, C* QT2, C* ST, C* DPT) {
+#if defined(CPU_CAPABILITY_AVX512) && defined(__AVX512BF16__)
+  if constexpr (std::is_same_v<T, BFloat16>) {
+    if (!pair_products<T>(g)) return false;
+    pair_t* pairs = reinterpret_cast<pair_t*>(QT2);
+    auto dots = [&](const BFloat16* const* rows, int64_t depth, const BFloat16* base, float s, float* out) {
+      const int64_t P = depth / 2;
+      for (int64_t b = 0; b * 16 < n; ++b)
+        pairs_in(rows + first + b * 16, std::min<int64_t>(16, n - b * 16), depth, pairs + b * P * 16);
+      if (n > 16) lanes_dot_pairs<2>(pairs, P, base, kpos, W, depth, s, out);
+      else lanes_dot_pairs<1>(pairs, P, base, kpos, W, depth, s, out);
+    };
+    dots(w.qp.data(), g.D, kbase, scale, ST);
+    dots(w.dop.data(), g.Dv, vbase, 1.f, DPT);
+    return true;
+  }
+#endif
+  return false;
+}
+
 template <typename T, typename C>
 void lanes_backward(const Geometry& g, const Score<C>& sc, C scale, Scratch<T, C>& w, const C* const* qf, int64_t M,
                     int64_t rows, const T* kbase, const T* vbase, const int64_t* kpos, int64_t W,
@@ -1146,17 +1172,19 @@ void lanes_backward(const Geometry& g, const Score<C>& sc, C scale, Scratch<T, C
   C *QT = w.b1.data(), *DOT = w.b2.data(), *ST = w.s.data(), *DPT = w.dp.data(), *DQT = w.o.data();
   for (int64_t first = 0; first < M; first += NB * L) {
     const int64_t n = std::min(NB * L, M - first);  // rows of this pass
-    for (int64_t b = 0; b * L < n; ++b) {
-      const int64_t nl = std::min(L, n - b * L);
-      rows_in(qf + first + b * L, nl, g.D, scale, QT + b * g.D * L);
-      rows_in(dob + first + b * L, nl, g.Dv, C(1), DOT + b * g.Dv * L);
-    }
-    if (n > L) {
-      lanes_dot<2>(QT, g.D, kbase, kpos, W, g.D, ST);
-      lanes_dot<2>(DOT, g.Dv, vbase, kpos, W, g.Dv, DPT);  // dO V^T
-    } else {
-      lanes_dot<1>(QT, g.D, kbase, kpos, W, g.D, ST);
-      lanes_dot<1>(DOT, g.Dv, vbase, kpos, W, g.Dv, DPT);
+    if (!backward_pair_dots(g, w, first, n, kbase, vbase, kpos, W, scale, QT, ST, DPT)) {
+      for (int64_t b = 0; b * L < n; ++b) {
+        const int64_t nl = std::min(L, n - b * L);
+        rows_in(qf + first + b * L, nl, g.D, scale, QT + b * g.D * L);
+        rows_in(dob + first + b * L, nl, g.Dv, C(1), DOT + b * g.Dv * L);
+      }
+      if (n > L) {
+        lanes_dot<2>(QT, g.D, kbase, kpos, W, g.D, ST);
+        lanes_dot<2>(DOT, g.Dv, vbase, kpos, W, g.Dv, DPT);  // dO V^T
+      } else {
+        lanes_dot<1>(QT, g.D, kbase, kpos, W, g.D, ST);
+        lanes_dot<1>(DOT, g.Dv, vbase, kpos, W, g.Dv, DPT);
+      }
     }
     for (int64_t b = 0; b * L < n; ++b) {
       const int64_t f = first + b * L, nl = std::min(L, n - b * L);
