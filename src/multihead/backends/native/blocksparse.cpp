@@ -844,9 +844,9 @@ inline void pack_weight_pairs(const float* PT, int64_t n, pair_t* PT2) {
 // each row's outputs accumulated in a register, 16 d at a time (one vector of value pairs times a
 // broadcast weight pair per row), and stored as they are (``stream``: past the caches). R: the rows
 // computed (8 when a block is at most half full).
-template <int R, bool ragged>
+template <int R, bool ragged, typename O>
 inline void combine_pairs_block(const pair_t* PT2, const ValuePairs& VP, int64_t np, int64_t nl, int64_t d0,
-                                __mmask16 last, const float* scale, BFloat16* const* rows, bool stream) {
+                                __mmask16 last, const float* scale, O* const* rows, bool stream) {
   __m512 acc[R];
 #pragma GCC unroll 16
   for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
@@ -863,16 +863,18 @@ inline void combine_pairs_block(const pair_t* PT2, const ValuePairs& VP, int64_t
   }
 }
 
-template <int R>
+template <int R, typename O>
 inline void combine_pairs_rows(const pair_t* PT2, const ValuePairs& VP, int64_t np, int64_t width, int64_t nl,
-                               const float* scale, BFloat16* const* rows, bool stream) {
+                               const float* scale, O* const* rows, bool stream) {
   int64_t d0 = 0;
   for (; d0 + 16 <= width; d0 += 16) combine_pairs_block<R, false>(PT2, VP, np, nl, d0, 0xFFFF, scale, rows, stream);
   if (d0 < width) combine_pairs_block<R, true>(PT2, VP, np, nl, d0, first_n(width - d0), scale, rows, stream);
 }
 
+// (rows of bf16 outputs, or of float32 ones: backward's dQ)
+template <typename O>
 inline void lanes_combine_pairs(const pair_t* PT2, const ValuePairs& VP, int64_t np, int64_t width, int64_t nl,
-                                const float* scale, BFloat16* const* rows, bool stream) {
+                                const float* scale, O* const* rows, bool stream) {
   if (nl <= 8) combine_pairs_rows<8>(PT2, VP, np, width, nl, scale, rows, stream);
   else combine_pairs_rows<16>(PT2, VP, np, width, nl, scale, rows, stream);
 }
@@ -1158,6 +1160,29 @@ inline bool backward_pair_dots(const Geometry& g, const Scratch<T, C>& w, int64_
   return false;
 }
 
+// Backward's dQ = dS K for the pass's n rows as bf16 pair products (``pair_products``): dS (DPT,
+// times the scale) rounded to bf16 pairs of keys, as the forward rounds its weights for P V; the
+// keys read in place in pairs. False (nothing done) for other dtypes or CPUs.
+template <typename T, typename C>
+inline bool backward_pair_dq(const Geometry& g, Scratch<T, C>& w, int64_t n, const T* kbase, const int64_t* kpos,
+                             int64_t W, const C* DPT, C* const* dq) {
+#if defined(CPU_CAPABILITY_AVX512) && defined(__AVX512BF16__)
+  if constexpr (std::is_same_v<T, BFloat16>) {
+    if (!pair_products<T>(g)) return false;
+    w.b3.resize((W + 1) / 2 * 16);
+    pair_t* PT2 = reinterpret_cast<pair_t*>(w.b3.data());
+    const ValuePairs keys(kbase, kpos, W, g.D);
+    static const float ones[16] = {1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1};
+    for (int64_t b = 0; b * 16 < n; ++b) {
+      pack_weight_pairs(DPT + b * W * 16, W, PT2);
+      lanes_combine_pairs(PT2, keys, (W + 1) / 2, g.D, std::min<int64_t>(16, n - b * 16), ones, dq + b * 16, g.stream);
+    }
+    return true;
+  }
+#endif
+  return false;
+}
+
 template <typename T, typename C>
 void lanes_backward(const Geometry& g, const Score<C>& sc, C scale, Scratch<T, C>& w, const C* const* qf, int64_t M,
                     int64_t rows, const T* kbase, const T* vbase, const int64_t* kpos, int64_t W,
@@ -1236,7 +1261,8 @@ void lanes_backward(const Geometry& g, const Score<C>& sc, C scale, Scratch<T, C
     // dV_j += sum_i z P[j][i] dO_i; dK_j += scale sum_i dS[j][i] q_i; dQ = scale dS K
     lanes_scatter(dv_acc, kpos, W, ST, dob + first, n);
     lanes_scatter(dk_acc, kpos, W, DPT, qf + first, n);
-    lanes_combine_rows(DPT, W, kbase, kpos, g.D, g.D, n, static_cast<const C*>(nullptr), dq + first, g.stream, DQT);
+    if (!backward_pair_dq(g, w, n, kbase, kpos, W, DPT, dq + first))
+      lanes_combine_rows(DPT, W, kbase, kpos, g.D, g.D, n, static_cast<const C*>(nullptr), dq + first, g.stream, DQT);
   }
 }
 
