@@ -1130,10 +1130,6 @@ void lanes_scatter(KeyGrads<C>& acc, const int64_t* kpos, int64_t W, const C* co
   }
 }
 
-// Backward of one tile on lanes, two lane blocks per pass over the keys: the rows ``dq`` get dQ;
-// dK and dV rows are accumulated in place. ``qf`` and ``dob``: the tile's query and
-// output-gradient rows in the compute type. Block b's logits / weights are at ST + b W L, its dS at
-// DPT + b W L.
 // Backward's scores (times the scale) and dO V^T for the pass's n rows from ``first`` as bf16 pair
 // products (``pair_products``), from the tile's bf16 query and output-gradient rows in place (w.qp,
 // w.dop) into ST and DPT, QT2 scratch (two lane blocks of D / 2 pairs); false (nothing done) for
@@ -1183,6 +1179,10 @@ inline bool backward_pair_dq(const Geometry& g, Scratch<T, C>& w, int64_t n, con
   return false;
 }
 
+// Backward of one tile on lanes, two lane blocks per pass over the keys: the rows ``dq`` get dQ;
+// dK and dV rows are accumulated in place. ``qf`` and ``dob``: the tile's query and
+// output-gradient rows in the compute type. Block b's logits / weights are at ST + b W L, its dS at
+// DPT + b W L.
 template <typename T, typename C>
 void lanes_backward(const Geometry& g, const Score<C>& sc, C scale, Scratch<T, C>& w, const C* const* qf, int64_t M,
                     int64_t rows, const T* kbase, const T* vbase, const int64_t* kpos, int64_t W,
