@@ -804,16 +804,21 @@ inline void lanes_dot_pairs(const pair_t* QT2, int64_t P, const BFloat16* base, 
 // its passes to share, was slower even for 64-row tiles (A/B at one thread, 16k bf16 forward:
 // reading in place takes 0.92 of the time on 7 x 7, 0.95-0.97 on 13 x 13, Swin and axial, 0.99 on
 // the window).
+// The indices that interleave the first 16 16-bit elements of two vectors (a0, b0, a1, b1, ...)
+// for _mm512_permutex2var_epi16: two rows' bf16 elements as pairs
+inline __m512i pair_interleave() {
+  alignas(64) static const uint16_t kInterleave[32] = {0, 32, 1, 33, 2, 34, 3, 35, 4, 36, 5, 37, 6, 38, 7, 39,
+                                                       8, 40, 9, 41, 10, 42, 11, 43, 12, 44, 13, 45, 14, 46, 15, 47};
+  return _mm512_load_si512(kInterleave);
+}
+
 struct ValuePairs {
   const BFloat16* base;
   const int64_t* idx;
   int64_t n, ld;
   __m512i interleave;  // (a0, b0, a1, b1, ...) of a's and b's first 16 elements
-  ValuePairs(const BFloat16* base, const int64_t* idx, int64_t n, int64_t ld) : base(base), idx(idx), n(n), ld(ld) {
-    alignas(64) static const uint16_t kInterleave[32] = {0, 32, 1, 33, 2, 34, 3, 35, 4, 36, 5, 37, 6, 38, 7, 39,
-                                                         8, 40, 9, 41, 10, 42, 11, 43, 12, 44, 13, 45, 14, 46, 15, 47};
-    interleave = _mm512_load_si512(kInterleave);
-  }
+  ValuePairs(const BFloat16* base, const int64_t* idx, int64_t n, int64_t ld)
+      : base(base), idx(idx), n(n), ld(ld), interleave(pair_interleave()) {}
   template <bool ragged>
   __m512bh at(int64_t jp, int64_t d0, __mmask16 last) const {
     const BFloat16* r0 = base + idx[2 * jp] * ld + d0;
@@ -1096,38 +1101,137 @@ inline void scatter_keys(C* const* dst, const bool* first, const C* coeffT, int6
     }
 }
 
-// Key rows acc.row(kpos[j]) += sum_i coeff(j, i) * rows[i] for the W keys of up to two lane blocks
-// (n rows; block b's coefficients at coeffT + b W L, keys x lanes): dK from dS and the queries, dV
-// from P and dO. Four distinct keys at a time; a key's first sum is stored, not added.
-template <typename C>
-void lanes_scatter(KeyGrads<C>& acc, const int64_t* kpos, int64_t W, const C* coeffT, const C* const* rows,
-                   int64_t n) {
-  constexpr int64_t L = Vec<C>::size();
-  const int64_t cs = W * L, width = acc.width;
+// For the W keys of a tile, ``keys(dst, first, j, KB)`` on four distinct keys j.. at a time (KB:
+// std::integral_constant 4), else one (1): dst their rows of ``acc``, first whether each is
+// used for the first time (its sum then stored, not added). A padded key list may name one key
+// twice: those keys go one at a time, so that each update sees the last.
+template <typename C, typename F>
+void for_key_groups(KeyGrads<C>& acc, const int64_t* kpos, int64_t W, const F& keys) {
+  const int64_t width = acc.width;
   int64_t j = 0;
   for (; j + 4 <= W; j += 4) {
     prefetch_keys(acc.base, kpos, j + 4, j + 8, W, width, width);
     const int64_t* k = kpos + j;
     C* dst[4] = {acc.row(k[0]), acc.row(k[1]), acc.row(k[2]), acc.row(k[3])};
-    // a padded key list may name one key twice: then one at a time (each update sees the last)
     const bool distinct = k[0] != k[1] && k[0] != k[2] && k[0] != k[3] && k[1] != k[2] && k[1] != k[3] &&
                           k[2] != k[3];
     if (distinct) {
       const bool first[4] = {acc.first_use(k[0]), acc.first_use(k[1]), acc.first_use(k[2]),
                              acc.first_use(k[3])};
-      scatter_keys<C, 4>(dst, first, coeffT + j * L, cs, rows, n, width);
+      keys(dst, first, j, std::integral_constant<int, 4>());
     } else {
       for (int t = 0; t < 4; ++t) {
         const bool first = acc.first_use(k[t]);
-        scatter_keys<C, 1>(dst + t, &first, coeffT + (j + t) * L, cs, rows, n, width);
+        keys(dst + t, &first, j + t, std::integral_constant<int, 1>());
       }
     }
   }
   for (; j < W; ++j) {
     C* dst[1] = {acc.row(kpos[j])};
     const bool first = acc.first_use(kpos[j]);
-    scatter_keys<C, 1>(dst, &first, coeffT + j * L, cs, rows, n, width);
+    keys(dst, &first, j, std::integral_constant<int, 1>());
   }
+}
+
+// Key rows acc.row(kpos[j]) += sum_i coeff(j, i) * rows[i] for the W keys of up to two lane blocks
+// (n rows; block b's coefficients at coeffT + b W L, keys x lanes): dK from dS and the queries, dV
+// from P and dO.
+template <typename C>
+void lanes_scatter(KeyGrads<C>& acc, const int64_t* kpos, int64_t W, const C* coeffT, const C* const* rows,
+                   int64_t n) {
+  constexpr int64_t L = Vec<C>::size();
+  for_key_groups(acc, kpos, W, [&](C* const* dst, const bool* first, int64_t j, auto KB) {
+    scatter_keys<C, decltype(KB)::value>(dst, first, coeffT + j * L, W * L, rows, n, acc.width);
+  });
+}
+
+#if defined(CPU_CAPABILITY_AVX512) && defined(__AVX512BF16__)
+// A tile's n bf16 rows (width a multiple of 16) as pairs of rows: RP[p U + u] holds rows 2p and
+// 2p + 1 interleaved over d in [16u, 16u + 16), U = width / 16 (a missing last row: zeros).
+inline void pack_row_pairs(const BFloat16* const* rows, int64_t n, int64_t width, __m512i* RP) {
+  const __m512i il = pair_interleave();
+  const int64_t U = width / 16;
+  for (int64_t p = 0; 2 * p < n; ++p)
+    for (int64_t u = 0; u < U; ++u) {
+      const __m256i a = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(rows[2 * p] + 16 * u));
+      const __m256i b = 2 * p + 1 < n ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(rows[2 * p + 1] + 16 * u))
+                                      : _mm256_setzero_si256();
+      _mm512_storeu_si512(RP + p * U + u,
+                          _mm512_permutex2var_epi16(_mm512_castsi256_si512(a), il, _mm512_castsi256_si512(b)));
+    }
+}
+
+// scatter_block as bf16 pair products: dst[t][d] += sum_p CP[t][p] . RP[p][d] over the np row pairs,
+// for KB keys and DB vectors of d from vector u0 (CP: each key's coefficients of rows 2p and 2p + 1
+// as a bf16 pair)
+template <int KB, int DB>
+inline void scatter_pairs_block(float* const* dst, const bool* first, const pair_t (*CP)[16], const __m512i* RP,
+                                int64_t np, int64_t U, int64_t u0) {
+  __m512 acc[KB][DB];
+#pragma GCC unroll 4
+  for (int t = 0; t < KB; ++t)
+#pragma GCC unroll 4
+    for (int u = 0; u < DB; ++u) acc[t][u] = first[t] ? _mm512_setzero_ps() : _mm512_loadu_ps(dst[t] + (u0 + u) * 16);
+  for (int64_t p = 0; p < np; ++p) {
+    __m512bh x[DB];
+#pragma GCC unroll 4
+    for (int u = 0; u < DB; ++u) x[u] = as_bh(_mm512_loadu_si512(RP + p * U + u0 + u));
+#pragma GCC unroll 4
+    for (int t = 0; t < KB; ++t) {
+      const __m512bh c = as_bh(_mm512_set1_epi32(CP[t][p]));
+#pragma GCC unroll 4
+      for (int u = 0; u < DB; ++u) acc[t][u] = _mm512_dpbf16_ps(acc[t][u], c, x[u]);
+    }
+  }
+#pragma GCC unroll 4
+  for (int t = 0; t < KB; ++t)
+#pragma GCC unroll 4
+    for (int u = 0; u < DB; ++u) _mm512_storeu_ps(dst[t] + (u0 + u) * 16, acc[t][u]);
+}
+
+// lanes_scatter as bf16 pair products, for rows packed by pack_row_pairs (n rows, up to two lane
+// blocks, width a multiple of 16): each key's coefficients rounded to bf16 pairs of adjacent lanes
+// (rows), as the forward rounds its weights for P V.
+inline void lanes_scatter_pairs(KeyGrads<float>& acc, const int64_t* kpos, int64_t W, const float* coeffT,
+                                const __m512i* RP, int64_t n) {
+  const int64_t np = (n + 1) / 2, U = acc.width / 16;
+  for_key_groups(acc, kpos, W, [&](float* const* dst, const bool* first, int64_t j, auto KB) {
+    constexpr int kb = decltype(KB)::value;
+    pair_t CP[kb][16];
+    for (int t = 0; t < kb; ++t)
+      for (int64_t b = 0; b * 16 < n; ++b) {  // lanes past n hold 0
+        const __m256bh h = _mm512_cvtneps_pbh(_mm512_loadu_ps(coeffT + b * W * 16 + (j + t) * 16));
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(CP[t] + b * 8), reinterpret_cast<const __m256i&>(h));
+      }
+    int64_t u0 = 0;
+    for (; u0 + 4 <= U; u0 += 4) scatter_pairs_block<kb, 4>(dst, first, CP, RP, np, U, u0);
+    for (; u0 < U; ++u0) scatter_pairs_block<kb, 1>(dst, first, CP, RP, np, U, u0);
+  });
+}
+#endif
+
+// Backward's dK and dV scatters for the pass's n rows from ``first``: as bf16 pair products from the
+// tile's bf16 rows in place (w.qp, w.dop) where ``pair_products`` and the widths are multiples of
+// 16, else in the compute type from qf and dob.
+template <typename T, typename C>
+inline void backward_scatters(const Geometry& g, Scratch<T, C>& w, int64_t first, int64_t n, const int64_t* kpos,
+                              int64_t W, const C* PT, const C* DST, const C* const* qf, const C* const* dob,
+                              KeyGrads<C>& dk_acc, KeyGrads<C>& dv_acc) {
+#if defined(CPU_CAPABILITY_AVX512) && defined(__AVX512BF16__)
+  if constexpr (std::is_same_v<T, BFloat16>) {
+    if (pair_products<T>(g) && g.D % 16 == 0 && g.Dv % 16 == 0) {
+      w.dk.resize((n + 1) / 2 * std::max(g.D, g.Dv));  // floats: (n + 1) / 2 x width / 16 vectors of 64 bytes
+      __m512i* RP = reinterpret_cast<__m512i*>(w.dk.data());
+      pack_row_pairs(w.dop.data() + first, n, g.Dv, RP);
+      lanes_scatter_pairs(dv_acc, kpos, W, PT, RP, n);
+      pack_row_pairs(w.qp.data() + first, n, g.D, RP);
+      lanes_scatter_pairs(dk_acc, kpos, W, DST, RP, n);
+      return;
+    }
+  }
+#endif
+  lanes_scatter(dv_acc, kpos, W, PT, dob + first, n);
+  lanes_scatter(dk_acc, kpos, W, DST, qf + first, n);
 }
 
 // Backward's scores (times the scale) and dO V^T for the pass's n rows from ``first`` as bf16 pair
@@ -1259,8 +1363,7 @@ void lanes_backward(const Geometry& g, const Score<C>& sc, C scale, Scratch<T, C
       }
     }
     // dV_j += sum_i z P[j][i] dO_i; dK_j += scale sum_i dS[j][i] q_i; dQ = scale dS K
-    lanes_scatter(dv_acc, kpos, W, ST, dob + first, n);
-    lanes_scatter(dk_acc, kpos, W, DPT, qf + first, n);
+    backward_scatters(g, w, first, n, kpos, W, ST, DPT, qf, dob, dk_acc, dv_acc);
     if (!backward_pair_dq(g, w, n, kbase, kpos, W, DPT, dq + first))
       lanes_combine_rows(DPT, W, kbase, kpos, g.D, g.D, n, static_cast<const C*>(nullptr), dq + first, g.stream, DQT);
   }
