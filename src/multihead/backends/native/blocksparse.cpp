@@ -798,12 +798,6 @@ inline void lanes_dot_pairs(const pair_t* QT2, int64_t P, const BFloat16* base, 
   }
 }
 
-// Value pairs read in place: pair jp at d0 .. d0 + 15 is (V[idx[2 jp]][d], V[idx[2 jp + 1]][d]) for
-// those 16 d, made from the two keys' rows by one permute where they are used (the second key 0 past
-// n; ``last``: the d that exist when fewer than 16 remain). Packing a tile's pairs once instead, for
-// its passes to share, was slower even for 64-row tiles (A/B at one thread, 16k bf16 forward:
-// reading in place takes 0.92 of the time on 7 x 7, 0.95-0.97 on 13 x 13, Swin and axial, 0.99 on
-// the window).
 // The indices that interleave the first 16 16-bit elements of two vectors (a0, b0, a1, b1, ...)
 // for _mm512_permutex2var_epi16: two rows' bf16 elements as pairs
 inline __m512i pair_interleave() {
@@ -812,6 +806,12 @@ inline __m512i pair_interleave() {
   return _mm512_load_si512(kInterleave);
 }
 
+// Value pairs read in place: pair jp at d0 .. d0 + 15 is (V[idx[2 jp]][d], V[idx[2 jp + 1]][d]) for
+// those 16 d, made from the two keys' rows by one permute where they are used (the second key 0 past
+// n; ``last``: the d that exist when fewer than 16 remain). Packing a tile's pairs once instead, for
+// its passes to share, was slower even for 64-row tiles (A/B at one thread, 16k bf16 forward:
+// reading in place takes 0.92 of the time on 7 x 7, 0.95-0.97 on 13 x 13, Swin and axial, 0.99 on
+// the window).
 struct ValuePairs {
   const BFloat16* base;
   const int64_t* idx;
