@@ -299,6 +299,21 @@ def test_a_key_list_with_no_valid_key_beside_live_ones():
     torch.testing.assert_close(lse_dead[rest], lse[rest], rtol=1e-6, atol=1e-6)
 
 
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+def test_key_lists_keep_their_invalid_slots_indices(dtype):
+    """A table of key lists keeps each invalid slot's index (``KeySelection`` keeps it among the
+    keys), masked: slots that repeat the row's valid keys change nothing, forward or backward."""
+    n, width = 40, 6
+    indices, valid = _key_lists(1, 2, n, n, width, seed=12)
+    valid[..., 3:] = False
+    repeated = torch.cat([indices[..., :3], indices[..., :3]], -1)  # invalid slots name the valid keys
+    table = tiles.from_key_lists(repeated, valid)
+    assert torch.equal(table.k_idx, repeated.reshape(2, n * width))
+    q, k, v, dout = _inputs(n, 2, torch.float64, seed=13, batch=1, heads=2)
+    _check_against_reference(KeySelection(repeated, valid, n), None, q, k, v, dout, dtype)
+
+
 def _lists_backward(table, q, k, v, dout, scale):
     """The kernel's forward and backward on a tile table: (dq, dk, dv)."""
     ext = native.kernel()
