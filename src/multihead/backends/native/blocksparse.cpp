@@ -1819,11 +1819,14 @@ inline void populate(const at::Tensor& t) {
 #endif
 }
 
-// An output from pooled_empty made ready: a new one's pages mapped in one go (zeros already), a
-// reused one cleared when ``clear``
-inline void ready(at::Tensor& t, bool fresh, bool clear) {
+// An uninitialised tensor from the kept buffers (pooled_empty), made ready: a new one's pages
+// mapped in one go (zeros already), a reused one cleared when ``clear``
+inline at::Tensor kept_empty(at::IntArrayRef sizes, const at::TensorOptions& options, bool clear = false) {
+  bool fresh;
+  at::Tensor t = pooled_empty(sizes, options, &fresh);
   if (fresh) populate(t);
   else if (clear) t.zero_();
+  return t;
 }
 
 // ``x`` in ``dtype``, in a kept buffer: x itself when it has that dtype, else converted into one.
@@ -1831,22 +1834,14 @@ inline void ready(at::Tensor& t, bool fresh, bool clear) {
 // gradient of a 16k-token, 8-head Swin step took 3.7 ms in a profiled process that mapped them
 // afresh (1.3 ms kept); where glibc's heap already held that size, no difference.
 inline at::Tensor kept_as(const at::Tensor& x, at::ScalarType dtype) {
-  if (x.scalar_type() == dtype) return x;
-  bool fresh;
-  auto y = pooled_empty(x.sizes(), x.options().dtype(dtype), &fresh);
-  ready(y, fresh, false);
-  y.copy_(x);
-  return y;
+  return x.scalar_type() == dtype ? x : kept_empty(x.sizes(), x.options().dtype(dtype)).copy_(x);
 }
 
 // The sum of per-part accumulators (parts, ...) over the parts, in a kept buffer
 inline at::Tensor kept_sum(const at::Tensor& acc) {
   if (acc.size(0) == 1) return acc[0];
-  bool fresh;
-  auto y = pooled_empty(acc.sizes().slice(1), acc.options(), &fresh);
-  ready(y, fresh, false);
-  at::sum_out(y, acc, 0);
-  return y;
+  at::Tensor y = kept_empty(acc.sizes().slice(1), acc.options());
+  return at::sum_out(y, acc, 0);
 }
 
 // Outputs of this many bytes or more are written with streaming stores (when their rows align
@@ -1926,9 +1921,7 @@ std::vector<at::Tensor> forward_impl(const at::Tensor& q, const at::Tensor& k, c
   // are new: zeros)
   const bool covers = covers_every_row(tab, g.Lq);
   const auto lopt = q.options().dtype(c10::CppTypeToScalarType<C>::value);
-  bool fresh;
-  auto out = pooled_empty({g.B, g.H, g.Lq, g.Dv}, q.options(), &fresh);
-  ready(out, fresh, !covers);
+  auto out = kept_empty({g.B, g.H, g.Lq, g.Dv}, q.options(), !covers);
   g.stream = streams(out);
   auto lse = covers ? at::empty({g.B, g.H, g.Lq}, lopt)
                     : at::full({g.B, g.H, g.Lq}, std::numeric_limits<double>::infinity(), lopt);
@@ -2068,13 +2061,8 @@ void lists_backward(const Geometry& g, const Score<C>& sc, C scale, const Inputs
   std::vector<int64_t> rows_at(n), next(threads * g.Lk), off(g.Lk + 1);  // rows_at: into (B, H, Lq) tensors
   // the pairs sorted by key: their rows and coefficients (kept buffers: 16 MiB at 16k tokens)
   const auto opt = at::TensorOptions().dtype(c10::CppTypeToScalarType<C>::value);
-  auto kept = [&](const at::TensorOptions& o) {
-    bool fresh;
-    at::Tensor t = pooled_empty({n * W}, o, &fresh);
-    ready(t, fresh, false);
-    return t;
-  };
-  at::Tensor rows_t = kept(opt.dtype(at::kLong)), a_t = kept(opt), b_t = kept(opt);
+  at::Tensor rows_t = kept_empty({n * W}, opt.dtype(at::kLong)), a_t = kept_empty({n * W}, opt),
+             b_t = kept_empty({n * W}, opt);
   int64_t* by_key = rows_t.data_ptr<int64_t>();
   C *a_by_key = static_cast<C*>(a_t.data_ptr()), *b_by_key = static_cast<C*>(b_t.data_ptr());
   auto chunk = [&](int64_t c) { return std::make_pair(c * n / threads, (c + 1) * n / threads); };
@@ -2168,12 +2156,9 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& q, const at::Tensor& k, 
   const int64_t list_w = u.per_set == 1 ? list_width(tab) : 0;
   const bool lists = list_w > 0;
   if (lists) parts = 1;  // each key's dK and dV rows written once, by one thread
-  bool fresh_q, fresh_k, fresh_v;
-  auto dq = pooled_empty({g.B, g.H, g.Lq, g.D}, copt, &fresh_q);
-  auto dk = pooled_empty({parts, g.B, g.Hkv, g.Lk, g.D}, copt, &fresh_k);
-  auto dv = pooled_empty({parts, g.B, g.Hkv, g.Lk, g.Dv}, copt, &fresh_v);
+  auto dq = kept_empty({g.B, g.H, g.Lq, g.D}, copt, !covers);
   // dk, dv: their rows cleared on first use (KeyGrads)
-  ready(dq, fresh_q, !covers), ready(dk, fresh_k, false), ready(dv, fresh_v, false);
+  auto dk = kept_empty({parts, g.B, g.Hkv, g.Lk, g.D}, copt), dv = kept_empty({parts, g.B, g.Hkv, g.Lk, g.Dv}, copt);
   g.stream = streams(dq);
   const int64_t threads = std::max(1, at::get_num_threads());
   want_pre = want_pre && pre.defined(), want_post = want_post && post.defined();
