@@ -286,7 +286,7 @@ def test_a_key_list_with_no_valid_key_beside_live_ones():
 
     def run(valid):
         table = tiles.from_key_lists(indices, valid)
-        return ext.forward(q, q, q, *table.arrays(), 0.125, None, None, None, 0.0, 7, 0.0, 0, None)
+        return ext.forward(q, q, q, *table.arrays(), 0.125, None, None, None, None, 0.0, 7, 0.0, 0, None)
 
     out, lse = run(valid)
     dead = valid.clone()
@@ -317,7 +317,7 @@ def test_key_lists_keep_their_invalid_slots_indices(dtype):
 def _lists_backward(table, q, k, v, dout, scale):
     """The kernel's forward and backward on a tile table: (dq, dk, dv)."""
     ext = native.kernel()
-    args = (*table.arrays(), scale, None, None, None, 0.0, q.shape[2] - 1, 0.0, 0, None)
+    args = (*table.arrays(), scale, None, None, None, None, 0.0, q.shape[2] - 1, 0.0, 0, None)
     out, lse = ext.forward(q, k, v, *args)
     return ext.backward(q, k, v, out, dout, lse, *args, 1, False, False)[:3]
 
@@ -628,7 +628,7 @@ def test_corrupt_tile_tables_are_rejected():
         arrays = dict(zip(["q_rows", "tile_q", "tile_k", "k_idx", "tile_m", "mask", "widths", "mask_keys",
                            "k_start", "lb", "lh"], good.arrays()))
         arrays.update(changes)
-        return ext.forward(q, q, q, *arrays.values(), 0.35, None, None, None, 0.0, 15, 0.0, 0, None)
+        return ext.forward(q, q, q, *arrays.values(), 0.35, None, None, None, None, 0.0, 15, 0.0, 0, None)
 
     run()  # the table as built runs
     for changes, message in [
@@ -647,7 +647,7 @@ def test_corrupt_tile_tables_are_rejected():
         with pytest.raises(RuntimeError, match=message):
             run(**changes)
     with pytest.raises(RuntimeError, match="relative bias too short"):
-        ext.forward(q, q, q, *good.arrays(), 0.35, torch.zeros(2, 5), None, None, 0.0, 15, 0.0, 0, None)
+        ext.forward(q, q, q, *good.arrays(), 0.35, torch.zeros(2, 5), None, None, None, 0.0, 15, 0.0, 0, None)
 
 
 @needs_kernel
@@ -661,7 +661,7 @@ def test_a_key_list_index_out_of_range_is_rejected_wherever_it_lies(where, bad):
     indices = torch.randint(0, 512, (1, 2, 512, 128))  # 131072 entries: more than one block
     table = tiles.from_key_lists(indices, torch.ones_like(indices, dtype=torch.bool))
     ext = native.kernel()
-    args = (*table.arrays(), 0.35, None, None, None, 0.0, 511, 0.0, 0, None)
+    args = (*table.arrays(), 0.35, None, None, None, None, 0.0, 511, 0.0, 0, None)
     out, lse = ext.forward(q, q, q, *args)  # the lists as drawn run
     table.k_idx.view(-1)[where] = bad
     with pytest.raises(RuntimeError, match="key index out of range"):

@@ -41,7 +41,7 @@ def _inputs(seed=0, n=N):
 
 def _forward(ext, table, q, k, v):
     n = q.shape[2]
-    return ext.forward(q, k, v, *table.arrays(), D ** -0.5, None, None, None, 0.0, n - 1, 0.0, 0, None)
+    return ext.forward(q, k, v, *table.arrays(), D ** -0.5, None, None, None, None, 0.0, n - 1, 0.0, 0, None)
 
 
 def _lists_table(q, k, v, rows):

@@ -2,10 +2,12 @@
 cluster of every head, each reading its cluster's keys as one run of the frame, with per-head
 widths and, under ``Causal``, a triangular mask over the tile's own rows only. Checked against the
 same tiles written out as plain key lists and masks, and against the float64 reference (the
-pattern x score x GQA x dtype matrix of ``test_native.py`` includes routing)."""
+pattern x score x GQA x dtype matrix of ``test_native.py`` includes routing); relative scores
+read at the tokens' original positions."""
 
 from __future__ import annotations
 
+import copy
 import os
 
 import pytest
@@ -16,10 +18,11 @@ import multihead as mh
 from multihead.backends import BACKENDS, native
 from multihead.backends.native import tiles
 from multihead.backends.native.function import native_attention
-from multihead.patterns import Causal, Routing
+from multihead.patterns import Causal, Full, Routing
 from multihead.request import make_request
+from multihead.scores import ALiBi, RelativePositionBias, RelativePositionBias2d, ScoreChain, Softcap
 
-from conftest import FLOOR, max_error
+from conftest import FLOOR, assert_within_tolerance, max_error, stable_seed
 
 needs_kernel = pytest.mark.skipif(os.environ.get("MULTIHEAD_NATIVE", "1") == "0",
                                   reason="MULTIHEAD_NATIVE=0: the kernel is disabled")
@@ -156,7 +159,7 @@ def test_corrupt_run_tables_are_rejected():
     def run(**changes):
         arrays = dict(zip(names, table.arrays()))
         arrays.update(changes)
-        return ext.forward(q, q, q, *arrays.values(), 0.35, None, None, None, 0.0, 149, 0.0, 0, None)
+        return ext.forward(q, q, q, *arrays.values(), 0.35, None, None, None, None, 0.0, 149, 0.0, 0, None)
 
     run()
     for changes, message in [
@@ -212,3 +215,100 @@ def test_gradcheck_float64_through_run_tables(causal):
     gen = torch.Generator().manual_seed(5)
     q, k, v = (torch.randn(1, 2, 20, 4, generator=gen, dtype=torch.float64, requires_grad=True) for _ in range(3))
     assert torch.autograd.gradcheck(lambda q, k, v: native_attention(table, q, k, v, 0.7, None), (q, k, v))
+
+
+def _clustered(n: int, heads: int, kv_heads: int, clusters: int, seed: int, d: int = 16, batch: int = 2):
+    """Float64 q, k, v, dout and Routing's centroids ``(heads, clusters, d)``: a token's q and k lie
+    near one of ``clusters`` directions, drawn per batch element and key head (so each orders its
+    tokens its own way), so that Routing assigns the same clusters to the inputs in any dtype."""
+    gen = torch.Generator().manual_seed(seed)
+    centroids = torch.nn.functional.normalize(torch.randn(clusters, d, generator=gen, dtype=torch.float64), dim=-1)
+    which = torch.randint(clusters, (batch, kv_heads, n), generator=gen)
+
+    def near(h):
+        directions = centroids[which].repeat_interleave(h // kv_heads, 1)
+        return directions + 0.15 * torch.randn(batch, h, n, d, generator=gen, dtype=torch.float64)
+
+    q, k = near(heads), near(kv_heads)
+    v = torch.randn(batch, kv_heads, n, d, generator=gen, dtype=torch.float64)
+    dout = torch.randn(batch, heads, n, d, generator=gen, dtype=torch.float64)
+    return q, k, v, dout, centroids.expand(heads, clusters, d).float()
+
+
+def _dense_in_original_order(q, k, v, dout, score, mask, dtype):
+    """Softmax attention under ``mask`` in the tokens' own order, written out in ``dtype`` (softmax in
+    float32 below float64): the output and the gradients of q, k, v and the score's parameters."""
+    leaves = [t.detach().to(dtype).requires_grad_() for t in (q, k, v)]
+    groups = q.shape[1] // k.shape[1]
+    keys, values = (t.repeat_interleave(groups, 1) for t in leaves[1:])
+    logits = score.apply_dense(leaves[0] @ keys.transpose(-2, -1) * q.shape[-1] ** -0.5, k.shape[2])
+    logits = logits.masked_fill(~mask, float("-inf"))
+    weights = torch.softmax(logits if dtype == torch.float64 else logits.float(), -1).to(dtype)
+    out = weights @ values
+    out.backward(dout.to(dtype))
+    return [out.detach()] + [t.grad for t in leaves] + [p.grad for p in score.parameters()]
+
+
+def _graph(out) -> set[str]:
+    """The names of the autograd nodes behind ``out``."""
+    seen, todo = set(), [out.grad_fn]
+    while todo:
+        node = todo.pop()
+        if node is not None and node not in seen:
+            seen.add(node)
+            todo.extend(f for f, _ in node.next_functions)
+    return {type(node).__name__ for node in seen}
+
+
+def _fresh(score, dtype):
+    """A copy of ``score`` in ``dtype`` without gradients."""
+    fresh = copy.deepcopy(score).to(dtype)
+    for p in fresh.parameters():
+        p.grad = None
+    return fresh
+
+
+GRID = (11, 12)
+RELATIVE_SCORES = {
+    "alibi": lambda heads: ALiBi(heads),
+    "t5_softcap": lambda heads: ScoreChain([RelativePositionBias(heads, num_buckets=8, max_distance=40),
+                                            Softcap(3.0)]),
+    "grid_table": lambda heads: RelativePositionBias2d(heads, max(GRID), grid=GRID),
+}
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("kv_heads", [4, 2], ids=["mha", "gqa"])
+@pytest.mark.parametrize("within", ["full", "causal"])
+@pytest.mark.parametrize("score_name", RELATIVE_SCORES)
+def test_routing_reads_relative_scores_at_the_tokens_original_positions(score_name, within, kv_heads, dtype):
+    """Routing sorts the tokens by cluster; a relative score (ALiBi, T5's buckets under a softcap, a
+    2-D table on a grid) still sees the tokens' own distances: the kernel reads its columns at the
+    original positions (or their grid codes) of each batch element and head. Forward and the
+    gradients of q, k, v and the learned tables equal attention under the cluster mask written out
+    in the original order, in float64, within the tolerance rule."""
+    n, heads = GRID[0] * GRID[1], 4
+    q, k, v, dout, centroids = _clustered(n, heads, kv_heads, 4, seed=stable_seed(score_name, within, kv_heads))
+    score = RELATIVE_SCORES[score_name](heads)
+    for p in score.parameters():  # larger than the init, so that the bias matters
+        p.data.normal_(0, 0.5, generator=torch.Generator().manual_seed(1))
+    routing = Routing(4, iterations=0, centroids=centroids)
+    pattern, inside = (routing, Full()) if within == "full" else (routing & Causal(), Causal())
+    cluster = routing.resolve(q, k, 0.25, inside).pattern.cluster
+    assert torch.equal(routing.resolve(q.to(dtype), k.to(dtype), 0.25, inside).pattern.cluster, cluster)
+    assert len(cluster.unique()) == 4 and not (cluster == cluster[:1, :1]).all()  # the slots differ
+    mask = (cluster.unsqueeze(-1) == cluster.unsqueeze(-2)) & inside.dense_mask(n, n)
+
+    why = BACKENDS["blocksparse"].native_unsupported(make_request(q.float(), k.float(), v.float(), pattern=pattern,
+                                                                  score=score))
+    assert why is None, why
+    leaves = [t.detach().to(dtype).requires_grad_() for t in (q, k, v)]
+    out = mh.attention(*leaves, pattern=pattern, score=score, backend="blocksparse")
+    assert "NativeBlockSparseBackward" in _graph(out)  # under the permutations back to the tokens' order
+    out.backward(dout.to(dtype))
+    got = [out.detach()] + [t.grad for t in leaves] + [p.grad for p in score.parameters()]
+    want = _dense_in_original_order(q, k, v, dout, _fresh(score, torch.float64), mask, torch.float64)
+    base = _dense_in_original_order(q, k, v, dout, _fresh(score, torch.float32), mask, dtype)
+    for name, g, w, b in zip(["out", "dq", "dk", "dv", "dscore"], got, want, base):
+        assert_within_tolerance(g, w, b, dtype, name)

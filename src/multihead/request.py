@@ -15,6 +15,7 @@ from .normalizers import Normalizer, Softmax, as_normalizer
 from .patterns import Full, Pattern
 from .patterns.dynamic import split_dynamic
 from .scores import Score, as_score
+from .scores.reindexed import Reordered
 
 
 @dataclass(frozen=True, eq=False)
@@ -124,19 +125,6 @@ def _permute_tokens(x: Tensor, order: Tensor) -> Tensor:
     batch, heads, length = order.shape
     rows = order + torch.arange(0, batch * heads * length, length, device=order.device).view(batch, heads, 1)
     return _PermuteRows.apply(x.reshape(batch * heads * length, x.shape[-1]), rows.flatten()).view(x.shape)
-
-
-class _OriginalPositions(Score):
-    """A score evaluated at the original positions of a permuted frame."""
-
-    def __init__(self, score: Score, q_order: Tensor, kv_order: Tensor):
-        super().__init__()
-        self.inner, self.q_order, self.kv_order = score, q_order, kv_order
-        self.additive = score.additive
-        self.batch_dependent = True
-
-    def forward(self, score, b, h, q_idx, kv_idx):
-        return self.inner(score, b, h, self.q_order[b, h, q_idx], self.kv_order[b, h, kv_idx])
 
 
 def _check_tensors(q, k, v) -> None:
@@ -262,7 +250,7 @@ def make_request(q, k, v, *, pattern=None, score=None, scale=None, dropout=0.0,
                 k, v = (t.repeat_interleave(heads // t.shape[1], dim=1) for t in (k, v))
             q, k, v = _permute_tokens(q, q_order), _permute_tokens(k, kv_order), _permute_tokens(v, kv_order)
             if score is not None:
-                score = _OriginalPositions(score, q_order, kv_order)
+                score = Reordered(score, q_order, kv_order)
             if head_mix is not None:
                 raise PatternError(
                     f"head_mix (talking heads) cannot combine with {dynamic!r}: it reorders tokens per "

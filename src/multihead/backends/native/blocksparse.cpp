@@ -264,31 +264,53 @@ void drop_lanes(const Dropout& dr, const uint32_t* rowkey, int64_t nl, const int
 }
 
 // Score: logit = post[h, c] + cap * tanh((scale q.k + pre[h, c]) / cap) (without a cap:
-// scale q.k + pre + post) at the column c = qmax + k - q, or with position codes (2-D biases on a
-// grid) c = qmax + code[k] - code[q]. ``vec`` arrays are (H, Lvec) or absent.
+// scale q.k + pre + post) at the column c = qmax + k - q (q: the query's position in the key
+// frame, row + Lk - Lq), or with position codes c = qmax + kcode[k] - qcode[row]: a 2-D bias's
+// codes of the grid's positions, or the original positions of a permuted frame (Routing's), one
+// array per (batch, head). ``vec`` arrays are (H, Lvec) or absent.
 // The normaliser (softmax, or sigmoid(logit + bias) with ``sigmoid``) and the weights' dropout
 // (``drop``) ride along: how a tile's products become its weights.
+// Position codes of the queries and keys (``Score``): both tensors or neither
+struct Codes {
+  at::Tensor q, k;
+};
+
 template <typename C>
 struct Score {
   const C* pre = nullptr;
   const C* post = nullptr;
-  const int64_t* code = nullptr;  // (Lk,) or absent
+  const int64_t* qcode = nullptr;  // (Lq,), (B, H, Lq) (``qcode_rows``) or absent
+  const int64_t* kcode = nullptr;  // (Lk,), (B, Hkv, Lk) (``kcode_slot`` = Lk apart) or absent
+  bool qcode_rows = false;
+  int64_t kcode_slot = 0, offset = 0;  // offset: Lk - Lq
   int64_t lvec = 0, qmax = 0;
   C cap = 0;
   bool sigmoid = false;
   C bias = 0;  // sigmoid's
   Dropout drop;
-  // the column of (query at qabs, key k) is base(qabs) + key(k)
-  int64_t base(int64_t qabs) const { return qmax - (code ? code[qabs] : qabs); }
-  int64_t key(int64_t k) const { return code ? code[k] : k; }
+  // the position the score reads for query row q (at: its row in (B, H, Lq) tensors)
+  int64_t query(int64_t at, int64_t q) const { return qcode ? qcode[qcode_rows ? at : q] : q + offset; }
+  // the column of (query at position qpos, key k) is base(qpos) + key(k)
+  int64_t base(int64_t qpos) const { return qmax - qpos; }
+  int64_t key(int64_t k) const { return kcode ? kcode[k] : k; }
+  // the score for the keys of one (batch, key head) slot
+  Score at_keys(int64_t slot) const {
+    Score s = *this;
+    if (kcode) s.kcode += slot * kcode_slot;
+    return s;
+  }
 };
 
 template <typename C>
-Score<C> score_of(const at::Tensor& pre, const at::Tensor& post, const at::Tensor& code, double cap,
+Score<C> score_of(const at::Tensor& pre, const at::Tensor& post, const Codes& codes, int64_t offset, double cap,
                   int64_t qmax, double dropout, int64_t seed, const c10::optional<double>& sigmoid) {
   Score<C> sc;
   sc.sigmoid = sigmoid.has_value(), sc.bias = static_cast<C>(sigmoid.value_or(0.0));
-  if (code.defined()) sc.code = code.data_ptr<int64_t>();
+  sc.offset = offset;
+  if (codes.q.defined()) {
+    sc.qcode = codes.q.data_ptr<int64_t>(), sc.qcode_rows = codes.q.dim() == 3;
+    sc.kcode = codes.k.data_ptr<int64_t>(), sc.kcode_slot = codes.k.dim() == 3 ? codes.k.size(2) : 0;
+  }
   sc.drop = dropout_of(dropout, seed);
   if (pre.defined()) sc.pre = static_cast<C*>(pre.data_ptr()), sc.lvec = pre.size(1);
   if (post.defined()) sc.post = static_cast<C*>(post.data_ptr()), sc.lvec = post.size(1);
@@ -315,7 +337,8 @@ struct Scratch {
   std::vector<C*> dqp;                  // its rows of dQ
   std::vector<const C*> qc, doc;        // its query and output-gradient rows in the compute type
   std::vector<C> s, o, m, l, dq, dk, dv, dp, raw, b1, b2, b3, qf, dof;  // qf, dof: rows as C (bf16)
-  std::vector<int64_t> qabs, heads, at;  // per tile row: query position, head, row in (B, H, Lq) tensors
+  std::vector<int64_t> qpos, heads, at;  // per tile row: the score's query position (Score::query), head,
+                                         // row in (B, H, Lq) tensors
   std::vector<uint32_t> rowkey;  // the rows' dropout keys
   std::vector<uint8_t> seen_k, seen_v;  // backward: the key rows of dK and dV that hold a sum
   std::vector<int64_t> run, run_ahead;  // a tile's run of keys written out (``keys_of``), the next one's
@@ -693,11 +716,11 @@ inline void mask_lanes(C* s, const uint8_t* m, int64_t nl) {
 // ``raw`` (when not null) receives the pre-softcap values.
 template <typename C>
 void lanes_logits(const Score<C>& sc, const int64_t* kpos, int64_t W, int64_t nl, int64_t first, int64_t rows,
-                  const int64_t* heads, const int64_t* qabs, const TileMask& mask, C* ST, C* raw) {
+                  const int64_t* heads, const int64_t* qpos, const TileMask& mask, C* ST, C* raw) {
   constexpr int64_t L = Vec<C>::size();
   if (sc.pre || sc.post || sc.cap > 0) {
     for (int64_t l = 0; l < nl; ++l) {
-      const int64_t i = first + l, base = sc.base(qabs[i]);
+      const int64_t i = first + l, base = sc.base(qpos[i]);
       const C* pre = sc.pre ? sc.pre + heads[i] * sc.lvec + base : nullptr;
       const C* post = sc.post ? sc.post + heads[i] * sc.lvec + base : nullptr;
       for (int64_t j = 0; j < W; ++j) {
@@ -965,7 +988,7 @@ void lanes_attention(const Geometry& g, const Score<C>& sc, Scratch<T, C>& w, co
     for (int64_t b = 0; b * L < n; ++b) {
       const int64_t f = first + b * L, nl = std::min(L, n - b * L);
       C* S = ST + b * W * L;
-      lanes_logits(sc, kpos, W, nl, f, rows, w.heads.data(), w.qabs.data(), mask, S, static_cast<C*>(nullptr));
+      lanes_logits(sc, kpos, W, nl, f, rows, w.heads.data(), w.qpos.data(), mask, S, static_cast<C*>(nullptr));
       if (sc.sigmoid) {  // no sum to divide by: lse 0 + log 1
         for (int64_t j = 0; j < W; ++j) vsigmoid(V::loadu(S + j * L), sc.bias).store(S + j * L);
         V(C(0)).store(ms[b]), V(C(1)).store(ss[b]);
@@ -1318,7 +1341,7 @@ void lanes_backward(const Geometry& g, const Score<C>& sc, C scale, Scratch<T, C
     for (int64_t b = 0; b * L < n; ++b) {
       const int64_t f = first + b * L, nl = std::min(L, n - b * L);
       C *S = ST + b * W * L, *DP = DPT + b * W * L, *raw = sc.cap > 0 ? w.raw.data() + b * W * L : nullptr;
-      lanes_logits(sc, kpos, W, nl, f, rows, w.heads.data(), w.qabs.data(), mask, S, raw);
+      lanes_logits(sc, kpos, W, nl, f, rows, w.heads.data(), w.qpos.data(), mask, S, raw);
       C lse_l[L], delta_l[L];
       for (int64_t l = 0; l < L; ++l) {
         lse_l[l] = l < nl ? w.m[f + l] : std::numeric_limits<C>::infinity();
@@ -1348,7 +1371,7 @@ void lanes_backward(const Geometry& g, const Score<C>& sc, C scale, Scratch<T, C
       }
       if (through_score) {  // through the score, lane by lane
         for (int64_t l = 0; l < nl; ++l) {
-          const int64_t i = f + l, base = sc.base(w.qabs[i]);
+          const int64_t i = f + l, base = sc.base(w.qpos[i]);
           for (int64_t j = 0; j < W; ++j) {
             C ds = DP[j * L + l];
             if (dpost) dpost[w.heads[i] * sc.lvec + base + sc.key(kpos[j])] += ds;
@@ -1539,7 +1562,7 @@ void row_combine(const C* p, const T* base, const int64_t* idx, int64_t n, int64
 
 // A row's logits from its products s (W keys): scale, the score; ``raw`` gets the pre-softcap values.
 template <typename C>
-void row_logits(const Score<C>& sc, C scale, const int64_t* kpos, int64_t W, int64_t head, int64_t qabs, C* s,
+void row_logits(const Score<C>& sc, C scale, const int64_t* kpos, int64_t W, int64_t head, int64_t qpos, C* s,
                 C* raw) {
   if (!sc.pre && !sc.post && !(sc.cap > 0)) {  // scale alone
     using V = Vec<C>;
@@ -1549,7 +1572,7 @@ void row_logits(const Score<C>& sc, C scale, const int64_t* kpos, int64_t W, int
     for (; j < W; ++j) s[j] *= scale;
     return;
   }
-  const int64_t base = sc.base(qabs);
+  const int64_t base = sc.base(qpos);
   const C* pre = sc.pre ? sc.pre + head * sc.lvec + base : nullptr;
   const C* post = sc.post ? sc.post + head * sc.lvec + base : nullptr;
   for (int64_t j = 0; j < W; ++j) {
@@ -1569,8 +1592,8 @@ void row_logits(const Score<C>& sc, C scale, const int64_t* kpos, int64_t W, int
 // else m and sum such that the output is (sum_j s[j] V_j) / sum and lse = m + log(sum).
 template <typename C>
 bool row_weights(const Score<C>& sc, C scale, const int64_t* kpos, int64_t W, const TileMask& mask, int64_t rows,
-                 int64_t r, int64_t head, int64_t qabs, uint32_t rowkey, C* s, C& m, C& sum) {
-  row_logits(sc, scale, kpos, W, head, qabs, s, static_cast<C*>(nullptr));
+                 int64_t r, int64_t head, int64_t qpos, uint32_t rowkey, C* s, C& m, C& sum) {
+  row_logits(sc, scale, kpos, W, head, qpos, s, static_cast<C*>(nullptr));
   if (mask)  // key-major: row r of a (keys x rows) block, stride rows
     for (int64_t j = mask.first; j < W; ++j)
       if (!mask.allows(j, rows, r)) s[j] = -std::numeric_limits<C>::infinity();
@@ -1648,7 +1671,7 @@ void rows_forward(const Geometry& g, const Score<C>& sc, C scale, Scratch<T, C>&
     row_dots(qf[i], g.D, kbase, kpos, W, g.D, s);
     C m, sum;
     C* o = w.o.data() + i * g.Dv;
-    if (!row_weights(sc, scale, kpos, W, mask, rows, i % rows, w.heads[i], w.qabs[i],
+    if (!row_weights(sc, scale, kpos, W, mask, rows, i % rows, w.heads[i], w.qpos[i],
                      sc.drop.on ? w.rowkey[i] : 0u, s, m, sum)) {  // a row that sees no key: 0
       std::fill(o, o + g.Dv, C(0));
       lse[i] = std::numeric_limits<C>::infinity();
@@ -1667,7 +1690,7 @@ void rows_forward(const Geometry& g, const Score<C>& sc, C scale, Scratch<T, C>&
 // rowsum(dO * O) the row's; row r of a tile of ``rows`` (its mask's column).
 template <typename T, typename C>
 void row_coefficients(const Geometry& g, const Score<C>& sc, C scale, Scratch<T, C>& w, const C* qrow, const C* d_o,
-                      C lse, C delta, int64_t head, int64_t qabs, uint32_t rowkey, const T* kbase,
+                      C lse, C delta, int64_t head, int64_t qpos, uint32_t rowkey, const T* kbase,
                       const T* vbase, const int64_t* kpos, int64_t W, const TileMask& mask, int64_t rows, int64_t r,
                       double* dpre, double* dpost, C* a, C* b) {
   w.s.resize(W), w.dp.resize(W);
@@ -1679,7 +1702,7 @@ void row_coefficients(const Geometry& g, const Score<C>& sc, C scale, Scratch<T,
     row_dots(qrow, g.D, kbase, kpos, W, g.D, s);
     row_dots(d_o, g.Dv, vbase, kpos, W, g.Dv, dp);
   }
-  row_logits(sc, scale, kpos, W, head, qabs, s, sc.cap > 0 ? w.raw.data() : nullptr);
+  row_logits(sc, scale, kpos, W, head, qpos, s, sc.cap > 0 ? w.raw.data() : nullptr);
   int64_t j = 0;
   if (!sc.sigmoid && !sc.drop.on && !(sc.cap > 0) && !dpre && !dpost) {  // softmax alone: vectors
     using V = Vec<C>;
@@ -1693,7 +1716,7 @@ void row_coefficients(const Geometry& g, const Score<C>& sc, C scale, Scratch<T,
       (p * (V::loadu(dp + j) - vdelta) * vscale).store(b + j);
     }
   }
-  const int64_t base = sc.base(qabs);
+  const int64_t base = sc.base(qpos);
   for (; j < W; ++j) {
     if (!mask.allows(j, rows, r)) {
       a[j] = b[j] = C(0);
@@ -1726,7 +1749,7 @@ void rows_backward(const Geometry& g, const Score<C>& sc, C scale, Scratch<T, C>
       continue;
     }
     const uint32_t rowkey = sc.drop.on ? w.rowkey[i] : 0u;
-    row_coefficients(g, sc, scale, w, qf[i], dob[i], w.m[i], w.l[i], w.heads[i], w.qabs[i], rowkey, kbase, vbase, kpos,
+    row_coefficients(g, sc, scale, w, qf[i], dob[i], w.m[i], w.l[i], w.heads[i], w.qpos[i], rowkey, kbase, vbase, kpos,
                      W, mask, rows, i % rows, dpre, dpost, a, b);
     row_combine(b, kbase, kpos, W, g.D, g.D, dqr[i]);
     for (int64_t j = 0; j < W; ++j) {
@@ -1794,16 +1817,18 @@ inline const int64_t* keys_of(const Tile& x, std::vector<int64_t>& buf) {
 }
 
 // A tile's M rows, head by head (row i: query qrows[i % rows] of head h0 + i / rows): their heads,
-// query positions and row indices into w, without a division per row; and with dropout, their keys.
+// row indices and the score's query positions into w, without a division per row; and with
+// dropout, their keys.
 template <typename T, typename C>
-void tile_rows(const Dropout& dr, const Geometry& g, const Tile& x, int64_t b, Scratch<T, C>& w) {
-  w.qabs.resize(x.M), w.heads.resize(x.M), w.at.resize(x.M);
+void tile_rows(const Score<C>& sc, const Geometry& g, const Tile& x, int64_t b, Scratch<T, C>& w) {
+  w.qpos.resize(x.M), w.heads.resize(x.M), w.at.resize(x.M);
+  if (sc.drop.on) w.rowkey.resize(x.M);
   for (int64_t h = 0, i = 0; h < x.nh; ++h)
-    for (int64_t r = 0; r < x.rows; ++r, ++i)
-      w.heads[i] = x.h0 + h, w.qabs[i] = x.qrows[r] + g.offset, w.at[i] = g.row(b, x.h0 + h, x.qrows[r]);
-  if (!dr.on) return;
-  w.rowkey.resize(x.M);
-  for (int64_t i = 0; i < x.M; ++i) w.rowkey[i] = dr.row(b, w.heads[i], g.H, w.qabs[i] - g.offset);
+    for (int64_t r = 0; r < x.rows; ++r, ++i) {
+      const int64_t q = x.qrows[r];
+      w.heads[i] = x.h0 + h, w.at[i] = g.row(b, x.h0 + h, q), w.qpos[i] = sc.query(w.at[i], q);
+      if (sc.drop.on) w.rowkey[i] = sc.drop.row(b, x.h0 + h, g.H, q);
+    }
 }
 
 // Map a fresh tensor's pages in one call per thread (MADV_POPULATE_WRITE) instead of a fault per page
@@ -1912,7 +1937,7 @@ void for_each_unit(int64_t n, const F& f) {
 template <typename T>
 std::vector<at::Tensor> forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                      const Table& tab, double scale_d, const at::Tensor& pre,
-                                     const at::Tensor& post, const at::Tensor& code, double cap, int64_t qmax, double dropout,
+                                     const at::Tensor& post, const Codes& codes, double cap, int64_t qmax, double dropout,
                                      int64_t seed, const c10::optional<double>& sigmoid) {
   using C = typename Acc<T>::type;
   Geometry g{q.size(0), q.size(1), k.size(1), q.size(2), k.size(2), q.size(3), v.size(3),
@@ -1926,7 +1951,7 @@ std::vector<at::Tensor> forward_impl(const at::Tensor& q, const at::Tensor& k, c
   auto lse = covers ? at::empty({g.B, g.H, g.Lq}, lopt)
                     : at::full({g.B, g.H, g.Lq}, std::numeric_limits<double>::infinity(), lopt);
   Inputs<T> in{static_cast<T*>(q.data_ptr()), static_cast<T*>(k.data_ptr()), static_cast<T*>(v.data_ptr()), g, tab};
-  const Score<C> sc = score_of<C>(pre, post, code, cap, qmax, dropout, seed, sigmoid);
+  const Score<C> sc = score_of<C>(pre, post, codes, g.offset, cap, qmax, dropout, seed, sigmoid);
   const C scale = static_cast<C>(scale_d);
   T* out_p = static_cast<T*>(out.data_ptr());
   C* lse_p = static_cast<C*>(lse.data_ptr());
@@ -1975,6 +2000,7 @@ std::vector<at::Tensor> forward_impl(const at::Tensor& q, const at::Tensor& k, c
       for (int64_t e = 0; e < count; ++e) {
         int64_t b, hk;
         const Tile x = locate(first + e, b, hk);
+        const Score<C> su = sc.at_keys(b * g.Hkv + hk);
         live[e] = x.rows > 0 && x.W > 0;
         if (!live[e]) continue;  // its output row and lse were cleared
         const int64_t q = x.qrows[0];
@@ -1986,7 +2012,8 @@ std::vector<at::Tensor> forward_impl(const at::Tensor& q, const at::Tensor& k, c
         if constexpr (!std::is_same_v<T, C>) convert(qrow, w.qf.data() + e * g.D, g.D), qc = w.qf.data() + e * g.D;
         row_dots(qc, g.D, in.keys(b, hk), x.kpos, x.W, g.D, s);
         const uint32_t rowkey = sc.drop.on ? sc.drop.row(b, x.h0, g.H, q) : 0u;
-        live[e] = row_weights(sc, scale, x.kpos, x.W, x.mask, 1, 0, x.h0, q + g.offset, rowkey, s, m[e], sum[e]);
+        live[e] = row_weights(su, scale, x.kpos, x.W, x.mask, 1, 0, x.h0, su.query(at_row[e], q), rowkey, s, m[e],
+                              sum[e]);
         if (!live[e]) {  // its keys all masked
           std::fill(out_p + at_row[e] * g.Dv, out_p + (at_row[e] + 1) * g.Dv, T(0));
           lse_p[at_row[e]] = std::numeric_limits<C>::infinity();
@@ -2016,7 +2043,8 @@ std::vector<at::Tensor> forward_impl(const at::Tensor& q, const at::Tensor& k, c
     const int64_t* kpos = keys_of(x, w.run);
     const TileMask& mask = x.mask;
     if (rows == 0 || W == 0) return;
-    tile_rows(sc.drop, g, x, b, w);
+    const Score<C> su = sc.at_keys(b * g.Hkv + hk);
+    tile_rows(su, g, x, b, w);
     row_pointers(in.q, g.D, w.at, w.qp);
     row_pointers(out_p, g.Dv, w.at, w.op);
     const T *kbase = in.keys(b, hk), *vbase = in.values(b, hk);
@@ -2024,9 +2052,9 @@ std::vector<at::Tensor> forward_impl(const at::Tensor& q, const at::Tensor& k, c
     // at a time)
     w.m.resize(M);
     if (use_lanes<T>(M)) {
-      lanes_forward(g, sc, scale, w, M, rows, kbase, vbase, kpos, W, mask, w.m.data());
+      lanes_forward(g, su, scale, w, M, rows, kbase, vbase, kpos, W, mask, w.m.data());
     } else {
-      rows_forward(g, sc, scale, w, as_compute(w.qp, g.D, w.qf, w.qc), M, rows, kbase, vbase, kpos, W, mask,
+      rows_forward(g, su, scale, w, as_compute(w.qp, g.D, w.qf, w.qc), M, rows, kbase, vbase, kpos, W, mask,
                    w.m.data());
       for (int64_t i = 0; i < M; ++i) copy_as(w.o.data() + i * g.Dv, w.op[i], g.Dv);
     }
@@ -2075,6 +2103,7 @@ void lists_backward(const Geometry& g, const Score<C>& sc, C scale, const Inputs
   for (int64_t b = 0; b < g.B; ++b)
     for (int64_t hk = 0; hk < g.Hkv; ++hk) {
       const T *kbase = in.keys(b, hk), *vbase = in.values(b, hk);
+      const Score<C> su = sc.at_keys(b * g.Hkv + hk);
       std::fill(next.begin(), next.end(), 0);
       each_chunk([&](int64_t c, int64_t r0, int64_t r1) {
         int64_t* count = next.data() + c * g.Lk;
@@ -2117,8 +2146,8 @@ void lists_backward(const Geometry& g, const Score<C>& sc, C scale, const Inputs
             qc = w.qf.data(), dc = w.dof.data();
           }
           const uint32_t rowkey = sc.drop.on ? sc.drop.row(b, x.h0, g.H, q) : 0u;
-          row_coefficients(g, sc, scale, w, qc, dc, lse_p[at], dot<C>(out_p + at * g.Dv, d_o, g.Dv), x.h0,
-                           q + g.offset, rowkey, kbase, vbase, x.kpos, W, x.mask, 1, 0, dpre_t, dpost_t,
+          row_coefficients(g, su, scale, w, qc, dc, lse_p[at], dot<C>(out_p + at * g.Dv, d_o, g.Dv), x.h0,
+                           su.query(at, q), rowkey, kbase, vbase, x.kpos, W, x.mask, 1, 0, dpre_t, dpost_t,
                            w.b1.data(), w.b2.data());
           row_combine(w.b2.data(), kbase, x.kpos, W, g.D, g.D, dq);
           for (int64_t j = 0; j < W; ++j) {
@@ -2144,7 +2173,7 @@ template <typename T>
 std::vector<at::Tensor> backward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                       const at::Tensor& out, const at::Tensor& dout, const at::Tensor& lse,
                                       const Table& tab, double scale_d, const at::Tensor& pre,
-                                      const at::Tensor& post, const at::Tensor& code, double cap, int64_t qmax, double dropout,
+                                      const at::Tensor& post, const Codes& codes, double cap, int64_t qmax, double dropout,
                                       int64_t seed, const c10::optional<double>& sigmoid, int64_t parts, bool want_pre,
                                       bool want_post) {
   using C = typename Acc<T>::type;
@@ -2168,7 +2197,7 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& q, const at::Tensor& k, 
   auto dpre = at::zeros({want_pre ? threads : 0, g.H, lvec}, dopt);
   auto dpost = at::zeros({want_post ? threads : 0, g.H, lvec}, dopt);
   Inputs<T> in{static_cast<T*>(q.data_ptr()), static_cast<T*>(k.data_ptr()), static_cast<T*>(v.data_ptr()), g, tab};
-  const Score<C> sc = score_of<C>(pre, post, code, cap, qmax, dropout, seed, sigmoid);
+  const Score<C> sc = score_of<C>(pre, post, codes, g.offset, cap, qmax, dropout, seed, sigmoid);
   const C scale = static_cast<C>(scale_d);
   const T* do_p = static_cast<T*>(dout.data_ptr());
   const C* lse_p = static_cast<C*>(lse.data_ptr());
@@ -2194,6 +2223,7 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& q, const at::Tensor& k, 
       double* dpre_t = want_pre ? static_cast<double*>(dpre.data_ptr()) + bias_at : nullptr;
       double* dpost_t = want_post ? static_cast<double*>(dpost.data_ptr()) + bias_at : nullptr;
       const T *kbase = in.keys(b, hk), *vbase = in.values(b, hk);
+      const Score<C> su = sc.at_keys(b * g.Hkv + hk);
       const int64_t t_end = std::min(tab.T, (part + 1) * per_part);
       for (int64_t t = part * per_part; t < t_end; ++t)
         for (int64_t set = 0; set < u.sets; ++set) {
@@ -2203,7 +2233,7 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& q, const at::Tensor& k, 
           const TileMask& mask = x.mask;
           if (rows == 0 || W == 0) continue;
           w.m.resize(M), w.l.resize(M);
-          tile_rows(sc.drop, g, x, b, w);
+          tile_rows(su, g, x, b, w);
           row_pointers(in.q, g.D, w.at, w.qp);
           row_pointers(do_p, g.Dv, w.at, w.dop);
           row_pointers(out_p, g.Dv, w.at, w.orp);
@@ -2215,10 +2245,10 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& q, const at::Tensor& k, 
           const C* const* qc = as_compute(w.qp, g.D, w.qf, w.qc);
           const C* const* dc = as_compute(w.dop, g.Dv, w.dof, w.doc);
           if (use_lanes<T>(M))
-            lanes_backward(g, sc, scale, w, qc, M, rows, kbase, vbase, kpos, W, mask, dc, w.dqp.data(), dk_acc,
+            lanes_backward(g, su, scale, w, qc, M, rows, kbase, vbase, kpos, W, mask, dc, w.dqp.data(), dk_acc,
                            dv_acc, dpre_t, dpost_t);
           else
-            rows_backward(g, sc, scale, w, qc, M, rows, kbase, vbase, kpos, W, mask, dc, w.dqp.data(), dk_acc,
+            rows_backward(g, su, scale, w, qc, M, rows, kbase, vbase, kpos, W, mask, dc, w.dqp.data(), dk_acc,
                           dv_acc, dpre_t, dpost_t);
         }
       dk_acc.finish(g.Lk), dv_acc.finish(g.Lk);
@@ -2264,24 +2294,43 @@ void check_keys(const Table& t, int64_t Lk, int64_t Lq) {
   }
 }
 
+// Position codes, checked: both or neither, contiguous int64, the queries' (Lq,) or (B, H, Lq),
+// the keys' (Lk,) or (B, Hkv, Lk).
+Codes codes_of(const c10::optional<at::Tensor>& qcode, const c10::optional<at::Tensor>& kcode, const at::Tensor& q,
+               const at::Tensor& k) {
+  Codes c{qcode.value_or(at::Tensor()), kcode.value_or(at::Tensor())};
+  TORCH_CHECK(c.q.defined() == c.k.defined(), "native kernel: position codes for both queries and keys, or neither");
+  if (!c.q.defined()) return c;
+  auto check = [](const at::Tensor& t, const at::Tensor& x, const char* what) {
+    TORCH_CHECK(t.scalar_type() == at::kLong && t.is_contiguous() &&
+                    ((t.dim() == 1 && t.size(0) == x.size(2)) ||
+                     (t.dim() == 3 && t.size(0) == x.size(0) && t.size(1) == x.size(1) && t.size(2) == x.size(2))),
+                "native kernel: ", what, " position codes must be a contiguous int64 (tokens,) or (batch, heads, "
+                "tokens) tensor of their tensor's sizes");
+  };
+  check(c.q, q, "query"), check(c.k, k, "key");
+  return c;
+}
+
 // A score vector: (heads, Lvec) of the compute dtype, long enough for every column a (query, key)
-// pair reaches; position codes (when given): (Lk,) int64.
-void check_score(const at::Tensor& vec, const at::Tensor& code, const at::Tensor& q, int64_t qmax, int64_t Lq,
-                 int64_t Lk, at::ScalarType acc) {
+// pair reaches: qmax + key position - query position (``Score``).
+void check_score(const at::Tensor& vec, const Codes& codes, const at::Tensor& q, const at::Tensor& k, int64_t qmax,
+                 at::ScalarType acc) {
   if (!vec.defined()) return;
   TORCH_CHECK(vec.scalar_type() == acc && vec.is_contiguous() && vec.dim() == 2 && vec.size(0) == q.size(1),
               "native kernel: a score vector must be a contiguous (heads, columns) tensor of the compute dtype");
-  int64_t lo, hi;  // the columns reached
-  if (code.defined()) {
-    TORCH_CHECK(code.scalar_type() == at::kLong && code.is_contiguous() && code.dim() == 1 && code.numel() == Lk,
-                "native kernel: position codes must be a contiguous int64 (Lk,) tensor");
-    const int64_t* c = code.data_ptr<int64_t>();
-    const auto [mn, mx] = std::minmax_element(c, c + Lk);
-    lo = qmax + *mn - *mx, hi = qmax + *mx - *mn;
-  } else {  // k - q + qmax over q in [Lk - Lq, Lk - 1], k in [0, Lk - 1]
-    lo = qmax - (Lk - Lq) - (Lq - 1), hi = Lk - 1 + qmax - (Lk - Lq);
+  const int64_t Lq = q.size(2), Lk = k.size(2);
+  int64_t qlo = Lk - Lq, qhi = Lk - 1, klo = 0, khi = Lk - 1;  // the positions, without codes
+  if (codes.q.defined()) {
+    auto range = [](const at::Tensor& t, int64_t& lo, int64_t& hi) {
+      const int64_t* c = t.data_ptr<int64_t>();
+      const auto [mn, mx] = std::minmax_element(c, c + t.numel());
+      lo = *mn, hi = *mx;
+    };
+    range(codes.q, qlo, qhi), range(codes.k, klo, khi);
   }
-  TORCH_CHECK(lo >= 0 && hi < vec.size(1), "native kernel: relative bias too short for these lengths");
+  TORCH_CHECK(qmax + klo - qhi >= 0 && qmax + khi - qlo < vec.size(1),
+              "native kernel: relative bias too short for these lengths");
 }
 
 at::ScalarType acc_of(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
@@ -2304,16 +2353,18 @@ std::vector<at::Tensor> forward(const at::Tensor& q, const at::Tensor& k, const 
                                 const at::Tensor& mask, const at::Tensor& tile_w, const at::Tensor& tile_mk,
                                 const at::Tensor& k_start, int64_t lb, int64_t lh, double scale,
                                 const c10::optional<at::Tensor>& pre, const c10::optional<at::Tensor>& post,
-                                const c10::optional<at::Tensor>& code, double cap, int64_t qmax, double dropout, int64_t seed,
+                                const c10::optional<at::Tensor>& qcode, const c10::optional<at::Tensor>& kcode, double cap,
+                                int64_t qmax, double dropout, int64_t seed,
                                 const c10::optional<double>& sigmoid) {
   check_inputs(q, k, v);
   Table tab = table_of(q_rows, tile_q, tile_k, k_idx, tile_m, mask, tile_w, tile_mk, k_start, lb, lh);
   check_keys(tab, k.size(2), q.size(2));
   TORCH_CHECK(lh == 1 || lh == q.size(1), "tile table: layout heads must be 1 or the query heads");
   TORCH_CHECK(lb == 1 || lb == q.size(0), "tile table: layout batch must be 1 or the batch");
-  at::Tensor pr = pre.value_or(at::Tensor()), po = post.value_or(at::Tensor()), cd = code.value_or(at::Tensor());
-  check_score(pr, cd, q, qmax, q.size(2), k.size(2), acc_of(q.scalar_type()));
-  check_score(po, cd, q, qmax, q.size(2), k.size(2), acc_of(q.scalar_type()));
+  at::Tensor pr = pre.value_or(at::Tensor()), po = post.value_or(at::Tensor());
+  const Codes cd = codes_of(qcode, kcode, q, k);
+  check_score(pr, cd, q, k, qmax, acc_of(q.scalar_type()));
+  check_score(po, cd, q, k, qmax, acc_of(q.scalar_type()));
   return by_dtype(q.scalar_type(), [&](auto x) {
     return forward_impl<decltype(x)>(q, k, v, tab, scale, pr, po, cd, cap, qmax, dropout, seed, sigmoid);
   });
@@ -2326,7 +2377,8 @@ std::vector<at::Tensor> backward(const at::Tensor& q, const at::Tensor& k, const
                                  const at::Tensor& mask, const at::Tensor& tile_w, const at::Tensor& tile_mk,
                                  const at::Tensor& k_start, int64_t lb, int64_t lh, double scale,
                                  const c10::optional<at::Tensor>& pre, const c10::optional<at::Tensor>& post,
-                                 const c10::optional<at::Tensor>& code, double cap, int64_t qmax, double dropout, int64_t seed,
+                                 const c10::optional<at::Tensor>& qcode, const c10::optional<at::Tensor>& kcode, double cap,
+                                int64_t qmax, double dropout, int64_t seed,
                                  const c10::optional<double>& sigmoid, int64_t parts, bool want_pre, bool want_post) {
   check_inputs(q, k, v);
   Table tab = table_of(q_rows, tile_q, tile_k, k_idx, tile_m, mask, tile_w, tile_mk, k_start, lb, lh);
@@ -2340,9 +2392,10 @@ std::vector<at::Tensor> backward(const at::Tensor& q, const at::Tensor& k, const
   TORCH_CHECK(out.scalar_type() == q.scalar_type() && out.is_contiguous() && out.sizes() == dout.sizes(),
               "native kernel: out must be the forward's (B, H, Lq, Dv) output");
   TORCH_CHECK(parts >= 1, "native kernel: parts >= 1");
-  at::Tensor pr = pre.value_or(at::Tensor()), po = post.value_or(at::Tensor()), cd = code.value_or(at::Tensor());
-  check_score(pr, cd, q, qmax, q.size(2), k.size(2), acc);
-  check_score(po, cd, q, qmax, q.size(2), k.size(2), acc);
+  at::Tensor pr = pre.value_or(at::Tensor()), po = post.value_or(at::Tensor());
+  const Codes cd = codes_of(qcode, kcode, q, k);
+  check_score(pr, cd, q, k, qmax, acc);
+  check_score(po, cd, q, k, qmax, acc);
   return by_dtype(q.scalar_type(), [&](auto x) {
     return backward_impl<decltype(x)>(q, k, v, out, dout, lse, tab, scale, pr, po, cd, cap, qmax, dropout, seed,
                                       sigmoid, parts, want_pre, want_post);

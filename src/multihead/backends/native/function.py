@@ -6,7 +6,9 @@ position ``kv_idx - q_idx``: the sum of the ``relative`` score terms before and 
 ``Softcap``. The vectors are made from the score's own ``forward`` under autograd, so a learnable
 table (T5's buckets) gets its gradient through them: the kernel returns the gradient of each
 vector, and autograd carries it back to the table. A ``coded`` term (a 2-D relative bias on a grid)
-is read the same way at ``codes[kv_idx] - codes[q_idx]``, with the codes it gives.
+is read the same way at ``codes[kv_idx] - codes[q_idx]``, with the codes it gives. A score
+``Reordered`` into a permuted frame (Routing's clusters) is read at the tokens' original positions:
+the kernel takes the positions (or their codes) per batch element and head.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import torch
 from torch import Tensor
 
 from ...scores.base import ScoreChain
-from ...scores.reindexed import Reindexed
+from ...scores.reindexed import Reindexed, Reordered
 from ...scores.softcap import Softcap
 from . import contiguous, kernel
 
@@ -38,7 +40,10 @@ def _flat_terms(score) -> list:
 
 def split_score(score):
     """``(pre_terms, cap, post_terms)`` of a score the kernel can evaluate, or a string saying why
-    it cannot (a phrase completing "the score ...")."""
+    it cannot (a phrase completing "the score ..."). A ``Reordered`` score's terms are its inner
+    score's (``native_attention`` reads them at the original positions)."""
+    if isinstance(score, Reordered):
+        score = score.inner
     pre, post, cap = [], [], None
     for term in _flat_terms(score):
         c = _cap_of(term)
@@ -117,26 +122,28 @@ class NativeBlockSparse(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, table, scale: float, cap: float, dropout: float, seed: int, center: int, sigmoid: float | None,
-                codes: Tensor | None, q: Tensor, k: Tensor, v: Tensor, pre: Tensor | None, post: Tensor | None):
+                q_codes: Tensor | None, kv_codes: Tensor | None, q: Tensor, k: Tensor, v: Tensor, pre: Tensor | None,
+                post: Tensor | None):
         ext = kernel()
-        out, lse = ext.forward(q, k, v, *table.arrays(), scale, pre, post, codes, cap, center, dropout, seed, sigmoid)
+        out, lse = ext.forward(q, k, v, *table.arrays(), scale, pre, post, q_codes, kv_codes, cap, center, dropout,
+                               seed, sigmoid)
         ctx.table, ctx.scale, ctx.cap, ctx.dropout, ctx.seed, ctx.center = table, scale, cap, dropout, seed, center
         ctx.sigmoid = sigmoid
-        ctx.save_for_backward(q, k, v, out, lse, pre, post, codes)
+        ctx.save_for_backward(q, k, v, out, lse, pre, post, q_codes, kv_codes)
         return out
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, dout):
-        q, k, v, out, lse, pre, post, codes = ctx.saved_tensors
+        q, k, v, out, lse, pre, post, q_codes, kv_codes = ctx.saved_tensors
         dout = contiguous(dout)
         parts = partitions(q.shape[0], k.shape[1], ctx.table.tile_q.numel() - 1)
-        want_pre = pre is not None and ctx.needs_input_grad[11]
-        want_post = post is not None and ctx.needs_input_grad[12]
+        want_pre = pre is not None and ctx.needs_input_grad[12]
+        want_post = post is not None and ctx.needs_input_grad[13]
         dq, dk, dv, dpre, dpost = kernel().backward(
-            q, k, v, out, dout, lse, *ctx.table.arrays(), ctx.scale, pre, post, codes, ctx.cap, ctx.center,
-            ctx.dropout, ctx.seed, ctx.sigmoid, parts, want_pre, want_post)
-        return (None,) * 8 + (dq, dk, dv, dpre if want_pre else None, dpost if want_post else None)
+            q, k, v, out, dout, lse, *ctx.table.arrays(), ctx.scale, pre, post, q_codes, kv_codes, ctx.cap,
+            ctx.center, ctx.dropout, ctx.seed, ctx.sigmoid, parts, want_pre, want_post)
+        return (None,) * 9 + (dq, dk, dv, dpre if want_pre else None, dpost if want_post else None)
 
 
 def native_attention(table, q: Tensor, k: Tensor, v: Tensor, scale: float, score, dropout: float = 0.0,
@@ -149,16 +156,25 @@ def native_attention(table, q: Tensor, k: Tensor, v: Tensor, scale: float, score
     compute = torch.float64 if q.dtype == torch.float64 else torch.float32
     heads, q_len, kv_len = q.shape[1], q.shape[2], k.shape[2]
     coded = [t for t in pre_terms + post_terms if t.coded]
+    # the positions the terms read: the frame's own (None), or a permuted frame's original ones
+    q_pos = kv_pos = None
+    if isinstance(score, Reordered):
+        q_pos, kv_pos = score.q_order + (kv_len - q_len), score.kv_order
     if coded:  # one 2-D bias: its table's columns, read at codes[k] - codes[q]
         codes, vector, center = coded[0].native_form(kv_len)
-        vector, codes = vector.to(compute).contiguous(), codes.to(torch.long).contiguous()
+        vector, codes = vector.to(compute).contiguous(), codes.to(torch.long)
         pre, post = (vector, None) if pre_terms else (None, vector)
+        q_codes = codes[kv_len - q_len:] if q_pos is None else codes[q_pos]
+        kv_codes = codes if kv_pos is None else codes[kv_pos]
     else:
-        codes, center = None, kv_len - 1
+        center = kv_len - 1
         pre = relative_vector(pre_terms, heads, q_len, kv_len, compute, q.device)
         post = relative_vector(post_terms, heads, q_len, kv_len, compute, q.device)
+        q_codes, kv_codes = (q_pos, kv_pos) if pre is not None or post is not None else (None, None)
+    if q_codes is not None:
+        q_codes, kv_codes = q_codes.to(torch.long).contiguous(), kv_codes.to(torch.long).contiguous()
     q, k, v = contiguous(q), contiguous(k), contiguous(v)
     seed = int(torch.randint(0, 2 ** 31, ()).item()) if dropout > 0 else 0
     sigmoid = None if sigmoid is None else float(sigmoid)
     return NativeBlockSparse.apply(table, float(scale), float(cap or 0.0), float(dropout), seed, center, sigmoid,
-                                   codes, q, k, v, pre, post)
+                                   q_codes, kv_codes, q, k, v, pre, post)
