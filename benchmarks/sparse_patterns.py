@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -49,6 +50,7 @@ from multihead.backends.native import describe as native_status
 from multihead.patterns import (Axial, Causal, CrossShapedWindow, Documents, Full, KeySelection, Neighborhood,
                                 Pattern, Routing, ShiftedWindow, SlidingWindow, TopK)
 from multihead.request import make_request
+from multihead.scores import ALiBi, Score
 
 
 KERNEL = BACKENDS["blocksparse"]
@@ -61,6 +63,8 @@ class Case:
     size: str
     tokens: int
     pattern: Pattern
+    #: the score of the case for a number of heads (None: none)
+    score: Callable[[int], Score] | None = None
 
 
 def cases(quick: bool) -> list[Case]:
@@ -80,6 +84,8 @@ def cases(quick: bool) -> list[Case]:
     out += [Case("topk_64", str(n), n, TopK(64)) for n in dynamic]
     out += [Case("topk_16_in_window_128", str(n), n, TopK(16) & SlidingWindow(128, 128)) for n in dynamic]
     out += [Case("routing_16", str(n), n, Routing(16)) for n in dynamic]
+    # ALiBi read at the tokens' original positions (the tiles run on tokens sorted by cluster)
+    out += [Case("routing_16_alibi", str(n), n, Routing(16), ALiBi) for n in dynamic]
     return out
 
 
@@ -88,15 +94,17 @@ def _inputs(n: int, heads: int, head_dim: int, device: str, seed: int = 0):
     return [torch.randn(1, heads, n, head_dim, generator=gen).to(device) for _ in range(4)]
 
 
-def _able(backend: str, q, k, v, pattern) -> bool:
-    return backend in BACKENDS and BACKENDS[backend].unsupported(make_request(q, k, v, pattern=pattern)) is None
+def _able(backend: str, q, k, v, pattern, score=None) -> bool:
+    return backend in BACKENDS and BACKENDS[backend].unsupported(make_request(q, k, v, pattern=pattern,
+                                                                              score=score)) is None
 
 
 def measure_case(case: Case, heads: int, head_dim: int, repeats: int, dense_limit: int, flex_limit: int,
                  train_backends: list[str], forward_backends: list[str], device: str = "cpu") -> dict:
     q, k, v, grad = _inputs(case.tokens, heads, head_dim, device)
+    score = case.score(heads) if case.score else None
     resolved = make_request(q, k, v, pattern=case.pattern).pattern  # dynamic patterns: this input's
-    auto = mh.explain(q, k, v, pattern=case.pattern, show=False).backend  # what the library runs by default
+    auto = mh.explain(q, k, v, pattern=case.pattern, score=score, show=False).backend  # what runs by default
     row: dict = {"family": case.family, "size": case.size, "tokens": case.tokens, "auto": auto,
                  "heads": heads, "head_dim": head_dim, "batch": q.shape[0], "dynamic": case.pattern.dynamic,
                  "density": resolved.density(case.tokens, case.tokens), "backends": {}}
@@ -106,14 +114,14 @@ def measure_case(case: Case, heads: int, head_dim: int, repeats: int, dense_limi
         forward_backends = [b for b in forward_backends if b != "blocksparse"]
     # what auto runs, and the documents backend wherever it serves the case (one SDPA call per
     # document or cluster: the alternative auto weighs the kernel against)
-    extra = [auto] + ["documents"] * _able("documents", q, k, v, case.pattern)
+    extra = [auto] + ["documents"] * _able("documents", q, k, v, case.pattern, score)
     train_backends = train_backends + [b for b in extra if b not in train_backends]
     forward_backends = forward_backends + [b for b in extra if b not in forward_backends]
 
-    def forward(backend, pattern, inputs=(q, k, v)):
+    def forward(backend, pattern, inputs=(q, k, v), score=score):
         def run():
             with torch.no_grad():
-                mh.attention(*inputs, pattern=pattern, backend=backend)
+                mh.attention(*inputs, pattern=pattern, score=score, backend=backend)
         return run
 
     def torch_tiles(fn):
@@ -133,7 +141,7 @@ def measure_case(case: Case, heads: int, head_dim: int, repeats: int, dense_limi
     # that the machine's drift slows them alike and their ratios stay fair; with them dense SDPA on
     # the full (unmasked) problem, the yardstick for "fraction of pairs x dense" (on its own past
     # dense_limit, where one call takes a minute).
-    dense = forward("sdpa", Full())
+    dense = forward("sdpa", Full(), score=None)
     timed = {("dense", "sdpa"): dense} if case.tokens <= dense_limit else {}
     if device == "cpu":  # the yardstick of the rates: a float32 matrix product on this machine
         a, b = (torch.randn(GEMM_SIZE, GEMM_SIZE) for _ in range(2))
@@ -147,7 +155,7 @@ def measure_case(case: Case, heads: int, head_dim: int, repeats: int, dense_limi
             continue
         if backend == "natten" and case.tokens > 4096:
             continue  # on CPU NATTEN runs uncompiled FlexAttention, which materialises N x N logits
-        if _able(backend, q, k, v, case.pattern):
+        if _able(backend, q, k, v, case.pattern, score):
             timed[("forward_s", backend)] = forward(backend, case.pattern)
     if device == "cpu":
         timed[("forward_s", "torch_tiles")] = torch_tiles(forward(kernel_of(auto), case.pattern))
@@ -166,13 +174,13 @@ def measure_case(case: Case, heads: int, head_dim: int, repeats: int, dense_limi
     trainers = {}
     for backend in train_backends:
         leaves = [t.clone().requires_grad_() for t in (q, k, v)]
-        if not _able(backend, *leaves, case.pattern):
+        if not _able(backend, *leaves, case.pattern, score):
             continue
 
         def train(backend=backend, leaves=leaves):
             for t in leaves:
                 t.grad = None
-            mh.attention(*leaves, pattern=case.pattern, backend=backend).backward(grad)
+            mh.attention(*leaves, pattern=case.pattern, score=score, backend=backend).backward(grad)
 
         trainers[backend] = timed[("forward_backward_s", backend)] = train
         if backend == kernel_of(auto) and device == "cpu":

@@ -312,3 +312,22 @@ def test_routing_reads_relative_scores_at_the_tokens_original_positions(score_na
     base = _dense_in_original_order(q, k, v, dout, _fresh(score, torch.float32), mask, dtype)
     for name, g, w, b in zip(["out", "dq", "dk", "dv", "dscore"], got, want, base):
         assert_within_tolerance(g, w, b, dtype, name)
+
+
+@needs_kernel
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_gradcheck_float64_of_routing_with_a_learned_relative_table(causal):
+    """q, k, v and T5's table through Routing's permutations and the kernel's per-slot positions,
+    in float64 (clusters far apart, so that no perturbation moves a token between them)."""
+    q, k, v, _, centroids = _clustered(24, 2, 1, 3, seed=8, d=4, batch=2)
+    q, k, v = (t[..., :24, :].clone().requires_grad_() for t in (q, k, v))
+    bias = RelativePositionBias(2, num_buckets=6, max_distance=16).double()
+    routing = Routing(3, iterations=0, centroids=centroids)
+    pattern = routing & Causal() if causal else routing
+
+    def fn(q, k, v, table):
+        bias.table = table
+        return mh.attention(q, k, v, pattern=pattern, score=bias, backend="blocksparse")
+
+    assert "NativeBlockSparseBackward" in _graph(fn(q, k, v, bias.table))
+    assert torch.autograd.gradcheck(fn, (q, k, v, bias.table), eps=1e-6, atol=1e-6)

@@ -712,13 +712,69 @@ inline void mask_lanes(C* s, const uint8_t* m, int64_t nl) {
   for (int64_t l = 0; l < nl; ++l) s[l] = m[l] ? s[l] : -std::numeric_limits<C>::infinity();
 }
 
+// The score on a lane block's products ST (keys x lanes), a vector per key: each lane's column
+// gathered from the score vectors (base and head per lane, the key's position added), the softcap
+// by vector tanh; ``raw`` (when not null) receives the pre-softcap values. False (nothing done)
+// where the lanes are not 16 floats on AVX-512, or the vectors too long for 32-bit indices.
+template <typename C>
+inline bool lanes_score(const Score<C>& sc, const int64_t* kpos, int64_t W, int64_t nl, int64_t first,
+                        const int64_t* heads, const int64_t* qpos, C* ST, C* raw) {
+#if defined(CPU_CAPABILITY_AVX512)
+  if constexpr (std::is_same_v<C, float>) {
+    int64_t lanes_at[16] = {};  // each lane's first column: head lvec + base (0 past nl)
+    for (int64_t l = 0; l < nl; ++l) lanes_at[l] = heads[first + l] * sc.lvec + sc.base(qpos[first + l]);
+    const int64_t widest = sc.pre || sc.post ? (*std::max_element(heads + first, heads + first + nl) + 1) * sc.lvec : 0;
+    if (widest >= (int64_t(1) << 31)) return false;
+    alignas(64) int32_t at32[16];
+    for (int l = 0; l < 16; ++l) at32[l] = static_cast<int32_t>(lanes_at[l]);
+    const __m512i at = _mm512_load_si512(at32);
+    const __mmask16 live = first_n(nl);
+    const __m512 cap = _mm512_set1_ps(sc.cap), inv_cap = _mm512_set1_ps(sc.cap > 0 ? 1.f / sc.cap : 0.f);
+    __m512 pre[16], post[16];  // the columns of 16 keys, a vector of lanes each
+    // a vector's columns for keys j0 .. j0 + n: each lane's run of 16 entries transposed where the
+    // keys are 16 consecutive positions (no codes: a window's, a grid row's), else gathered (lanes
+    // past nl read column 0 + the key's, in range; their sums unused)
+    auto columns = [&](const float* vec, int64_t j0, int64_t n, bool run, __m512* out) {
+      if (run) {
+        for (int l = 0; l < 16; ++l) out[l] = _mm512_loadu_ps(vec + lanes_at[l] + kpos[j0]);
+        transpose16(out);
+      } else {
+        for (int64_t t = 0; t < n; ++t)
+          out[t] = _mm512_i32gather_ps(
+              _mm512_maskz_add_epi32(live, at, _mm512_set1_epi32(static_cast<int32_t>(sc.key(kpos[j0 + t])))), vec, 4);
+      }
+    };
+    for (int64_t j0 = 0; j0 < W; j0 += 16) {
+      const int64_t n = std::min<int64_t>(16, W - j0);
+      bool run = !sc.kcode && n == 16;
+      for (int64_t t = 1; run && t < 16; ++t) run = kpos[j0 + t] == kpos[j0] + t;
+      if (sc.pre) columns(sc.pre, j0, n, run, pre);
+      if (sc.post) columns(sc.post, j0, n, run, post);
+      for (int64_t t = 0; t < n; ++t) {
+        float* s = ST + (j0 + t) * 16;
+        __m512 x = _mm512_loadu_ps(s);
+        if (sc.pre) x = _mm512_add_ps(x, pre[t]);
+        if (sc.cap > 0) {
+          if (raw) _mm512_storeu_ps(raw + (j0 + t) * 16, x);
+          x = _mm512_mul_ps(cap, at::vec::Vectorized<float>(_mm512_mul_ps(x, inv_cap)).tanh());
+        }
+        if (sc.post) x = _mm512_add_ps(x, post[t]);
+        _mm512_storeu_ps(s, x);
+      }
+    }
+    return true;
+  }
+#endif
+  return false;
+}
+
 // The score and the key-major mask on a lane block's products ST (keys x lanes).
 // ``raw`` (when not null) receives the pre-softcap values.
 template <typename C>
 void lanes_logits(const Score<C>& sc, const int64_t* kpos, int64_t W, int64_t nl, int64_t first, int64_t rows,
                   const int64_t* heads, const int64_t* qpos, const TileMask& mask, C* ST, C* raw) {
   constexpr int64_t L = Vec<C>::size();
-  if (sc.pre || sc.post || sc.cap > 0) {
+  if ((sc.pre || sc.post || sc.cap > 0) && !lanes_score(sc, kpos, W, nl, first, heads, qpos, ST, raw)) {
     for (int64_t l = 0; l < nl; ++l) {
       const int64_t i = first + l, base = sc.base(qpos[i]);
       const C* pre = sc.pre ? sc.pre + heads[i] * sc.lvec + base : nullptr;
