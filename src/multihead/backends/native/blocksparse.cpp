@@ -712,17 +712,56 @@ inline void mask_lanes(C* s, const uint8_t* m, int64_t nl) {
   for (int64_t l = 0; l < nl; ++l) s[l] = m[l] ? s[l] : -std::numeric_limits<C>::infinity();
 }
 
+#if defined(CPU_CAPABILITY_AVX512)
+// Each lane's first column in the score vectors (head lvec + base; 0 past nl), for a lane block
+template <typename C>
+inline void lane_columns(const Score<C>& sc, const int64_t* heads, const int64_t* qpos, int64_t first, int64_t nl,
+                         int64_t* at) {
+  for (int64_t l = 0; l < 16; ++l) at[l] = l < nl ? heads[first + l] * sc.lvec + sc.base(qpos[first + l]) : 0;
+}
+
+// Columns of the two halves (8 keys each) of a block of n keys from j0: a half's step is +1 (-1)
+// when its columns ascend (descend) one by one (a window's keys, a grid row's, whose 2-D codes
+// descend), else 0 (or fewer than 8 keys); low[h] its lowest column.
+struct HalfRuns {
+  int step[2] = {0, 0};
+  int64_t low[2] = {0, 0};
+  bool any() const { return step[0] || step[1]; }
+};
+
+template <typename C>
+inline HalfRuns half_runs(const Score<C>& sc, const int64_t* kpos, int64_t j0, int64_t n) {
+  HalfRuns r;
+  for (int h = 0; h < 2; ++h) {
+    const int64_t j = j0 + 8 * h;
+    if (n < 8 * (h + 1)) break;
+    const int64_t c0 = sc.key(kpos[j]), step = sc.key(kpos[j + 1]) - c0;
+    bool run = step == 1 || step == -1;
+    for (int64_t t = 2; run && t < 8; ++t) run = sc.key(kpos[j + t]) == c0 + t * step;
+    if (run) r.step[h] = static_cast<int>(step), r.low[h] = step > 0 ? c0 : c0 - 7;
+  }
+  return r;
+}
+
+// x[0 .. 16) in the order of their halves' columns (a descending half reversed), and back
+inline void in_column_order(const HalfRuns& r, __m512* x) {
+  for (int h = 0; h < 2; ++h)
+    if (r.step[h] < 0) std::reverse(x + 8 * h, x + 8 * h + 8);
+}
+#endif
+
 // The score on a lane block's products ST (keys x lanes), a vector per key: each lane's column
-// gathered from the score vectors (base and head per lane, the key's position added), the softcap
-// by vector tanh; ``raw`` (when not null) receives the pre-softcap values. False (nothing done)
-// where the lanes are not 16 floats on AVX-512, or the vectors too long for 32-bit indices.
+// gathered from the score vectors (base and head per lane, the key's position added), or, for 8
+// keys of consecutive columns (half_runs), 16 lanes' runs loaded and transposed; the softcap by
+// vector tanh. ``raw`` (when not null) receives the pre-softcap values. False (nothing done) where
+// the lanes are not 16 floats on AVX-512, or the vectors too long for 32-bit indices.
 template <typename C>
 inline bool lanes_score(const Score<C>& sc, const int64_t* kpos, int64_t W, int64_t nl, int64_t first,
                         const int64_t* heads, const int64_t* qpos, C* ST, C* raw) {
 #if defined(CPU_CAPABILITY_AVX512)
   if constexpr (std::is_same_v<C, float>) {
-    int64_t lanes_at[16] = {};  // each lane's first column: head lvec + base (0 past nl)
-    for (int64_t l = 0; l < nl; ++l) lanes_at[l] = heads[first + l] * sc.lvec + sc.base(qpos[first + l]);
+    int64_t lanes_at[16];
+    lane_columns(sc, heads, qpos, first, nl, lanes_at);
     const int64_t widest = sc.pre || sc.post ? (*std::max_element(heads + first, heads + first + nl) + 1) * sc.lvec : 0;
     if (widest >= (int64_t(1) << 31)) return false;
     alignas(64) int32_t at32[16];
@@ -731,25 +770,30 @@ inline bool lanes_score(const Score<C>& sc, const int64_t* kpos, int64_t W, int6
     const __mmask16 live = first_n(nl);
     const __m512 cap = _mm512_set1_ps(sc.cap), inv_cap = _mm512_set1_ps(sc.cap > 0 ? 1.f / sc.cap : 0.f);
     __m512 pre[16], post[16];  // the columns of 16 keys, a vector of lanes each
-    // a vector's columns for keys j0 .. j0 + n: each lane's run of 16 entries transposed where the
-    // keys are 16 consecutive positions (no codes: a window's, a grid row's), else gathered (lanes
-    // past nl read column 0 + the key's, in range; their sums unused)
-    auto columns = [&](const float* vec, int64_t j0, int64_t n, bool run, __m512* out) {
-      if (run) {
-        for (int l = 0; l < 16; ++l) out[l] = _mm512_loadu_ps(vec + lanes_at[l] + kpos[j0]);
+    // a vector's columns for keys j0 .. j0 + n: each lane's run transposed where the keys' columns
+    // are consecutive, else gathered (lanes past nl read column 0 + the key's, in range; their
+    // sums unused)
+    auto columns = [&](const float* vec, int64_t j0, int64_t n, const HalfRuns& r, __m512* out) {
+      if (r.any()) {  // each lane's two runs of 8 as a row, transposed
+        for (int l = 0; l < 16; ++l) {
+          const float* row = vec + lanes_at[l];
+          const __m256 lo = r.step[0] ? _mm256_loadu_ps(row + r.low[0]) : _mm256_setzero_ps();
+          const __m256 hi = r.step[1] ? _mm256_loadu_ps(row + r.low[1]) : _mm256_setzero_ps();
+          out[l] = _mm512_insertf32x8(_mm512_castps256_ps512(lo), hi, 1);
+        }
         transpose16(out);
-      } else {
-        for (int64_t t = 0; t < n; ++t)
+        in_column_order(r, out);
+      }
+      for (int64_t t = 0; t < n; ++t)
+        if (!r.step[t / 8])
           out[t] = _mm512_i32gather_ps(
               _mm512_maskz_add_epi32(live, at, _mm512_set1_epi32(static_cast<int32_t>(sc.key(kpos[j0 + t])))), vec, 4);
-      }
     };
     for (int64_t j0 = 0; j0 < W; j0 += 16) {
       const int64_t n = std::min<int64_t>(16, W - j0);
-      bool run = !sc.kcode && n == 16;
-      for (int64_t t = 1; run && t < 16; ++t) run = kpos[j0 + t] == kpos[j0] + t;
-      if (sc.pre) columns(sc.pre, j0, n, run, pre);
-      if (sc.post) columns(sc.post, j0, n, run, post);
+      const HalfRuns r = half_runs(sc, kpos, j0, n);
+      if (sc.pre) columns(sc.pre, j0, n, r, pre);
+      if (sc.post) columns(sc.post, j0, n, r, post);
       for (int64_t t = 0; t < n; ++t) {
         float* s = ST + (j0 + t) * 16;
         __m512 x = _mm512_loadu_ps(s);
@@ -766,6 +810,76 @@ inline bool lanes_score(const Score<C>& sc, const int64_t* kpos, int64_t W, int6
   }
 #endif
   return false;
+}
+
+// Backward through a lane block's score (lanes_logits' terms): dS (DP, keys x lanes, unscaled)
+// summed into the score vectors' gradients, dpost before the softcap's factor and dpre after it
+// (this thread's, in double), and DP times the scale. On AVX-512, 16 keys at a time: where 8 of
+// them have consecutive columns (half_runs) each lane's 8 sums are added to one run of a gradient
+// (a transpose), else one by one; the softcap's tanh as vectors.
+template <typename C>
+void lanes_score_backward(const Score<C>& sc, C scale, const int64_t* kpos, int64_t W, int64_t nl, int64_t first,
+                          const int64_t* heads, const int64_t* qpos, const C* raw, C* DP, double* dpre,
+                          double* dpost) {
+  constexpr int64_t L = Vec<C>::size();
+#if defined(CPU_CAPABILITY_AVX512)
+  if constexpr (std::is_same_v<C, float>) {
+    int64_t at[16];
+    lane_columns(sc, heads, qpos, first, nl, at);
+    const __m512 inv_cap = _mm512_set1_ps(sc.cap > 0 ? 1.f / sc.cap : 0.f), one = _mm512_set1_ps(1.f);
+    __m512 ds[16];
+    auto add_to = [&](double* acc, int64_t j0, int64_t n, const HalfRuns& r) {
+      if (r.any()) {
+        __m512 t[16];  // after the transpose, lane l's keys in the order of their halves' columns
+        std::copy(ds, ds + 16, t);
+        in_column_order(r, t);
+        transpose16(t);
+        for (int64_t l = 0; l < nl; ++l)
+          for (int h = 0; h < 2; ++h) {
+            if (!r.step[h]) continue;
+            double* d = acc + at[l] + r.low[h];
+            const __m256 half = h ? _mm512_extractf32x8_ps(t[l], 1) : _mm512_castps512_ps256(t[l]);
+            _mm512_storeu_pd(d, _mm512_add_pd(_mm512_loadu_pd(d), _mm512_cvtps_pd(half)));
+          }
+      }
+      alignas(64) float v[16];
+      for (int64_t t = 0; t < n; ++t) {
+        if (r.step[t / 8]) continue;
+        _mm512_store_ps(v, ds[t]);
+        const int64_t c = sc.key(kpos[j0 + t]);
+        for (int64_t l = 0; l < nl; ++l) acc[at[l] + c] += v[l];
+      }
+    };
+    for (int64_t j0 = 0; j0 < W; j0 += 16) {
+      const int64_t n = std::min<int64_t>(16, W - j0);
+      const HalfRuns r = half_runs(sc, kpos, j0, n);
+      for (int64_t t = 0; t < 16; ++t) ds[t] = t < n ? _mm512_loadu_ps(DP + (j0 + t) * 16) : _mm512_setzero_ps();
+      if (dpost) add_to(dpost, j0, n, r);
+      if (sc.cap > 0)
+        for (int64_t t = 0; t < n; ++t) {
+          const __m512 th =
+              at::vec::Vectorized<float>(_mm512_mul_ps(_mm512_loadu_ps(raw + (j0 + t) * 16), inv_cap)).tanh();
+          ds[t] = _mm512_mul_ps(ds[t], _mm512_fnmadd_ps(th, th, one));
+        }
+      if (dpre) add_to(dpre, j0, n, r);
+      for (int64_t t = 0; t < n; ++t) _mm512_storeu_ps(DP + (j0 + t) * 16, _mm512_mul_ps(ds[t], _mm512_set1_ps(scale)));
+    }
+    return;
+  }
+#endif
+  for (int64_t l = 0; l < nl; ++l) {
+    const int64_t i = first + l, base = sc.base(qpos[i]);
+    for (int64_t j = 0; j < W; ++j) {
+      C ds = DP[j * L + l];
+      if (dpost) dpost[heads[i] * sc.lvec + base + sc.key(kpos[j])] += ds;
+      if (sc.cap > 0) {
+        const C th = std::tanh(raw[j * L + l] / sc.cap);
+        ds *= C(1) - th * th;
+      }
+      if (dpre) dpre[heads[i] * sc.lvec + base + sc.key(kpos[j])] += ds;
+      DP[j * L + l] = ds * scale;
+    }
+  }
 }
 
 // The score and the key-major mask on a lane block's products ST (keys x lanes).
@@ -1425,21 +1539,8 @@ void lanes_backward(const Geometry& g, const Score<C>& sc, C scale, Scratch<T, C
         ((sc.sigmoid ? pz * (V(C(1)) - p) * dp : pz * dp - p * delta) * ds_scale).store(DP + j * L);
         pz.store(S + j * L);
       }
-      if (through_score) {  // through the score, lane by lane
-        for (int64_t l = 0; l < nl; ++l) {
-          const int64_t i = f + l, base = sc.base(w.qpos[i]);
-          for (int64_t j = 0; j < W; ++j) {
-            C ds = DP[j * L + l];
-            if (dpost) dpost[w.heads[i] * sc.lvec + base + sc.key(kpos[j])] += ds;
-            if (sc.cap > 0) {
-              const C th = std::tanh(raw[j * L + l] / sc.cap);
-              ds *= C(1) - th * th;
-            }
-            if (dpre) dpre[w.heads[i] * sc.lvec + base + sc.key(kpos[j])] += ds;
-            DP[j * L + l] = ds * scale;
-          }
-        }
-      }
+      if (through_score)
+        lanes_score_backward(sc, scale, kpos, W, nl, f, w.heads.data(), w.qpos.data(), raw, DP, dpre, dpost);
     }
     // dV_j += sum_i z P[j][i] dO_i; dK_j += scale sum_i dS[j][i] q_i; dQ = scale dS K
     backward_scatters(g, w, first, n, kpos, W, ST, DPT, qf, dob, dk_acc, dv_acc);
