@@ -263,6 +263,11 @@ void drop_lanes(const Dropout& dr, const uint32_t* rowkey, int64_t nl, const int
     for (int64_t l = 0; l < nl; ++l) pt[j * L + l] = dr.keep(rowkey[l], kpos[j]) ? pt[j * L + l] * f : C(0);
 }
 
+// Position codes of the queries and keys (``Score``): both tensors or neither
+struct Codes {
+  at::Tensor q, k;
+};
+
 // Score: logit = post[h, c] + cap * tanh((scale q.k + pre[h, c]) / cap) (without a cap:
 // scale q.k + pre + post) at the column c = qmax + k - q (q: the query's position in the key
 // frame, row + Lk - Lq), or with position codes c = qmax + kcode[k] - qcode[row]: a 2-D bias's
@@ -270,11 +275,6 @@ void drop_lanes(const Dropout& dr, const uint32_t* rowkey, int64_t nl, const int
 // array per (batch, head). ``vec`` arrays are (H, Lvec) or absent.
 // The normaliser (softmax, or sigmoid(logit + bias) with ``sigmoid``) and the weights' dropout
 // (``drop``) ride along: how a tile's products become its weights.
-// Position codes of the queries and keys (``Score``): both tensors or neither
-struct Codes {
-  at::Tensor q, k;
-};
-
 template <typename C>
 struct Score {
   const C* pre = nullptr;
@@ -771,11 +771,14 @@ inline bool lanes_score(const Score<C>& sc, const int64_t* kpos, int64_t W, int6
     const __m512 cap = _mm512_set1_ps(sc.cap), inv_cap = _mm512_set1_ps(sc.cap > 0 ? 1.f / sc.cap : 0.f);
     __m512 pre[16], post[16];  // the columns of 16 keys, a vector of lanes each
     // a vector's columns for keys j0 .. j0 + n: each lane's run transposed where the keys' columns
-    // are consecutive, else gathered (lanes past nl read column 0 + the key's, in range; their
-    // sums unused)
+    // are consecutive, else gathered (lanes past nl read column 0, in range; their sums unused)
     auto columns = [&](const float* vec, int64_t j0, int64_t n, const HalfRuns& r, __m512* out) {
-      if (r.any()) {  // each lane's two runs of 8 as a row, transposed
+      if (r.any()) {  // each lane's two runs of 8 as a row, transposed (lanes past nl: zeros)
         for (int l = 0; l < 16; ++l) {
+          if (l >= nl) {
+            out[l] = _mm512_setzero_ps();
+            continue;
+          }
           const float* row = vec + lanes_at[l];
           const __m256 lo = r.step[0] ? _mm256_loadu_ps(row + r.low[0]) : _mm256_setzero_ps();
           const __m256 hi = r.step[1] ? _mm256_loadu_ps(row + r.low[1]) : _mm256_setzero_ps();
