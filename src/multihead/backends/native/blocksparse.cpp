@@ -1735,16 +1735,23 @@ void row_logits(const Score<C>& sc, C scale, const int64_t* kpos, int64_t W, int
   const int64_t base = sc.base(qpos);
   const C* pre = sc.pre ? sc.pre + head * sc.lvec + base : nullptr;
   const C* post = sc.post ? sc.post + head * sc.lvec + base : nullptr;
-  for (int64_t j = 0; j < W; ++j) {
-    C x = scale * s[j];
-    if (pre) x += pre[sc.key(kpos[j])];
-    if (sc.cap > 0) {
-      if (raw) raw[j] = x;
-      x = sc.cap * std::tanh(x / sc.cap);
+  for (int64_t j = 0; j < W; ++j) s[j] = scale * s[j] + (pre ? pre[sc.key(kpos[j])] : C(0));
+  if (sc.cap > 0) {  // the softcap as vectors
+    using V = Vec<C>;
+    const V vcap(sc.cap), inv(C(1) / sc.cap);
+    int64_t j = 0;
+    for (; j + V::size() <= W; j += V::size()) {
+      const V x = V::loadu(s + j);
+      if (raw) x.store(raw + j);
+      (vcap * (x * inv).tanh()).store(s + j);
     }
-    if (post) x += post[sc.key(kpos[j])];
-    s[j] = x;
+    for (; j < W; ++j) {
+      if (raw) raw[j] = s[j];
+      s[j] = sc.cap * std::tanh(s[j] * (C(1) / sc.cap));
+    }
   }
+  if (post)
+    for (int64_t j = 0; j < W; ++j) s[j] += post[sc.key(kpos[j])];
 }
 
 // One row's weights from its products s (W keys; row r of a tile of ``rows``): the logits, the
@@ -1864,19 +1871,37 @@ void row_coefficients(const Geometry& g, const Score<C>& sc, C scale, Scratch<T,
   }
   row_logits(sc, scale, kpos, W, head, qpos, s, sc.cap > 0 ? w.raw.data() : nullptr);
   int64_t j = 0;
-  if (!sc.sigmoid && !sc.drop.on && !(sc.cap > 0) && !dpre && !dpost) {  // softmax alone: vectors
+  const int64_t base = sc.base(qpos);
+  if (!sc.sigmoid && !sc.drop.on) {  // softmax without dropout: vectors
     using V = Vec<C>;
+    constexpr int64_t L = V::size();
     if (mask)  // a masked pair's logit -inf: its p, and both coefficients, 0
       for (int64_t i = mask.first; i < W; ++i)
         if (!mask.allows(i, rows, r)) s[i] = -std::numeric_limits<C>::infinity();
-    const V vlse(lse), vdelta(delta), vscale(scale);
-    for (; j + V::size() <= W; j += V::size()) {
+    const V vlse(lse), vdelta(delta), vscale(scale), one(C(1)), inv_cap(sc.cap > 0 ? C(1) / sc.cap : C(0));
+    const bool through_score = dpre || dpost || sc.cap > 0;
+    // the score's gradients: dS of each pair added at its column, before (dpost) or after (dpre)
+    // the softcap's factor (a masked pair's dS is 0)
+    auto add_at_columns = [&](double* grad, const C* ds) {
+      for (int64_t t = 0; t < L; ++t) grad[head * sc.lvec + base + sc.key(kpos[j + t])] += ds[t];
+    };
+    for (; j + L <= W; j += L) {
       const V p = vexp(V::loadu(s + j) - vlse);
       p.store(a + j);
-      (p * (V::loadu(dp + j) - vdelta) * vscale).store(b + j);
+      V ds = p * (V::loadu(dp + j) - vdelta);
+      if (through_score) {
+        ds.store(b + j);
+        if (dpost) add_at_columns(dpost, b + j);
+        if (sc.cap > 0) {
+          const V th = (V::loadu(w.raw.data() + j) * inv_cap).tanh();
+          ds = ds * (one - th * th);
+          ds.store(b + j);
+        }
+        if (dpre) add_at_columns(dpre, b + j);
+      }
+      (ds * vscale).store(b + j);
     }
   }
-  const int64_t base = sc.base(qpos);
   for (; j < W; ++j) {
     if (!mask.allows(j, rows, r)) {
       a[j] = b[j] = C(0);
@@ -1887,7 +1912,7 @@ void row_coefficients(const Geometry& g, const Score<C>& sc, C scale, Scratch<T,
     C ds = sc.sigmoid ? z * dp[j] * p * (C(1) - p) : p * (z * dp[j] - delta);
     if (dpost) dpost[head * sc.lvec + base + sc.key(kpos[j])] += ds;
     if (sc.cap > 0) {
-      const C th = std::tanh(w.raw[j] / sc.cap);
+      const C th = std::tanh(w.raw[j] * (C(1) / sc.cap));
       ds *= C(1) - th * th;
     }
     if (dpre) dpre[head * sc.lvec + base + sc.key(kpos[j])] += ds;
