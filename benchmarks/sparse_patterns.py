@@ -50,7 +50,7 @@ from multihead.backends.native import describe as native_status
 from multihead.patterns import (Axial, Causal, CrossShapedWindow, Documents, Full, KeySelection, Neighborhood,
                                 Pattern, Routing, ShiftedWindow, SlidingWindow, TopK)
 from multihead.request import make_request
-from multihead.scores import ALiBi, Score
+from multihead.scores import ALiBi, RelativePositionBias2d, Score
 
 
 KERNEL = BACKENDS["blocksparse"]
@@ -86,6 +86,10 @@ def cases(quick: bool) -> list[Case]:
     out += [Case("routing_16", str(n), n, Routing(16)) for n in dynamic]
     # ALiBi read at the tokens' original positions (the tiles run on tokens sorted by cluster)
     out += [Case("routing_16_alibi", str(n), n, Routing(16), ALiBi) for n in dynamic]
+    if not quick:  # scores inside the tiles: ALiBi on the window, Swin's learned 2-D table
+        out += [Case("scored_window_128_alibi", str(n), n, SlidingWindow(128, 128), ALiBi) for n in lengths[:2]]
+        out += [Case("scored_swin_8x8_shift4_table", f"{g[0]}x{g[1]}", g[0] * g[1], ShiftedWindow(8, 4, grid=g),
+                     lambda heads, g=g: RelativePositionBias2d(heads, 8, grid=g)) for g in grids]
     return out
 
 

@@ -7,8 +7,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from multihead.patterns import SlidingWindow, TopK
+from multihead.patterns import Full, SlidingWindow, TopK
 from multihead.request import make_request
+from multihead.scores import ALiBi
 
 _PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "sparse_patterns.py"
 
@@ -168,3 +169,23 @@ def test_lists_in_l1_name_the_first_keys_in_the_lists_shape(bench):
     first = bench.lists_in_l1(lists)
     assert first.indices.shape == lists.indices.shape and first.kv_len == 9 and bool(first.valid.all())
     assert first.indices[0, 1, 4].tolist() == [0, 1, 2]
+
+
+def test_a_case_with_a_score_runs_it_on_every_backend_but_the_dense_yardstick(bench, monkeypatch):
+    """A case's score (built for the run's heads) reaches every call the case times, the kernel's,
+    its PyTorch tiles', bf16 and training; the dense SDPA yardstick runs without it."""
+    calls = []
+    attention = bench.mh.attention
+
+    def spy(*args, pattern=None, score=None, **kwargs):
+        calls.append((pattern, score))
+        return attention(*args, pattern=pattern, score=score, **kwargs)
+
+    monkeypatch.setattr(bench.mh, "attention", spy)
+    case = bench.Case("scored_window_16", "256", 256, SlidingWindow(16, 16), ALiBi)
+    bench.measure_case(case, heads=2, head_dim=16, repeats=1, dense_limit=256, flex_limit=0,
+                       train_backends=["blocksparse"], forward_backends=["blocksparse"])
+    scored = [score for pattern, score in calls if pattern == case.pattern]
+    assert scored and all(isinstance(score, ALiBi) and score.num_heads == 2 for score in scored)
+    assert all(score is None for pattern, score in calls if isinstance(pattern, Full))
+    assert any(isinstance(pattern, Full) for pattern, _ in calls)
