@@ -20,7 +20,9 @@ head the ``heads`` split's that ``backend="auto"`` runs ("auto runs"); where the
 backend serves a case (packed documents, routing's clusters: one SDPA call per document or
 cluster), it is timed too and the kernel's ratio to it reported. Times are the best of
 ``--repeats`` rounds in which every backend runs once (within a budget per case), so that a
-machine whose speed drifts slows all of them alike.
+machine whose speed drifts slows all of them alike. A few cases carry a score, timed with it on
+every backend (``routing_16_alibi``; ``--only scored``: the window with ALiBi, Swin with its
+learned 2-D table, whose rows compare with the same patterns' unscored ones).
 
     python benchmarks/sparse_patterns.py --out results/sparse            # the full set (~25 min)
     python benchmarks/sparse_patterns.py --quick --out results/sparse    # small sizes (~1 min)
