@@ -651,6 +651,34 @@ def test_corrupt_tile_tables_are_rejected():
 
 
 @needs_kernel
+def test_bad_position_codes_are_rejected():
+    """Position codes (a 2-D bias's, Routing's original positions) come for both queries and keys,
+    as contiguous int64 (tokens,) or (batch, heads, tokens) tensors, and reach no column outside the
+    score vector."""
+    q = torch.randn(2, 2, 16, 8)
+    req = make_request(q, q, q, pattern=SlidingWindow(2, 2))
+    table = BlockSparseBackend(q_block=4, kv_block=4).plan(req, native=True).table
+    ext = native.kernel()
+    vector = torch.zeros(2, 31)
+    positions = torch.arange(16).expand(2, 2, 16).contiguous()
+
+    def run(q_codes, kv_codes):
+        return ext.forward(q, q, q, *table.arrays(), 0.35, vector, None, q_codes, kv_codes, 0.0, 15, 0.0, 0, None)
+
+    run(positions, positions)  # per (batch, head), as Routing's
+    run(positions[0, 0], positions[0, 0])  # shared
+    for q_codes, kv_codes, message in [
+        (positions, None, "both queries and keys"),
+        (positions[:1], positions, "query position codes"),
+        (positions, positions.int(), "key position codes"),
+        (positions, positions.transpose(1, 2), "key position codes"),
+        (positions, positions + 16, "relative bias too short"),
+    ]:
+        with pytest.raises(RuntimeError, match=message):
+            run(q_codes, kv_codes)
+
+
+@needs_kernel
 @pytest.mark.parametrize("where", [0, 70_000, -1])
 @pytest.mark.parametrize("bad", [-1, 512, -(2 ** 62)])
 def test_a_key_list_index_out_of_range_is_rejected_wherever_it_lies(where, bad):
