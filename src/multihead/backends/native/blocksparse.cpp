@@ -1651,6 +1651,36 @@ void row_dots(const C* a, int64_t depth, const T* base, const int64_t* idx, int6
   for (; j < n; ++j) s[j] = dot<C>(a, base + idx[j] * ld, depth);
 }
 
+// row_dots of a bf16 row against bf16 key rows as pair products (AVX-512 BF16, ``pair_products``,
+// depth a multiple of 32): sixteen keys at a time, each key's 16 lanes of pair sums reduced
+// together (lane_sums16), the products exact and summed in float32. False (nothing done) for other
+// dtypes, depths or CPUs, whose rows widen to float32 (row_dots).
+template <typename T, typename C>
+inline bool row_dots_pairs(const Geometry& g, const T* a, int64_t depth, const T* base, const int64_t* idx, int64_t n,
+                           int64_t ld, C* s) {
+#if defined(CPU_CAPABILITY_AVX512) && defined(__AVX512BF16__)
+  if constexpr (std::is_same_v<T, BFloat16> && std::is_same_v<C, float>) {
+    if (!pair_products<T>(g) || depth % 32) return false;
+    int64_t j = 0;
+    for (; j + 16 <= n; j += 16) {
+      __m512 acc[16];
+#pragma GCC unroll 16
+      for (int t = 0; t < 16; ++t) acc[t] = _mm512_setzero_ps();
+      for (int64_t d = 0; d < depth; d += 32) {
+        const __m512bh q = as_bh(_mm512_loadu_si512(a + d));
+#pragma GCC unroll 16
+        for (int t = 0; t < 16; ++t)
+          acc[t] = _mm512_dpbf16_ps(acc[t], q, as_bh(_mm512_loadu_si512(base + idx[j + t] * ld + d)));
+      }
+      _mm512_storeu_ps(s + j, lane_sums16(acc));
+    }
+    for (; j < n; ++j) s[j] = dot<float>(a, base + idx[j] * ld, depth);
+    return true;
+  }
+#endif
+  return false;
+}
+
 // row_dots of two rows against the same keys' rows in two tensors (rows of ``depth``): s[j] =
 // a . A_j and t[j] = b . B_j. On AVX-512 float eight keys of each a step, reduced together by one
 // lane_sums16, so that the two gathers are in flight at once (backward's scores and dO V^T).
@@ -1835,7 +1865,7 @@ void rows_forward(const Geometry& g, const Score<C>& sc, C scale, Scratch<T, C>&
   w.s.resize(W);
   C* s = w.s.data();
   for (int64_t i = 0; i < M; ++i) {
-    row_dots(qf[i], g.D, kbase, kpos, W, g.D, s);
+    if (!row_dots_pairs(g, w.qp[i], g.D, kbase, kpos, W, g.D, s)) row_dots(qf[i], g.D, kbase, kpos, W, g.D, s);
     C m, sum;
     C* o = w.o.data() + i * g.Dv;
     if (!row_weights(sc, scale, kpos, W, mask, rows, i % rows, w.heads[i], w.qpos[i],
@@ -2193,9 +2223,11 @@ std::vector<at::Tensor> forward_impl(const at::Tensor& q, const at::Tensor& k, c
         W[e] = x.W, keys[e] = x.kpos, values[e] = in.values(b, hk), at_row[e] = g.row(b, x.h0, q);
         p[e] = s, o[e] = w.o.data() + e * g.Dv;
         const T* qrow = in.q + at_row[e] * g.D;
-        const C* qc = reinterpret_cast<const C*>(qrow);
-        if constexpr (!std::is_same_v<T, C>) convert(qrow, w.qf.data() + e * g.D, g.D), qc = w.qf.data() + e * g.D;
-        row_dots(qc, g.D, in.keys(b, hk), x.kpos, x.W, g.D, s);
+        if (!row_dots_pairs(g, qrow, g.D, in.keys(b, hk), x.kpos, x.W, g.D, s)) {
+          const C* qc = reinterpret_cast<const C*>(qrow);
+          if constexpr (!std::is_same_v<T, C>) convert(qrow, w.qf.data() + e * g.D, g.D), qc = w.qf.data() + e * g.D;
+          row_dots(qc, g.D, in.keys(b, hk), x.kpos, x.W, g.D, s);
+        }
         const uint32_t rowkey = sc.drop.on ? sc.drop.row(b, x.h0, g.H, q) : 0u;
         live[e] = row_weights(su, scale, x.kpos, x.W, x.mask, 1, 0, x.h0, su.query(at_row[e], q), rowkey, s, m[e],
                               sum[e]);
