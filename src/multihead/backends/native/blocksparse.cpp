@@ -263,9 +263,11 @@ void drop_lanes(const Dropout& dr, const uint32_t* rowkey, int64_t nl, const int
     for (int64_t l = 0; l < nl; ++l) pt[j * L + l] = dr.keep(rowkey[l], kpos[j]) ? pt[j * L + l] * f : C(0);
 }
 
-// Position codes of the queries and keys (``Score``): both tensors or neither
+// Position codes of the queries and keys (``Score``): both tensors or neither; the extremes of the
+// positions the score reads (without codes, the queries' Lk - Lq .. Lk - 1 and the keys' 0 .. Lk - 1)
 struct Codes {
   at::Tensor q, k;
+  int64_t qlo = 0, qhi = 0, klo = 0, khi = 0;
 };
 
 // Score: logit = post[h, c] + cap * tanh((scale q.k + pre[h, c]) / cap) (without a cap:
@@ -1901,7 +1903,8 @@ void row_coefficients(const Geometry& g, const Score<C>& sc, C scale, Scratch<T,
   }
   row_logits(sc, scale, kpos, W, head, qpos, s, sc.cap > 0 ? w.raw.data() : nullptr);
   int64_t j = 0;
-  const int64_t base = sc.base(qpos);
+  const int64_t base = head * sc.lvec + sc.base(qpos);
+  auto column = [&](int64_t i) { return base + sc.key(kpos[i]); };  // pair i's in the score vectors
   if (!sc.sigmoid && !sc.drop.on) {  // softmax without dropout: vectors
     using V = Vec<C>;
     constexpr int64_t L = V::size();
@@ -1913,7 +1916,7 @@ void row_coefficients(const Geometry& g, const Score<C>& sc, C scale, Scratch<T,
     // the score's gradients: dS of each pair added at its column, before (dpost) or after (dpre)
     // the softcap's factor (a masked pair's dS is 0)
     auto add_at_columns = [&](double* grad, const C* ds) {
-      for (int64_t t = 0; t < L; ++t) grad[head * sc.lvec + base + sc.key(kpos[j + t])] += ds[t];
+      for (int64_t t = 0; t < L; ++t) grad[column(j + t)] += ds[t];
     };
     for (; j + L <= W; j += L) {
       const V p = vexp(V::loadu(s + j) - vlse);
@@ -1940,12 +1943,12 @@ void row_coefficients(const Geometry& g, const Score<C>& sc, C scale, Scratch<T,
     const C p = sc.sigmoid ? sigmoid(s[j], sc.bias) : std::exp(s[j] - lse);
     const C z = !sc.drop.on ? C(1) : sc.drop.keep(rowkey, kpos[j]) ? C(sc.drop.keep_scale) : C(0);
     C ds = sc.sigmoid ? z * dp[j] * p * (C(1) - p) : p * (z * dp[j] - delta);
-    if (dpost) dpost[head * sc.lvec + base + sc.key(kpos[j])] += ds;
+    if (dpost) dpost[column(j)] += ds;
     if (sc.cap > 0) {
       const C th = std::tanh(w.raw[j] * (C(1) / sc.cap));
       ds *= C(1) - th * th;
     }
-    if (dpre) dpre[head * sc.lvec + base + sc.key(kpos[j])] += ds;
+    if (dpre) dpre[column(j)] += ds;
     a[j] = p * z, b[j] = ds * scale;
   }
 }
@@ -2515,7 +2518,8 @@ void check_keys(const Table& t, int64_t Lk, int64_t Lq) {
 // the keys' (Lk,) or (B, Hkv, Lk).
 Codes codes_of(const c10::optional<at::Tensor>& qcode, const c10::optional<at::Tensor>& kcode, const at::Tensor& q,
                const at::Tensor& k) {
-  Codes c{qcode.value_or(at::Tensor()), kcode.value_or(at::Tensor())};
+  const int64_t Lq = q.size(2), Lk = k.size(2);
+  Codes c{qcode.value_or(at::Tensor()), kcode.value_or(at::Tensor()), Lk - Lq, Lk - 1, 0, Lk - 1};
   TORCH_CHECK(c.q.defined() == c.k.defined(), "native kernel: position codes for both queries and keys, or neither");
   if (!c.q.defined()) return c;
   auto check = [](const at::Tensor& t, const at::Tensor& x, const char* what) {
@@ -2526,27 +2530,22 @@ Codes codes_of(const c10::optional<at::Tensor>& qcode, const c10::optional<at::T
                 "tokens) tensor of their tensor's sizes");
   };
   check(c.q, q, "query"), check(c.k, k, "key");
+  auto range = [](const at::Tensor& t, int64_t& lo, int64_t& hi) {
+    const int64_t* v = t.data_ptr<int64_t>();
+    const auto [mn, mx] = std::minmax_element(v, v + t.numel());
+    lo = *mn, hi = *mx;
+  };
+  range(c.q, c.qlo, c.qhi), range(c.k, c.klo, c.khi);
   return c;
 }
 
 // A score vector: (heads, Lvec) of the compute dtype, long enough for every column a (query, key)
 // pair reaches: qmax + key position - query position (``Score``).
-void check_score(const at::Tensor& vec, const Codes& codes, const at::Tensor& q, const at::Tensor& k, int64_t qmax,
-                 at::ScalarType acc) {
+void check_score(const at::Tensor& vec, const Codes& codes, const at::Tensor& q, int64_t qmax, at::ScalarType acc) {
   if (!vec.defined()) return;
   TORCH_CHECK(vec.scalar_type() == acc && vec.is_contiguous() && vec.dim() == 2 && vec.size(0) == q.size(1),
               "native kernel: a score vector must be a contiguous (heads, columns) tensor of the compute dtype");
-  const int64_t Lq = q.size(2), Lk = k.size(2);
-  int64_t qlo = Lk - Lq, qhi = Lk - 1, klo = 0, khi = Lk - 1;  // the positions, without codes
-  if (codes.q.defined()) {
-    auto range = [](const at::Tensor& t, int64_t& lo, int64_t& hi) {
-      const int64_t* c = t.data_ptr<int64_t>();
-      const auto [mn, mx] = std::minmax_element(c, c + t.numel());
-      lo = *mn, hi = *mx;
-    };
-    range(codes.q, qlo, qhi), range(codes.k, klo, khi);
-  }
-  TORCH_CHECK(qmax + klo - qhi >= 0 && qmax + khi - qlo < vec.size(1),
+  TORCH_CHECK(qmax + codes.klo - codes.qhi >= 0 && qmax + codes.khi - codes.qlo < vec.size(1),
               "native kernel: relative bias too short for these lengths");
 }
 
@@ -2580,8 +2579,8 @@ std::vector<at::Tensor> forward(const at::Tensor& q, const at::Tensor& k, const 
   TORCH_CHECK(lb == 1 || lb == q.size(0), "tile table: layout batch must be 1 or the batch");
   at::Tensor pr = pre.value_or(at::Tensor()), po = post.value_or(at::Tensor());
   const Codes cd = codes_of(qcode, kcode, q, k);
-  check_score(pr, cd, q, k, qmax, acc_of(q.scalar_type()));
-  check_score(po, cd, q, k, qmax, acc_of(q.scalar_type()));
+  check_score(pr, cd, q, qmax, acc_of(q.scalar_type()));
+  check_score(po, cd, q, qmax, acc_of(q.scalar_type()));
   return by_dtype(q.scalar_type(), [&](auto x) {
     return forward_impl<decltype(x)>(q, k, v, tab, scale, pr, po, cd, cap, qmax, dropout, seed, sigmoid);
   });
@@ -2611,8 +2610,8 @@ std::vector<at::Tensor> backward(const at::Tensor& q, const at::Tensor& k, const
   TORCH_CHECK(parts >= 1, "native kernel: parts >= 1");
   at::Tensor pr = pre.value_or(at::Tensor()), po = post.value_or(at::Tensor());
   const Codes cd = codes_of(qcode, kcode, q, k);
-  check_score(pr, cd, q, k, qmax, acc);
-  check_score(po, cd, q, k, qmax, acc);
+  check_score(pr, cd, q, qmax, acc);
+  check_score(po, cd, q, qmax, acc);
   return by_dtype(q.scalar_type(), [&](auto x) {
     return backward_impl<decltype(x)>(q, k, v, out, dout, lse, tab, scale, pr, po, cd, cap, qmax, dropout, seed,
                                       sigmoid, parts, want_pre, want_post);

@@ -162,7 +162,7 @@ def native_attention(table, q: Tensor, k: Tensor, v: Tensor, scale: float, score
         q_pos, kv_pos = score.q_order + (kv_len - q_len), score.kv_order
     if coded:  # one 2-D bias: its table's columns, read at codes[k] - codes[q]
         codes, vector, center = coded[0].native_form(kv_len)
-        vector, codes = vector.to(compute).contiguous(), codes.to(torch.long)
+        vector = vector.to(compute).contiguous()
         pre, post = (vector, None) if pre_terms else (None, vector)
         q_codes = codes[kv_len - q_len:] if q_pos is None else codes[q_pos]
         kv_codes = codes if kv_pos is None else codes[kv_pos]
