@@ -66,12 +66,14 @@ SCORES = {
 }
 
 
-def _inputs(n, kv_heads, dtype, seed=0, d=16, batch=2, heads=4):
+def _inputs(n, kv_heads, dtype, seed=0, d=16, batch=2, heads=4, dv=None):
+    """q, k, v and an output gradient in float64; ``dv`` the values' width (``d`` unless given)."""
     gen = torch.Generator().manual_seed(seed)
+    dv = d if dv is None else dv
     q = torch.randn(batch, heads, n, d, generator=gen, dtype=torch.float64)
     k = torch.randn(batch, kv_heads, n, d, generator=gen, dtype=torch.float64)
-    v = torch.randn(batch, kv_heads, n, d, generator=gen, dtype=torch.float64)
-    dout = torch.randn(batch, heads, n, d, generator=gen, dtype=torch.float64)
+    v = torch.randn(batch, kv_heads, n, dv, generator=gen, dtype=torch.float64)
+    dout = torch.randn(batch, heads, n, dv, generator=gen, dtype=torch.float64)
     return q, k, v, dout
 
 
@@ -237,6 +239,18 @@ def test_widths_match_reference(pattern_name, d, dtype):
     and a tail, and an odd width that keeps the fp32 products), on lane and row tiles."""
     n = 131
     q, k, v, dout = _inputs(n, 2, torch.float64, seed=d, d=d)
+    _check_against_reference(PATTERNS[pattern_name](n), None, q, k, v, dout, dtype)
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("dv", [32, 96], ids=["v32", "v96"])
+@pytest.mark.parametrize("pattern_name", ["window", "documents", "topk_causal"])
+def test_values_narrower_or_wider_than_the_heads_match_reference(pattern_name, dv, dtype):
+    """Values of another width than the queries and keys (64): the backward's q . k and dO . v run
+    as separate products (bf16 pairs where both widths are multiples of 32), on lane and row tiles."""
+    n = 131
+    q, k, v, dout = _inputs(n, 2, torch.float64, seed=dv, d=64, dv=dv)
     _check_against_reference(PATTERNS[pattern_name](n), None, q, k, v, dout, dtype)
 
 
