@@ -10,7 +10,9 @@ lists with every row in L1 (their compute alone). Beside the kernel's fwd+bwd / 
 of PyTorch's fused dense attention (``--peer-tokens``). How close each pass comes to the machine's
 limit: the kernel's forward and backward and dense SDPA as fractions of the rate of a float32
 matrix product (``torch.mm``, 1024 cubed) timed in the same rounds, counting the multiply-adds of
-the computed pairs (forward: Q K^T and P V; backward: five products).
+the computed pairs (forward: Q K^T and P V; backward: five products); and the kernel's two passes
+(best times) as fractions of the cores' limit, the kernel build's vector multiply-adds running on
+registers alone (``multiply_add_rate``, measured once before the cases).
 
 Writes ``sparse_patterns.json``, ``sparse_patterns.png`` and ``sparse_patterns.md`` (the table of
 ratios that ``docs/performance.md`` quotes) into ``--out``. Every ratio compares figures measured
@@ -49,6 +51,7 @@ from multihead.backends.blocksparse import BlockSparseBackend
 from multihead.backends.head_groups import head_split
 from multihead.bench.measure import peak_memory, time_call, time_interleaved
 from multihead.backends.native import describe as native_status
+from multihead.backends.native import kernel as native_kernel
 from multihead.patterns import (Axial, Causal, CrossShapedWindow, Documents, Full, KeySelection, Neighborhood,
                                 Pattern, Routing, ShiftedWindow, SlidingWindow, TopK)
 from multihead.request import make_request
@@ -316,9 +319,34 @@ def rates(r: dict, ours: dict) -> dict:
             "dense_vs_gemm": fraction(2 * per_pair * n * n, r.get("dense_sdpa_samples"), r.get("dense_sdpa_forward_s"))}
 
 
-def ratios(rows: list[dict]) -> list[dict]:
+def multiply_add_limit(repeats: int, steps: int = 20_000_000) -> float | None:
+    """The cores' limit for the kernel's products, in GFLOP/s over the threads: the best of
+    ``repeats`` runs of the kernel build's vector multiply-adds on registers (``multiply_add_rate``);
+    None without the kernel."""
+    module = native_kernel()
+    if module is None:
+        return None
+    return max(module.multiply_add_rate(steps) for _ in range(max(repeats, 1)))
+
+
+def against_limit(r: dict, ours: dict, limit: float | None) -> dict:
+    """The kernel's forward and backward (fwd+bwd minus fwd) float32 rates from their best times, as
+    fractions of the cores' limit (``multiply_add_limit``, GFLOP/s): 2 flops per multiply-add of
+    the computed pairs, 2 products forward and 5 backward. None without the limit, for dynamic
+    patterns, and for a backward no slower than the forward."""
+    none = {"forward_vs_limit": None, "backward_vs_limit": None}
+    if not limit or not r.get("computed_pairs") or r.get("dynamic"):
+        return none
+    flops = 2 * r["batch"] * r["heads"] * r["head_dim"] * r["computed_pairs"] / 1e9  # one product's, in GFLOP
+    f, fb = ours.get("forward_s"), ours.get("forward_backward_s")
+    return {"forward_vs_limit": 2 * flops / f / limit if f else None,
+            "backward_vs_limit": 5 * flops / (fb - f) / limit if f and fb and fb > f else None}
+
+
+def ratios(rows: list[dict], limit: float | None = None) -> list[dict]:
     """The issue's targets as ratios within this run, for the block-sparse kernel (for a pattern
-    that differs per head: the ``heads`` split that runs it)."""
+    that differs per head: the ``heads`` split that runs it); ``limit``: the cores' multiply-add
+    rate (``multiply_add_limit``), where measured."""
     out = []
     for r in rows:
         per_head = kernel_of(r.get("auto", "blocksparse")) == "heads"
@@ -344,6 +372,7 @@ def ratios(rows: list[dict]) -> list[dict]:
         item["train_over_forward"] = _paired(ours, "forward_backward", ours, "forward")
         item["fp32_over_bf16"] = _paired(ours, "forward", ours, "bf16_forward")
         item.update(rates(r, ours))
+        item.update(against_limit(r, ours, limit))
         item["gemm_gflops"] = 2 * GEMM_SIZE ** 3 / r["gemm_s"] / 1e9 if r.get("gemm_s") else None
         if r.get("auto", "blocksparse") not in ("blocksparse", "heads"):
             item["auto_vs_old"] = _paired(auto, "forward", r["backends"].get("auto_torch_tiles", {}), "forward")
@@ -399,11 +428,13 @@ COLUMNS = [  # (header, key, format) of the table; targets of the native-kernel 
     ("fwd+bwd / fwd (<= 3)", "train_over_forward", ".2f"), ("fp32 / bf16 fwd (>= 1.5)", "fp32_over_bf16", ".2f"),
     ("peak MiB", "peak_mib", ".0f"), ("fwd rate / GEMM", "forward_vs_gemm", ".0%"),
     ("bwd rate / GEMM", "backward_vs_gemm", ".0%"), ("dense SDPA rate / GEMM", "dense_vs_gemm", ".0%"),
+    ("fwd rate / limit", "forward_vs_limit", ".0%"), ("bwd rate / limit", "backward_vs_limit", ".0%"),
 ]
 
 
-def markdown(items: list[dict], machine: str, peer: dict | None = None) -> str:
-    """The table and the notes below it; ``peer``: ``peer_training``'s figures, where measured."""
+def markdown(items: list[dict], machine: str, peer: dict | None = None, limit: float | None = None) -> str:
+    """The table and the notes below it; ``peer``: ``peer_training``'s figures, ``limit`` the cores'
+    multiply-add rate (GFLOP/s), where measured."""
     lines = [f"Measured on {machine}.", "",
              "| " + " | ".join(h for h, _, _ in COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     for i in items:
@@ -416,6 +447,10 @@ def markdown(items: list[dict], machine: str, peer: dict | None = None) -> str:
     if gemm:
         lines.append(f"- float32 GEMM (torch.mm, {GEMM_SIZE} cubed) in these rounds, the rates' yardstick: "
                      f"{min(gemm):.0f}-{max(gemm):.0f} GFLOP/s")
+    if limit:
+        beside = f"; the GEMM runs at {min(gemm) / limit:.0%}-{max(gemm) / limit:.0%} of it" if gemm else ""
+        lines.append(f"- the cores' limit, the kernel build's vector multiply-adds on registers alone: "
+                     f"{limit:.0f} GFLOP/s{beside}")
     if peer:
         lines.append(f"- PyTorch's fused attention (dense SDPA, {peer['tokens']} tokens, no mask) fwd+bwd / fwd: "
                      f"{peer['train_over_forward']:.2f}, the peer of the column fwd+bwd / fwd (forward "
@@ -505,12 +540,14 @@ def main(argv=None) -> int:
 
     peer_tokens = args.peer_tokens if args.peer_tokens is not None else (512 if args.quick else 2048)
     peer = None
+    limit = None if cuda else multiply_add_limit(args.repeats)
 
     def write(rows):  # after every case, so a run cut short keeps what it measured
-        items = ratios(rows)
+        items = ratios(rows, limit)
         (out / "sparse_patterns.json").write_text(json.dumps({"machine": machine, "peer_dense_training": peer,
+                                                              "multiply_add_limit_gflops": limit,
                                                               "rows": rows, "ratios": items}, indent=2))
-        (out / "sparse_patterns.md").write_text(markdown(items, machine, peer))
+        (out / "sparse_patterns.md").write_text(markdown(items, machine, peer, limit))
         return items
 
     rows = []
@@ -534,7 +571,7 @@ def main(argv=None) -> int:
         if "memory_growth" not in i:
             table.add_row(*(_fmt(i.get(key), spec) if spec != "s" else str(i[key]) for _, key, spec in COLUMNS))
     console.print(table)
-    console.print(markdown(items, machine, peer).split("\n\n", 1)[1].split("|\n\n", 1)[-1])
+    console.print(markdown(items, machine, peer, limit).split("\n\n", 1)[1].split("|\n\n", 1)[-1])
     console.print(f"written to {out}/")
     return 0
 

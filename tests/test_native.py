@@ -128,6 +128,15 @@ def test_the_kernel_is_built_and_runs():
 
 
 @needs_kernel
+def test_the_multiply_add_rate_counts_every_thread_and_rejects_no_steps():
+    """The benchmarks' yardstick of the cores' limit: a positive rate, and a clear error for no work."""
+    module = native.kernel()
+    assert module.multiply_add_rate(10_000) > 0
+    with pytest.raises(RuntimeError, match="steps must be positive"):
+        module.multiply_add_rate(0)
+
+
+@needs_kernel
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("kv_heads", [4, 2, 1], ids=["mha", "gqa", "mqa"])
 @pytest.mark.parametrize("score_name", SCORES)

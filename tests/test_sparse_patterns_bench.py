@@ -1,12 +1,15 @@
 """The sparse-pattern benchmark's arithmetic: rates against the GEMM timed in the same rounds."""
 
 import importlib.util
+import json
+import math
 import sys
 from pathlib import Path
 
 import pytest
 import torch
 
+from multihead.backends import native
 from multihead.patterns import Full, SlidingWindow, TopK
 from multihead.request import make_request
 from multihead.scores import ALiBi
@@ -73,6 +76,33 @@ def test_markdown_reports_the_rates_and_the_gemm(bench):
     text = bench.markdown(bench.ratios([row]), "test machine")
     assert "fwd rate / GEMM" in text and "| 50% | 50% |" in text
     assert "215 GFLOP/s" in text  # 2 x 1024^3 / 0.01 s
+
+
+def test_the_passes_are_fractions_of_the_cores_limit(bench):
+    # forward: 2 x 1024^3 flops in 0.02 s, backward 2.5 times that in 0.05 s: both 107 GFLOP/s
+    row = _row(bench, forward=[0.02], forward_backward=[0.07], gemm=[0.01])
+    limit = 2 * 2 * bench.GEMM_SIZE ** 3 / 0.02 / 1e9
+    items = bench.ratios([row], limit)
+    assert items[0]["forward_vs_limit"] == pytest.approx(0.5)
+    assert items[0]["backward_vs_limit"] == pytest.approx(0.5)
+    text = bench.markdown(items, "test machine", limit=limit)
+    header, row_line = (line for line in text.splitlines() if line.startswith(("| pattern", "| f |")))
+    assert header.endswith("| fwd rate / limit | bwd rate / limit |") and row_line.endswith("| 50% | 50% |")
+    assert "the cores' limit, the kernel build's vector multiply-adds on registers alone: 215 GFLOP/s; the GEMM " \
+           "runs at 100%-100% of it" in text
+    # no limit measured (no kernel, or on a GPU), a dynamic pattern, a backward no slower than the forward
+    assert bench.ratios([row])[0]["forward_vs_limit"] is None
+    assert "the cores' limit" not in bench.markdown(bench.ratios([row]), "test machine")
+    dynamic = _row(bench, forward=[0.02], forward_backward=[0.07], gemm=[0.01], dynamic=True)
+    assert set(bench.against_limit(dynamic, dynamic["backends"]["blocksparse"], limit).values()) == {None}
+    fast = _row(bench, forward=[0.02], forward_backward=[0.02], gemm=[0.01])
+    assert bench.ratios([fast], limit)[0]["backward_vs_limit"] is None
+
+
+@pytest.mark.skipif(native.kernel() is None, reason="the native kernel is not available")
+def test_the_limit_is_measured_by_the_kernels_multiply_adds(bench):
+    limit = bench.multiply_add_limit(repeats=2, steps=100_000)
+    assert limit > 0 and math.isfinite(limit)
 
 
 @pytest.mark.parametrize("dense_limit", [256, 128], ids=["dense_in_the_rounds", "dense_on_its_own"])
@@ -161,6 +191,8 @@ def test_a_quick_run_writes_the_peer_beside_the_table(bench, tmp_path):
     assert bench.main(["--quick", "--only", "sliding_window", "--repeats", "1", "--peer-tokens", "128",
                        "--out", str(tmp_path)]) == 0
     assert "dense SDPA, 128 tokens" in (tmp_path / "sparse_patterns.md").read_text()
+    written = json.loads((tmp_path / "sparse_patterns.json").read_text())
+    assert (written["multiply_add_limit_gflops"] is None) == (native.kernel() is None)
 
 
 def test_lists_in_l1_name_the_first_keys_in_the_lists_shape(bench):

@@ -1,7 +1,8 @@
 """The native CPU kernel of the block-sparse backend: built once per machine, cached, optional.
 
 ``kernel()`` returns the compiled extension (``blocksparse.cpp``, ``select.cpp`` for ``TopK``'s
-choice of keys and ``pool.cpp`` for its output buffers, beside this file), building it on first
+choice of keys, ``cluster.cpp`` for ``Routing``'s assignment, ``pool.cpp`` for its output buffers and
+``peak.cpp`` for the cores' multiply-add rate, beside this file), building it on first
 use with ``torch.utils.cpp_extension`` (a C++ compiler and ninja) into a cache folder keyed by the
 sources, torch's version and the CPU's vector extensions, so a second process only loads it.
 ``status()`` says whether it is available and, if not, why: no compiler, a failed build, or
@@ -29,7 +30,8 @@ from pathlib import Path
 
 import torch
 
-_SOURCES = [Path(__file__).with_name(name) for name in ("blocksparse.cpp", "select.cpp", "cluster.cpp", "pool.cpp")]
+_SOURCES = [Path(__file__).with_name(name)
+            for name in ("blocksparse.cpp", "select.cpp", "cluster.cpp", "pool.cpp", "peak.cpp")]
 _lock = threading.Lock()
 _state: dict = {}
 

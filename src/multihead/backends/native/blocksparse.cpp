@@ -2674,6 +2674,7 @@ std::tuple<int64_t, std::string> top_keys_of_products(const at::Tensor& q, const
 std::vector<std::string> screens();  // select.cpp
 std::vector<at::Tensor> nearest_centroids(const at::Tensor& points, const at::Tensor& centroids,
                                           bool sums);  // cluster.cpp
+double multiply_add_rate(int64_t steps);  // peak.cpp
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -2689,6 +2690,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "Routing's assignment: [each point's nearest centroid by dot product (first of equals, NaN highest), "
         "(batch, heads, n) int64]; with sums, also each cluster's sum of points (batch, heads, clusters, dim) and "
         "count (batch, heads, clusters)", py::arg("points"), py::arg("centroids"), py::arg("sums") = false);
+  m.def("multiply_add_rate", &multihead_native::multiply_add_rate,
+        "GFLOP/s of this build's vector multiply-adds over all threads (16 chains each on registers for ``steps`` "
+        "steps): the cores' limit for the kernel's products", py::arg("steps"));
   m.def("forward", &forward, "block-sparse attention forward: (out, lse)");
   m.def("backward", &backward, "block-sparse attention backward: (dq, dk, dv, dpre, dpost); dq, dk, dv in the inputs' dtype");
   m.def("stream_bytes", &stream_bytes, "outputs of this many bytes or more are written past the caches");
