@@ -1,6 +1,7 @@
 """Routing's assignment of tokens to clusters in the native kernel (``nearest_centroids``): the
 nearest centroid of each point against float64 scores and ``torch.argmax``, ties and NaN as
-``torch.argmax`` ranks them, the fallback, bad input, and ``Routing`` running it."""
+``torch.argmax`` ranks them, the fallback, bad input, and ``Routing`` running it; and the points
+themselves (``routing_points``) against torch's normalisations."""
 
 from __future__ import annotations
 
@@ -107,6 +108,9 @@ def test_routing_assigns_through_the_kernel(monkeypatch):
     real = native.kernel()
 
     class Counting:  # the kernel, counting its assignments
+        def __getattr__(self, name):
+            return getattr(real, name)
+
         def nearest_centroids(self, *args):
             calls.append(1)
             return real.nearest_centroids(*args)
@@ -117,6 +121,42 @@ def test_routing_assigns_through_the_kernel(monkeypatch):
     assert len(calls) == 4
     monkeypatch.setattr(cluster, "kernel", lambda: None)
     assert torch.equal(with_kernel, Routing(4, iterations=3).resolve(q, k, 0.25, Full()).pattern.cluster)
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16],
+                         ids=["fp32", "fp64", "bf16", "fp16"])
+@pytest.mark.parametrize("kv_heads", [4, 2, 1], ids=["mha", "gqa", "mqa"])
+def test_routing_points_are_the_unit_sum_of_unit_query_and_key(monkeypatch, dtype, kv_heads):
+    """The kernel's one pass makes torch's points: normalize(normalize(q) + normalize(k)) per token,
+    k's head broadcast to its query heads, float32 whatever the input; a zero row stays 0."""
+    from multihead.patterns.dynamic import _routing_points
+
+    gen = torch.Generator().manual_seed(kv_heads)
+    q = (torch.randn(2, 4, 37, 24, generator=gen) * 3).to(dtype)
+    k = (torch.randn(2, kv_heads, 37, 24, generator=gen) * 3).to(dtype)
+    q[0, 1, 5], k[1, 0, 7] = 0, 0  # norms floored: a zero query adds nothing, a zero key neither
+    got = _routing_points(q, k)
+    qf, kf = q.double(), k.double().repeat_interleave(4 // kv_heads, dim=1)
+    unit = lambda x: torch.nn.functional.normalize(x, dim=-1)  # noqa: E731
+    assert got.dtype == torch.float32 and got.shape == q.shape
+    torch.testing.assert_close(got.double(), unit(unit(qf) + unit(kf)), rtol=1e-6, atol=1e-6)
+    monkeypatch.setattr(cluster, "kernel", lambda: None)  # the torch path gives the same points
+    torch.testing.assert_close(got, _routing_points(q, k), rtol=1e-6, atol=1e-6)
+
+
+@needs_kernel
+def test_routing_points_refuse_bad_input():
+    ext = native.kernel()
+    q, k, out = torch.randn(1, 4, 8, 6), torch.randn(1, 2, 8, 6), torch.empty(1, 4, 8, 6)
+    with pytest.raises(RuntimeError, match="multiple of kv_heads"):
+        ext.routing_points(q, torch.randn(1, 3, 8, 6), out)
+    with pytest.raises(RuntimeError, match="one dtype"):
+        ext.routing_points(q, k.double(), out)
+    with pytest.raises(RuntimeError, match="float32 tensor of q's shape"):
+        ext.routing_points(q, k, out.double())
+    with pytest.raises(RuntimeError, match="float32, float64, bfloat16 or float16"):
+        ext.routing_points(q.int(), k.int(), out)
 
 
 def test_explain_says_how_routing_assigned(monkeypatch):

@@ -271,6 +271,28 @@ def _unit(x: Tensor, out: Tensor | None = None) -> Tensor:
     return torch.div(x, norms, out=out) if out is not None else x / norms
 
 
+def _routing_points(q: Tensor, k: Tensor) -> Tensor:
+    """Routing's token vectors ``(B, H, N, D)``, float32, in a kept buffer (no fresh pages to fault
+    in): each token's unit query plus its key head's unit key, normalised. The native kernel makes
+    them in one pass over q and k on CPU (``routing_points``); elsewhere torch's norms and divisions."""
+    from ..backends.native import cluster, empty
+
+    module = cluster.kernel() if q.device.type == "cpu" else None
+    if module is not None:
+        out = empty(q.shape, torch.float32, q.device)
+        module.routing_points(q, k, out)
+        return out
+
+    def unit(x):  # in float32, in a kept buffer (bf16 converted into it, not into a fresh one)
+        out = empty(x.shape, torch.float32, x.device)
+        return _unit(x if x.dtype == torch.float32 else out.copy_(x), out=out)
+
+    batch, heads, n, dim = q.shape
+    tokens = unit(q)
+    tokens.view(batch, k.shape[1], heads // k.shape[1], n, dim).add_(unit(k).unsqueeze(2))
+    return _unit(tokens, out=tokens)
+
+
 def spherical_kmeans(points: Tensor, init: Tensor, iterations: int) -> Tensor:
     """Centroids ``(B, H, C, D)`` of unit-normalised ``points`` ``(B, H, N, D)`` after ``iterations``
     of assign-to-nearest (by cosine) and re-average; an empty cluster keeps its centroid."""
@@ -381,17 +403,9 @@ class Routing(DynamicPattern):
         if self.clusters > n:
             raise PatternError(f"Routing.clusters ({self.clusters}) exceeds the {n} tokens; use fewer clusters")
         with torch.no_grad():
-            from ..backends.native import empty  # kept buffers: no fresh pages to fault in
             from ..backends.native.cluster import native_assignment, nearest_centroids
 
-            def unit(x):  # in float32, in a kept buffer (bf16 converted into it, not into a fresh one)
-                out = empty(x.shape, torch.float32, x.device)
-                return _unit(x if x.dtype == torch.float32 else out.copy_(x), out=out)
-
-            tokens = unit(q)  # q's unit vector plus its key head's, normalised
-            kv_heads = k.shape[1]
-            tokens.view(batch, kv_heads, heads // kv_heads, n, dim).add_(unit(k).unsqueeze(2))
-            _unit(tokens, out=tokens)
+            tokens = _routing_points(q, k)
             if self.centroids is not None:
                 init = self.centroids.to(tokens).expand(batch, heads, self.clusters, dim)
             else:

@@ -2674,6 +2674,7 @@ std::tuple<int64_t, std::string> top_keys_of_products(const at::Tensor& q, const
 std::vector<std::string> screens();  // select.cpp
 std::vector<at::Tensor> nearest_centroids(const at::Tensor& points, const at::Tensor& centroids,
                                           bool sums);  // cluster.cpp
+void routing_points(const at::Tensor& q, const at::Tensor& k, at::Tensor& out);  // cluster.cpp
 double multiply_add_rate(int64_t steps);  // peak.cpp
 }
 
@@ -2693,6 +2694,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("multiply_add_rate", &multihead_native::multiply_add_rate,
         "GFLOP/s of this build's vector multiply-adds over all threads (16 chains each on registers for ``steps`` "
         "steps): the cores' limit for the kernel's products", py::arg("steps"));
+  m.def("routing_points", &multihead_native::routing_points,
+        "Routing's points into out (float32, q's shape): normalize(normalize(q) + normalize(k of q's key head)) "
+        "per token, norms floored at 1e-12", py::arg("q"), py::arg("k"), py::arg("out"));
   m.def("forward", &forward, "block-sparse attention forward: (out, lse)");
   m.def("backward", &backward, "block-sparse attention backward: (dq, dk, dv, dpre, dpost); dq, dk, dv in the inputs' dtype");
   m.def("stream_bytes", &stream_bytes, "outputs of this many bytes or more are written past the caches");

@@ -14,6 +14,10 @@
 // centroids; eight points run at once (eight chains of multiply-adds). Scores are float32 sums in
 // the depth's order, not MKL's: a point whose two best centroids differ by a rounding may go to the
 // other one than the torch path sends it to.
+//
+// ``routing_points`` makes the points themselves: each token's unit query plus its key head's unit
+// key, normalised again, in one pass over q and k (torch's form, a norm and a division per tensor
+// and an add, read and wrote the 16k-token tensors nine times, and widened bf16 into a copy first).
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/vec.h>
@@ -69,7 +73,63 @@ void nearest(const float* x, int64_t ld, const float* CT, int64_t D, int64_t C, 
   for (int p = 0; p < P; ++p) out[p] = first_largest(scores + p * Cp, C);
 }
 
+// The sum of squares of x[0 .. n) in float32, vectors then the tail
+inline float squares(const float* x, int64_t n) {
+  V acc(0.f);
+  int64_t d = 0;
+  for (; d + V::size() <= n; d += V::size()) {
+    const V v = V::loadu(x + d);
+    acc = at::vec::fmadd(v, v, acc);
+  }
+  float total = at::vec::vec_reduce_all<float>([](const V& a, const V& b) { return a + b; }, acc);
+  for (; d < n; ++d) total += x[d] * x[d];
+  return total;
+}
+
+// x's Euclidean norm, at least 1e-12 (F.normalize's floor)
+inline float norm_of(const float* x, int64_t n) { return std::max(std::sqrt(squares(x, n)), 1e-12f); }
+
+template <typename T>
+void routing_points_impl(const at::Tensor& q, const at::Tensor& k, at::Tensor& out) {
+  const int64_t B = q.size(0), H = q.size(1), N = q.size(2), D = q.size(3), Hkv = k.size(1);
+  const T *qp = q.data_ptr<T>(), *kp = k.data_ptr<T>();
+  float* op = out.data_ptr<float>();
+  at::parallel_for(0, B * H * N, 256, [&](int64_t r0, int64_t r1) {
+    std::vector<float> qf(D), kf(D);
+    for (int64_t r = r0; r < r1; ++r) {
+      const int64_t g = r / N, i = r % N, b = g / H, h = g % H;
+      const T* qr = qp + r * D;
+      const T* kr = kp + ((b * Hkv + h / (H / Hkv)) * N + i) * D;
+      for (int64_t d = 0; d < D; ++d) qf[d] = static_cast<float>(qr[d]), kf[d] = static_cast<float>(kr[d]);
+      const float qn = norm_of(qf.data(), D), kn = norm_of(kf.data(), D);
+      float* o = op + r * D;
+      for (int64_t d = 0; d < D; ++d) o[d] = qf[d] / qn + kf[d] / kn;
+      const float on = norm_of(o, D);
+      for (int64_t d = 0; d < D; ++d) o[d] /= on;
+    }
+  });
+}
+
 }  // namespace
+
+void routing_points(const at::Tensor& q, const at::Tensor& k, at::Tensor& out) {
+  TORCH_CHECK(q.device().is_cpu() && k.device().is_cpu() && out.device().is_cpu(), "routing_points: CPU tensors only");
+  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && q.size(0) == k.size(0) && q.size(2) == k.size(2) &&
+              q.size(3) == k.size(3) && k.size(1) >= 1 && q.size(1) % k.size(1) == 0,
+              "routing_points: q (batch, heads, n, dim) and k (batch, kv_heads, n, dim), heads a multiple of "
+              "kv_heads; got ", q.sizes(), " and ", k.sizes());
+  TORCH_CHECK(q.scalar_type() == k.scalar_type(), "routing_points: q and k of one dtype");
+  TORCH_CHECK(out.scalar_type() == at::kFloat && out.is_contiguous() && out.sizes() == q.sizes(),
+              "routing_points: out must be a contiguous float32 tensor of q's shape");
+  const at::Tensor qc = q.contiguous(), kc = k.contiguous();
+  switch (q.scalar_type()) {
+    case at::kFloat: return routing_points_impl<float>(qc, kc, out);
+    case at::kDouble: return routing_points_impl<double>(qc, kc, out);
+    case at::kBFloat16: return routing_points_impl<c10::BFloat16>(qc, kc, out);
+    case at::kHalf: return routing_points_impl<c10::Half>(qc, kc, out);
+    default: TORCH_CHECK(false, "routing_points: float32, float64, bfloat16 or float16 tensors, got ", q.scalar_type());
+  }
+}
 
 std::vector<at::Tensor> nearest_centroids(const at::Tensor& points, const at::Tensor& centroids, bool sums) {
   TORCH_CHECK(points.device().is_cpu() && centroids.device().is_cpu(), "nearest_centroids: CPU tensors only");
