@@ -78,6 +78,14 @@ assert (scores.max(-1).values - scores.gather(-1, assign.unsqueeze(-1)).squeeze(
 members = torch.nn.functional.one_hot(assign, 19).double()
 torch.testing.assert_close(sums.double(), members.transpose(-2, -1) @ points.double(), rtol=1e-5, atol=1e-5)
 assert torch.equal(counts, members.sum(2).long())
+# routing's points (a width of 20: whole vectors and a tail in every vector width), and the limit
+rq, rk = torch.randn(1, 4, 33, 20, generator=gen), torch.randn(1, 2, 33, 20, generator=gen)
+unit = lambda x: torch.nn.functional.normalize(x, dim=-1)
+out = torch.empty(1, 4, 33, 20)
+ext.routing_points(rq, rk, out)
+torch.testing.assert_close(out.double(), unit(unit(rq.double()) + unit(rk.double()).repeat_interleave(2, 1)),
+                           rtol=1e-6, atol=1e-6)
+assert ext.multiply_add_rate(1000) > 0
 print("ok")
 """
 
@@ -92,7 +100,7 @@ def test_kernel_builds_and_runs_without_avx512_bf16(tmp_path, flags, cpu):
     and on key lists (and the lists' float32 gradients), the fused top-k choice against float64 scores (screened by int8 products
     where the build has VNNI, the plain choice's keys, else unscreened: nothing to screen with), and
     routing's k-means step (19 centroids: lanes of 8 or 16, the last vector part full; the sums of
-    301 points, two units of 256)."""
+    301 points, two units of 256), routing's points, and the multiply-add rate."""
     env = dict(os.environ, MULTIHEAD_CACHE=str(tmp_path))
     env.pop("MULTIHEAD_NATIVE", None)
     run = subprocess.run([sys.executable, "-c", _CHECK.format(flags=flags, cpu=cpu)], env=env,
