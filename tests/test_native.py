@@ -256,8 +256,8 @@ def test_widths_match_reference(pattern_name, d, dtype):
 @pytest.mark.parametrize("dv", [32, 96], ids=["v32", "v96"])
 @pytest.mark.parametrize("pattern_name", ["window", "documents", "topk_causal"])
 def test_values_narrower_or_wider_than_the_heads_match_reference(pattern_name, dv, dtype):
-    """Values of another width than the queries and keys (64): the backward's q . k and dO . v run
-    as separate products (bf16 pairs where both widths are multiples of 32), on lane and row tiles."""
+    """Values of another width than the queries and keys (64), on lane and row tiles: the row
+    kernels' backward runs q . k and dO . v as separate products, not two at once."""
     n = 131
     q, k, v, dout = _inputs(n, 2, torch.float64, seed=dv, d=64, dv=dv)
     _check_against_reference(PATTERNS[pattern_name](n), None, q, k, v, dout, dtype)

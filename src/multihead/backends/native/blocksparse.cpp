@@ -1653,46 +1653,28 @@ void row_dots(const C* a, int64_t depth, const T* base, const int64_t* idx, int6
   for (; j < n; ++j) s[j] = dot<C>(a, base + idx[j] * ld, depth);
 }
 
-#if defined(CPU_CAPABILITY_AVX512) && defined(__AVX512BF16__)
-// dots16 for bf16 rows as pair products (``depth`` a multiple of 32): lane t is q[t / (16 / G)] .
-// rows[t], each product exact and summed in float32.
-template <int G>
-inline __m512 pair_dots16(const BFloat16* const* q, const BFloat16* const* rows, int64_t depth) {
-  __m512 acc[16];
-#pragma GCC unroll 16
-  for (int t = 0; t < 16; ++t) acc[t] = _mm512_setzero_ps();
-  for (int64_t d = 0; d < depth; d += 32) {
-    __m512bh qv[G];
-#pragma GCC unroll 2
-    for (int i = 0; i < G; ++i) qv[i] = as_bh(_mm512_loadu_si512(q[i] + d));
-#pragma GCC unroll 16
-    for (int t = 0; t < 16; ++t) acc[t] = _mm512_dpbf16_ps(acc[t], qv[t / (16 / G)], as_bh(_mm512_loadu_si512(rows[t] + d)));
-  }
-  return lane_sums16(acc);
-}
-#endif
-
-// Whether a row kernel's products of ``depth`` run as bf16 pairs (``pair_products``, depth a
-// multiple of 32); other dtypes, depths or CPUs widen their rows to float32 (row_dots).
-template <typename T>
-inline bool row_pairs(const Geometry& g, int64_t depth) {
-  return pair_products<T>(g) && depth % 32 == 0;
-}
-
-// row_dots of a bf16 row against bf16 key rows as pair products (``row_pairs``): sixteen keys at a
-// time. False (nothing done) where the rows widen to float32 instead.
+// row_dots of a bf16 row against bf16 key rows as pair products (AVX-512 BF16, ``pair_products``,
+// depth a multiple of 32): sixteen keys at a time, each key's 16 lanes of pair sums reduced
+// together (lane_sums16), the products exact and summed in float32. False (nothing done) for other
+// dtypes, depths or CPUs, whose rows widen to float32 (row_dots).
 template <typename T, typename C>
 inline bool row_dots_pairs(const Geometry& g, const T* a, int64_t depth, const T* base, const int64_t* idx, int64_t n,
                            int64_t ld, C* s) {
 #if defined(CPU_CAPABILITY_AVX512) && defined(__AVX512BF16__)
   if constexpr (std::is_same_v<T, BFloat16> && std::is_same_v<C, float>) {
-    if (!row_pairs<T>(g, depth)) return false;
+    if (!pair_products<T>(g) || depth % 32) return false;
     int64_t j = 0;
     for (; j + 16 <= n; j += 16) {
-      const T* b[16];
+      __m512 acc[16];
 #pragma GCC unroll 16
-      for (int t = 0; t < 16; ++t) b[t] = base + idx[j + t] * ld;
-      _mm512_storeu_ps(s + j, pair_dots16<1>(&a, b, depth));
+      for (int t = 0; t < 16; ++t) acc[t] = _mm512_setzero_ps();
+      for (int64_t d = 0; d < depth; d += 32) {
+        const __m512bh q = as_bh(_mm512_loadu_si512(a + d));
+#pragma GCC unroll 16
+        for (int t = 0; t < 16; ++t)
+          acc[t] = _mm512_dpbf16_ps(acc[t], q, as_bh(_mm512_loadu_si512(base + idx[j + t] * ld + d)));
+      }
+      _mm512_storeu_ps(s + j, lane_sums16(acc));
     }
     for (; j < n; ++j) s[j] = dot<float>(a, base + idx[j] * ld, depth);
     return true;
@@ -1725,31 +1707,6 @@ void row_dots2(const C* a, const T* abase, const C* b, const T* bbase, const int
 #endif
   row_dots(a, depth, abase, idx + j, n - j, depth, s + j);
   row_dots(b, depth, bbase, idx + j, n - j, depth, t + j);
-}
-
-// row_dots2 of two bf16 rows as pair products (``row_pairs``): eight keys of each a step. False
-// (nothing done) where the rows widen to float32 instead.
-template <typename T, typename C>
-inline bool row_dots2_pairs(const Geometry& g, const T* a, const T* abase, const T* b, const T* bbase,
-                            const int64_t* idx, int64_t n, int64_t depth, C* s, C* t) {
-#if defined(CPU_CAPABILITY_AVX512) && defined(__AVX512BF16__)
-  if constexpr (std::is_same_v<T, BFloat16> && std::is_same_v<C, float>) {
-    if (!row_pairs<T>(g, depth)) return false;
-    const T* q[2] = {a, b};
-    int64_t j = 0;
-    for (; j + 8 <= n; j += 8) {
-      const T* r[16];
-#pragma GCC unroll 8
-      for (int u = 0; u < 8; ++u) r[u] = abase + idx[j + u] * depth, r[8 + u] = bbase + idx[j + u] * depth;
-      const __m512 sums = pair_dots16<2>(q, r, depth);
-      _mm256_storeu_ps(s + j, _mm512_castps512_ps256(sums));
-      _mm256_storeu_ps(t + j, _mm512_extractf32x8_ps(sums, 1));
-    }
-    for (; j < n; ++j) s[j] = dot<float>(a, abase + idx[j] * depth, depth), t[j] = dot<float>(b, bbase + idx[j] * depth, depth);
-    return true;
-  }
-#endif
-  return false;
 }
 
 // o[d] = sum_j p[j] B_j[d] for d < width (B_j = base + idx[j] * ld, T), four vectors of o held in
@@ -1928,23 +1885,21 @@ void rows_forward(const Geometry& g, const Score<C>& sc, C scale, Scratch<T, C>&
 
 // One row's backward coefficients against its W keys: a[j] = p z (dV_j += a[j] dO) and b[j] =
 // dS scale (dQ += b[j] K_j, dK_j += b[j] q), 0 for a masked pair; the score's bias gradients
-// (dpre, dpost) summed on the way. ``qrow`` and ``d_o`` in the compute type, ``qt`` and ``dt`` the
-// same rows in place (bf16 pair products, ``row_pairs``); lse and delta = rowsum(dO * O) the row's;
-// row r of a tile of ``rows`` (its mask's column).
+// (dpre, dpost) summed on the way. ``qrow`` and ``d_o`` in the compute type; lse and delta =
+// rowsum(dO * O) the row's; row r of a tile of ``rows`` (its mask's column).
 template <typename T, typename C>
 void row_coefficients(const Geometry& g, const Score<C>& sc, C scale, Scratch<T, C>& w, const C* qrow, const C* d_o,
-                      const T* qt, const T* dt, C lse, C delta, int64_t head, int64_t qpos, uint32_t rowkey,
-                      const T* kbase, const T* vbase, const int64_t* kpos, int64_t W, const TileMask& mask,
-                      int64_t rows, int64_t r, double* dpre, double* dpost, C* a, C* b) {
+                      C lse, C delta, int64_t head, int64_t qpos, uint32_t rowkey, const T* kbase,
+                      const T* vbase, const int64_t* kpos, int64_t W, const TileMask& mask, int64_t rows, int64_t r,
+                      double* dpre, double* dpost, C* a, C* b) {
   w.s.resize(W), w.dp.resize(W);
   if (sc.cap > 0) w.raw.resize(W);
   C *s = w.s.data(), *dp = w.dp.data();
   if (g.D == g.Dv) {
-    if (!row_dots2_pairs(g, qt, kbase, dt, vbase, kpos, W, g.D, s, dp))
-      row_dots2(qrow, kbase, d_o, vbase, kpos, W, g.D, s, dp);
+    row_dots2(qrow, kbase, d_o, vbase, kpos, W, g.D, s, dp);
   } else {
-    if (!row_dots_pairs(g, qt, g.D, kbase, kpos, W, g.D, s)) row_dots(qrow, g.D, kbase, kpos, W, g.D, s);
-    if (!row_dots_pairs(g, dt, g.Dv, vbase, kpos, W, g.Dv, dp)) row_dots(d_o, g.Dv, vbase, kpos, W, g.Dv, dp);
+    row_dots(qrow, g.D, kbase, kpos, W, g.D, s);
+    row_dots(d_o, g.Dv, vbase, kpos, W, g.Dv, dp);
   }
   row_logits(sc, scale, kpos, W, head, qpos, s, sc.cap > 0 ? w.raw.data() : nullptr);
   int64_t j = 0;
@@ -2012,8 +1967,8 @@ void rows_backward(const Geometry& g, const Score<C>& sc, C scale, Scratch<T, C>
       continue;
     }
     const uint32_t rowkey = sc.drop.on ? w.rowkey[i] : 0u;
-    row_coefficients(g, sc, scale, w, qf[i], dob[i], w.qp[i], w.dop[i], w.m[i], w.l[i], w.heads[i], w.qpos[i], rowkey,
-                     kbase, vbase, kpos, W, mask, rows, i % rows, dpre, dpost, a, b);
+    row_coefficients(g, sc, scale, w, qf[i], dob[i], w.m[i], w.l[i], w.heads[i], w.qpos[i], rowkey, kbase, vbase, kpos,
+                     W, mask, rows, i % rows, dpre, dpost, a, b);
     row_combine(b, kbase, kpos, W, g.D, g.D, dqr[i]);
     for (int64_t j = 0; j < W; ++j) {
       if (!mask.allows(j, rows, i % rows)) continue;
@@ -2411,7 +2366,7 @@ void lists_backward(const Geometry& g, const Score<C>& sc, C scale, const Inputs
             qc = w.qf.data(), dc = w.dof.data();
           }
           const uint32_t rowkey = sc.drop.on ? sc.drop.row(b, x.h0, g.H, q) : 0u;
-          row_coefficients(g, su, scale, w, qc, dc, qrow, d_o, lse_p[at], dot<C>(out_p + at * g.Dv, d_o, g.Dv), x.h0,
+          row_coefficients(g, su, scale, w, qc, dc, lse_p[at], dot<C>(out_p + at * g.Dv, d_o, g.Dv), x.h0,
                            su.query(at, q), rowkey, kbase, vbase, x.kpos, W, x.mask, 1, 0, dpre_t, dpost_t,
                            w.b1.data(), w.b2.data());
           row_combine(w.b2.data(), kbase, x.kpos, W, g.D, g.D, dq);
