@@ -129,7 +129,8 @@ def test_routing_assigns_through_the_kernel(monkeypatch):
 @pytest.mark.parametrize("kv_heads", [4, 2, 1], ids=["mha", "gqa", "mqa"])
 def test_routing_points_are_the_unit_sum_of_unit_query_and_key(monkeypatch, dtype, kv_heads):
     """The kernel's one pass makes torch's points: normalize(normalize(q) + normalize(k)) per token,
-    k's head broadcast to its query heads, float32 whatever the input; a zero row stays 0."""
+    k's head broadcast to its query heads, float32 whatever the input; a zero query or key adds
+    nothing (its norm floored at 1e-12)."""
     from multihead.patterns.dynamic import _routing_points
 
     gen = torch.Generator().manual_seed(kv_heads)
