@@ -292,6 +292,12 @@ def computed_pairs(req) -> float:
 
 
 GEMM_SIZE = 1024  # the matrix product whose rate the passes are measured against
+FORWARD_PRODUCTS, BACKWARD_PRODUCTS = 2, 5  # Q K^T and P V; the backward's recomputed Q K^T, dO V^T, dV, dQ, dK
+
+
+def product_macs(r: dict, pairs: float) -> float:
+    """The multiply-adds of one product (``q . k`` or its like) over ``pairs`` (query, key) pairs."""
+    return r["batch"] * r["heads"] * r["head_dim"] * pairs
 
 
 def rates(r: dict, ours: dict) -> dict:
@@ -303,7 +309,7 @@ def rates(r: dict, ours: dict) -> dict:
     gemm = r.get("gemm_samples")
     if not gemm or not r.get("computed_pairs") or r.get("dynamic"):
         return {"forward_vs_gemm": None, "backward_vs_gemm": None, "dense_vs_gemm": None}
-    per_pair = r["batch"] * r["heads"] * r["head_dim"] / GEMM_SIZE ** 3  # one product's MACs per pair, in GEMMs
+    per_product = product_macs(r, r["computed_pairs"]) / GEMM_SIZE ** 3  # in GEMMs
 
     def fraction(macs: float, samples, best: float | None = None) -> float | None:
         if not samples or len(samples) != len(gemm):  # timed on its own: the best times
@@ -314,9 +320,10 @@ def rates(r: dict, ours: dict) -> dict:
     f, fb = ours.get("forward_samples"), ours.get("forward_backward_samples")
     b = [y - x for x, y in zip(f, fb)] if f and fb and len(f) == len(fb) else None
     n = r["tokens"]
-    return {"forward_vs_gemm": fraction(2 * per_pair * r["computed_pairs"], f),
-            "backward_vs_gemm": fraction(5 * per_pair * r["computed_pairs"], b),
-            "dense_vs_gemm": fraction(2 * per_pair * n * n, r.get("dense_sdpa_samples"), r.get("dense_sdpa_forward_s"))}
+    return {"forward_vs_gemm": fraction(FORWARD_PRODUCTS * per_product, f),
+            "backward_vs_gemm": fraction(BACKWARD_PRODUCTS * per_product, b),
+            "dense_vs_gemm": fraction(FORWARD_PRODUCTS * product_macs(r, n * n) / GEMM_SIZE ** 3,
+                                      r.get("dense_sdpa_samples"), r.get("dense_sdpa_forward_s"))}
 
 
 def multiply_add_limit(repeats: int, steps: int = 20_000_000) -> float | None:
@@ -337,10 +344,10 @@ def against_limit(r: dict, ours: dict, limit: float | None) -> dict:
     none = {"forward_vs_limit": None, "backward_vs_limit": None}
     if not limit or not r.get("computed_pairs") or r.get("dynamic"):
         return none
-    flops = 2 * r["batch"] * r["heads"] * r["head_dim"] * r["computed_pairs"] / 1e9  # one product's, in GFLOP
+    flops = 2 * product_macs(r, r["computed_pairs"]) / 1e9  # one product's, in GFLOP
     f, fb = ours.get("forward_s"), ours.get("forward_backward_s")
-    return {"forward_vs_limit": 2 * flops / f / limit if f else None,
-            "backward_vs_limit": 5 * flops / (fb - f) / limit if f and fb and fb > f else None}
+    return {"forward_vs_limit": FORWARD_PRODUCTS * flops / f / limit if f else None,
+            "backward_vs_limit": BACKWARD_PRODUCTS * flops / (fb - f) / limit if f and fb and fb > f else None}
 
 
 def ratios(rows: list[dict], limit: float | None = None) -> list[dict]:
